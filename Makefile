@@ -1,0 +1,38 @@
+# Fresh-machine entry points: `make demo` (a real training run) and `make test`.
+# Every target creates or refreshes .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU machines get the CPU wheel of torch (an unpinned torch pulls the multi-GB CUDA build).
+# On a CUDA machine your own torch (>= 2.6) is kept; override with TORCH_SPEC=... if you like.
+TORCH_SPEC ?= $(shell (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1) && echo "torch>=2.6" || echo "torch==2.13.0")
+PIP_TORCH_ARGS ?=
+RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo test bench mainrun clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[data,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/attnlab train configs/quickstart.yaml name=$(RUN_NAME)
+	$(BIN)/attnlab eval runs/$(RUN_NAME)
+	$(BIN)/attnlab sample runs/$(RUN_NAME) --prompt "def " --max-new-tokens 300 --seed 0
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --durations=15
+
+bench: $(STAMP)
+	$(BIN)/attnlab bench train configs/mainrun.yaml --out benchmarks/train-mainrun-cpu
+
+mainrun: $(STAMP)
+	$(BIN)/attnlab train configs/mainrun.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

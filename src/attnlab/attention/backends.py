@@ -1,0 +1,96 @@
+"""Attention backends: functions that compute attention for a pattern.
+
+Every backend has the signature
+``fn(q, k, v, pattern, dropout_p, training) -> out`` with q, k, v and out
+``[B, H, T, Dh]``, and must agree with ``reference`` (the spec) on outputs and
+gradients. Backends register themselves with a ``supports(pattern, device)``
+predicate; ``select_backend`` picks the first supporting one in preference
+order for ``auto`` and refuses a forced backend that cannot run the pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .patterns import Pattern
+
+BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float, bool], torch.Tensor]
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+              dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """The spec: dense scores, the pattern's dense mask, softmax in fp32, dropout, @ v.
+
+    Slow and O(T^2) memory on purpose: it is the obviously-correct version the
+    fast backends are tested against. Queries are the last ``Tq`` of the ``Tk``
+    positions (Tq == Tk in training), so a query-only suffix also works.
+    """
+    H, Tq, Dh = q.shape[1], q.shape[2], q.shape[3]
+    Tk = k.shape[2]
+    mask = pattern.dense_mask(Tk, H, device=q.device)[:, Tk - Tq:]  # [H, Tq, Tk], broadcasts over B
+    scores = (q.float() @ k.float().transpose(-2, -1)) * Dh ** -0.5
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    # A query with no allowed key would softmax to NaN; define its output as zero.
+    weights = weights.masked_fill(~mask, 0.0)
+    if training and dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return (weights @ v.float()).to(v.dtype)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+         dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """PyTorch's fused ``scaled_dot_product_attention`` with its built-in causal mask (no T x T mask)."""
+    if not pattern.is_dense_causal:
+        raise ConfigError(f"attention backend 'sdpa' runs only the dense causal pattern, not {pattern.name!r}: use backend=auto or reference")
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True)
+
+
+# ------------------------------------------------------------------ registry
+
+@dataclass(frozen=True)
+class BackendSpec:
+    fn: BackendFn
+    supports: Callable[[Pattern, torch.device | None], bool]
+    why_not: str  # completes "backend X cannot run pattern P: ..."
+
+
+# Insertion order is the preference order for ``auto``.
+BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torch.device | None], bool], why_not: str = "") -> None:
+    """Add a backend; later registrations are less preferred by ``auto`` than earlier ones, except ``reference``, which is always last."""
+    BACKENDS[name] = BackendSpec(fn, supports, why_not)
+    if "reference" in BACKENDS and name != "reference":
+        BACKENDS["reference"] = BACKENDS.pop("reference")  # keep the slow spec as the last resort
+
+
+register_backend("sdpa", sdpa, lambda pattern, device: pattern.is_dense_causal,
+                 "it only has the dense causal mask built in")
+register_backend("reference", reference, lambda pattern, device: True)
+
+
+def select_backend(name: str, pattern: Pattern, device: torch.device | str | None = None) -> tuple[str, BackendFn]:
+    """Resolve ``name`` (``auto`` or a backend name) for ``pattern`` on ``device`` to ``(backend_name, fn)``.
+
+    ``device`` None means "not known yet": only device-independent choices are made.
+    """
+    if device is not None:
+        device = torch.device(device)
+    if name == "auto":
+        for backend_name, spec in BACKENDS.items():
+            if spec.supports(pattern, device):
+                return backend_name, spec.fn
+        raise ConfigError(f"no attention backend can run pattern {pattern.name!r} on {device}")  # unreachable while reference exists
+    spec = BACKENDS.get(name)
+    if spec is None:
+        raise ConfigError(f"attention.backend={name!r} is unknown: use auto or one of {', '.join(BACKENDS)}")
+    if not spec.supports(pattern, device):
+        reason = f" ({spec.why_not})" if spec.why_not else ""
+        raise ConfigError(f"attention.backend={name!r} cannot run pattern {pattern.name!r}{reason}: use attention.backend=auto or reference")
+    return name, spec.fn

@@ -1,0 +1,174 @@
+"""The ``attnlab`` command. Subcommands only parse arguments and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import ConfigError, UserError
+
+PREPARE_FLAGS = {  # --flag -> data.<key>
+    "path": str, "format": str, "field": str, "categories": str, "max_docs": int, "max_bytes": int,
+    "tokenizer": str, "vocab_size": int, "val_frac": float, "seed": int,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnlab", description="Train, evaluate and sample GPT-style models with pluggable attention.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="turn a text source into an on-disk token dataset")
+    pr.add_argument("source", help="python-stdlib, hn-titles, shakespeare, arxiv-abstracts, or a local file/folder")
+    pr.add_argument("--out", required=True, help="output dataset folder")
+    for name, tp in PREPARE_FLAGS.items():
+        pr.add_argument("--" + name.replace("_", "-"), dest=name, type=tp)
+    pr.add_argument("--force", action="store_true", help="replace an existing dataset folder")
+    pr.add_argument("overrides", nargs="*", help="more data.key=value settings")
+
+    tr = sub.add_parser("train", help="train a model from a YAML preset plus key=value overrides")
+    tr.add_argument("config", nargs="?", help="YAML preset, e.g. configs/quickstart.yaml")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layer=8 optim.lr=3e-4")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest complete checkpoint")
+    tr.add_argument("--force", action="store_true", help="replace an existing run directory")
+
+    ev = sub.add_parser("eval", help="bits/byte, nats/token, perplexity over a whole split")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--context", type=int, help="evaluation window (default: the model's context)")
+    ev.add_argument("--stride", type=int, help="sliding-window stride (default: the run's train.eval_stride or the context)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
+    ev.add_argument("--device", default="auto")
+
+    sa = sub.add_parser("sample", help="generate text from a trained run")
+    sa.add_argument("run_dir")
+    sa.add_argument("--prompt", default="")
+    sa.add_argument("--max-new-tokens", type=int, default=200)
+    sa.add_argument("--temperature", type=float, default=0.8)
+    sa.add_argument("--top-k", type=int)
+    sa.add_argument("--top-p", type=float)
+    sa.add_argument("--num-samples", type=int, default=1)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--checkpoint")
+    sa.add_argument("--device", default="auto")
+
+    be = sub.add_parser("bench", help="benchmarks")
+    bsub = be.add_subparsers(dest="bench", required=True)
+    bt = bsub.add_parser("train", help="training tokens/s and peak memory, attnlab vs a plain nanoGPT-style model")
+    bt.add_argument("config")
+    bt.add_argument("overrides", nargs="*")
+    bt.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    bt.add_argument("--warmup", type=int, default=3)
+    bt.add_argument("--repeats", type=int, default=5)
+    bt.add_argument("--out", help="folder for CSV + PNG + machine.json (default: print only)")
+    bt.add_argument("--no-baseline", action="store_true")
+    return p
+
+
+def cmd_prepare(a) -> None:
+    from .config import Config, set_key, parse_override
+    from .data import store
+    cfg = Config()
+    set_key(cfg, "data.source", a.source)
+    for name in PREPARE_FLAGS:
+        if getattr(a, name) is not None:
+            set_key(cfg, f"data.{name}", getattr(a, name))
+    for arg in a.overrides:
+        key, value = parse_override(arg)
+        set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
+    meta = store.prepare(cfg.data, a.out, force=a.force)
+    print(json.dumps({"out": a.out, "vocab_size": meta["vocab_size"],
+                      **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()},
+                      **{f"{k}_bytes": v["bytes"] for k, v in meta["splits"].items()}}))
+
+
+def cmd_train(a) -> None:
+    from . import config
+    from .train.trainer import train
+    cfg = None
+    if a.config is not None and "=" in a.config:  # no preset, only overrides
+        a.overrides.insert(0, a.config)
+        a.config = None
+    if a.resume is None or a.config or a.overrides:
+        if a.resume is None and a.config is None and not a.overrides:
+            raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")
+        cfg = config.load(a.config, a.overrides)
+    summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv)
+    print(json.dumps(summary))
+
+
+def cmd_eval(a) -> None:
+    from .eval.metrics import score_tokens, text_metrics
+    from .runs import load_run
+    run = load_run(a.run_dir, a.checkpoint, a.device)
+    splits = run.dataset.meta["splits"]
+    if a.split not in splits:
+        raise UserError(f"split {a.split!r} not in {run.dataset.dir}: use one of {', '.join(splits)}")
+    context = a.context or run.cfg.model.context
+    if not 1 <= context <= run.cfg.model.context:
+        raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
+    stride = a.stride or min(run.cfg.train.eval_stride or context, context)
+    if not 1 <= stride <= context:
+        raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
+    score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
+                         batch_size=a.batch_size, device=run.device, progress=True)
+    m = text_metrics(score, splits[a.split])
+    out = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "split": a.split, "context": context, "stride": stride,
+           f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
+           f"{a.split}_perplexity": m["perplexity"], f"mainrun_{a.split}_loss (mainrun-compatible: nats/char)": m["mainrun_loss"],
+           "tokens_scored": m["tokens"], "bytes": m["bytes"]}
+    print(json.dumps(out))
+
+
+def cmd_sample(a) -> None:
+    import torch
+    from .eval.sample import generate
+    from .runs import load_run
+    if a.num_samples < 1 or a.max_new_tokens < 0 or a.temperature < 0:
+        raise UserError("--num-samples must be >= 1, --max-new-tokens >= 0 and --temperature >= 0")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise UserError(f"--top-p {a.top_p} is outside (0, 1]: use e.g. --top-p 0.9")
+    run = load_run(a.run_dir, a.checkpoint, a.device)
+    tok = run.dataset.tokenizer
+    ids = [tok.eos_id] + tok.encode(a.prompt)  # eos = start of a document, as in training
+    prompt = torch.tensor([ids] * a.num_samples, device=run.device)
+    gen = torch.Generator().manual_seed(a.seed)
+    out = generate(run.model, prompt, a.max_new_tokens, context=run.cfg.model.context, temperature=a.temperature,
+                   top_k=a.top_k, top_p=a.top_p, generator=gen)
+    for i, row in enumerate(out.tolist()):
+        if a.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(tok.decode(row[1:]))
+
+
+def cmd_bench(a) -> None:
+    from . import config
+    from .bench import bench_train
+    cfg = config.load(a.config, a.overrides)
+    bench_train(cfg, steps=a.steps, warmup=a.warmup, repeats=a.repeats, out=a.out, baseline=not a.no_baseline)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"attnlab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("attnlab: interrupted (a checkpoint was saved if training had started: continue with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Typed, validated run configuration.
+
+A config is a tree of dataclasses. It is loaded from a YAML preset, then
+overridden by dotted ``key=value`` arguments (``model.n_layer=8``). Every
+field declares its allowed values (``choices``) or range (``lo``/``hi``) in
+its metadata, so unknown keys and bad values are rejected with the closest
+valid key and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default, *, choices=None, lo=None, hi=None, help=""):
+    """A config field with its allowed values or range."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("python-stdlib", help="named source (python-stdlib, hn-titles, shakespeare, arxiv-abstracts) or a local file")
+    path: str | None = opt(None, help="local copy of a named download source")
+    format: str = opt("auto", choices=["auto", "text", "lines", "jsonl", "csv", "tsv", "parquet", "arxiv"])
+    field: str | None = opt(None, help="JSONL field / CSV column / parquet column holding the text")
+    categories: list[str] = opt([], help="arXiv category filter (prefix match, e.g. cs.LG)")
+    max_docs: int | None = opt(None, lo=1, help="keep at most this many documents (after the seeded shuffle)")
+    max_bytes: int | None = opt(None, lo=1, help="keep documents until this many UTF-8 bytes (after the seeded shuffle)")
+    tokenizer: str = opt("bpe", choices=["bpe", "bytes", "char"])
+    vocab_size: int = opt(4096, lo=260, hi=1 << 20, help="BPE vocabulary size (ignored for bytes/char)")
+    val_frac: float = opt(0.1, lo=0.0, hi=0.5)
+    seed: int = opt(1337, lo=0)
+    dir: str | None = opt(None, help="prepared dataset folder; prepared here on first use (default data/<source-name>)")
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = opt(4, lo=1, hi=256)
+    n_head: int = opt(4, lo=1, hi=256)
+    d_model: int = opt(128, lo=8, hi=65536)
+    context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
+    dropout: float = opt(0.0, lo=0.0, hi=0.9)
+    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none"])
+    norm: str = opt("layernorm", choices=["layernorm", "rmsnorm"])
+    norm_position: str = opt("pre", choices=["pre", "post"])
+    mlp: str = opt("gelu", choices=["gelu", "relu", "swiglu"])
+    mlp_hidden: int | None = opt(None, lo=1, help="MLP hidden size (default 4*d_model, 8/3*d_model for swiglu)")
+    qk_norm: bool = opt(False)
+    bias: bool = opt(True)
+    tie_weights: bool = opt(True)
+    init: str = opt("gpt2", choices=["gpt2", "xavier"])
+    init_std: float = opt(0.02, lo=1e-6, hi=1.0)
+    zero_init_logits: bool = opt(False, help="start the output layer at zero (uniform first prediction); unties weights")
+
+
+@dataclass
+class AttentionConfig:
+    pattern: str = opt("dense", choices=["dense"])
+    backend: str = opt("auto", choices=["auto", "sdpa", "reference"])
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("adamw", choices=["adamw", "adam", "sgd", "adagrad", "muon"])
+    lr: float = opt(1e-3, lo=0.0, hi=10.0)
+    min_lr_frac: float = opt(0.1, lo=0.0, hi=1.0, help="final lr as a fraction of lr (cosine, linear, wsd)")
+    weight_decay: float = opt(0.1, lo=0.0, hi=10.0)
+    beta1: float = opt(0.9, lo=0.0, hi=1.0)
+    beta2: float = opt(0.95, lo=0.0, hi=1.0)
+    eps: float = opt(1e-8, lo=0.0, hi=1.0)
+    momentum: float = opt(0.9, lo=0.0, hi=1.0, help="SGD / Muon momentum")
+    muon_lr: float = opt(0.02, lo=0.0, hi=10.0, help="Muon lr for 2-D hidden weights (the rest use lr with AdamW)")
+    grad_clip: float = opt(1.0, lo=0.0, help="max global grad norm; 0 disables")
+    schedule: str = opt("cosine", choices=["cosine", "linear", "wsd", "constant"])
+    warmup_steps: int = opt(0, lo=0)
+    decay_frac: float = opt(0.2, lo=0.0, hi=1.0, help="wsd: fraction of steps spent decaying")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = opt(32, lo=1)
+    grad_accum: int = opt(1, lo=1)
+    epochs: float | None = opt(None, lo=0.0, help="stop after this many passes over train.bin")
+    max_steps: int | None = opt(None, lo=1, help="stop after this many optimizer steps")
+    time_budget_s: float | None = opt(None, lo=0.0, help="stop after this much training wall-clock")
+    eval_every: int | None = opt(None, lo=1, help="evaluate every N steps")
+    evals_per_epoch: int | None = opt(None, lo=1)
+    val_tokens: int | None = opt(None, lo=1, help="tokens scored by periodic evals (None = whole split); the final eval always scores the whole split")
+    eval_batch_size: int = opt(32, lo=1)
+    eval_stride: int | None = opt(None, lo=1, help="sliding-window stride for evaluation (default context)")
+    early_stopping_patience: int | None = opt(None, lo=1, help="stop after N evals without val improvement")
+    checkpoint_every: int | None = opt(None, lo=1, help="save a checkpoint every N steps (always at the end)")
+    seed: int = opt(1337, lo=0)
+    device: str = opt("auto", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = opt("auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (auto: bf16 on supporting GPUs, fp32 on CPU)")
+    compile: bool = opt(False)
+    threads: int | None = opt(None, lo=1, help="CPU threads (default: torch's choice)")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = opt(10, lo=1)
+    progress: bool = opt(True)
+    wandb: str = opt("off", choices=["off", "online", "offline"])
+    wandb_project: str = opt("attnlab")
+    tensorboard: bool = opt(False)
+    sample_tokens: int = opt(0, lo=0, help="tokens to sample at each evaluation (0 = none)")
+
+
+@dataclass
+class Config:
+    name: str = opt("run", help="run name; the run directory is out_dir/name")
+    out_dir: str = opt("runs")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "Config":
+        validate(self)
+        m = self.model
+        if m.d_model % m.n_head:
+            raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}: choose d_model as a multiple of n_head")
+        if m.position == "rope" and (m.d_model // m.n_head) % 2:
+            raise ConfigError(f"model.position=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}: change d_model or n_head")
+        t = self.train
+        if t.epochs is None and t.max_steps is None and t.time_budget_s is None:
+            raise ConfigError("no stopping rule: set train.epochs, train.max_steps or train.time_budget_s")
+        if t.eval_stride is not None and t.eval_stride > m.context:
+            raise ConfigError(f"train.eval_stride={t.eval_stride} exceeds model.context={m.context}: use a stride in [1, {m.context}]")
+        if self.optim.beta2 >= 1.0 or self.optim.beta1 >= 1.0:
+            raise ConfigError("optim.beta1 and optim.beta2 must be < 1: use e.g. beta1=0.9 beta2=0.95")
+        if self.name in ("", ".", "..") or "/" in self.name:
+            raise ConfigError(f"name={self.name!r} is not a valid run name: use letters, digits, '-' or '_'")
+        return self
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------- validation
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _allowed(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(str, m["choices"]))
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and hi is not None:
+        return f"a value in [{lo}, {hi}]"
+    if lo is not None:
+        return f"a value >= {lo}"
+    if hi is not None:
+        return f"a value <= {hi}"
+    return "a valid value"
+
+
+def _check_value(key: str, f: dataclasses.Field, value: Any) -> None:
+    if value is None:
+        return
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"{key}={value!r} is not allowed: use {_allowed(f)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or (m.get("lo") is not None and value < m["lo"]) or (m.get("hi") is not None and value > m["hi"]):
+            raise ConfigError(f"{key}={value!r} is out of range: use {_allowed(f)}")
+
+
+def validate(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                _check_value(f"{section.name}.{f.name}", f, getattr(obj, f.name))
+        else:
+            _check_value(section.name, section, obj)
+
+
+# ------------------------------------------------------------ type coercion
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _coerce(key, args[0], value)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value not in ("", "[]") else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} expects a list, got {value!r}: write {key}=a,b,c")
+        return [_coerce(key, inner, v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects an integer, got {value!r}")
+        try:
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key} expects an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}?" if close else "valid keys: " + ", ".join(valid)
+    return ConfigError(f"unknown config key {key!r}: {hint}")
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for name, tp in _hints(Config).items():
+        if dataclasses.is_dataclass(tp):
+            keys += [f"{name}.{f.name}" for f in dataclasses.fields(tp)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key (``model.n_layer``) with type coercion; unknown keys raise."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        fields_ = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields_:
+            raise _unknown(key, _all_keys())
+        f = fields_[part]
+        sub = getattr(obj, part)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(sub):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} is a section; set its keys, e.g. {key}.{dataclasses.fields(sub)[0].name}=...")
+                for k, v in value.items():
+                    set_key(cfg, f"{key}.{k}", v)
+                return
+            value = _coerce(key, _hints(type(obj))[part], value)
+            _check_value(key, f, value)
+            setattr(obj, part, value)
+            return
+        if not dataclasses.is_dataclass(sub):
+            raise _unknown(key, _all_keys())
+        obj = sub
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r} is not key=value: write e.g. model.n_layer=8")
+    key, value = arg.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+
+
+def from_dict(d: dict, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    for k, v in (d or {}).items():
+        set_key(cfg, str(k), v)
+    for arg in overrides:
+        set_key(cfg, *parse_override(arg))
+    return cfg.validate()
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML preset (or defaults when path is None) and apply overrides."""
+    d = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found: pass a YAML file such as configs/quickstart.yaml")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections: see configs/quickstart.yaml")
+    return from_dict(d, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(dump(cfg))
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

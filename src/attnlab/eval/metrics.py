@@ -1,0 +1,119 @@
+"""Honest language-model metrics over a whole token split.
+
+Every target token of the split is scored exactly once. Windows of
+``context`` tokens slide by ``stride``: the first window scores all of its
+targets, each later one only its last ``stride`` targets, so every token is
+predicted from at least ``context - stride`` tokens of left context (all of
+it where the split is shorter). The windows are fixed by (context, stride)
+alone and their NLL sums are accumulated in float64 in window order, so the
+batch size only groups windows and cannot change the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int   # first input position
+    length: int  # input tokens; targets are start+1 .. start+length
+    scored: int  # how many of the last targets this window scores
+
+
+def plan_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """Windows that score targets 1..n_tokens-1 exactly once each."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be in [1, {context}], got {stride}")
+    n_targets = n_tokens - 1
+    if n_targets < 1:
+        return []
+    first = min(context, n_targets)
+    windows = [Window(0, first, first)]
+    done = first  # targets 1..done are scored
+    while done < n_targets:
+        end = min(done + stride, n_targets)
+        windows.append(Window(end - context, context, end - done))
+        done = end
+    return windows
+
+
+@dataclass
+class Score:
+    nll_nats: float  # summed over scored tokens
+    tokens: int
+
+
+def score_tokens(model, tokens: np.ndarray, *, context: int, stride: int | None = None,
+                 batch_size: int = 32, device: str | torch.device = "cpu",
+                 autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
+                 progress: bool = False) -> Score:
+    """Sum of next-token NLL (nats) over the split, each target scored once.
+
+    ``max_tokens`` limits scoring to the first targets (periodic evals during
+    training); the final metrics always pass None to score the whole split.
+    """
+    stride = stride or context
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
+    windows = plan_windows(n, context, stride)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    amp = (torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+           if autocast_dtype is not None else contextlib.nullcontext())
+    groups = _group(windows, batch_size)
+    bar = tqdm(groups, desc="eval", unit="batch", disable=not progress, leave=False)
+    with torch.no_grad(), amp:
+        for group in bar:
+            x, y = _stack(tokens, group, device)
+            logits = model(x)
+            nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+            for row, w in zip(nll, group):
+                total += row[-w.scored:].double().sum().item()
+                count += w.scored
+    model.train(was_training)
+    return Score(total, count)
+
+
+def _group(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows of equal length, at most batch_size per group."""
+    groups: list[list[Window]] = []
+    for w in windows:
+        if groups and len(groups[-1]) < batch_size and groups[-1][0].length == w.length:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    return groups
+
+
+def _stack(tokens: np.ndarray, group: list[Window], device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([np.asarray(tokens[w.start: w.start + w.length + 1], dtype=np.int64) for w in group])
+    t = torch.from_numpy(rows).to(device)
+    return t[:, :-1], t[:, 1:]
+
+
+def text_metrics(score: Score, split_meta: dict, *, partial: bool = False) -> dict:
+    """Metrics for a text split. Bits/byte divides by the split's UTF-8 bytes,
+    so it is comparable across tokenizers; only meaningful over the whole split."""
+    m = {
+        "nats_per_token": score.nll_nats / score.tokens,
+        "perplexity": math.exp(min(score.nll_nats / score.tokens, 700.0)),
+        "tokens": score.tokens,
+    }
+    if not partial:
+        m["bits_per_byte"] = score.nll_nats / (LN2 * split_meta["bytes"])
+        # Maincode "mainrun"-compatible number: summed token NLL over the split
+        # divided by its number of characters (not a per-token loss).
+        m["mainrun_loss"] = score.nll_nats / split_meta["chars"]
+        m["bytes"] = split_meta["bytes"]
+        m["chars"] = split_meta["chars"]
+    return m

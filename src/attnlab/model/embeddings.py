@@ -1,0 +1,110 @@
+"""Positional encodings: learned, sinusoidal (added to the token embeddings) and rotary (applied to q, k).
+
+Every encoding is queried for ``T`` positions starting at ``offset`` (or for an
+explicit ``positions`` tensor), so a KV cache can ask for positions past the
+prompt. The token embedding itself is a plain ``nn.Embedding`` in the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LearnedPositionalEmbedding(nn.Embedding):
+    """A trained vector per position, up to ``context`` positions."""
+
+    def __init__(self, context: int, d_model: int):
+        super().__init__(context, d_model)
+
+    def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, d_model] (or positions.shape + [d_model]) to add to the token embeddings."""
+        if positions is not None:
+            return super().forward(positions)
+        return self.weight[offset:offset + T]  # a slice: no index tensor, cheaper than an embedding lookup
+
+
+def sinusoidal_table(n_pos: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
+    """Vaswani et al.: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d)). [n_pos, d_model], fp32."""
+    pos = torch.arange(n_pos, dtype=torch.float64).unsqueeze(1)
+    inv_freq = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # ceil(d/2) frequencies
+    angles = pos * inv_freq
+    table = torch.zeros(n_pos, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])  # an odd d_model has one more sin than cos column
+    return table.float()
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Fixed sinusoidal encodings (no parameters; the table is a non-persistent buffer)."""
+
+    def __init__(self, context: int, d_model: int, base: float = 10000.0):
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(context, d_model, base), persistent=False)
+
+    def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None:
+            return self.table[positions]
+        return self.table[offset:offset + T]
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al.), in the half-split (GPT-NeoX) layout.
+
+    Channel i of the first half and channel i of the second half of each head
+    form a pair rotated by angle p * base^(-2i/Dh), so q.k depends only on the
+    relative position. cos/sin are cached for ``context`` positions as
+    non-persistent buffers (they are a function of the config, not state).
+    """
+
+    def __init__(self, head_dim: int, context: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
+        self.head_dim, self.base = head_dim, base
+        cos, sin = self._angles(torch.arange(context))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(positions.device)
+        return torch.cos(angles).float(), torch.sin(angles).float()
+
+    def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [T, head_dim/2], for ``apply_rotary``."""
+        if positions is not None:
+            return self.cos[positions], self.sin[positions]
+        if offset + T > self.cos.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
+            return self._angles(torch.arange(offset, offset + T, device=self.cos.device))
+        return self.cos[offset:offset + T], self.sin[offset:offset + T]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, Dh] by (cos, sin) [T, Dh/2]; keeps x's dtype (cos/sin are cast, not x)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def build_positional(position: str, context: int, d_model: int, n_head: int) -> nn.Module | None:
+    """The positional module for ``ModelConfig.position`` (None for ``none``)."""
+    if position == "learned":
+        return LearnedPositionalEmbedding(context, d_model)
+    if position == "sinusoidal":
+        return SinusoidalPositionalEmbedding(context, d_model)
+    if position == "rope":
+        return Rotary(d_model // n_head, context)
+    if position == "none":
+        return None
+    raise ValueError(f"unknown position encoding {position!r}")
+
+
+__all__ = [
+    "LearnedPositionalEmbedding",
+    "SinusoidalPositionalEmbedding",
+    "Rotary",
+    "apply_rotary",
+    "sinusoidal_table",
+    "build_positional",
+]

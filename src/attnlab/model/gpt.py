@@ -1,0 +1,211 @@
+"""The GPT model: embeddings -> N x Block(attention, MLP) -> logits.
+
+Parameter names are a contract the optimizer relies on (Muon takes the 2-D
+weights under ``blocks.``, AdamW the rest): ``tok_emb.weight``, ``pos_emb.*``,
+``blocks.{i}.*``, ``norm_f.*``, ``lm_head.weight``.
+
+Attention is reached only through ``attnlab.attention.Attention``; this file
+knows nothing about patterns or backends. The dense path matches a plain
+nanoGPT block op for op (fused qkv, one view/transpose per tensor, SDPA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import Attention
+from ..config import AttentionConfig, ModelConfig
+from ..errors import ConfigError
+from .embeddings import LearnedPositionalEmbedding, Rotary, apply_rotary, build_positional
+
+RopeCache = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=cfg.bias)
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """Hidden width; for SwiGLU the width of each of its two input projections."""
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        # 8/3 * d keeps SwiGLU's three matrices at the parameter count of a 4*d two-matrix MLP.
+        return -(-(8 * cfg.d_model // 3) // 8) * 8  # int(8/3 * d) rounded up to a multiple of 8
+    return 4 * cfg.d_model
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv projection, optional QK-norm and RoPE, the attention interface, output projection."""
+
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
+        super().__init__()
+        d, self.n_head = cfg.d_model, cfg.n_head
+        head_dim = d // cfg.n_head
+        self.qkv = nn.Linear(d, 3 * d, bias=cfg.bias)
+        self.proj = nn.Linear(d, d, bias=cfg.bias)
+        self.proj.residual = True  # marks a residual output projection for the gpt2 init
+        self.q_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
+        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: RopeCache = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, Dh]
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.q_norm is not None:
+            # Under autocast the norm may return fp32; backends want one dtype for q, k, v.
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = self.core(q, k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Two-layer MLP (GELU/ReLU), or SwiGLU with its gate and up projections fused into one Linear."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = mlp_hidden(cfg)
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.act = nn.ReLU() if cfg.mlp == "relu" else nn.GELU()
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.proj.residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.act(h)
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    """One transformer layer: attention and MLP sub-layers, each with a residual and a norm (pre or post)."""
+
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.norm1 = make_norm(cfg, cfg.d_model)
+        self.attn = SelfAttention(cfg, attn_cfg, layer_idx)
+        self.norm2 = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: RopeCache = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), rope)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope))
+        return self.norm2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: idx [B, T] -> logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, vocab_size: int):
+        super().__init__()
+        if cfg.d_model % cfg.n_head:
+            raise ConfigError(f"model.d_model={cfg.d_model} is not divisible by model.n_head={cfg.n_head}: choose d_model as a multiple of n_head")
+        if cfg.position == "rope" and (cfg.d_model // cfg.n_head) % 2:
+            raise ConfigError(f"model.position=rope needs an even head size, got d_model/n_head={cfg.d_model // cfg.n_head}: change d_model or n_head")
+        self.cfg, self.attn_cfg, self.vocab_size = cfg, attn_cfg, vocab_size
+        self.context = cfg.context
+
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb = build_positional(cfg.position, cfg.context, cfg.d_model, cfg.n_head)
+        self.rotary = isinstance(self.pos_emb, Rotary)  # rotary goes to q/k; the others add to x
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, attn_cfg, i) for i in range(cfg.n_layer))
+        # Post-norm blocks already end in a norm.
+        self.norm_f = make_norm(cfg, cfg.d_model) if cfg.norm_position == "pre" else None
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        # A zero-initialised tied embedding would give every token the same zero vector: untie.
+        self.tied = cfg.tie_weights and not cfg.zero_init_logits
+        if self.tied:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    # ------------------------------------------------------------ init
+
+    def _init_weights(self) -> None:
+        cfg = self.cfg
+        std = cfg.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and self.tied:
+                    continue  # the shared matrix gets the embedding init below
+                if cfg.init == "gpt2":
+                    # Residual projections are scaled so the residual stream's variance does not grow with depth.
+                    s = std / math.sqrt(2 * cfg.n_layer) if getattr(module, "residual", False) else std
+                    nn.init.normal_(module.weight, mean=0.0, std=s)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):  # token and learned position tables
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if cfg.zero_init_logits:
+            nn.init.zeros_(self.lm_head.weight)
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.context:
+            raise ValueError(f"sequence length {T} exceeds the model context {self.context}: feed at most {self.context} tokens")
+        x = self.tok_emb(idx)
+        rope = None
+        if self.rotary:
+            rope = self.pos_emb(T)
+        elif self.pos_emb is not None:
+            x = x + self.pos_emb(T)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope)
+        if self.norm_f is not None:
+            x = self.norm_f(x)
+        return self.lm_head(x)
+
+    # ------------------------------------------------------------ reporting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Trainable parameters, each shared tensor once.
+
+        ``non_embedding`` leaves out the token embedding table (and with it a
+        tied lm_head) and a learned position table, as in Kaplan et al.; an
+        untied lm_head is still counted.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if isinstance(self.pos_emb, LearnedPositionalEmbedding):
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def describe(self) -> dict:
+        """Parameter counts and each layer's attention, for the ``model_info`` event."""
+        return {
+            "n_params": self.num_params(),
+            "n_params_non_embedding": self.num_params(non_embedding=True),
+            "tied_weights": self.tied,
+            "attention": [block.attn.core.describe(self.context) for block in self.blocks],
+        }

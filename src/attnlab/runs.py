@@ -1,0 +1,41 @@
+"""Open a finished (or running) run directory: its config, dataset and model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import store
+from .errors import CheckpointError
+from .model.gpt import GPT
+from .train import checkpoint as ckpt
+from .train.runtime import pick_device
+from .train.trainer import load_run_config, open_dataset
+
+
+@dataclass
+class LoadedRun:
+    dir: Path
+    cfg: Config
+    dataset: store.Dataset
+    model: GPT
+    checkpoint: Path
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto") -> LoadedRun:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist: pass a folder created by `attnlab train` (see runs/)")
+    cfg = load_run_config(run_dir)
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint yet: wait for the first checkpoint or resume the run")
+    dataset = open_dataset(cfg.data, progress=False)
+    dev = pick_device(device)
+    model = GPT(cfg.model, cfg.attention, dataset.vocab_size)
+    ckpt.load_checkpoint(path, model)
+    return LoadedRun(run_dir, cfg, dataset, model.to(dev).eval(), path, dev)

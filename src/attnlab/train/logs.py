@@ -1,0 +1,109 @@
+"""Run logging: events.jsonl (always) plus optional wandb and TensorBoard.
+
+Every event is one JSON object per line with ``event``, ``time`` and its
+fields; the optional loggers receive the numeric fields of training and
+validation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the fact visible
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+class EventLog:
+    def __init__(self, run_dir: Path, cfg=None, enabled: bool = True):
+        self.path = Path(run_dir) / "events.jsonl"
+        self.enabled = enabled
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._sinks = _optional_sinks(run_dir, cfg) if (enabled and cfg is not None) else []
+
+    def log(self, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        record = {"event": event, "time": time.time(), **_jsonable(fields)}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if event in ("training_step", "validation_step") and "step" in fields:
+            scalars = {f"{event.split('_')[0]}/{k}": v for k, v in fields.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            for sink in self._sinks:
+                sink.log(scalars, fields["step"])
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+        for sink in self._sinks:
+            sink.close()
+
+
+def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
+    path = Path(run_dir) / "events.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if event is None or rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(self, run_dir: Path, cfg):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("logging.wandb needs the wandb package: pip install wandb (or set logging.wandb=off)") from None
+        from ..config import to_dict
+        self.run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=str(run_dir),
+                              mode=cfg.logging.wandb, config=to_dict(cfg))
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _optional_sinks(run_dir: Path, cfg) -> list:
+    sinks = []
+    if cfg.logging.tensorboard:
+        sinks.append(_TensorBoard(run_dir))
+    if cfg.logging.wandb != "off":
+        sinks.append(_Wandb(run_dir, cfg))
+    return sinks

@@ -1,0 +1,376 @@
+"""The training loop: data -> model -> optimizer steps, evaluation, checkpoints, logs.
+
+``train(cfg)`` starts a run in ``out_dir/name``; ``train(cfg, resume=run_dir)``
+continues one from its latest complete checkpoint, reproducing exactly what
+an uninterrupted run would have done (same batches, RNG streams, schedule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import config as config_mod
+from ..config import Config
+from ..data import store
+from ..data.batches import BatchIterator
+from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from ..eval.metrics import score_tokens, text_metrics
+from ..model.gpt import GPT
+from . import checkpoint as ckpt
+from . import runtime
+from .logs import EventLog
+from .optim import build_optimizer, build_scheduler
+
+
+# ------------------------------------------------------------------ data
+
+def default_data_dir(data_cfg) -> Path:
+    """data/<source>-<tokenizer>-<hash of the data config>: distinct settings never collide."""
+    import hashlib
+    d = {k: v for k, v in config_mod.to_dict(Config(data=data_cfg))["data"].items() if k != "dir"}
+    digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+    source = Path(data_cfg.source).name.split(".")[0] or "data"
+    vocab = data_cfg.vocab_size if data_cfg.tokenizer == "bpe" else ""
+    return Path("data") / f"{source}-{data_cfg.tokenizer}{vocab}-{digest}"
+
+
+def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
+    """The prepared dataset for this config, preparing it on first use."""
+    path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
+    if not (path / "meta.json").exists():
+        store.prepare(data_cfg, path, progress=progress)
+    ds = store.load(path)
+    _check_data_config(ds, data_cfg, path)
+    return ds
+
+
+def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
+    want = config_mod.to_dict(Config(data=data_cfg))["data"]
+    have = ds.meta.get("data_config", {})
+    # The folder and the location of a local copy do not change the data; its hash (in meta) does.
+    differ = [k for k in want if k not in ("dir", "path") and k in have and have[k] != want[k]]
+    if differ:
+        k = differ[0]
+        raise DataError(f"{path} was prepared with data.{k}={have[k]!r} but the config says {want[k]!r}: "
+                        f"set data.dir to another folder (or match the data.* settings)")
+
+
+# ------------------------------------------------------------------ run directory
+
+def create_run_dir(cfg: Config, force: bool) -> Path:
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise CheckpointError(f"run directory {run_dir} already exists: choose another name (name=...), "
+                                  f"continue it with --resume {run_dir}, or pass --force to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `attnlab train` created")
+    return config_mod.load(path)
+
+
+def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
+    saved = load_run_config(run_dir)
+    if cfg is not None:
+        changed = config_mod.diff(saved, cfg)
+        if changed:
+            flat_s = config_mod._flatten(config_mod.to_dict(saved))
+            flat_c = config_mod._flatten(config_mod.to_dict(cfg))
+            k = changed[0]
+            raise CheckpointError(f"--resume {run_dir} with a changed config ({k}: {flat_s.get(k)!r} -> {flat_c.get(k)!r}"
+                                  f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): "
+                                  f"resume without config/overrides, or start a new run with another name")
+    return saved
+
+
+# ------------------------------------------------------------------ state kept across resumes
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best_val: float = math.inf
+    evals_without_improvement: int = 0
+    last_loss: float = math.nan
+
+    def state(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ------------------------------------------------------------------ the trainer
+
+@dataclass
+class Trainer:
+    cfg: Config
+    run_dir: Path
+    argv: list[str] = field(default_factory=list)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = runtime.pick_device(cfg.train.device)
+        self.amp_dtype = runtime.pick_dtype(cfg.train.dtype, self.device)
+        runtime.seed_everything(cfg.train.seed)
+        self.ds = open_dataset(cfg.data, progress=cfg.logging.progress)
+        self.train_tokens = self.ds.tokens("train")
+        self.val_tokens = self.ds.tokens("val")
+        if len(self.val_tokens) < 2:
+            raise DataError(f"{self.ds.dir} has an empty validation split: raise data.val_frac")
+        self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed)
+        self.model = GPT(cfg.model, cfg.attention, self.ds.vocab_size).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.eval_every = self._eval_every()
+        self.progress = Progress()
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        per_epoch = max(1, self.batches.steps_per_epoch // t.grad_accum)
+        candidates = []
+        if t.max_steps is not None:
+            candidates.append(t.max_steps)
+        if t.epochs is not None:
+            candidates.append(max(1, math.ceil(t.epochs * self.batches.steps_per_epoch / t.grad_accum)))
+        if not candidates:
+            if self.cfg.optim.schedule != "constant":
+                raise ConfigError("train.time_budget_s alone cannot place the lr schedule: also set train.max_steps "
+                                  "or train.epochs (or use optim.schedule=constant)")
+            candidates.append(10**12)
+        self.steps_per_epoch = per_epoch
+        return min(candidates)
+
+    def _eval_every(self) -> int | None:
+        t = self.cfg.train
+        if t.eval_every is not None:
+            return t.eval_every
+        if t.evals_per_epoch is not None:
+            return max(1, self.steps_per_epoch // t.evals_per_epoch)
+        return None
+
+    # ---------------------------------------------------------- logging
+
+    def log_start(self, log: EventLog, resumed: bool) -> None:
+        cfg = self.cfg
+        if resumed:
+            log.log("run_resumed", step=self.progress.step, argv=self.argv)
+            return
+        log.log("hyperparameters_configured", config=config_mod.to_dict(cfg), argv=self.argv)
+        log.log("device_info", **runtime.device_info(self.device),
+                autocast_dtype=str(self.amp_dtype) if self.amp_dtype else "float32")
+        log.log("dataset_info", dir=str(self.ds.dir), vocab_size=self.ds.vocab_size,
+                tokenizer=self.ds.meta["tokenizer"], splits=self.ds.meta["splits"], source=self.ds.meta.get("source"))
+        log.log("model_configured", model=config_mod.to_dict(cfg)["model"], attention=config_mod.to_dict(cfg)["attention"])
+        log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+
+    def write_meta(self) -> None:
+        meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), **runtime.device_info(self.device),
+                "seed": self.cfg.train.seed, "argv": self.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2))
+
+    # ---------------------------------------------------------- checkpoints
+
+    def save(self, log: EventLog) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
+                 "step": self.progress.step, "trainer": self.progress.state()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        path = ckpt.save_checkpoint(self.run_dir, self.progress.step, self.model, state)
+        ckpt.prune_checkpoints(self.run_dir, keep=2)
+        log.log("checkpoint_saved", step=self.progress.step, path=str(path))
+        return path
+
+    def restore(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise CheckpointError(f"{self.run_dir} has no complete checkpoint to resume from: start a new run "
+                                  f"(attnlab train {self.run_dir}/config.yaml name=...)")
+        _, state = ckpt.load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["trainer"])
+        ckpt.set_rng_state(state["rng"])
+
+    # ---------------------------------------------------------- steps
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> float:
+        t = self.cfg.train
+        total = torch.zeros((), device=self.device)
+        for _ in range(t.grad_accum):
+            x, y = self.batches.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / t.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item()
+
+    def evaluate(self, split: str = "val", full: bool = True, progress: bool = False) -> dict:
+        t = self.cfg.train
+        tokens = self.ds.tokens(split)
+        limit = None if full else t.val_tokens
+        partial = limit is not None and limit < len(tokens) - 1
+        score = score_tokens(self.model, tokens, context=self.cfg.model.context, stride=t.eval_stride,
+                             batch_size=t.eval_batch_size, device=self.device, autocast_dtype=self.amp_dtype,
+                             max_tokens=limit, progress=progress)
+        return text_metrics(score, self.ds.meta["splits"][split], partial=partial)
+
+    def should_stop(self) -> str | None:
+        t, p = self.cfg.train, self.progress
+        if p.step >= self.total_steps:
+            return "max_steps" if t.max_steps is not None and p.step >= t.max_steps else "epochs"
+        if t.epochs is not None and self.batches.epoch_float >= t.epochs:
+            return "epochs"
+        if t.time_budget_s is not None and p.train_seconds >= t.time_budget_s:
+            return "time_budget"
+        if t.early_stopping_patience is not None and p.evals_without_improvement >= t.early_stopping_patience:
+            return "early_stopping"
+        return None
+
+    def periodic_eval(self, log: EventLog) -> None:
+        m = self.evaluate(full=False)
+        p = self.progress
+        log.log("validation_step", step=p.step, epoch=self.batches.epoch_float, val_loss=m["nats_per_token"],
+                **{f"val_{k}": v for k, v in m.items()}, partial="bits_per_byte" not in m)
+        if m["nats_per_token"] < p.best_val:
+            p.best_val, p.evals_without_improvement = m["nats_per_token"], 0
+        else:
+            p.evals_without_improvement += 1
+
+    def fit(self, log: EventLog) -> str:
+        cfg, p = self.cfg, self.progress
+        bar = tqdm(total=self.total_steps if self.total_steps < 10**12 else None, initial=p.step,
+                   disable=not cfg.logging.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
+        reason = self.should_stop()
+        try:
+            while reason is None:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    self._diverged(log, loss)
+                dt = time.perf_counter() - t0
+                p.step += 1
+                p.tokens += tokens_per_step
+                p.train_seconds += dt
+                p.last_loss = loss
+                lr = self.scheduler.get_last_lr()[0]
+                if p.step % cfg.logging.log_every == 0 or p.step == 1:
+                    log.log("training_step", step=p.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / dt,
+                            epoch=self.batches.epoch_float, tokens=p.tokens)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+                if self.eval_every and p.step % self.eval_every == 0:
+                    self.periodic_eval(log)
+                reason = self.should_stop()
+                if reason is None and cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
+                    self.save(log)
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save(log)
+            log.log("training_interrupted", step=p.step, checkpoint=str(path))
+            raise
+        bar.close()
+        return reason
+
+    def _diverged(self, log: EventLog, loss: float) -> None:
+        step = self.progress.step + 1
+        last = ckpt.latest_checkpoint(self.run_dir)
+        log.log("training_diverged", step=step, loss=loss, last_checkpoint=str(last) if last else None)
+        kept = f"kept the last good checkpoint {last}" if last else "no checkpoint was saved yet"
+        raise TrainingDiverged(f"loss became {loss} at step {step} ({kept}): lower optim.lr, enable optim.grad_clip "
+                               f"or use train.dtype=float32, then start a new run")
+
+    def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
+        p = self.progress
+        self.save(log)
+        log.log("training_finished", step=p.step, reason=reason)
+        val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
+        log.log("validation_step", step=p.step, final=True, val_loss=val["nats_per_token"],
+                **{f"val_{k}": v for k, v in val.items()}, partial=False)
+        summary = {
+            "val_bits_per_byte": val["bits_per_byte"], "val_nats_per_token": val["nats_per_token"],
+            "val_perplexity": val["perplexity"], "mainrun_val_loss": val["mainrun_loss"],
+            "val_tokens_scored": val["tokens"],
+            "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,
+            "peak_memory_mb": runtime.peak_memory_mb(self.device), "params": self.model.num_params(),
+            "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
+            "final_train_loss": p.last_loss, "stop_reason": reason,
+            "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
+            "eval_context": self.cfg.model.context, "eval_stride": self.cfg.train.eval_stride or self.cfg.model.context,
+        }
+        if "test" in self.ds.meta["splits"]:
+            test = self.evaluate("test", full=True)
+            summary.update(test_bits_per_byte=test["bits_per_byte"], test_nats_per_token=test["nats_per_token"])
+        ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        log.log("summary", **summary)
+        return summary
+
+
+def train(cfg: Config | None = None, *, resume: str | Path | None = None, force: bool = False,
+          argv: list[str] | None = None) -> dict:
+    """Run (or resume) training and return summary.json's content."""
+    wall_start = time.time()
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = check_resume_config(run_dir, cfg)
+    else:
+        cfg.validate()
+        run_dir = None
+    trainer = Trainer(cfg, run_dir, argv or [])
+    trainer.setup()  # data and model errors surface before anything is written
+    if resume is None:
+        trainer.run_dir = run_dir = create_run_dir(cfg, force)
+        config_mod.save(cfg, run_dir / "config.yaml")
+        trainer.write_meta()
+    else:
+        trainer.restore()
+    log = EventLog(run_dir, cfg)
+    try:
+        trainer.log_start(log, resumed=resume is not None)
+        reason = trainer.fit(log)
+        return trainer.finish(log, reason, wall_start)
+    finally:
+        log.close()
