@@ -1,0 +1,3 @@
+from .train import bench_train
+
+__all__ = ["bench_train"]
