@@ -1,0 +1,295 @@
+"""The on-disk text dataset: ``train.bin``, ``val.bin``, ``tokenizer.json``, ``meta.json``.
+
+Each ``.bin`` is a flat array of token ids (uint16, or uint32 for vocabularies
+above 65536): ``[eos] doc1 [eos] doc2 [eos] ...``. The leading ``eos`` gives
+the first token of a split a context; every document is followed by ``eos``.
+``meta.json`` records the source provenance, the data config, the tokenizer,
+and per split the number of documents, tokens, UTF-8 bytes and characters of
+the documents (separators excluded: the denominator of bits/byte), unknown
+tokens, and the sha256 of the file.
+
+``prepare`` builds the folder atomically (temp folder beside it, then rename);
+``load`` checks every file against meta.json before handing out memmaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..config import DataConfig
+from ..errors import DataError
+from .sources import load_documents
+from .text import EOS, Tokenizer, load_tokenizer, token_dtype, train_tokenizer
+
+FORMAT_VERSION = 1
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+SPLITS = ("train", "val", "test")
+ENCODE_CHUNK_DOCS = 512      # documents per encode_batch call
+ENCODE_CHUNK_CHARS = 4 << 20  # ... or fewer, to bound memory on long documents
+
+
+@dataclass
+class Dataset:
+    dir: Path
+    meta: dict
+    tokenizer: Tokenizer
+    _memmaps: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def tokens(self, split: str) -> np.ndarray:
+        """Read-only memmap of a split's token ids."""
+        if split not in self.meta["splits"]:
+            have = ", ".join(self.meta["splits"])
+            hint = " (prepared with data.val_frac=0: set val_frac > 0 and re-prepare)" if split == "val" else ""
+            raise DataError(f"dataset {self.dir} has no {split!r} split{hint}: use one of {have}")
+        if split not in self._memmaps:
+            info = self.meta["splits"][split]
+            self._memmaps[split] = np.memmap(self.dir / info["file"], dtype=DTYPES[self.meta["dtype"]], mode="r",
+                                             shape=(info["tokens"],))
+        return self._memmaps[split]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+
+# -------------------------------------------------------------- prepare
+
+def config_record(cfg: DataConfig) -> dict:
+    """The data config as recorded in meta.json (``dir`` is where, not what)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("dir", None)
+    return d
+
+
+def is_prepared_for(dir, cfg: DataConfig) -> bool:
+    """True when `dir` holds a dataset prepared from exactly this data config (ignoring cfg.dir)."""
+    try:
+        meta = json.loads((Path(dir) / "meta.json").read_text(encoding="utf-8"))
+        return meta.get("data_config") == config_record(cfg)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def select_documents(docs: list[str], cfg: DataConfig) -> list[str]:
+    """Seeded shuffle, then the max_docs / max_bytes caps (keeping the shuffled prefix)."""
+    order = np.random.default_rng(cfg.seed).permutation(len(docs))
+    docs = [docs[i] for i in order]
+    if cfg.max_docs is not None:
+        docs = docs[: cfg.max_docs]
+    if cfg.max_bytes is not None:
+        total, keep = 0, 0
+        for d in docs:
+            total += len(d.encode("utf-8"))
+            if total > cfg.max_bytes:
+                break
+            keep += 1
+        if keep == 0 and docs:
+            raise DataError(f"data.max_bytes={cfg.max_bytes} is smaller than the first (shuffled) document "
+                            f"({len(docs[0].encode('utf-8'))} bytes): raise data.max_bytes")
+        docs = docs[:keep]
+    return docs
+
+
+def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
+    """val = the first round(val_frac * n) shuffled documents (at least 1 when possible), train = the rest."""
+    n = len(docs)
+    n_val = round(val_frac * n)
+    if val_frac > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    elif val_frac > 0:
+        raise DataError(f"only {n} document after the caps, so no validation split is possible: "
+                        "raise data.max_docs/data.max_bytes, use a source with more documents, or set data.val_frac=0")
+    splits = {"train": docs[n_val:]}
+    if n_val:
+        splits["val"] = docs[:n_val]
+    return splits
+
+
+def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True) -> dict:
+    """Load, shuffle, split, tokenize and write a dataset folder; returns its meta."""
+    out = Path(out_dir)
+    _check_target(out, force)
+    documents = load_documents(cfg)
+    splits = split_documents(select_documents(documents.docs, cfg), cfg.val_frac)
+    tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        split_meta = {name: _write_split(tmp / f"{name}.bin", name, docs, tok, progress) for name, docs in splits.items()}
+        tok.save(tmp / "tokenizer.json")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "attnlab_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": documents.info,
+            "data_config": config_record(cfg),
+            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"},
+            "vocab_size": tok.vocab_size,
+            "dtype": tok.dtype.name,
+            "document_separator": EOS,
+            "documents_selected": sum(len(d) for d in splits.values()),
+            "splits": split_meta,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DataError(f"{out} already exists: choose another --out or pass --force")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one is removed only after that."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)  # put the previous dataset back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _chunks(docs: list[str]):
+    start, size = 0, 0
+    for i, d in enumerate(docs):
+        size += len(d)
+        if i + 1 - start >= ENCODE_CHUNK_DOCS or size >= ENCODE_CHUNK_CHARS:
+            yield docs[start: i + 1]
+            start, size = i + 1, 0
+    if start < len(docs):
+        yield docs[start:]
+
+
+def _write_split(path: Path, name: str, docs: list[str], tok: Tokenizer, progress: bool) -> dict:
+    """Encode `docs` as [eos] d1 [eos] d2 [eos] ... into `path`, streaming chunk by chunk."""
+    from tqdm.auto import tqdm
+
+    dtype, eos = tok.dtype, tok.eos_id
+    digest, n_tokens, n_unk = hashlib.sha256(), 0, 0
+    bar = tqdm(total=len(docs), desc=f"encode {name}", unit="doc", disable=not progress, file=sys.stderr, leave=False)
+    with open(path, "wb") as f:
+        for chunk in _chunks(docs):
+            stream = [eos] if n_tokens == 0 else []
+            for ids in tok.encode_batch(chunk):
+                stream.extend(ids)
+                stream.append(eos)
+            arr = np.asarray(stream, dtype=dtype)
+            if tok.kind == "char":
+                n_unk += int(np.count_nonzero(arr == tok.unk_id))
+            buf = arr.tobytes()
+            f.write(buf)
+            digest.update(buf)
+            n_tokens += arr.size
+            bar.update(len(chunk))
+    bar.close()
+    return {
+        "file": path.name,
+        "documents": len(docs),
+        "tokens": n_tokens,
+        "bytes": sum(len(d.encode("utf-8")) for d in docs),
+        "chars": sum(len(d) for d in docs),
+        "unk_tokens": n_unk,
+        "sha256": digest.hexdigest(),
+    }
+
+
+# ----------------------------------------------------------------- load
+
+def _fix(dir: Path) -> str:
+    return f"re-create it with `attnlab prepare ... --out {dir} --force`"
+
+
+def load(dir, *, verify: bool = True) -> Dataset:
+    """Open a prepared dataset, checking sizes (and sha256 when `verify`) against meta.json."""
+    d = Path(dir)
+    meta_path = d / "meta.json"
+    if not d.is_dir():
+        raise DataError(f"dataset folder {d} does not exist: create it with `attnlab prepare --out {d}` (or set data.dir)")
+    meta = _read_meta(meta_path, d)
+    dtype = _meta_dtype(meta, meta_path, d)
+    for name, info in meta["splits"].items():
+        _check_split(d, name, info, dtype, verify)
+    tok = load_tokenizer(d / meta.get("tokenizer", {}).get("file", "tokenizer.json"))
+    if tok.vocab_size != meta["vocab_size"]:
+        raise DataError(f"{d / 'tokenizer.json'} has {tok.vocab_size} tokens but meta.json says {meta['vocab_size']}: "
+                        f"the files do not belong together; {_fix(d)}")
+    return Dataset(d, meta, tok)
+
+
+def _read_meta(meta_path: Path, d: Path) -> dict:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{meta_path} is missing, so {d} is not a prepared dataset: "
+                        f"run `attnlab prepare --out {d}` (add --force to replace the folder)") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path} is not valid JSON ({type(e).__name__}): the dataset is corrupted; {_fix(d)}") from None
+    required = ("format_version", "vocab_size", "dtype", "splits")
+    if not isinstance(meta, dict) or any(k not in meta for k in required) or not isinstance(meta["splits"], dict):
+        raise DataError(f"{meta_path} lacks required entries ({', '.join(required)}): {_fix(d)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise DataError(f"{meta_path} has format_version {meta['format_version']!r}, this attnlab reads {FORMAT_VERSION}: "
+                        f"{_fix(d)}")
+    if "train" not in meta["splits"]:
+        raise DataError(f"{meta_path} lists no train split: {_fix(d)}")
+    return meta
+
+
+def _meta_dtype(meta: dict, meta_path: Path, d: Path) -> np.dtype:
+    name = meta["dtype"]
+    if name not in DTYPES:
+        raise DataError(f"{meta_path} has unknown token dtype {name!r} (expected uint16 or uint32): {_fix(d)}")
+    if np.dtype(name) != token_dtype(int(meta["vocab_size"])):
+        raise DataError(f"{meta_path} says dtype {name} for vocab_size {meta['vocab_size']} "
+                        f"(expected {token_dtype(int(meta['vocab_size'])).name}): {_fix(d)}")
+    return np.dtype(name)
+
+
+def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) -> None:
+    path = d / info.get("file", f"{name}.bin")
+    if not path.is_file():
+        raise DataError(f"{path} is missing (meta.json lists the {name} split): {_fix(d)}")
+    size, expected = path.stat().st_size, int(info["tokens"]) * dtype.itemsize
+    if size != expected:
+        raise DataError(f"{path} does not match meta.json (size {size} bytes, expected {expected} = "
+                        f"{info['tokens']} tokens x {dtype.itemsize}): the file is truncated or corrupted; {_fix(d)}")
+    if verify and _file_sha256(path) != info.get("sha256"):
+        raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,31 @@
+"""Small shared builders for tests that train: a tiny corpus and config."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from attnlab import config
+
+WORDS = "the a model attention head layer token sparse dense window stride block learns predicts next byte".split()
+
+
+def write_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([".", "!", "?"])
+             for _ in range(n_docs)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus: Path, data_dir: Path, out_dir: Path, *overrides: str, name: str = "t") -> config.Config:
+    base = [
+        f"name={name}", f"out_dir={out_dir}",
+        f"data.source={corpus}", "data.format=lines", "data.tokenizer=bytes", "data.val_frac=0.1", "data.seed=1",
+        f"data.dir={data_dir}",
+        "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.context=32", "model.dropout=0.1",
+        "optim.name=adamw", "optim.lr=3e-3", "optim.warmup_steps=2",
+        "train.batch_size=4", "train.max_steps=8", "train.eval_batch_size=8", "train.seed=7",
+        "logging.progress=false", "logging.log_every=1",
+    ]
+    return config.load(None, base + list(overrides))

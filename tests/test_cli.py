@@ -1,0 +1,118 @@
+"""The command line: bad input gives one line, a non-zero exit code and no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runkit import write_corpus
+
+CLI = [sys.executable, "-m", "attnlab"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(p, code, *needles):
+    assert p.returncode == code, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert "Traceback" not in p.stderr and lines, p.stderr
+    assert lines[-1].startswith("attnlab: error: ")
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the CLI tests (prepare + train + checkpoint)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(tmp / "corpus.txt", n_docs=200)
+    p = run("prepare", corpus, "--out", tmp / "data", "--format", "lines", "--tokenizer", "bpe", "--vocab-size", 300,
+            "--val-frac", 0.1, "--seed", 1)
+    assert p.returncode == 0, p.stderr
+    common = [f"data.source={corpus}", "data.format=lines", "data.tokenizer=bpe", "data.vocab_size=300",
+              "data.val_frac=0.1", "data.seed=1", f"data.dir={tmp / 'data'}", f"out_dir={tmp / 'runs'}",
+              "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.context=32", "train.batch_size=4",
+              "logging.progress=false"]
+    p = run("train", "name=a", "train.max_steps=3", *common)
+    assert p.returncode == 0, p.stderr
+    return tmp, common
+
+
+def test_train_prints_summary_json(trained):
+    tmp, _ = trained
+    s = json.loads((tmp / "runs" / "a" / "summary.json").read_text())
+    assert s["steps"] == 3 and s["val_bits_per_byte"] > 0
+
+
+def test_eval_last_line_is_json_and_batch_independent(trained):
+    tmp, _ = trained
+    outs = [json.loads(run("eval", tmp / "runs" / "a", "--batch-size", b, "--stride", 16).stdout.strip().splitlines()[-1])
+            for b in (1, 5)]
+    assert outs[0]["val_bits_per_byte"] == outs[1]["val_bits_per_byte"]
+    assert outs[0]["tokens_scored"] == outs[1]["tokens_scored"]
+    assert any("mainrun-compatible" in k for k in outs[0])
+
+
+def test_sample_is_reproducible_with_seed(trained):
+    tmp, _ = trained
+    a = run("sample", tmp / "runs" / "a", "--prompt", "the", "--max-new-tokens", 20, "--seed", 3, "--num-samples", 2, "--top-k", 20)
+    b = run("sample", tmp / "runs" / "a", "--prompt", "the", "--max-new-tokens", 20, "--seed", 3, "--num-samples", 2, "--top-k", 20)
+    c = run("sample", tmp / "runs" / "a", "--prompt", "the", "--max-new-tokens", 20, "--seed", 4, "--num-samples", 2, "--top-k", 20)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout != c.stdout
+    assert a.stdout.count("--- sample") == 2
+
+
+def test_bad_config_key_and_value(trained):
+    tmp, common = trained
+    assert_one_line_error(run("train", "name=x", "model.n_layr=2", *common), 2, "did you mean model.n_layer?")
+    assert_one_line_error(run("train", "name=x", "optim.lr=-1", *common), 2, "optim.lr", "[0.0, 10.0]")
+    assert not (tmp / "runs" / "x").exists()
+
+
+def test_missing_and_empty_data_path(tmp_path):
+    assert_one_line_error(run("prepare", tmp_path / "nope.txt", "--out", tmp_path / "d"), 3, "nope.txt")
+    (tmp_path / "empty.txt").write_text("")
+    assert_one_line_error(run("prepare", tmp_path / "empty.txt", "--out", tmp_path / "d"), 3, "empty.txt")
+    assert not (tmp_path / "d").exists()
+
+
+def test_corrupted_dataset(trained, tmp_path):
+    tmp, common = trained
+    import shutil
+    bad = tmp_path / "data"
+    shutil.copytree(tmp / "data", bad)
+    raw = bytearray((bad / "val.bin").read_bytes())
+    raw[3] ^= 0xFF
+    (bad / "val.bin").write_bytes(bytes(raw))
+    args = [c if not c.startswith("data.dir=") else f"data.dir={bad}" for c in common]
+    assert_one_line_error(run("train", "name=y", "train.max_steps=1", *args), 3, "val.bin")
+
+
+def test_existing_run_dir_is_not_overwritten(trained):
+    tmp, common = trained
+    before = (tmp / "runs" / "a" / "summary.json").read_text()
+    assert_one_line_error(run("train", "name=a", "train.max_steps=1", *common), 4, "already exists", "--force")
+    assert (tmp / "runs" / "a" / "summary.json").read_text() == before
+
+
+def test_resume_with_changed_config(trained):
+    tmp, common = trained
+    p = run("train", "name=a", "train.max_steps=3", *common, "model.n_layer=2", "--resume", tmp / "runs" / "a")
+    assert_one_line_error(p, 4, "changed config", "model.n_layer")
+
+
+def test_checkpoint_from_other_model_shape(trained):
+    tmp, common = trained
+    assert run("train", "name=b", "train.max_steps=1", *common, "model.d_model=48").returncode == 0
+    other = next((tmp / "runs" / "b" / "checkpoints").glob("step_*"))
+    assert_one_line_error(run("eval", tmp / "runs" / "a", "--checkpoint", other), 4, "different model")
+
+
+def test_debug_shows_traceback(trained):
+    tmp, common = trained
+    p = run("--debug", "train", "name=x", "model.n_layr=2", *common)
+    assert p.returncode != 0 and "Traceback" in p.stderr
