@@ -31,6 +31,17 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, bias=cfg.bias)
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over the head dimension for QK-norm; its weight follows the input dtype.
+
+    Under autocast q and k arrive in bf16 while the weight is fp32; casting the
+    weight keeps the fused kernel and the dtype the attention backend expects.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def mlp_hidden(cfg: ModelConfig) -> int:
     """Hidden width; for SwiGLU the width of each of its two input projections."""
     if cfg.mlp_hidden is not None:
@@ -50,9 +61,8 @@ class SelfAttention(nn.Module):
         head_dim = d // cfg.n_head
         self.qkv = nn.Linear(d, 3 * d, bias=cfg.bias)
         self.proj = nn.Linear(d, d, bias=cfg.bias)
-        self.proj.residual = True  # marks a residual output projection for the gpt2 init
-        self.q_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim) if cfg.qk_norm else None
+        self.q_norm = HeadRMSNorm(head_dim) if cfg.qk_norm else None
+        self.k_norm = HeadRMSNorm(head_dim) if cfg.qk_norm else None
         self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -63,8 +73,7 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.q_norm is not None:
-            # Under autocast the norm may return fp32; backends want one dtype for q, k, v.
-            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = self.core(q, k, v)
@@ -82,7 +91,6 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.act = nn.ReLU() if cfg.mlp == "relu" else nn.GELU()
         self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
-        self.proj.residual = True
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,13 +153,14 @@ class GPT(nn.Module):
     def _init_weights(self) -> None:
         cfg = self.cfg
         std = cfg.init_std
+        # Residual output projections: scaled so the residual stream's variance does not grow with depth.
+        residual = {id(m) for b in self.blocks for m in (b.attn.proj, b.mlp.proj)}
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if module is self.lm_head and self.tied:
                     continue  # the shared matrix gets the embedding init below
                 if cfg.init == "gpt2":
-                    # Residual projections are scaled so the residual stream's variance does not grow with depth.
-                    s = std / math.sqrt(2 * cfg.n_layer) if getattr(module, "residual", False) else std
+                    s = std / math.sqrt(2 * cfg.n_layer) if id(module) in residual else std
                     nn.init.normal_(module.weight, mean=0.0, std=s)
                 else:
                     nn.init.xavier_uniform_(module.weight)
