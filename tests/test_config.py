@@ -71,3 +71,10 @@ def test_presets_load(preset):
 @given(st.integers(min_value=1, max_value=256))
 def test_in_range_ints_round_trip(n):
     assert config.load(None, BASE + [f"model.n_layer={n}"]).model.n_layer == n
+
+
+def test_yaml_1_1_words_stay_strings(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("logging:\n  wandb: off\n  progress: false\ntrain:\n  max_steps: 3\n")
+    assert config.load(p).logging.wandb == "off" and config.load(p).logging.progress is False
+    assert config.load(None, BASE + ["logging.wandb=off"]).logging.wandb == "off"

@@ -115,3 +115,14 @@ def test_early_stopping(tmp_path, corpus):
     s = train(cfg_for(tmp_path, corpus, "train.max_steps=100", "optim.lr=0", "optim.warmup_steps=0",
                       "train.eval_every=1", "train.early_stopping_patience=2"))
     assert s["stop_reason"] == "early_stopping" and s["steps"] == 3
+
+
+def test_cli_reports_divergence_in_one_line(tmp_path, corpus, monkeypatch, capsys):
+    from attnlab import cli
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", lambda self: math.inf)
+    cfg = cfg_for(tmp_path, corpus)
+    overrides = [f"{k}={v}" for k, v in config._flatten(config.to_dict(cfg)).items() if v is not None and k != "data.categories"]
+    assert cli.main(["train", *overrides]) == TrainingDiverged.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("attnlab: error: loss became inf at step 1 (no checkpoint was saved yet)")
+    assert "Traceback" not in "\n".join(err)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,11 +285,24 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
         obj = sub
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false, so `wandb: off` stays the string 'off'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def parse_override(arg: str) -> tuple[str, Any]:
+    """``key=value``; the value stays a string and is converted by the field's type."""
     if "=" not in arg:
         raise ConfigError(f"override {arg!r} is not key=value: write e.g. model.n_layer=8")
     key, value = arg.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else ""
+    return key.strip(), value.strip()
 
 
 def from_dict(d: dict, overrides: list[str] = ()) -> Config:
@@ -308,7 +322,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found: pass a YAML file such as configs/quickstart.yaml")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax") from None
         if not isinstance(d, dict):
