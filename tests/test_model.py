@@ -15,6 +15,15 @@ from attnlab.model import GPT, Rotary, SinusoidalPositionalEmbedding, apply_rota
 V = 23  # a small vocabulary that is not a power of two
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP's spin-waits make each op slow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw) -> ModelConfig:
     base = dict(n_layer=2, n_head=2, d_model=16, context=8, dropout=0.0)
     base.update(kw)
@@ -132,6 +141,7 @@ def test_sinusoidal_values_match_the_formula():
     emb = SinusoidalPositionalEmbedding(50, d)
     torch.testing.assert_close(emb(3, offset=10), table[10:13])
     torch.testing.assert_close(emb(0, positions=torch.tensor([4, 2])), table[[4, 2]])
+    torch.testing.assert_close(SinusoidalPositionalEmbedding(8, d)(4, offset=46), table[46:50])  # beyond its cache
 
 
 def test_rope_scores_depend_only_on_relative_position():

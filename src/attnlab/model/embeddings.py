@@ -40,11 +40,14 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
     def __init__(self, context: int, d_model: int, base: float = 10000.0):
         super().__init__()
+        self.base = base
         self.register_buffer("table", sinusoidal_table(context, d_model, base), persistent=False)
 
     def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is not None:
             return self.table[positions]
+        if offset + T > self.table.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
+            return sinusoidal_table(offset + T, self.table.shape[1], self.base)[offset:].to(self.table.device)
         return self.table[offset:offset + T]
 
 
