@@ -116,3 +116,33 @@ def test_debug_shows_traceback(trained):
     tmp, common = trained
     p = run("--debug", "train", "name=x", "model.n_layr=2", *common)
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_ctrl_c_saves_between_steps_and_resume_matches(tmp_path):
+    """SIGINT mid-run: exit 130, a consistent checkpoint, and --resume reaches the uninterrupted weights."""
+    import signal
+    import time
+
+    import torch
+
+    from attnlab.train import checkpoint as ckpt
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=200)
+    common = [f"data.source={corpus}", "data.format=lines", "data.tokenizer=bytes", f"data.dir={tmp_path / 'data'}",
+              f"out_dir={tmp_path / 'runs'}", "model.n_layer=1", "model.n_head=2", "model.d_model=32",
+              "model.context=32", "model.dropout=0.1", "train.batch_size=4", "train.max_steps=150",
+              "logging.progress=false", "logging.log_every=1"]
+    assert run("train", "name=full", *common).returncode == 0
+    p = subprocess.Popen(CLI + ["train", "name=cut", *common], stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "runs" / "cut" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (events.exists() and events.read_text().count('"training_step"') >= 5):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "--resume" in err and "Traceback" not in err
+    cut_at = ckpt.latest_checkpoint(tmp_path / "runs" / "cut")
+    assert cut_at is not None and int(cut_at.name.split("_")[1]) < 150
+    assert run("train", "--resume", tmp_path / "runs" / "cut").returncode == 0
+    wa, _ = ckpt.load_checkpoint(tmp_path / "runs" / "full")
+    wb, _ = ckpt.load_checkpoint(tmp_path / "runs" / "cut")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

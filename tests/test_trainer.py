@@ -121,7 +121,7 @@ def test_cli_reports_divergence_in_one_line(tmp_path, corpus, monkeypatch, capsy
     from attnlab import cli
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", lambda self: math.inf)
     cfg = cfg_for(tmp_path, corpus)
-    overrides = [f"{k}={v}" for k, v in config._flatten(config.to_dict(cfg)).items() if v is not None and k != "data.categories"]
+    overrides = [f"{k}={v}" for k, v in config.flatten(config.to_dict(cfg)).items() if v is not None and k != "data.categories"]
     assert cli.main(["train", *overrides]) == TrainingDiverged.exit_code
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("attnlab: error: loss became inf at step 1 (no checkpoint was saved yet)")

@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--repeats", type=int, default=5)
     bt.add_argument("--out", help="folder for CSV + PNG + machine.json (default: print only)")
     bt.add_argument("--no-baseline", action="store_true")
+    bt.add_argument("--plain-runtime", action="store_true", help="measure attnlab without its CPU allocator setting (models alone)")
     return p
 
 
@@ -147,7 +148,8 @@ def cmd_bench(a) -> None:
     from . import config
     from .bench import bench_train
     cfg = config.load(a.config, a.overrides)
-    bench_train(cfg, steps=a.steps, warmup=a.warmup, repeats=a.repeats, out=a.out, baseline=not a.no_baseline)
+    bench_train(cfg, steps=a.steps, warmup=a.warmup, repeats=a.repeats, out=a.out, baseline=not a.no_baseline,
+                plain_runtime=a.plain_runtime)
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench}

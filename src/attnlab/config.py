@@ -344,15 +344,15 @@ def save(cfg: Config, path: str | Path) -> None:
 
 def diff(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ between two configs."""
-    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    fa, fb = flatten(to_dict(a)), flatten(to_dict(b))
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out

@@ -3,7 +3,9 @@
 Each measurement runs in a fresh subprocess (so peak resident memory belongs
 to one model), and the two implementations alternate across repeats so that
 drift in machine speed hits both alike. Both use the same step: forward,
-cross-entropy, backward, grad clipping, optimizer step.
+cross-entropy, backward, grad clipping, optimizer step. The attnlab side runs
+with attnlab's CPU runtime setting (``keep_freed_memory``), as ``attnlab
+train`` does; ``--plain-runtime`` drops it to compare the models alone.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ def build(impl: str, cfg):
     return NanoGPT(_vocab(cfg), m.context, m.d_model, m.n_layer, m.n_head, m.dropout)
 
 
-def measure(impl: str, cfg, steps: int, warmup: int) -> dict:
+def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False) -> dict:
     """Run in the child process: time `steps` training steps after `warmup`."""
     from ..train.optim import build_optimizer
-    from ..train.runtime import peak_memory_mb, pick_device
+    from ..train.runtime import keep_freed_memory, peak_memory_mb, pick_device
     torch.manual_seed(0)
     device = pick_device(cfg.train.device)
+    if impl == "attnlab" and device.type == "cpu" and not plain_runtime:
+        keep_freed_memory()  # what `attnlab train` does on CPU; the baseline runs as plain PyTorch
     model = build(impl, cfg).to(device).train()
     opt = build_optimizer(model, cfg.optim)
     B, T, V = cfg.train.batch_size, cfg.model.context, _vocab(cfg)
@@ -67,10 +71,10 @@ def measure(impl: str, cfg, steps: int, warmup: int) -> dict:
             "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters())}
 
 
-def _child(impl: str, cfg, steps: int, warmup: int) -> dict:
+def _child(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool) -> dict:
     code = ("import json,sys; from attnlab import config; from attnlab.bench.train import measure; "
             "cfg = config.from_dict(json.loads(sys.argv[1])); "
-            f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup})))")
+            f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup}, {plain_runtime})))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(config_mod.to_dict(cfg))],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -93,16 +97,18 @@ def machine() -> dict:
     return info
 
 
-def bench_train(cfg, *, steps: int, warmup: int, repeats: int, out: str | None, baseline: bool = True) -> dict:
+def bench_train(cfg, *, steps: int, warmup: int, repeats: int, out: str | None, baseline: bool = True,
+                plain_runtime: bool = False) -> dict:
     impls = IMPLS if baseline else IMPLS[:1]
     rows = []
     for r in range(repeats):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
-            row = {"repeat": r, **_child(impl, cfg, steps, warmup)}
+            row = {"repeat": r, **_child(impl, cfg, steps, warmup, plain_runtime)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"machine": machine(), "config": cfg.name, "batch_size": cfg.train.batch_size,
-              "context": cfg.model.context, "steps": steps, "warmup": warmup, "repeats": repeats}
+              "context": cfg.model.context, "steps": steps, "warmup": warmup, "repeats": repeats,
+              "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory"}
     for impl in impls:
         sel = [r for r in rows if r["impl"] == impl]
         result[impl] = {k: statistics.median(r[k] for r in sel) for k in ("tokens_per_second", "step_ms", "peak_memory_mb")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import random
 import resource
@@ -40,6 +41,25 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "float16" and device.type == "cpu":
         raise ConfigError("train.dtype=float16 is not supported on CPU: use train.dtype=bfloat16 or float32")
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing large freed blocks back to the OS (Linux, CPU training).
+
+    A training step frees and re-allocates hundreds of MB of activations and
+    logits; by default each such block is an mmap that the kernel must
+    page-fault in again on every step (a third of the step in kernel time at
+    the mainrun size). Keeping them in the heap makes CPU steps ~1.4x faster
+    for a slightly higher resident peak. Returns whether the setting applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def seed_everything(seed: int) -> None:

@@ -8,9 +8,11 @@ an uninterrupted run would have done (same batches, RNG streams, schedule).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +39,6 @@ from .optim import build_optimizer, build_scheduler
 
 def default_data_dir(data_cfg) -> Path:
     """data/<source>-<tokenizer>-<hash of the data config>: distinct settings never collide."""
-    import hashlib
     d = {k: v for k, v in config_mod.to_dict(Config(data=data_cfg))["data"].items() if k != "dir"}
     digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
     source = Path(data_cfg.source).name.split(".")[0] or "data"
@@ -91,8 +92,7 @@ def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
     if cfg is not None:
         changed = config_mod.diff(saved, cfg)
         if changed:
-            flat_s = config_mod._flatten(config_mod.to_dict(saved))
-            flat_c = config_mod._flatten(config_mod.to_dict(cfg))
+            flat_s, flat_c = (config_mod.flatten(config_mod.to_dict(c)) for c in (saved, cfg))
             k = changed[0]
             raise CheckpointError(f"--resume {run_dir} with a changed config ({k}: {flat_s.get(k)!r} -> {flat_c.get(k)!r}"
                                   f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): "
@@ -129,6 +129,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = runtime.pick_device(cfg.train.device)
         self.amp_dtype = runtime.pick_dtype(cfg.train.dtype, self.device)
+        if self.device.type == "cpu":
+            runtime.keep_freed_memory()
         runtime.seed_everything(cfg.train.seed)
         self.ds = open_dataset(cfg.data, progress=cfg.logging.progress)
         self.train_tokens = self.ds.tokens("train")
@@ -144,6 +146,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.eval_every = self._eval_every()
         self.progress = Progress()
+        self.saved_step: int | None = None
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -192,6 +195,8 @@ class Trainer:
     # ---------------------------------------------------------- checkpoints
 
     def save(self, log: EventLog) -> Path:
+        if self.saved_step == self.progress.step:
+            return ckpt.latest_checkpoint(self.run_dir)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
                  "step": self.progress.step, "trainer": self.progress.state()}
@@ -200,6 +205,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.run_dir, self.progress.step, self.model, state)
         ckpt.prune_checkpoints(self.run_dir, keep=2)
         log.log("checkpoint_saved", step=self.progress.step, path=str(path))
+        self.saved_step = self.progress.step
         return path
 
     def restore(self) -> None:
@@ -214,6 +220,7 @@ class Trainer:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["trainer"])
+        self.saved_step = self.progress.step
         ckpt.set_rng_state(state["rng"])
 
     # ---------------------------------------------------------- steps
@@ -285,7 +292,7 @@ class Trainer:
                    disable=not cfg.logging.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
         reason = self.should_stop()
-        try:
+        with _deferred_interrupts() as interrupted:
             while reason is None:
                 t0 = time.perf_counter()
                 loss = self.train_step()
@@ -307,11 +314,11 @@ class Trainer:
                 reason = self.should_stop()
                 if reason is None and cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
                     self.save(log)
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save(log)
-            log.log("training_interrupted", step=p.step, checkpoint=str(path))
-            raise
+                if interrupted():  # only between steps, so the saved state is consistent
+                    bar.close()
+                    path = self.save(log)
+                    log.log("training_interrupted", step=p.step, checkpoint=str(path))
+                    raise KeyboardInterrupt
         bar.close()
         return reason
 
@@ -347,6 +354,23 @@ class Trainer:
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
         return summary
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """Turn Ctrl-C / SIGTERM into a flag the loop checks between steps."""
+    hit = []
+    def handler(signum, frame):
+        hit.append(signum)
+    try:
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        old = {}
+    try:
+        yield lambda: bool(hit)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, force: bool = False,
