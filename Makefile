@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/attnlab train configs/quickstart.yaml name=$(RUN_NAME)
 	$(BIN)/attnlab eval runs/$(RUN_NAME)
-	$(BIN)/attnlab sample runs/$(RUN_NAME) --prompt "def " --max-new-tokens 300 --seed 0
+	$(BIN)/attnlab sample runs/$(RUN_NAME) --prompt "def " --max-new-tokens 300 --temperature 0.7 --top-k 40 --seed 0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15
