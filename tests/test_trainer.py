@@ -126,3 +126,23 @@ def test_cli_reports_divergence_in_one_line(tmp_path, corpus, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("attnlab: error: loss became inf at step 1 (no checkpoint was saved yet)")
     assert "Traceback" not in "\n".join(err)
+
+
+def test_tensorboard_logger_writes_scalars(tmp_path, corpus):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(cfg_for(tmp_path, corpus, "train.max_steps=3", "train.eval_every=3", "logging.tensorboard=true"))
+    acc = EventAccumulator(str(tmp_path / "runs" / "t" / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "training/loss" in tags and "validation/val_loss" in tags
+    assert [e.step for e in acc.Scalars("training/loss")] == [1, 2, 3]
+
+
+def test_missing_wandb_fails_before_the_run_directory_exists(tmp_path, corpus, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(config.ConfigError, match="pip install wandb"):
+        train(cfg_for(tmp_path, corpus, "logging.wandb=offline"))
+    assert not (tmp_path / "runs" / "t").exists()

@@ -100,6 +100,15 @@ class _Wandb:
         self.run.finish()
 
 
+def check_loggers(cfg) -> None:
+    """Fail before the run directory exists when an enabled logger is not installed."""
+    import importlib.util
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard")
+    if cfg.logging.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb needs the wandb package: pip install wandb (or set logging.wandb=off)")
+
+
 def _optional_sinks(run_dir: Path, cfg) -> list:
     sinks = []
     if cfg.logging.tensorboard:

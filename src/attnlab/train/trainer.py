@@ -31,7 +31,7 @@ from ..eval.metrics import score_tokens, text_metrics
 from ..model.gpt import GPT
 from . import checkpoint as ckpt
 from . import runtime
-from .logs import EventLog
+from .logs import EventLog, check_loggers
 from .optim import build_optimizer, build_scheduler
 
 
@@ -125,6 +125,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        check_loggers(cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = runtime.pick_device(cfg.train.device)
