@@ -23,38 +23,9 @@ from attnlab.errors import CheckpointError
 from attnlab.train import checkpoint as ck
 from attnlab.train.optim import build_optimizer, build_scheduler
 
-VOCAB, D, CTX = 16, 8, 8
+from tiny_models import CTX, D, VOCAB, TinyGPT  # noqa: E402
+
 TESTS = Path(__file__).resolve().parent
-
-
-class Block(nn.Module):
-    def __init__(self, d, dropout):
-        super().__init__()
-        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(d), nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x):
-        x = x + self.drop(self.attn(self.ln_1(x)))
-        return x + self.drop(self.mlp(self.ln_2(x)))
-
-
-class TinyGPT(nn.Module):
-    """Stand-in with the real model's parameter names (tok_emb, pos_emb, blocks.i, norm_f, lm_head)."""
-
-    def __init__(self, vocab=VOCAB, n_layer=2, tie=True, dropout=0.0):
-        super().__init__()
-        self.tok_emb, self.pos_emb = nn.Embedding(vocab, D), nn.Embedding(CTX, D)
-        self.blocks = nn.ModuleList(Block(D, dropout) for _ in range(n_layer))
-        self.norm_f = nn.LayerNorm(D)
-        self.lm_head = nn.Linear(D, vocab, bias=False)
-        if tie:
-            self.lm_head.weight = self.tok_emb.weight
-
-    def forward(self, idx):
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm_f(x))
 
 
 def seeded_model(seed, **kw):

@@ -15,13 +15,7 @@ from attnlab.model import GPT, Rotary, SinusoidalPositionalEmbedding, apply_rota
 V = 23  # a small vocabulary that is not a power of two
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP's spin-waits make each op slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> ModelConfig:

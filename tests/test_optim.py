@@ -13,36 +13,7 @@ from attnlab.config import OptimConfig
 from attnlab.errors import ConfigError
 from attnlab.train.optim import CombinedOptimizer, build_optimizer, build_scheduler, lr_factor
 
-VOCAB, D, CTX = 16, 8, 8
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(d), nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyGPT(nn.Module):
-    """Stand-in with the real model's parameter names (tok_emb, pos_emb, blocks.i, norm_f, lm_head)."""
-
-    def __init__(self, n_layer=2, tie=True):
-        super().__init__()
-        self.tok_emb, self.pos_emb = nn.Embedding(VOCAB, D), nn.Embedding(CTX, D)
-        self.blocks = nn.ModuleList(Block(D) for _ in range(n_layer))
-        self.norm_f = nn.LayerNorm(D)
-        self.lm_head = nn.Linear(D, VOCAB, bias=False)
-        if tie:
-            self.lm_head.weight = self.tok_emb.weight
-
-    def forward(self, idx):
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm_f(x))
+from tiny_models import CTX, D, VOCAB, TinyGPT  # noqa: E402
 
 
 def names_by_group(model, opt):
