@@ -29,3 +29,20 @@ def tiny_config(corpus: Path, data_dir: Path, out_dir: Path, *overrides: str, na
         "logging.progress=false", "logging.log_every=1",
     ]
     return config.load(None, base + list(overrides))
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
+
+
+def first_hn_titles(out: Path, n: int = 2000) -> tuple[Path, list[str]]:
+    """Write the first n shared HN titles to `out` (one per line); skip when shared data is absent."""
+    import gzip
+
+    import pytest
+    src = SHARED / "hn_titles" / "titles.txt.gz"
+    if not src.is_file():
+        pytest.skip(f"shared HN titles not found at {src} (../shared/data beside the checkout)")
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        titles = [next(f).rstrip("\n") for _ in range(n)]
+    out.write_text("\n".join(titles) + "\n", encoding="utf-8")
+    return out, titles

@@ -20,10 +20,11 @@ from torch import nn
 
 from attnlab.config import OptimConfig
 from attnlab.errors import CheckpointError
+from attnlab.files import file_sha256
 from attnlab.train import checkpoint as ck
 from attnlab.train.optim import build_optimizer, build_scheduler
 
-from tiny_models import CTX, D, VOCAB, TinyGPT  # noqa: E402
+from tiny_models import CTX, VOCAB, TinyGPT  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -204,7 +205,7 @@ def test_unsafe_state_is_not_executed(tmp_path):
     path = ck.save_checkpoint(tmp_path, 1, seeded_model(0), {})
     torch.save({"obj": Path("x")}, path / "state.pt")  # needs a pickle global -> refused by weights_only
     marker = json.loads((path / "COMPLETE").read_text())
-    marker["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": ck._sha256(path / "state.pt")}
+    marker["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": file_sha256(path / "state.pt")}
     (path / "COMPLETE").write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match="cannot be read safely"):
         ck.load_checkpoint(path)

@@ -7,13 +7,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from attnlab.config import OptimConfig
 from attnlab.errors import ConfigError
 from attnlab.train.optim import CombinedOptimizer, build_optimizer, build_scheduler, lr_factor
 
-from tiny_models import CTX, D, VOCAB, TinyGPT  # noqa: E402
+from tiny_models import CTX, VOCAB, TinyGPT  # noqa: E402
 
 
 def names_by_group(model, opt):

@@ -13,10 +13,10 @@ from attnlab.config import DataConfig
 from attnlab.data import sources
 from attnlab.data.sources import load_documents
 from attnlab.errors import DataError
+from runkit import first_hn_titles
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt.gz"
-HN_TITLES = SHARED / "hn_titles" / "titles.txt.gz"
 
 
 def docs_of(path, **kw):
@@ -296,12 +296,7 @@ def test_shakespeare_download_is_cached_and_verified(monkeypatch, tmp_path):
 
 
 def test_hn_titles_real_first_2000(tmp_path):
-    if not HN_TITLES.is_file():
-        pytest.skip(f"shared HN titles not found at {HN_TITLES} (../shared/data beside the checkout)")
-    with gzip.open(HN_TITLES, "rt", encoding="utf-8") as f:
-        titles = [next(f).rstrip("\n") for _ in range(2000)]
-    p = tmp_path / "titles.txt"
-    p.write_text("\n".join(titles) + "\n", encoding="utf-8")
+    p, titles = first_hn_titles(tmp_path / "titles.txt")
     result = load_documents(DataConfig(source="hn-titles", path=str(p)))
     assert result.docs == [t.strip() for t in titles if t.strip()]
     assert len(result.docs) == 2000

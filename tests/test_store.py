@@ -13,6 +13,7 @@ from attnlab.config import DataConfig
 from attnlab.data import store
 from attnlab.data.sources import SHAKESPEARE_MD5
 from attnlab.errors import DataError
+from runkit import first_hn_titles
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -265,13 +266,7 @@ def test_prepare_real_tinyshakespeare(tmp_path):
 
 
 def test_prepare_real_hn_titles(tmp_path):
-    path = SHARED / "hn_titles" / "titles.txt.gz"
-    if not path.is_file():
-        pytest.skip(f"shared HN titles not found at {path} (../shared/data beside the checkout)")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        titles = [next(f).rstrip("\n") for _ in range(2000)]
-    p = tmp_path / "titles.txt"
-    p.write_text("\n".join(titles) + "\n", encoding="utf-8")
+    p, titles = first_hn_titles(tmp_path / "titles.txt")
     store.prepare(DataConfig(source="hn-titles", path=str(p), vocab_size=512), tmp_path / "ds", progress=False)
     ds = store.load(tmp_path / "ds")
     assert ds.meta["splits"]["val"]["documents"] == 200 and ds.meta["splits"]["train"]["documents"] == 1800

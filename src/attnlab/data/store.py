@@ -30,6 +30,7 @@ import numpy as np
 from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
+from ..files import file_sha256
 from .sources import load_documents
 from .text import EOS, Tokenizer, load_tokenizer, token_dtype, train_tokenizer
 
@@ -283,13 +284,5 @@ def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) 
     if size != expected:
         raise DataError(f"{path} does not match meta.json (size {size} bytes, expected {expected} = "
                         f"{info['tokens']} tokens x {dtype.itemsize}): the file is truncated or corrupted; {_fix(d)}")
-    if verify and _file_sha256(path) != info.get("sha256"):
+    if verify and file_sha256(path) != info.get("sha256"):
         raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

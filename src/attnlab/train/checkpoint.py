@@ -24,7 +24,6 @@ after checking both files against the sha256 in ``COMPLETE``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import file_sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints",
            "rng_state", "set_rng_state", "atomic_write_bytes", "atomic_write_text"]
@@ -296,14 +296,6 @@ def _plain(obj, where: str = "state"):
                     "store tensors, numbers, strings, lists or dicts")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------ save / load
 
 def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict) -> Path:
@@ -327,7 +319,7 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict) -> Path:
     files = {}
     for name in (WEIGHTS, STATE):
         _fsync_file(tmp / name)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
     atomic_write_text(tmp / MARKER, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
     _on_stage("marker_written")
@@ -385,7 +377,7 @@ def _verify(ckpt: Path) -> dict:
     for name, info in marker["files"].items():
         if not (ckpt / name).is_file():
             raise CheckpointError(f"checkpoint {ckpt} is missing {name}: {_FALLBACK}")
-        if _sha256(ckpt / name) != info["sha256"]:
+        if file_sha256(ckpt / name) != info["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt} is corrupted ({name} does not match its sha256 in {MARKER}): "
                                   f"{_FALLBACK}")
     return marker

@@ -39,8 +39,8 @@ from .optim import build_optimizer, build_scheduler
 
 def default_data_dir(data_cfg) -> Path:
     """data/<source>-<tokenizer>-<hash of the data config>: distinct settings never collide."""
-    d = {k: v for k, v in config_mod.to_dict(Config(data=data_cfg))["data"].items() if k != "dir"}
-    digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+    record = json.dumps(store.config_record(data_cfg), sort_keys=True)
+    digest = hashlib.sha256(record.encode()).hexdigest()[:8]
     source = Path(data_cfg.source).name.split(".")[0] or "data"
     vocab = data_cfg.vocab_size if data_cfg.tokenizer == "bpe" else ""
     return Path("data") / f"{source}-{data_cfg.tokenizer}{vocab}-{digest}"
@@ -57,10 +57,9 @@ def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
 
 
 def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
-    want = config_mod.to_dict(Config(data=data_cfg))["data"]
-    have = ds.meta.get("data_config", {})
-    # The folder and the location of a local copy do not change the data; its hash (in meta) does.
-    differ = [k for k in want if k not in ("dir", "path") and k in have and have[k] != want[k]]
+    want, have = store.config_record(data_cfg), ds.meta.get("data_config", {})
+    # The location of a local copy does not change the data; its hash (in meta) does.
+    differ = [k for k in want if k != "path" and k in have and have[k] != want[k]]
     if differ:
         k = differ[0]
         raise DataError(f"{path} was prepared with data.{k}={have[k]!r} but the config says {want[k]!r}: "
@@ -142,6 +141,7 @@ class Trainer:
         self.model = GPT(cfg.model, cfg.attention, self.ds.vocab_size).to(self.device)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.steps_per_epoch = max(1, self.batches.steps_per_epoch // cfg.train.grad_accum)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
@@ -151,7 +151,6 @@ class Trainer:
 
     def _total_steps(self) -> int:
         t = self.cfg.train
-        per_epoch = max(1, self.batches.steps_per_epoch // t.grad_accum)
         candidates = []
         if t.max_steps is not None:
             candidates.append(t.max_steps)
@@ -162,7 +161,6 @@ class Trainer:
                 raise ConfigError("train.time_budget_s alone cannot place the lr schedule: also set train.max_steps "
                                   "or train.epochs (or use optim.schedule=constant)")
             candidates.append(10**12)
-        self.steps_per_epoch = per_epoch
         return min(candidates)
 
     def _eval_every(self) -> int | None:
