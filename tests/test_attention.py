@@ -196,8 +196,10 @@ def test_forced_incompatible_backend_raises():
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
 def test_attention_module(backend):
     attn = Attention(AttentionConfig(backend=backend), layer_idx=3, n_layer=4, n_head=2, dropout=0.0)
-    assert attn.backend == ("sdpa" if backend == "auto" else backend)
+    assert attn.backend is None  # not chosen until a device is known
     q, k, v = _qkv(2, 2, 5, 4)
     torch.testing.assert_close(attn(q, k, v), reference(q, k, v, Dense(), 0.0, False), atol=1e-5, rtol=1e-4)
+    assert attn.backend == ("sdpa" if backend == "auto" else backend)  # resolved by the first forward
+    assert attn.resolve("cpu") == attn.backend
     assert attn.describe(64) == {"layer": 3, "pattern": "dense", "params": {}, "density": 1.0, "backend": attn.backend}
     assert list(attn.parameters()) == []

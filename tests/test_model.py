@@ -223,7 +223,9 @@ def test_parameter_names_follow_the_optimizer_convention():
 
 
 def test_describe_lists_every_layer():
-    info = make(n_layer=3).describe()
+    model = make(n_layer=3)
+    model.resolve_backends("cpu")
+    info = model.describe()
     assert info["n_params"] == make(n_layer=3).num_params()
     assert [a["layer"] for a in info["attention"]] == [0, 1, 2]
     assert info["attention"][0] == {"layer": 0, "pattern": "dense", "params": {}, "density": 1.0, "backend": "sdpa"}

@@ -70,8 +70,20 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    pattern: str = opt("dense", choices=["dense"])
-    backend: str = opt("auto", choices=["auto", "sdpa", "reference"])
+    pattern: str = opt("dense", choices=["dense", "local", "strided", "fixed", "sink_window", "block_layout", "linear"])
+    schedule: list[str] = opt([], help="per-layer patterns, repeated over the layers (e.g. local,local,local,strided); overrides pattern")
+    backend: str = opt("auto", choices=["auto", "reference", "sdpa", "blocksparse", "flex", "linear"])
+    window: int = opt(256, lo=1, help="local / sink_window: keys within this distance (i - j < window)")
+    local_attn_ctx: int = opt(128, lo=1, help="strided / fixed: the stride l (Sparse Transformer's local_attn_ctx)")
+    strided_mode: str = opt("split", choices=["split", "interleave", "union"],
+                            help="strided: local and strided parts across heads, across layers, or in each head")
+    blocksize: int = opt(32, lo=1, help="fixed: block size b of the summary columns")
+    vertsize: int = opt(1, lo=1, help="fixed: summary blocks per chunk and head (c = vertsize * blocksize)")
+    num_verts: int = opt(1, lo=1, help="fixed: distinct summary-column sets across heads")
+    sinks: int = opt(4, lo=0, help="sink_window: the first `sinks` keys are always visible")
+    layout: str | None = opt(None, help="block_layout: .npy boolean block layout [nb, nb] or [n_head, nb, nb]")
+    layout_block: int = opt(64, lo=1, help="block_layout: tokens per layout block")
+    feature_map: str = opt("elu1", choices=["elu1", "relu"], help="linear: the feature map phi")
 
 
 @dataclass
@@ -147,6 +159,9 @@ class Config:
             raise ConfigError(f"train.eval_stride={t.eval_stride} exceeds model.context={m.context}: use a stride in [1, {m.context}]")
         if self.optim.beta2 >= 1.0 or self.optim.beta1 >= 1.0:
             raise ConfigError("optim.beta1 and optim.beta2 must be < 1: use e.g. beta1=0.9 beta2=0.95")
+        from .attention.patterns import check_patterns  # late import: attention depends on this module
+
+        check_patterns(self.attention, m)
         if self.name in ("", ".", "..") or "/" in self.name:
             raise ConfigError(f"name={self.name!r} is not a valid run name: use letters, digits, '-' or '_'")
         return self

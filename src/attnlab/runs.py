@@ -38,4 +38,5 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     dev = pick_device(device)
     model = GPT(cfg.model, cfg.attention, dataset.vocab_size)
     ckpt.load_checkpoint(path, model)
-    return LoadedRun(run_dir, cfg, dataset, model.to(dev).eval(), path, dev)
+    model.to(dev).eval().resolve_backends(dev)
+    return LoadedRun(run_dir, cfg, dataset, model, path, dev)

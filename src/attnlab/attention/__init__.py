@@ -2,12 +2,30 @@
 
 from .backends import BACKENDS, BackendFn, reference, register_backend, sdpa, select_backend
 from .interface import Attention
-from .patterns import PATTERNS, Dense, Pattern, build_pattern, register_pattern
+from .patterns import (
+    PATTERNS,
+    BlockLayout,
+    Dense,
+    Fixed,
+    Linear,
+    Local,
+    Pattern,
+    SinkWindow,
+    Strided,
+    build_pattern,
+    register_pattern,
+)
 
 __all__ = [
     "Attention",
     "Pattern",
     "Dense",
+    "Local",
+    "Strided",
+    "Fixed",
+    "SinkWindow",
+    "BlockLayout",
+    "Linear",
     "PATTERNS",
     "build_pattern",
     "register_pattern",

@@ -30,6 +30,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     fast backends are tested against. Queries are the last ``Tq`` of the ``Tk``
     positions (Tq == Tk in training), so a query-only suffix also works.
     """
+    if pattern.mechanism == "linear":
+        from .linear import linear_reference
+
+        return linear_reference(q, k, v, pattern.feature_map)
     H, Tq, Dh = q.shape[1], q.shape[2], q.shape[3]
     Tk = k.shape[2]
     mask = pattern.dense_mask(Tk, H, device=q.device)[:, Tk - Tq:]  # [H, Tq, Tk], broadcasts over B
@@ -70,8 +74,28 @@ def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torc
         BACKENDS["reference"] = BACKENDS.pop("reference")  # keep the slow spec as the last resort
 
 
+def _softmax(pattern: Pattern) -> bool:
+    return pattern.mechanism == "softmax"
+
+
+def _blocksparse(q, k, v, pattern, dropout_p=0.0, training=False):
+    from .blocksparse import blocksparse  # deferred: keeps the registry import light
+
+    return blocksparse(q, k, v, pattern, dropout_p, training)
+
+
+def _linear(q, k, v, pattern, dropout_p=0.0, training=False):
+    from .linear import linear_backend
+
+    return linear_backend(q, k, v, pattern, dropout_p, training)
+
+
 register_backend("sdpa", sdpa, lambda pattern, device: pattern.is_dense_causal,
                  "it only has the dense causal mask built in")
+register_backend("blocksparse", _blocksparse, lambda pattern, device: _softmax(pattern),
+                 "it computes softmax attention, not linear attention")
+register_backend("linear", _linear, lambda pattern, device: pattern.mechanism == "linear",
+                 "it computes linear attention only")
 register_backend("reference", reference, lambda pattern, device: True)
 
 

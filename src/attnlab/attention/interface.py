@@ -13,12 +13,14 @@ from .patterns import Pattern, build_pattern
 class Attention(nn.Module):
     """The one attention interface: (q, k, v) [B,H,T,Dh] -> [B,H,T,Dh] under a pattern.
 
-    The pattern and backend are resolved once, at construction, so a forward
-    is a single backend call: no mask building or dispatch per step.
+    The pattern is built at construction. The backend is resolved for a device
+    (``resolve``; the trainer calls it once the model is placed) and re-resolved
+    only if a forward arrives on another device type, so a step is one backend
+    call: no mask building or dispatch per step.
     """
 
     pattern: Pattern
-    backend: str
+    backend: str | None
 
     def __init__(self, attn_cfg: AttentionConfig, layer_idx: int, n_layer: int, n_head: int, dropout: float):
         super().__init__()
@@ -26,21 +28,31 @@ class Attention(nn.Module):
         self.n_head = n_head
         self.dropout = dropout
         self.pattern = build_pattern(attn_cfg, layer_idx, n_layer, n_head)
-        # The device is not known yet; the choice for today's backends does not depend on it.
-        self.backend, self._fn = select_backend(attn_cfg.backend, self.pattern, device=None)
+        self.requested = attn_cfg.backend
+        select_backend(self.requested, self.pattern, device=None)  # reject impossible choices before any device exists
+        self.backend, self._fn, self._device_type = None, None, None
+
+    def resolve(self, device: torch.device | str) -> str:
+        """Pick the backend for ``device`` (ConfigError if a forced one cannot run there); returns its name."""
+        device = torch.device(device)
+        self.backend, self._fn = select_backend(self.requested, self.pattern, device)
+        self._device_type = device.type
+        return self.backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.device.type != self._device_type:
+            self.resolve(q.device)
         return self._fn(q, k, v, self.pattern, self.dropout, self.training)
 
     def describe(self, T: int) -> dict:
-        """What this layer's attention is, for ``model_info`` logs."""
+        """What this layer's attention is, for ``model_info`` logs (after ``resolve``: the backend that runs)."""
         return {
             "layer": self.layer_idx,
             "pattern": self.pattern.name,
             "params": self.pattern.params(),
-            "density": self.pattern.density(T, self.n_head),
+            "density": round(self.pattern.density(T, self.n_head), 6),
             "backend": self.backend,
         }
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer_idx}, pattern={self.pattern.name}, backend={self.backend}, dropout={self.dropout}"
+        return f"layer={self.layer_idx}, pattern={self.pattern.name}, backend={self.backend or self.requested}, dropout={self.dropout}"

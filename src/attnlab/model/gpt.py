@@ -210,6 +210,10 @@ class GPT(nn.Module):
                 n -= self.pos_emb.weight.numel()
         return n
 
+    def resolve_backends(self, device: torch.device | str) -> list[str]:
+        """Choose every layer's attention backend for ``device``; a forced backend that cannot run there raises."""
+        return [block.attn.core.resolve(device) for block in self.blocks]
+
     def describe(self) -> dict:
         """Parameter counts and each layer's attention, for the ``model_info`` event."""
         return {

@@ -139,6 +139,7 @@ class Trainer:
             raise DataError(f"{self.ds.dir} has an empty validation split: raise data.val_frac")
         self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed)
         self.model = GPT(cfg.model, cfg.attention, self.ds.vocab_size).to(self.device)
+        self.model.resolve_backends(self.device)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.steps_per_epoch = max(1, self.batches.steps_per_epoch // cfg.train.grad_accum)
@@ -346,6 +347,7 @@ class Trainer:
             "final_train_loss": p.last_loss, "stop_reason": reason,
             "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
             "eval_context": self.cfg.model.context, "eval_stride": self.cfg.train.eval_stride or self.cfg.model.context,
+            "attention": self.model.describe()["attention"],
         }
         if "test" in self.ds.meta["splits"]:
             test = self.evaluate("test", full=True)

@@ -1,0 +1,165 @@
+"""Causal linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
+
+Softmax's ``exp(q.k)`` is replaced by a kernel ``phi(q).phi(k)`` with a
+non-negative feature map ``phi``, so for query ``i``
+
+    out_i = sum_{j<=i} (phi(q_i).phi(k_j)) v_j / (sum_{j<=i} phi(q_i).phi(k_j) + eps)
+          = phi(q_i) S_i / (phi(q_i).z_i + eps),
+    S_i = sum_{j<=i} phi(k_j) v_j^T   [Dh x Dv],    z_i = sum_{j<=i} phi(k_j)   [Dh].
+
+The second line is an RNN with a constant-size state ``(S, z)``: the decoding
+form (``linear_step``). Training uses the chunked form (``linear_chunked``):
+quadratic inside a chunk, the state carried across chunks, never a T x T
+tensor. ``linear_reference`` is the dense O(T^2) spec both are tested against.
+
+Tensors are ``[B, H, T, Dh]`` (v may have its own ``Dv``). Work is done in at
+least float32 (half-precision sums over T lose too much; float64 stays float64
+so tests can compare gradients tightly) and outputs come back in q's dtype.
+There is no ``1/sqrt(Dh)`` scale: the denominator already normalises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "elu1": lambda x: F.elu(x) + 1,  # the paper's choice: strictly positive, so the denominator never vanishes
+    "relu": F.relu,  # sparse features; a query that matches no key gets ~0 (eps keeps it finite)
+}
+
+DEFAULT_CHUNK = 64
+
+
+def feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The feature map ``phi`` called ``name``; ConfigError naming the valid choices otherwise."""
+    try:
+        return FEATURE_MAPS[name]
+    except KeyError:
+        raise ConfigError(f"unknown linear attention feature map {name!r}: use one of {', '.join(FEATURE_MAPS)}") from None
+
+
+def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def _features(q, k, v, name: str, *more_dtypes: torch.dtype):
+    """``(phi(q), phi(k), v)`` in the working dtype (phi is applied after upcasting)."""
+    phi = feature_map(name)
+    dt = _work_dtype(q.dtype, k.dtype, v.dtype, *more_dtypes)
+    return phi(q.to(dt)), phi(k.to(dt)), v.to(dt)
+
+
+def linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     feature_map: str = "elu1", eps: float = 1e-6) -> torch.Tensor:
+    """The spec, dense on purpose: ``A = tril(phi(q) phi(k)^T)``, ``out = A v / (A 1 + eps)``. O(T^2) memory."""
+    fq, fk, vw = _features(q, k, v, feature_map)
+    T = q.shape[-2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    A = (fq @ fk.transpose(-2, -1)).masked_fill(~causal, 0.0)
+    return ((A @ vw) / (A.sum(-1, keepdim=True) + eps)).to(q.dtype)
+
+
+def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str = "elu1",
+                   eps: float = 1e-6, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Training form: split T into chunks of ``chunk`` positions; for chunk ``c``
+
+        out_c = (tril(Q_c K_c^T) V_c + Q_c S_{<c}) / (tril(Q_c K_c^T) 1 + Q_c z_{<c} + eps)
+
+    with ``Q = phi(q)``, ``K = phi(k)``, ``S_{<c} = sum_{c'<c} K_{c'}^T V_{c'}`` and
+    ``z_{<c} = sum_{c'<c} K_{c'}^T 1`` (exclusive prefix sums over chunks).
+    Memory O(T*(Dh + chunk) + (T/chunk)*Dh*Dv), no T x T tensor; plain autograd differentiates it.
+    """
+    if chunk < 1:
+        raise ConfigError(f"linear attention chunk must be >= 1, got {chunk}")
+    B, H, T, _ = q.shape
+    if k.shape[-2] != T:
+        raise ValueError(f"linear_chunked needs as many queries as keys (got {T} and {k.shape[-2]}); decode with linear_step")
+    fq, fk, vw = _features(q, k, v, feature_map)
+    n = -(-T // chunk)
+    # Pad at the end: padded keys reach only padded queries (cropped below) and the
+    # last chunk's state, which no chunk reads because the prefix is exclusive.
+    pad = n * chunk - T
+    fq, fk, vw = (F.pad(x, (0, 0, 0, pad)).reshape(B, H, n, chunk, x.shape[-1]) for x in (fq, fk, vw))
+
+    s = fk.transpose(-2, -1) @ vw  # [B, H, n, Dh, Dv]: each chunk's own contribution
+    z = fk.sum(-2)  # [B, H, n, Dh]
+    s_prev = F.pad(s.cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :-1]  # shift by one chunk: exclusive prefix
+    z_prev = F.pad(z.cumsum(2), (0, 0, 1, 0))[:, :, :-1]
+
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    A = (fq @ fk.transpose(-2, -1)).masked_fill(~causal, 0.0)  # [B, H, n, C, C]
+    num = A @ vw + fq @ s_prev
+    den = A.sum(-1, keepdim=True) + fq @ z_prev.unsqueeze(-1)
+    out = (num / (den + eps)).reshape(B, H, n * chunk, -1)[:, :, :T]
+    return out.to(q.dtype)
+
+
+@dataclass
+class LinearState:
+    """Decoding state after the positions seen so far: ``s = sum_j phi(k_j) v_j^T`` [B,H,Dh,Dv], ``z = sum_j phi(k_j)`` [B,H,Dh].
+
+    Its size does not grow with the sequence: the linear-attention KV cache.
+    """
+
+    s: torch.Tensor
+    z: torch.Tensor
+
+    @classmethod
+    def zeros(cls, B: int, H: int, Dh: int, Dv: int, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> "LinearState":
+        return cls(torch.zeros(B, H, Dh, Dv, device=device, dtype=dtype),
+                   torch.zeros(B, H, Dh, device=device, dtype=dtype))
+
+
+def linear_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: LinearState,
+                feature_map: str = "elu1", eps: float = 1e-6) -> tuple[torch.Tensor, LinearState]:
+    """Recurrent form for ``t`` new positions ``[B, H, t, Dh]``, in order; for each:
+
+        S += phi(k_i) v_i^T,   z += phi(k_i),   out_i = phi(q_i) S / (phi(q_i).z + eps)
+
+    Returns ``(out [B, H, t, Dv], new_state)``. ``state`` is not modified in place,
+    so it stays valid (e.g. to branch) and autograd sees a pure function.
+    """
+    fq, fk, vw = _features(q_t, k_t, v_t, feature_map, state.s.dtype)
+    s, z = state.s.to(fq.dtype), state.z.to(fq.dtype)
+    outs = []
+    for i in range(q_t.shape[-2]):
+        s = s + fk[..., i, :, None] * vw[..., i, None, :]
+        z = z + fk[..., i, :]
+        num = (fq[..., i, None, :] @ s).squeeze(-2)  # [B, H, Dv]
+        den = (fq[..., i, :] * z).sum(-1, keepdim=True)
+        outs.append(num / (den + eps))
+    out = torch.stack(outs, dim=-2) if outs else vw.new_zeros(vw.shape)
+    return out.to(q_t.dtype), LinearState(s.to(state.s.dtype), z.to(state.z.dtype))
+
+
+def linear_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     feature_map: str = "elu1", eps: float = 1e-6) -> torch.Tensor:
+    """``linear_step`` one position at a time over the whole sequence, from a zero state (tests' RNN view)."""
+    B, H, T, Dh = k.shape
+    state = LinearState.zeros(B, H, Dh, v.shape[-1], q.device, dtype=_work_dtype(q.dtype, k.dtype, v.dtype))
+    outs = []
+    for i in range(T):
+        out, state = linear_step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], state, feature_map, eps)
+        outs.append(out)
+    return torch.cat(outs, dim=-2) if outs else q.new_zeros(B, H, 0, v.shape[-1])
+
+
+def linear_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
+                   dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Backend signature over ``linear_chunked``, reading ``pattern.feature_map`` and ``pattern.chunk`` (default 64).
+
+    ``dropout_p`` and ``training`` are accepted for the signature and ignored:
+    linear attention never forms the attention weights, so there is nothing to
+    apply attention dropout to (regularise elsewhere, e.g. residual dropout).
+    """
+    return linear_chunked(q, k, v, pattern.feature_map, chunk=getattr(pattern, "chunk", DEFAULT_CHUNK))
