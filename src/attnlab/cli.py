@@ -65,6 +65,32 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--out", help="folder for CSV + PNG + machine.json (default: print only)")
     bt.add_argument("--no-baseline", action="store_true")
     bt.add_argument("--plain-runtime", action="store_true", help="measure attnlab without its CPU allocator setting (models alone)")
+    ba = bsub.add_parser("attention", help="attention alone: time and peak memory per pattern, backend, length and pass")
+    ba.add_argument("--patterns", nargs="+", required=True, metavar="SPEC",
+                    help="name or name:key=value:..., e.g. dense local:window=256 strided:local_attn_ctx=128:strided_mode=split")
+    ba.add_argument("--seq-lens", required=True, help="comma-separated lengths, e.g. 1024,2048,4096")
+    ba.add_argument("--backends", default="auto", help="comma-separated: auto, sdpa_causal, flex or registered backends (default auto)")
+    ba.add_argument("--out", required=True, help="results CSV; machine.json, FILE.json and the plot go beside it")
+    ba.add_argument("--passes", default="fwd,fwdbwd", help="fwd, fwdbwd or fwd,fwdbwd")
+    ba.add_argument("--repeats", type=int, default=5, help="timed runs per row; the median is reported")
+    ba.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    ba.add_argument("--batch", type=int, default=1)
+    ba.add_argument("--heads", type=int, default=4)
+    ba.add_argument("--head-dim", type=int, default=64)
+    ba.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ba.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ba.add_argument("--plot", help="log-log plot (default: the CSV path with .png)")
+
+    vi = sub.add_parser("viz", help="pictures")
+    vsub = vi.add_subparsers(dest="viz", required=True)
+    vp = vsub.add_parser("pattern", help="draw an attention pattern's mask, one panel per group of identical heads")
+    vp.add_argument("--seq-len", type=int, required=True, help="N: the picture is N x N (at most 8192)")
+    vp.add_argument("--heads", type=int, default=4, help="number of heads (default 4)")
+    vp.add_argument("overrides", nargs="*", help="attention.key=value settings, e.g. attention.pattern=local attention.window=64")
+    vp.add_argument("--out", required=True, help="PNG file")
+    vp.add_argument("--save-mask", metavar="FILE.npy", help="also save the boolean mask [heads, N, N] (True = may attend) with numpy.save")
+    vp.add_argument("--layer", type=int, default=0, help="layer index (patterns can differ per layer)")
+    vp.add_argument("--layers", type=int, default=1, help="number of layers")
     return p
 
 
@@ -145,6 +171,8 @@ def cmd_sample(a) -> None:
 
 
 def cmd_bench(a) -> None:
+    if a.bench == "attention":
+        return cmd_bench_attention(a)
     from . import config
     from .bench import bench_train
     cfg = config.load(a.config, a.overrides)
@@ -152,7 +180,25 @@ def cmd_bench(a) -> None:
                 plain_runtime=a.plain_runtime)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench}
+def cmd_bench_attention(a) -> None:
+    from .bench.attention import bench_attention, parse_int_list, parse_list
+    bench_attention(a.patterns, parse_int_list(a.seq_lens, "--seq-lens"), parse_list(a.backends), parse_list(a.passes),
+                    repeats=a.repeats, batch=a.batch, heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
+                    device=a.device, out=a.out, warmup=a.warmup, plot=a.plot)
+
+
+def cmd_viz(a) -> None:
+    from .eval.viz import draw_pattern, format_params, pattern_from_overrides, save_mask
+    pattern = pattern_from_overrides(a.overrides, a.heads, a.layer, a.layers)
+    fig = draw_pattern(pattern, a.seq_len, a.heads, a.out, subtitle=f"layer {a.layer} of {a.layers}" if a.layers > 1 else "")
+    if a.save_mask:
+        save_mask(pattern, a.seq_len, a.heads, a.save_mask)
+    print(json.dumps({"out": a.out, "mask": a.save_mask, "pattern": pattern.name, "params": format_params(pattern.params()),
+                      "panels": len(fig.axes), "seq_len": a.seq_len, "heads": a.heads}))
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench,
+            "viz": cmd_viz}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,419 @@
+"""``attnlab bench attention``: time and peak memory of attention alone, per pattern, backend and length.
+
+For every (pattern, backend, seq_len, pass) the attention call runs on random
+``q, k, v`` of shape [batch, heads, T, head_dim]: ``warmup`` untimed runs
+(they also build and cache the block-sparse plan), then the median of
+``repeats`` timed runs, then one more run that measures peak memory.
+
+Passes: ``fwd`` is inference (forward under ``torch.no_grad``); ``fwdbwd`` is
+forward with autograd plus ``backward`` of a fixed random output gradient
+(the q/k/v gradients are freed before each run).
+
+The baseline ``sdpa_causal`` is the raw ``F.scaled_dot_product_attention(q, k,
+v, is_causal=True)``, measured once per length (pattern ``dense``); the speed-up
+table divides its time by each row's time (> 1 means faster than dense SDPA).
+
+Peak memory (``peak_mb``) is what the pass adds on top of what was resident
+just before it (the inputs, the process, ...):
+
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
+  minus ``memory_allocated`` just before (tensor memory only).
+- CPU (Linux): freed heap memory is first returned to the OS
+  (``malloc_trim(0)``, so the pass cannot silently reuse pages left resident by
+  earlier passes), then the process's peak RSS is reset by writing ``5`` to
+  ``/proc/self/clear_refs``; after the pass, ``VmHWM`` (peak RSS since the
+  reset) minus the ``VmRSS`` read just before is reported. It counts every page
+  the pass touched, allocator and thread overhead included, at 4 KiB
+  granularity. Where ``clear_refs`` is not writable (not Linux, some
+  containers) ``peak_mb`` is NaN.
+
+Rows a backend cannot run (e.g. ``sdpa`` for a local pattern, ``flex``
+backward on CPU, ``reference`` above T=4096 where its T x T scores dominate)
+are skipped with a note, never failing the whole run. Results go to the CSV
+(written row by row, so an interrupted run keeps what it measured),
+``machine.json`` beside it, ``FILE.json`` (settings, memory method, skipped
+rows, speed-ups) and a log-log plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..attention.backends import BACKENDS, select_backend
+from ..attention.patterns import Dense, Pattern, build_pattern
+from ..config import Config, set_key
+from ..errors import ConfigError, UserError
+
+COLUMNS = ("device", "pattern", "params", "backend", "seq_len", "pass", "median_ms", "peak_mb", "density")
+PASSES = ("fwd", "fwdbwd")
+BASELINE = "sdpa_causal"
+# The reference backend builds [B, H, T, T] fp32 scores (several copies in backward): skip it above this.
+REFERENCE_MAX_T = 4096
+# Counting T^2 pairs for the density takes a noticeable time from about here.
+_SLOW_DENSITY_T = 16384
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before the pass",
+    "cpu": "malloc_trim(0); VmRSS before; write 5 to /proc/self/clear_refs (reset peak RSS); pass; VmHWM - VmRSS",
+}
+
+
+# ------------------------------------------------------------------ parsing
+
+def parse_pattern_spec(spec: str, n_head: int) -> Pattern:
+    """``name`` or ``name:key=value:key=value`` (AttentionConfig keys, e.g. ``local:window=256``) -> Pattern."""
+    name, *items = spec.split(":")
+    cfg = Config()
+    try:
+        set_key(cfg, "attention.pattern", name.strip())
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"{item!r} is not key=value")
+            key, value = (s.strip() for s in item.split("=", 1))
+            set_key(cfg, key if key.startswith("attention.") else f"attention.{key}", value)
+        return build_pattern(cfg.attention, 0, 1, n_head)
+    except ConfigError as e:
+        raise ConfigError(f"pattern spec {spec!r}: {e} (write name or name:key=value:..., e.g. local:window=256)") from None
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"1024,2048"`` -> [1024, 2048]; every value must be a positive integer."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r} is not a list of positive integers: write e.g. {flag} 1024,2048,4096")
+    return values
+
+
+def parse_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# ------------------------------------------------------------------ backends
+
+def sdpa_causal(q, k, v, pattern=None, dropout_p=0.0, training=False):
+    """The baseline: PyTorch's fused attention with its built-in causal mask, nothing of attnlab around it."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def resolve(backend: str, pattern: Pattern, T: int, pass_: str, device: torch.device) -> tuple[str, Callable]:
+    """The row label and function for ``backend``; ConfigError (the skip note) if it cannot run this row."""
+    if backend == BASELINE:
+        return BASELINE, sdpa_causal
+    if backend == "flex" and "flex" not in BACKENDS:
+        raise ConfigError("backend 'flex' is not registered in this build")
+    name, fn = select_backend(backend, pattern, device)
+    if name == "flex" and device.type == "cpu" and pass_ != "fwd":
+        raise ConfigError("flex runs forward only on CPU")
+    if name == "reference" and T > REFERENCE_MAX_T:
+        raise ConfigError(f"reference builds T x T scores: skipped above T={REFERENCE_MAX_T}")
+    return (f"auto({name})" if backend == "auto" else name), fn
+
+
+# ------------------------------------------------------------------ memory
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def cpu_peak_supported() -> bool:
+    """Whether this process can reset its peak RSS (Linux /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def peak_mb(run: Callable[[], None], device: torch.device) -> float:
+    """MB the call ``run()`` adds at its peak above what was allocated/resident just before (see module doc)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return max(0.0, (torch.cuda.max_memory_allocated(device) - base) / 2**20)
+    if not cpu_peak_supported():
+        return math.nan
+    _malloc_trim()
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    run()
+    return max(0.0, (_status_kb("VmHWM") - before) / 1024)
+
+
+# ------------------------------------------------------------------ measuring
+
+def _pass(fn, q, k, v, pattern, pass_, grad) -> Callable[[], None]:
+    if pass_ == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(q, k, v, pattern, 0.0, False)
+    else:
+        def run():
+            q.grad = k.grad = v.grad = None
+            fn(q, k, v, pattern, 0.0, True).backward(grad)
+    return run
+
+
+def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
+    """(median ms over ``repeats`` timed runs after ``warmup``, peak MB of one more run)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        run()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), peak_mb(run, device)
+
+
+def _params(pattern: Pattern) -> str:
+    from ..eval.viz import format_params
+
+    return format_params(pattern.params())
+
+
+def _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device) -> tuple[torch.dtype, torch.device]:
+    if not seq_lens or min(seq_lens) < 1:
+        raise ConfigError(f"seq_lens {seq_lens} must be positive integers, e.g. --seq-lens 1024,2048")
+    bad = [p for p in passes if p not in PASSES]
+    if bad or not passes:
+        raise ConfigError(f"unknown pass {bad[0] if bad else ''!r}: use --passes fwd, fwdbwd or fwd,fwdbwd")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"--repeats {repeats} must be >= 1 (5 or more for real numbers) and --warmup {warmup} >= 0")
+    for flag, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
+        dtype = DTYPES[dtype]
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device.type!r} is not supported: use cpu or cuda")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("--dtype float16 is not supported on CPU: use float32 or bfloat16")
+    return dtype, device
+
+
+def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends: list[str], passes=PASSES,
+                    repeats: int = 5, batch: int = 1, heads: int = 4, head_dim: int = 64, dtype="float32",
+                    device="cpu", out: str | Path | None = None, *, warmup: int = 2, plot: str | Path | None = None,
+                    log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every (pattern, backend, seq_len, pass) that can run; returns the CSV rows as dicts.
+
+    ``patterns`` are spec strings (``local:window=256``) or Pattern objects;
+    ``backends`` are registered names, ``auto``, ``flex`` or ``sdpa_causal``
+    (the baseline, always measured once per length). With ``out`` the CSV,
+    ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``) are written.
+    """
+    dtype, device = _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device)
+    known = {"auto", "flex", BASELINE, *BACKENDS}
+    for b in backends:
+        if b not in known:
+            raise ConfigError(f"unknown backend {b!r}: use auto, {BASELINE} or one of {', '.join(BACKENDS)}")
+    specs = [(p if isinstance(p, str) else p.name, p if isinstance(p, Pattern) else parse_pattern_spec(p, heads))
+             for p in patterns]
+    pattern_backends = [b for b in dict.fromkeys(backends) if b != BASELINE]  # the baseline runs once per length
+
+    writer = None
+    if out is not None:
+        out = Path(out)
+        if out.suffix.lower() != ".csv":
+            raise ConfigError(f"--out {str(out)!r} must be a .csv file (machine.json, FILE.json and FILE.png go beside it)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f_csv = open(out, "w", newline="")
+        writer = csv.DictWriter(f_csv, fieldnames=COLUMNS)
+        writer.writeheader()
+    rows, skipped, noted = [], [], set()
+    log(f"attention benchmark on {device}: batch {batch}, heads {heads}, head_dim {head_dim}, {str(dtype)[6:]}, "
+        f"warmup {warmup}, median of {repeats}")
+    try:
+        for T in seq_lens:
+            gen = torch.Generator().manual_seed(T)
+            q, k, v = (torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype).requires_grad_(True)
+                       for _ in range(3))
+            grad = torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype)
+            jobs = [(BASELINE, Dense(), BASELINE)] + [(spec, pat, b) for spec, pat in specs for b in pattern_backends]
+            density: dict[int, float] = {}
+            for spec, pattern, backend in jobs:
+                for pass_ in passes:
+                    try:
+                        label, fn = resolve(backend, pattern, T, pass_, device)
+                        ms, mb = measure(_pass(fn, q, k, v, pattern, pass_, grad), device, repeats, warmup)
+                    except (UserError, RuntimeError) as e:  # RuntimeError: e.g. out of memory, dtype not implemented
+                        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                        skipped.append({"pattern": spec, "backend": backend, "seq_len": T, "pass": pass_, "reason": reason})
+                        if (spec, backend, reason) not in noted:
+                            noted.add((spec, backend, reason))
+                            log(f"  skip {spec} / {backend} (T={T} {pass_}): {reason}")
+                        continue
+                    finally:
+                        q.grad = k.grad = v.grad = None
+                    if id(pattern) not in density:
+                        if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal:
+                            log(f"  density of {spec} at T={T}: counting T^2 pairs, this may take a while")
+                        density[id(pattern)] = pattern.density(T, heads)
+                    row = {"device": device.type, "pattern": pattern.name, "params": _params(pattern), "backend": label,
+                           "seq_len": T, "pass": pass_, "median_ms": round(ms, 4), "peak_mb": round(mb, 3),
+                           "density": round(density[id(pattern)], 6)}
+                    rows.append(row)
+                    if writer is not None:
+                        writer.writerow(row)
+                        f_csv.flush()
+                    log(f"  {spec:<28} {label:<20} T={T:<6} {pass_:<6} {ms:10.3f} ms {mb:10.2f} MB  density {row['density']:.4g}")
+            del q, k, v, grad
+    finally:
+        if writer is not None:
+            f_csv.close()
+    ups = speedups(rows)
+    log(format_speedups(ups, seq_lens))
+    if out is not None:
+        _write_side_files(out, Path(plot) if plot else out.with_suffix(".png"), rows, skipped, ups, device,
+                          dict(patterns=[s for s, _ in specs], seq_lens=list(seq_lens), backends=list(backends),
+                               passes=list(passes), repeats=repeats, warmup=warmup, batch=batch, heads=heads,
+                               head_dim=head_dim, dtype=str(dtype)[6:], device=device.type))
+    elif plot:
+        plot_attention(rows, plot)
+    return rows
+
+
+# ------------------------------------------------------------------ reporting
+
+def _curve(row: dict) -> tuple[str, str, str]:
+    return row["pattern"], row["params"], row["backend"]
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Per row (baseline excluded): sdpa_causal time / row time at the same length and pass (> 1 = faster)."""
+    base = {(r["seq_len"], r["pass"]): r["median_ms"] for r in rows if r["backend"] == BASELINE}
+    out = []
+    for r in rows:
+        b = base.get((r["seq_len"], r["pass"]))
+        if r["backend"] != BASELINE and b and r["median_ms"] > 0:
+            out.append({"pattern": r["pattern"], "params": r["params"], "backend": r["backend"], "pass": r["pass"],
+                        "seq_len": r["seq_len"], "speedup_vs_sdpa_causal": round(b / r["median_ms"], 4)})
+    return out
+
+
+def format_speedups(ups: list[dict], seq_lens: list[int]) -> str:
+    """A text table: one line per pattern/backend/pass, one column per length."""
+    if not ups:
+        return f"no rows to compare with {BASELINE}"
+    table: dict[tuple, dict[int, float]] = {}
+    for u in ups:
+        table.setdefault((u["pattern"], u["params"], u["backend"], u["pass"]), {})[u["seq_len"]] = u["speedup_vs_sdpa_causal"]
+    names = {key: f"{key[0]}({key[1]}) {key[2]} {key[3]}" if key[1] else f"{key[0]} {key[2]} {key[3]}" for key in table}
+    width = max(len(n) for n in names.values())
+    lines = [f"speed-up vs {BASELINE} (its time / this time; > 1 is faster)",
+             f"{'':<{width}}" + "".join(f"{'T=' + str(T):>10}" for T in seq_lens)]
+    for key, by_t in table.items():
+        lines.append(f"{names[key]:<{width}}" + "".join(f"{by_t[T]:>9.2f}x" if T in by_t else f"{'-':>10}" for T in seq_lens))
+    return "\n".join(lines)
+
+
+def plot_attention(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Log-log time vs seq_len: one panel per pass, one line per pattern/backend (colour = pattern, marker and
+    line style = backend, the sdpa_causal baseline dashed black); one legend below the panels."""
+    from matplotlib.figure import Figure
+
+    passes = [p for p in PASSES if any(r["pass"] == p for r in rows)] or ["fwd"]
+    keys = list(dict.fromkeys(_curve(r) for r in rows))
+    patterns = list(dict.fromkeys((k[0], k[1]) for k in keys if k[2] != BASELINE))
+    backends = list(dict.fromkeys(k[2] for k in keys if k[2] != BASELINE))
+    colors = [f"C{i}" for i in range(10)]
+    styles = [("-", "o"), (":", "s"), ("-.", "^"), ((0, (5, 1)), "D"), ((0, (1, 1, 3, 1)), "v"), ("-", "x")]
+    n_legend = len(keys)
+    legend_h = 0.15 * math.ceil(n_legend / 2) + 0.3
+    fig = Figure(figsize=(5.2 * len(passes), 4.0 + legend_h))
+    axes = fig.subplots(1, len(passes), squeeze=False)[0]
+    handles = {}
+    for ax, pass_ in zip(axes, passes):
+        for key in keys:
+            pts = sorted((int(r["seq_len"]), float(r["median_ms"])) for r in rows
+                         if r["pass"] == pass_ and _curve(r) == key and math.isfinite(float(r["median_ms"])))
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            pattern, params, backend = key
+            if backend == BASELINE:
+                line, = ax.plot(xs, ys, color="k", ls="--", marker="o", ms=3, lw=1.8, zorder=3)
+                label = f"dense {BASELINE} (baseline)"
+            else:
+                ls, marker = styles[backends.index(backend) % len(styles)]
+                line, = ax.plot(xs, ys, color=colors[patterns.index((pattern, params)) % len(colors)], ls=ls,
+                                marker=marker, ms=3.5, lw=1.2)
+                label = f"{pattern}({params.replace(';', ', ')}) {backend}" if params else f"{pattern} {backend}"
+            handles.setdefault(label, line)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(pass_, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=6.5, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, legend_h / (4.0 + legend_h), 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def machine_info(device: torch.device) -> dict:
+    """bench.train's machine description plus the benchmarked device."""
+    from .train import machine
+
+    info = machine()
+    info["device"] = device.type
+    info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"]
+    return info
+
+
+def _write_side_files(out: Path, plot: Path, rows, skipped, ups, device, settings) -> None:
+    info = machine_info(device)
+    (out.parent / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
+    summary = {"settings": settings, "memory_method": MEMORY_METHOD[device.type],
+               "peak_mb_available": device.type == "cuda" or cpu_peak_supported(),
+               "timing": f"median of {settings['repeats']} runs after {settings['warmup']} warm-up runs; "
+                         "fwd under torch.no_grad, fwdbwd = forward + backward(random grad)",
+               "skipped": skipped, "speedups": ups, "machine": info, "argv": sys.argv}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    s = settings
+    plot_attention(rows, plot, f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
+                               f"{s['dtype']}, on {info['device_name']}")
