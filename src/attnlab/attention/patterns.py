@@ -283,15 +283,26 @@ class Fixed(Pattern):
 
     def head_groups(self, n_head):
         b, l = self.blocksize, self.local_attn_ctx
+        per_chunk = l // b
 
         def layout_for(g):
+            # Summary keys of group g have (j mod l) in [first, last]; any kernel block size works.
+            first, last = (per_chunk - self.vertsize * (g + 1)) * b, (per_chunk - self.vertsize * g) * b - 1
+
             def layout(qb, kb, block, T):
-                same_chunk = qb * b // l == kb * b // l
-                return (kb <= qb) & (same_chunk | self._summary_block(kb, g))
+                k_lo, k_hi = kb * block, kb * block + block - 1
+                same_chunk = (qb * block) // l <= k_hi // l  # the query block's first chunk reaches the key block
+                start = k_lo % l  # residues start..start+block-1 (mod l) occur in the key block
+                summary = (block >= l) | _overlaps(start, start + block - 1, first, last) | _overlaps(start, start + block - 1, first + l, last + l)
+                return (kb <= qb) & (same_chunk | summary)
             return layout
 
         return [HeadGroup(tuple(range(g, n_head, self.num_verts)), (Component(layout_for(g), block=b),))
                 for g in range(min(self.num_verts, n_head))]
+
+
+def _overlaps(a_lo, a_hi, b_lo, b_hi):
+    return (a_lo <= b_hi) & (b_lo <= a_hi)
 
 
 @dataclass(frozen=True)
@@ -462,9 +473,11 @@ def build_pattern(attn_cfg: AttentionConfig, layer_idx: int, n_layer: int, n_hea
 
 def check_patterns(a: AttentionConfig, m: ModelConfig) -> None:
     """Build every layer's pattern (raising on bad parameters) and check the rules that involve the context."""
+    from .backends import select_backend  # late import: backends depend on this module
+
     names = {layer_pattern_name(a, i) for i in range(m.n_layer)}
     for i in range(m.n_layer):
-        build_pattern(a, i, m.n_layer, m.n_head)
+        select_backend(a.backend, build_pattern(a, i, m.n_layer, m.n_head), device=None)
     if names & {"strided", "fixed"} and m.context % a.local_attn_ctx:
         raise ConfigError(f"attention.local_attn_ctx={a.local_attn_ctx} must divide model.context={m.context} "
                           f"(the context is a whole number of strides/chunks): choose a divisor of {m.context}")
@@ -474,5 +487,3 @@ def check_patterns(a: AttentionConfig, m: ModelConfig) -> None:
             raise ConfigError(f"attention.layout covers {blocks.shape[-1]} blocks x layout_block={a.layout_block} = "
                               f"{blocks.shape[-1] * a.layout_block} tokens, less than model.context={m.context}: "
                               f"use a larger layout or layout_block")
-    if "linear" in names and a.backend not in ("auto", "reference", "linear"):
-        raise ConfigError(f"attention.backend={a.backend!r} cannot run linear attention: use auto, linear or reference")
