@@ -115,6 +115,8 @@ PATTERNS = st.one_of(
     st.builds(lambda b, per, v, nv: Fixed(b * per, b, v, nv), st.integers(1, 4), st.integers(1, 4),
               st.integers(1, 2), st.integers(1, 2)).filter(lambda p: p.vertsize * p.num_verts <= p.local_attn_ctx // p.blocksize),
     st.builds(SinkWindow, st.integers(0, 10), st.integers(1, 20)),
+    st.builds(lambda bs, seed: BlockLayout("x", bs, "", torch.rand(2, 80 // bs + 1, 80 // bs + 1, generator=torch.Generator().manual_seed(seed)) > 0.5),
+              st.integers(1, 9), st.integers(0, 100)),
 )
 
 

@@ -59,17 +59,20 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
 @dataclass(frozen=True)
 class BackendSpec:
     fn: BackendFn
-    supports: Callable[[Pattern, torch.device | None], bool]
+    supports: Callable[[Pattern, torch.device | None], bool]  # can run it (a forced choice is accepted)
     why_not: str  # completes "backend X cannot run pattern P: ..."
+    preferred: Callable[[Pattern, torch.device | None], bool]  # ``auto`` picks it (e.g. flex: GPU only)
 
 
 # Insertion order is the preference order for ``auto``.
 BACKENDS: dict[str, BackendSpec] = {}
 
 
-def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torch.device | None], bool], why_not: str = "") -> None:
-    """Add a backend; later registrations are less preferred by ``auto`` than earlier ones, except ``reference``, which is always last."""
-    BACKENDS[name] = BackendSpec(fn, supports, why_not)
+def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torch.device | None], bool], why_not: str = "",
+                     preferred: Callable[[Pattern, torch.device | None], bool] | None = None) -> None:
+    """Add a backend; later registrations are less preferred by ``auto`` than earlier ones, except ``reference``,
+    which is always last. ``preferred`` (default: ``supports``) narrows where ``auto`` picks it."""
+    BACKENDS[name] = BackendSpec(fn, supports, why_not, preferred or supports)
     if "reference" in BACKENDS and name != "reference":
         BACKENDS["reference"] = BACKENDS.pop("reference")  # keep the slow spec as the last resort
 
@@ -92,6 +95,23 @@ def _linear(q, k, v, pattern, dropout_p=0.0, training=False):
 
 register_backend("sdpa", sdpa, lambda pattern, device: pattern.is_dense_causal,
                  "it only has the dense causal mask built in")
+def _flex(q, k, v, pattern, dropout_p=0.0, training=False):
+    from .flex import flex
+
+    return flex(q, k, v, pattern, dropout_p, training)
+
+
+def _flex_preferred(pattern: Pattern, device: torch.device | None) -> bool:
+    """``auto`` uses flex for sparse patterns on CUDA only: on CPU it is compiled for inference alone."""
+    if device is None or device.type != "cuda" or not _softmax(pattern):
+        return False
+    from .flex import flex_available
+
+    return flex_available(device)[0]
+
+
+register_backend("flex", _flex, lambda pattern, device: _softmax(pattern) and (device is None or device.type in ("cuda", "cpu")),
+                 "it computes softmax attention on CUDA or CPU only", preferred=_flex_preferred)
 register_backend("blocksparse", _blocksparse, lambda pattern, device: _softmax(pattern),
                  "it computes softmax attention, not linear attention")
 register_backend("linear", _linear, lambda pattern, device: pattern.mechanism == "linear",
@@ -108,7 +128,7 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
         device = torch.device(device)
     if name == "auto":
         for backend_name, spec in BACKENDS.items():
-            if spec.supports(pattern, device):
+            if spec.preferred(pattern, device):
                 return backend_name, spec.fn
         raise ConfigError(f"no attention backend can run pattern {pattern.name!r} on {device}")  # unreachable while reference exists
     spec = BACKENDS.get(name)

@@ -332,6 +332,11 @@ class BlockLayout(Pattern):
     sha256: str = ""
     blocks: torch.Tensor = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self):
+        if not self.sha256:  # identity (equality, hashing, plan caches) follows the layout's contents
+            object.__setattr__(self, "sha256", hashlib.sha256(self.blocks.cpu().numpy().tobytes()
+                                                              + str(tuple(self.blocks.shape)).encode()).hexdigest())
+
     def rule(self, q_idx, k_idx, head):
         blocks = self.blocks.to(q_idx.device)
         last = blocks.shape[-1] - 1  # the config check guarantees the layout covers the context
@@ -344,11 +349,22 @@ class BlockLayout(Pattern):
     def head_groups(self, n_head):
         groups: dict[bytes, list[int]] = {}
         for h in range(n_head):
-            groups.setdefault(self.blocks[h % self.blocks.shape[0]].numpy().tobytes(), []).append(h)
+            groups.setdefault(self.blocks[h % self.blocks.shape[0]].cpu().numpy().tobytes(), []).append(h)
 
         def layout_for(h):
-            lay = self.blocks[h % self.blocks.shape[0]]
-            return lambda qb, kb, block, T: lay[qb.clamp(max=lay.shape[0] - 1), kb.clamp(max=lay.shape[0] - 1)] & (kb <= qb)
+            # Prefix sums over the (causal part of the) layout answer "any layout block inside this
+            # rectangle?" for kernel blocks of any size.
+            lay = self.blocks[h % self.blocks.shape[0]].tril()
+            sums = torch.nn.functional.pad(lay.int().cumsum(0).cumsum(1), (1, 0, 1, 0))
+            last = lay.shape[0]
+
+            def layout(qb, kb, block, T):
+                q_lo, q_hi = (qb * block // self.block).clamp(max=last), ((qb + 1) * block - 1) // self.block + 1
+                k_lo, k_hi = (kb * block // self.block).clamp(max=last), ((kb + 1) * block - 1) // self.block + 1
+                q_hi, k_hi = q_hi.clamp(max=last), k_hi.clamp(max=last)
+                count = sums[q_hi, k_hi] - sums[q_lo, k_hi] - sums[q_hi, k_lo] + sums[q_lo, k_lo]
+                return (count > 0) & (kb <= qb)
+            return layout
 
         return [HeadGroup(tuple(hs), (Component(layout_for(hs[0]), block=self.block),)) for hs in groups.values()]
 
