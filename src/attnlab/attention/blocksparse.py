@@ -31,75 +31,86 @@ _CHUNK_ELEMS = 1 << 17
 class _Chunk:
     q0: int  # first query block
     q1: int  # one past the last query block
-    kv: torch.Tensor  # [n, m] key blocks per query block (padded rows repeat block 0, masked out)
-    mask: torch.Tensor | None  # [n, b, m*b] True = attend; None = every pair attends
+    kv: torch.Tensor  # [n, m] key blocks per query block (padding slots repeat block 0, masked out)
+    blocked: torch.Tensor | None  # [n, q_block, cols] True = may NOT attend, for key columns cols; None = all attend
+    cols: slice  # the key columns holding some masked pair (e.g. only the diagonal blocks)
+    empty_rows: bool  # some query (e.g. padding) attends no key: its softmax row must be zeroed
 
 
 @dataclass
 class _ComponentPlan:
-    block: int
-    length: int  # padded length: a multiple of block (and of the stride)
+    block: int  # key block
+    q_group: int  # key blocks per query block: queries go q_group * block at a time
+    length: int  # padded length: a multiple of the query block (and of the stride)
     order: torch.Tensor | None  # [length] original position held at each new position; None = identity
     chunks: list[_Chunk]
 
 
 @dataclass
 class _GroupPlan:
-    heads: list[int]
+    heads: slice | list[int]  # a slice when contiguous: selecting them is then a view, not a copy
     components: list[_ComponentPlan]
 
 
 @functools.lru_cache(maxsize=64)
 def plan(pattern: Pattern, T: int, n_head: int, device: torch.device) -> tuple[_GroupPlan, ...]:
     """What to compute for ``pattern`` at length ``T``: cached per pattern, length and device."""
-    return tuple(_GroupPlan(list(g.heads), [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components])
+    return tuple(_GroupPlan(_head_index(g.heads), [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components])
                  for g in pattern.head_groups(n_head))
 
 
+def _head_index(heads: tuple[int, ...]) -> slice | list[int]:
+    contiguous = list(heads) == list(range(heads[0], heads[0] + len(heads)))
+    return slice(heads[0], heads[0] + len(heads)) if contiguous else list(heads)
+
+
 def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device) -> _ComponentPlan:
-    b, s = comp.block, comp.stride or 1
+    b, r, s = comp.block, comp.q_group, comp.stride or 1
+    qb_size = b * r
     strided_len = -(-T // s) * s
-    length = -(-strided_len // b) * b
+    length = -(-strided_len // qb_size) * qb_size
     order = None
     if comp.stride:
         order = torch.arange(strided_len).view(-1, s).t().reshape(-1)  # p -> (p mod s, p div s)
         order = torch.cat([order, torch.arange(strided_len, length)])
     pos = order if order is not None else torch.arange(length)
-    nb = length // b
-    blocks = torch.arange(nb)
-    layout = comp.layout(blocks.view(nb, 1), blocks.view(1, nb), b, strided_len)
+    nk, nq = length // b, length // qb_size
+    blocks = torch.arange(nk)
+    layout = comp.layout(blocks.view(nk, 1), blocks.view(1, nk), b, strided_len).view(nq, r, nk).any(1)
     counts = layout.sum(1)
-    # Active key blocks first, in ascending order; padding slots point at block 0.
-    ranked = torch.where(layout, blocks.view(1, nb), nb + blocks.view(1, nb)).sort(dim=1).values
+    # Active key blocks first, in ascending order; padding slots hold nk (replaced by block 0 below).
+    ranked = torch.where(layout, blocks.view(1, nk), nk + blocks.view(1, nk)).sort(dim=1).values
     chunks, q0 = [], 0
-    while q0 < nb:  # consecutive query blocks, each chunk padded to its own widest row
+    while q0 < nq:  # consecutive query blocks, each chunk padded to its own widest row
         q1, m = q0 + 1, max(int(counts[q0]), 1)
-        while q1 < nb and (q1 - q0 + 1) * max(m, int(counts[q1])) * b * b <= _CHUNK_ELEMS:
+        while q1 < nq and (q1 - q0 + 1) * max(m, int(counts[q1])) * b * qb_size <= _CHUNK_ELEMS:
             m, q1 = max(m, int(counts[q1])), q1 + 1
-        kv = ranked[q0:q1, :m]
-        valid = kv < nb
+        n, kv = q1 - q0, ranked[q0:q1, :m]
+        valid = kv < nk
         kv = torch.where(valid, kv, 0)
-        qpos = pos[q0 * b:q1 * b].view(q1 - q0, b, 1)
-        kpos = pos[(kv.view(-1, m, 1) * b + torch.arange(b)).view(q1 - q0, 1, m * b)]
-        key_ok = valid.repeat_interleave(b, dim=1).view(q1 - q0, 1, m * b) & (kpos < T)
-        mask = pattern.allowed(qpos, kpos, torch.tensor(head)) & key_ok
+        qpos = pos[q0 * qb_size:q1 * qb_size].view(n, qb_size, 1)
+        kpos = pos[(kv.view(n, m, 1) * b + torch.arange(b)).view(n, 1, m * b)]
+        mask = pattern.allowed(qpos, kpos, torch.tensor(head)) & valid.repeat_interleave(b, dim=1).view(n, 1, m * b) & (kpos < T)
         if comp.select is not None:
             mask = mask & comp.select(qpos, kpos)
-        chunks.append(_Chunk(q0, q1, kv.to(device), None if bool(mask.all()) else mask.to(device)))
+        masked_cols = (~mask).flatten(0, 1).any(0).nonzero().flatten()
+        cols = slice(int(masked_cols[0]), int(masked_cols[-1]) + 1) if len(masked_cols) else slice(0, 0)
+        chunks.append(_Chunk(q0, q1, kv.to(device), (~mask[:, :, cols]).to(device) if len(masked_cols) else None,
+                             cols, not bool(mask.any(-1).all())))
         q0 = q1
-    return _ComponentPlan(b, length, None if order is None else order.to(device), chunks)
+    return _ComponentPlan(b, r, length, None if order is None else order.to(device), chunks)
 
 
 # ------------------------------------------------------------------ kernel
 
 def _to_order(x: torch.Tensor, cp: _ComponentPlan) -> torch.Tensor:
-    """[B,H,T,D] in original order -> [B,H,nb,b,D] in the component's order, zero-padded."""
+    """[B,H,T,D] in original order -> [B,H,length,D] in the component's order, zero-padded."""
     B, H, T, D = x.shape
     if cp.length > T:
         x = torch.cat([x, x.new_zeros(B, H, cp.length - T, D)], dim=2)
     if cp.order is not None:
         x = x.index_select(2, cp.order)
-    return x.view(B, H, cp.length // cp.block, cp.block, D)
+    return x
 
 
 def _from_order(x: torch.Tensor, cp: _ComponentPlan, T: int) -> torch.Tensor:
@@ -109,109 +120,142 @@ def _from_order(x: torch.Tensor, cp: _ComponentPlan, T: int) -> torch.Tensor:
     return x[:, :, :T]
 
 
-def _gather(xb: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-    """[B,H,nb,b,D] blocks at kv [n, m] -> [B,H,n,m*b,D]."""
-    B, H, _, b, D = xb.shape
-    return xb[:, :, kv].view(B, H, kv.shape[0], kv.shape[1] * b, D)
+def _rows(x: torch.Tensor, ch: _Chunk, cp: _ComponentPlan) -> torch.Tensor:
+    """The chunk's query rows of [B,H,length,D']: [B,H,n,qb,D']."""
+    B, H, _, D = x.shape
+    q_block = cp.block * cp.q_group
+    return x[:, :, ch.q0 * q_block:ch.q1 * q_block].view(B, H, ch.q1 - ch.q0, q_block, D)
 
 
-def _scatter_add(dst: torch.Tensor, kv: torch.Tensor, src: torch.Tensor) -> None:
-    """dst [B,H,nb,b,D] += src [B,H,n,m*b,D] at the key blocks kv [n, m]."""
-    B, H, _, b, D = dst.shape
-    dst.index_add_(2, kv.reshape(-1), src.reshape(B, H, -1, b, D))
+def _gather(x: torch.Tensor, kv: torch.Tensor, block: int) -> torch.Tensor:
+    """Key blocks kv [n, m] of [B,H,length,D] -> [B,H,n,m*block,D] (index_select: a fast contiguous copy)."""
+    B, H, L, D = x.shape
+    blocks = x.view(B, H, L // block, block * D).index_select(2, kv.reshape(-1))
+    return blocks.view(B, H, kv.shape[0], kv.shape[1] * block, D)
+
+
+def _scatter_add(dst: torch.Tensor, kv: torch.Tensor, src: torch.Tensor, block: int) -> None:
+    """dst [B,H,length,D] += src [B,H,n,m*block,D] at the key blocks kv [n, m]."""
+    B, H, L, D = dst.shape
+    dst.view(B, H, L // block, block * D).index_add_(2, kv.reshape(-1), src.reshape(B, H, -1, block * D))
 
 
 def _dropout_keep(seed: int, index: int, shape, p: float, device) -> torch.Tensor:
-    """The same keep-mask in forward and backward, regenerated from (seed, chunk index)."""
+    """The same scaled keep-mask in forward and backward, regenerated from (seed, chunk index)."""
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-    return torch.rand(shape, generator=gen, device=device) >= p
+    return (torch.rand(shape, generator=gen, device=device) >= p) / (1.0 - p)
 
 
-def _forward_component(q, k, v, cp: _ComponentPlan, p: float, seed: int, salt: int):
-    """Output and log-sum-exp of one component, in its order: [B,H,length,D], [B,H,length,1]."""
-    qb, kb, vb = (_to_order(x, cp) for x in (q, k, v))
-    B, H, nb, b, D = qb.shape
-    out = qb.new_zeros(B, H, nb, b, D)
-    lse = qb.new_full((B, H, nb, b, 1), -math.inf)
+def _scores(q, k, ch: _Chunk, cp: _ComponentPlan) -> torch.Tensor:
+    s = _rows(q, ch, cp) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
+    if ch.blocked is not None:
+        s[..., ch.cols].masked_fill_(ch.blocked, -math.inf)
+    return s
+
+
+def _forward_component(q, k, v, cp: _ComponentPlan, p: float, seed: int, salt: int, need_lse: bool):
+    """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,D], [B,H,length,1]."""
+    q, k, v = (_to_order(x, cp) for x in (q, k, v))
+    out = torch.empty_like(q)
+    lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
     for i, ch in enumerate(cp.chunks):
-        s = qb[:, :, ch.q0:ch.q1] @ _gather(kb, ch.kv).transpose(-1, -2)  # [B,H,n,b,m*b]
-        if ch.mask is not None:
-            s.masked_fill_(~ch.mask, -math.inf)
-        mx = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows with no key: keep exp() at 0
-        s.sub_(mx).exp_()
-        total = s.sum(-1, keepdim=True)
-        lse[:, :, ch.q0:ch.q1] = mx + total.log()
-        s.div_(total.clamp_min(torch.finfo(s.dtype).tiny))
+        s = _scores(q, k, ch, cp)
+        if need_lse:
+            _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
+        prob = torch.softmax(s, dim=-1)
+        if ch.empty_rows:  # a query with no key: all -inf gives NaN; its output is defined as 0
+            prob.nan_to_num_(nan=0.0)
         if p > 0.0:
-            s.mul_(_dropout_keep(seed, salt + i, s.shape, p, s.device)).div_(1.0 - p)
-        out[:, :, ch.q0:ch.q1] = s @ _gather(vb, ch.kv)
-    return out.view(B, H, nb * b, D), lse.view(B, H, nb * b, 1)
+            prob.mul_(_dropout_keep(seed, salt + i, prob.shape, p, prob.device))
+        torch.matmul(prob, _gather(v, ch.kv, cp.block), out=_rows(out, ch, cp))
+    return out, lse
 
 
 def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, p: float, seed: int, salt: int):
-    """Gradients of one component given the merged output's lse and delta = rowsum(dout * out)."""
-    qb, kb, vb, dob = (_to_order(x, cp) for x in (q, k, v, dout))
-    lseb, deltab = (_to_order(x, cp) for x in (lse, delta))
-    lseb = torch.where(lseb.isinf(), 0.0, lseb)  # rows with no key have p = 0 everywhere
-    dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+    """Gradients of one component. Alone (``lse`` None) its probabilities are its own softmax; as one of
+    several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out)."""
+    q, k, v, dout = (_to_order(x, cp) for x in (q, k, v, dout))
+    if lse is not None:
+        lse, delta = _to_order(lse, cp), _to_order(delta, cp)
+        lse = torch.where(lse.isinf(), 0.0, lse)  # rows with no key: p = 0
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i, ch in enumerate(cp.chunks):
-        kc, vc, qc, doc = _gather(kb, ch.kv), _gather(vb, ch.kv), qb[:, :, ch.q0:ch.q1], dob[:, :, ch.q0:ch.q1]
-        s = qc @ kc.transpose(-1, -2)
-        if ch.mask is not None:
-            s.masked_fill_(~ch.mask, -math.inf)
-        prob = s.sub_(lseb[:, :, ch.q0:ch.q1]).exp_()
-        dprob = doc @ vc.transpose(-1, -2)
+        kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
+        s = _scores(q, k, ch, cp)
+        prob = torch.softmax(s, dim=-1) if lse is None else s.sub_(_rows(lse, ch, cp)).exp_()
+        if ch.empty_rows:
+            prob.nan_to_num_(nan=0.0)
+        dprob = do @ vc.transpose(-1, -2)
         if p > 0.0:
-            keep = _dropout_keep(seed, salt + i, prob.shape, p, prob.device) / (1.0 - p)
-            _scatter_add(dv, ch.kv, (prob * keep).transpose(-1, -2) @ doc)
+            keep = _dropout_keep(seed, salt + i, prob.shape, p, prob.device)
+            _scatter_add(dv, ch.kv, (prob * keep).transpose(-1, -2) @ do, cp.block)
             dprob.mul_(keep)
         else:
-            _scatter_add(dv, ch.kv, prob.transpose(-1, -2) @ doc)
-        ds = prob.mul_(dprob.sub_(deltab[:, :, ch.q0:ch.q1]))
-        dq[:, :, ch.q0:ch.q1] = ds @ kc
-        _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ qc)
-    B, H, nb, b, D = qb.shape
-    return tuple(x.view(B, H, nb * b, D) for x in (dq, dk, dv))
+            _scatter_add(dv, ch.kv, prob.transpose(-1, -2) @ do, cp.block)
+        if lse is None:  # softmax backward, fused: p * (dp - rowsum(p * dp))
+            ds = torch._softmax_backward_data(dprob, prob, -1, prob.dtype)
+        else:
+            ds = prob.mul_(dprob.sub_(_rows(delta, ch, cp)))
+        torch.matmul(ds, kc, out=_rows(dq, ch, cp))
+        _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(q, ch, cp), cp.block)
+    return dq, dk, dv
 
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax over the union of disjoint key sets from each part's (out, lse)."""
-    if len(parts) == 1:
-        return parts[0]
     lse = torch.stack([l for _, l in parts]).logsumexp(0)
     safe = torch.where(lse.isinf(), 0.0, lse)
     out = sum(o * (l - safe).exp() for o, l in parts)
     return out, lse
 
 
+def _assemble(like: torch.Tensor, plans, per_group: list[torch.Tensor]) -> torch.Tensor:
+    """Per-group [B,h,T,D] results -> one [B,H,T,D] tensor (no copy when one group holds every head)."""
+    if len(plans) == 1 and plans[0].heads == slice(0, like.shape[1]):
+        return per_group[0]
+    out = torch.empty_like(like)
+    for gp, x in zip(plans, per_group):
+        out[:, gp.heads] = x
+    return out
+
+
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plans, p, seed):
         T = q.shape[2]
-        out, lse = torch.empty_like(q), q.new_empty(*q.shape[:3], 1)
+        outs, lses = [], {}  # merged log-sum-exp of groups with several components, for backward
         for g, gp in enumerate(plans):
-            qg, kg, vg = (x[:, gp.heads] for x in (q, k, v))
-            parts = [tuple(_from_order(t, cp, T) for t in _forward_component(qg, kg, vg, cp, p, seed, 1000 * (4 * g + c)))
-                     for c, cp in enumerate(gp.components)]
-            out[:, gp.heads], lse[:, gp.heads] = _merge(parts)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plans, ctx.p, ctx.seed = plans, p, seed
+            h, several = gp.heads, len(gp.components) > 1
+            parts = []
+            for c, cp in enumerate(gp.components):
+                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, p, seed, 1000 * (4 * g + c), several)
+                parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
+            if several:
+                o, lses[g] = _merge(parts)
+            outs.append(o if several else parts[0][0])
+        out = _assemble(q, plans, outs)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.plans, ctx.p, ctx.seed, ctx.lses = plans, p, seed, lses
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         T = q.shape[2]
         dout = dout.contiguous()
-        delta = (dout * out).sum(-1, keepdim=True)
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        per_group = []
         for g, gp in enumerate(ctx.plans):
             h = gp.heads
+            lse = ctx.lses.get(g)
+            delta = None if lse is None else (dout[:, h] * out[:, h]).sum(-1, keepdim=True)
+            total = None
             for c, cp in enumerate(gp.components):
-                grads = _backward_component(q[:, h], k[:, h], v[:, h], dout[:, h], lse[:, h], delta[:, h],
+                grads = _backward_component(q[:, h], k[:, h], v[:, h], dout[:, h], lse, delta,
                                             cp, ctx.p, ctx.seed, 1000 * (4 * g + c))
-                for acc, grad in zip((dq, dk, dv), grads):
-                    acc[:, h] += _from_order(grad, cp, T)
+                grads = [_from_order(x, cp, T) for x in grads]
+                total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            per_group.append(total)
+        dq, dk, dv = (_assemble(x, ctx.plans, [grads[i] for grads in per_group]) for i, x in enumerate((q, k, v)))
         return dq, dk, dv, None, None, None
 
 

@@ -68,6 +68,7 @@ class Component:
 
     layout: LayoutFn
     block: int = KERNEL_BLOCK
+    q_group: int = 1  # queries are processed q_group * block at a time (bigger matrix products)
     stride: int | None = None
     select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
@@ -297,7 +298,7 @@ class Fixed(Pattern):
                 return (kb <= qb) & (same_chunk | summary)
             return layout
 
-        return [HeadGroup(tuple(range(g, n_head, self.num_verts)), (Component(layout_for(g), block=b),))
+        return [HeadGroup(tuple(range(g, n_head, self.num_verts)), (Component(layout_for(g), block=b, q_group=per_chunk),))
                 for g in range(min(self.num_verts, n_head))]
 
 
