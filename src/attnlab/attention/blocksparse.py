@@ -55,8 +55,13 @@ class _GroupPlan:
 @functools.lru_cache(maxsize=64)
 def plan(pattern: Pattern, T: int, n_head: int, device: torch.device) -> tuple[_GroupPlan, ...]:
     """What to compute for ``pattern`` at length ``T``: cached per pattern, length and device."""
-    return tuple(_GroupPlan(_head_index(g.heads), [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components])
-                 for g in pattern.head_groups(n_head))
+    groups = []
+    for g in pattern.head_groups(n_head):
+        comps = [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components]
+        # Reordered or merged components copy their inputs: go one head at a time to keep those copies small.
+        one_by_one = len(comps) > 1 or any(cp.order is not None for cp in comps)
+        groups += [_GroupPlan(_head_index(hs), comps) for hs in ([(h,) for h in g.heads] if one_by_one else [g.heads])]
+    return tuple(groups)
 
 
 def _head_index(heads: tuple[int, ...]) -> slice | list[int]:
@@ -146,20 +151,20 @@ def _dropout_keep(seed: int, index: int, shape, p: float, device) -> torch.Tenso
     return (torch.rand(shape, generator=gen, device=device) >= p) / (1.0 - p)
 
 
-def _scores(q, k, ch: _Chunk, cp: _ComponentPlan) -> torch.Tensor:
-    s = _rows(q, ch, cp) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
+def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
+    s = (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
     if ch.blocked is not None:
         s[..., ch.cols].masked_fill_(ch.blocked, -math.inf)
     return s
 
 
-def _forward_component(q, k, v, cp: _ComponentPlan, p: float, seed: int, salt: int, need_lse: bool):
+def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool):
     """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,D], [B,H,length,1]."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
     out = torch.empty_like(q)
     lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
     for i, ch in enumerate(cp.chunks):
-        s = _scores(q, k, ch, cp)
+        s = _scores(q, k, ch, cp, scale)
         if need_lse:
             _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
         prob = torch.softmax(s, dim=-1)
@@ -171,9 +176,9 @@ def _forward_component(q, k, v, cp: _ComponentPlan, p: float, seed: int, salt: i
     return out, lse
 
 
-def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, p: float, seed: int, salt: int):
-    """Gradients of one component. Alone (``lse`` None) its probabilities are its own softmax; as one of
-    several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out)."""
+def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int):
+    """Gradients of one component, in its order. Alone (``lse`` None) its probabilities are its own softmax;
+    as one of several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out)."""
     q, k, v, dout = (_to_order(x, cp) for x in (q, k, v, dout))
     if lse is not None:
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
@@ -181,7 +186,7 @@ def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, p: float,
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i, ch in enumerate(cp.chunks):
         kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
-        s = _scores(q, k, ch, cp)
+        s = _scores(q, k, ch, cp, scale)
         prob = torch.softmax(s, dim=-1) if lse is None else s.sub_(_rows(lse, ch, cp)).exp_()
         if ch.empty_rows:
             prob.nan_to_num_(nan=0.0)
@@ -196,9 +201,22 @@ def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, p: float,
             ds = torch._softmax_backward_data(dprob, prob, -1, prob.dtype)
         else:
             ds = prob.mul_(dprob.sub_(_rows(delta, ch, cp)))
+        ds.mul_(scale)
         torch.matmul(ds, kc, out=_rows(dq, ch, cp))
         _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(q, ch, cp), cp.block)
     return dq, dk, dv
+
+
+def _add_from_order(acc: torch.Tensor, x: torch.Tensor, cp: _ComponentPlan) -> None:
+    """acc [B,h,T,D] += x [B,h,length,D] taken back to original order (no full-size temporary)."""
+    T = acc.shape[2]
+    if cp.order is None:
+        acc += x[:, :, :T]
+    elif cp.length == T:
+        acc.index_add_(2, cp.order, x)
+    else:
+        real = (cp.order < T).nonzero().flatten()
+        acc.index_add_(2, cp.order[real], x.index_select(2, real))
 
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,42 +239,49 @@ def _assemble(like: torch.Tensor, plans, per_group: list[torch.Tensor]) -> torch
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plans, p, seed):
+    def forward(ctx, q, k, v, plans, scale, p, seed):
         T = q.shape[2]
         outs, lses = [], {}  # merged log-sum-exp of groups with several components, for backward
         for g, gp in enumerate(plans):
             h, several = gp.heads, len(gp.components) > 1
             parts = []
             for c, cp in enumerate(gp.components):
-                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, p, seed, 1000 * (4 * g + c), several)
+                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, scale, p, seed, 1000 * (4 * g + c), several)
                 parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
             if several:
                 o, lses[g] = _merge(parts)
             outs.append(o if several else parts[0][0])
         out = _assemble(q, plans, outs)
         ctx.save_for_backward(q, k, v, out)
-        ctx.plans, ctx.p, ctx.seed, ctx.lses = plans, p, seed, lses
+        ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses = plans, scale, p, seed, lses
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
-        T = q.shape[2]
         dout = dout.contiguous()
-        per_group = []
-        for g, gp in enumerate(ctx.plans):
+        plans = ctx.plans
+        cp0 = plans[0].components[0]
+        if len(plans) == 1 and len(plans[0].components) == 1 and cp0.order is None and cp0.length == q.shape[2] \
+                and plans[0].heads == slice(0, q.shape[1]):  # the common case: the component's grads are the grads
+            return (*_backward_component(q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, 0), None, None, None, None)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for g, gp in enumerate(plans):
             h = gp.heads
             lse = ctx.lses.get(g)
             delta = None if lse is None else (dout[:, h] * out[:, h]).sum(-1, keepdim=True)
-            total = None
             for c, cp in enumerate(gp.components):
                 grads = _backward_component(q[:, h], k[:, h], v[:, h], dout[:, h], lse, delta,
-                                            cp, ctx.p, ctx.seed, 1000 * (4 * g + c))
-                grads = [_from_order(x, cp, T) for x in grads]
-                total = grads if total is None else [a + b for a, b in zip(total, grads)]
-            per_group.append(total)
-        dq, dk, dv = (_assemble(x, ctx.plans, [grads[i] for grads in per_group]) for i, x in enumerate((q, k, v)))
-        return dq, dk, dv, None, None, None
+                                            cp, ctx.scale, ctx.p, ctx.seed, 1000 * (4 * g + c))
+                for acc, grad in zip((dq, dk, dv), grads):
+                    if isinstance(h, slice):
+                        _add_from_order(acc[:, h], grad, cp)  # a view: accumulates in place
+                    else:
+                        part = acc[:, h]
+                        _add_from_order(part, grad, cp)
+                        acc[:, h] = part
+                del grads
+        return dq, dk, dv, None, None, None, None
 
 
 def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
@@ -267,6 +292,5 @@ def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patt
     seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0.0 else 0
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    q = (q * D ** -0.5).to(compute)  # fold the softmax scale into q once
-    out = _BlockSparse.apply(q, k.to(compute), v.to(compute), plan(pattern, T, H, q.device), p, seed)
+    out = _BlockSparse.apply(q.to(compute), k.to(compute), v.to(compute), plan(pattern, T, H, q.device), D ** -0.5, p, seed)
     return out.to(dtype)

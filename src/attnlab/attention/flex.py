@@ -133,6 +133,8 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ConfigError("attention.backend=flex runs on CPU for inference only: "
                           "use attention.backend=blocksparse (or auto) for training")
+    if q.device.type == "cpu":  # no graph is recorded here; flex on CPU refuses inputs that require grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     H, T = q.shape[1], q.shape[2]
     if k.shape[2] != T:
         raise ValueError(f"flex attention needs as many queries as keys (got {T} and {k.shape[2]})")

@@ -88,17 +88,18 @@ def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_ma
     # Pad at the end: padded keys reach only padded queries (cropped below) and the
     # last chunk's state, which no chunk reads because the prefix is exclusive.
     pad = n * chunk - T
-    fq, fk, vw = (F.pad(x, (0, 0, 0, pad)).reshape(B, H, n, chunk, x.shape[-1]) for x in (fq, fk, vw))
+    fq, fk, vw = ((F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, H, n, chunk, x.shape[-1]) for x in (fq, fk, vw))
 
     s = fk.transpose(-2, -1) @ vw  # [B, H, n, Dh, Dv]: each chunk's own contribution
     z = fk.sum(-2)  # [B, H, n, Dh]
-    s_prev = F.pad(s.cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :-1]  # shift by one chunk: exclusive prefix
-    z_prev = F.pad(z.cumsum(2), (0, 0, 1, 0))[:, :, :-1]
+    s_prev = s.cumsum(2) - s  # exclusive prefix: the chunks before this one
+    z_prev = z.cumsum(2) - z
 
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    A = (fq @ fk.transpose(-2, -1)).masked_fill(~causal, 0.0)  # [B, H, n, C, C]
-    num = A @ vw + fq @ s_prev
-    den = A.sum(-1, keepdim=True) + fq @ z_prev.unsqueeze(-1)
+    # In-place steps below act on fresh matmul outputs that autograd does not need: fewer T-sized copies.
+    A = (fq @ fk.transpose(-2, -1)).masked_fill_(~causal, 0.0)  # [B, H, n, C, C]
+    num = (A @ vw).add_(fq @ s_prev)
+    den = A.sum(-1, keepdim=True).add_(fq @ z_prev.unsqueeze(-1))
     out = (num / (den + eps)).reshape(B, H, n * chunk, -1)[:, :, :T]
     return out.to(q.dtype)
 

@@ -27,6 +27,10 @@ just before it (the inputs, the process, ...):
   granularity. Where ``clear_refs`` is not writable (not Linux, some
   containers) ``peak_mb`` is NaN.
 
+On CPU the whole benchmark runs with attnlab's training allocator setting
+(``runtime.keep_freed_memory``: freed blocks stay in the heap instead of being
+page-faulted in again), for the baseline and every backend alike.
+
 Rows a backend cannot run (e.g. ``sdpa`` for a local pattern, ``flex``
 backward on CPU, ``reference`` above T=4096 where its T x T scores dominate)
 are skipped with a note, never failing the whole run. Results go to the CSV
@@ -243,6 +247,10 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
     ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``) are written.
     """
     dtype, device = _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device)
+    if device.type == "cpu":
+        from ..train.runtime import keep_freed_memory
+
+        keep_freed_memory()  # attnlab's CPU allocator setting (as in training), for every backend alike
     known = {"auto", "flex", BASELINE, *BACKENDS}
     for b in backends:
         if b not in known:
