@@ -70,6 +70,25 @@ def test_any_parameters_and_length_match_the_reference(kind, a, T, H, mode):
     torch.testing.assert_close(blocksparse(q, k, v, pattern), reference(q, k, v, pattern), atol=2e-5, rtol=1e-4)
 
 
+def test_head_transposed_inputs_as_the_model_gives_them():
+    """q, k, v as views of a [B, T, 3, H, Dh] projection, T a whole number of blocks (no padding copy)."""
+    x = torch.randn(2, 128, 3, 2, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    assert not v.is_contiguous()
+    for got, want in zip(out_and_grads(blocksparse, q, k, v, Local(70)), out_and_grads(reference, q, k, v, Local(70))):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 50), st.sampled_from([1, 2, 3]), st.integers(0, 1000))
+def test_any_block_layout_and_block_size_match_the_reference(block, T, H, seed):
+    nb = -(-T // block)
+    blocks = torch.rand(H, nb, nb, generator=torch.Generator().manual_seed(seed)) > 0.5
+    pattern = BlockLayout("x", block, "", blocks)
+    q, k, v = (x.detach() for x in qkv(1, H, T, 4, seed=seed))
+    torch.testing.assert_close(blocksparse(q, k, v, pattern), reference(q, k, v, pattern), atol=2e-5, rtol=1e-4)
+
+
 def test_a_query_with_no_allowed_key_outputs_zero_and_finite_gradients():
     blocks = torch.zeros(1, 4, 4, dtype=torch.bool)
     blocks[0, 2, 0] = True  # only queries of block 2 see anything

@@ -284,6 +284,7 @@ class _BlockSparse(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+@torch.compiler.disable  # a Python loop over cached plans: under train.compile it runs eagerly between graphs
 def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                 dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Attention backend: ``pattern`` computed block by block, forward and backward, on any device."""
@@ -292,5 +293,6 @@ def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patt
     seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0.0 else 0
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    out = _BlockSparse.apply(q.to(compute), k.to(compute), v.to(compute), plan(pattern, T, H, q.device), D ** -0.5, p, seed)
+    q, k, v = (x.to(compute).contiguous() for x in (q, k, v))  # the model hands in head-transposed views
+    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), D ** -0.5, p, seed)
     return out.to(dtype)

@@ -27,6 +27,10 @@ just before it (the inputs, the process, ...):
   granularity. Where ``clear_refs`` is not writable (not Linux, some
   containers) ``peak_mb`` is NaN.
 
+Every row is timed alternately with the baseline (baseline, row, baseline, row, ...):
+speed-ups compare medians taken in the same stretch of time, so a shared machine's
+slow phases do not bias them. The CSV keeps each row's own median.
+
 On CPU the whole benchmark runs with attnlab's training allocator setting
 (``runtime.keep_freed_memory``: freed blocks stay in the heap instead of being
 page-faulted in again), for the baseline and every backend alike.
@@ -189,19 +193,31 @@ def _pass(fn, q, k, v, pattern, pass_, grad) -> Callable[[], None]:
     return run
 
 
-def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
-    """(median ms over ``repeats`` timed runs after ``warmup``, peak MB of one more run)."""
+def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup: int,
+            baseline: Callable[[], None] | None = None) -> tuple[float, float, float | None]:
+    """(median ms over ``repeats`` timed runs after ``warmup``, peak MB of one more run, baseline median ms).
+
+    With ``baseline`` the two are timed alternately (A B A B ...), so a slow phase of a shared
+    machine hits both alike and their ratio stays honest.
+    """
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
     for _ in range(warmup):
         run()
     sync()
-    times = []
+    times, base_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), peak_mb(run, device)
+        if baseline is not None:
+            base_times.append(timed(baseline))
+        times.append(timed(run))
+    base_ms = statistics.median(base_times) if base_times else None
+    return statistics.median(times), peak_mb(run, device), base_ms
 
 
 def _params(pattern: Pattern) -> str:
@@ -283,7 +299,8 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
                 for pass_ in passes:
                     try:
                         label, fn = resolve(backend, pattern, T, pass_, device)
-                        ms, mb = measure(_pass(fn, q, k, v, pattern, pass_, grad), device, repeats, warmup)
+                        base_run = None if backend == BASELINE else _pass(sdpa_causal, q, k, v, Dense(), pass_, grad)
+                        ms, mb, base_ms = measure(_pass(fn, q, k, v, pattern, pass_, grad), device, repeats, warmup, base_run)
                     except (UserError, RuntimeError) as e:  # RuntimeError: e.g. out of memory, dtype not implemented
                         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                         skipped.append({"pattern": spec, "backend": backend, "seq_len": T, "pass": pass_, "reason": reason})
@@ -300,7 +317,7 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
                     row = {"device": device.type, "pattern": pattern.name, "params": _params(pattern), "backend": label,
                            "seq_len": T, "pass": pass_, "median_ms": round(ms, 4), "peak_mb": round(mb, 3),
                            "density": round(density[id(pattern)], 6)}
-                    rows.append(row)
+                    rows.append(row if base_ms is None else {**row, "baseline_ms": round(base_ms, 4)})
                     if writer is not None:
                         writer.writerow(row)
                         f_csv.flush()
@@ -328,11 +345,12 @@ def _curve(row: dict) -> tuple[str, str, str]:
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Per row (baseline excluded): sdpa_causal time / row time at the same length and pass (> 1 = faster)."""
+    """Per row (baseline excluded): sdpa_causal time / row time at the same length and pass (> 1 = faster),
+    using the baseline timed alternately with the row where there is one."""
     base = {(r["seq_len"], r["pass"]): r["median_ms"] for r in rows if r["backend"] == BASELINE}
     out = []
     for r in rows:
-        b = base.get((r["seq_len"], r["pass"]))
+        b = r.get("baseline_ms") or base.get((r["seq_len"], r["pass"]))  # prefer the interleaved baseline
         if r["backend"] != BASELINE and b and r["median_ms"] > 0:
             out.append({"pattern": r["pattern"], "params": r["params"], "backend": r["backend"], "pass": r["pass"],
                         "seq_len": r["seq_len"], "speedup_vs_sdpa_causal": round(b / r["median_ms"], 4)})
