@@ -157,3 +157,16 @@ def test_auto_picks_the_fast_correct_backend_for_the_pattern():
         assert select_backend("auto", p, cpu)[0] == "blocksparse"
     assert select_backend("auto", Linear(), cpu)[0] == "linear"
     assert list(BACKENDS)[-1] == "reference"
+
+
+def test_auto_avoids_flex_when_the_model_has_attention_dropout(monkeypatch):
+    """On CUDA auto prefers flex, which has no dropout: a model with dropout gets blocksparse instead."""
+    from dataclasses import replace
+
+    from attnlab.attention import Attention
+    from attnlab.config import AttentionConfig
+
+    monkeypatch.setitem(BACKENDS, "flex", replace(BACKENDS["flex"], preferred=lambda pattern, device: not pattern.is_dense_causal))
+    cfg = AttentionConfig(pattern="local", window=4)
+    assert Attention(cfg, 0, 1, 2, dropout=0.0).resolve("cpu") == "flex"
+    assert Attention(cfg, 0, 1, 2, dropout=0.1).resolve("cpu") == "blocksparse"

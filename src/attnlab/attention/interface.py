@@ -36,6 +36,8 @@ class Attention(nn.Module):
         """Pick the backend for ``device`` (ConfigError if a forced one cannot run there); returns its name."""
         device = torch.device(device)
         self.backend, self._fn = select_backend(self.requested, self.pattern, device)
+        if self.backend == "flex" and self.requested == "auto" and self.dropout > 0.0:
+            self.backend, self._fn = select_backend("blocksparse", self.pattern, device)  # flex has no attention dropout
         self._device_type = device.type
         return self.backend
 
