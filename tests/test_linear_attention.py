@@ -169,3 +169,17 @@ def test_bad_chunk_and_mismatched_lengths_are_refused():
         linear_chunked(q, k, v, chunk=0)
     with pytest.raises(ValueError, match="linear_step"):
         linear_chunked(q[:, :, :2], k, v)
+
+
+def test_backend_recomputes_head_by_head_with_the_same_gradients():
+    """The training path keeps only q, k, v and recomputes each head in backward: same outputs and gradients."""
+    from attnlab.attention import Linear
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 21, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(2, 3, 21, 5, generator=g, dtype=torch.float64)
+    want = linear_reference(q, k, v, "elu1")
+    got = linear_backend(q, k, v, Linear("elu1", chunk=4))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), upstream), torch.autograd.grad(want, (q, k, v), upstream)):
+        torch.testing.assert_close(a, b)

@@ -32,8 +32,8 @@ class _Chunk:
     q0: int  # first query block
     q1: int  # one past the last query block
     kv: torch.Tensor  # [n, m] key blocks per query block (padding slots repeat block 0, masked out)
-    blocked: torch.Tensor | None  # [n, q_block, cols] True = may NOT attend, for key columns cols; None = all attend
-    cols: slice  # the key columns holding some masked pair (e.g. only the diagonal blocks)
+    masks: list[tuple[slice, torch.Tensor]]  # (key columns, [n, q_block, cols] True = may NOT attend) per run of
+    # key-block slots that hold a masked pair (e.g. a band's first and diagonal blocks); full blocks need none
     empty_rows: bool  # some query (e.g. padding) attends no key: its softmax row must be zeroed
 
 
@@ -98,12 +98,26 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
         mask = pattern.allowed(qpos, kpos, torch.tensor(head)) & valid.repeat_interleave(b, dim=1).view(n, 1, m * b) & (kpos < T)
         if comp.select is not None:
             mask = mask & comp.select(qpos, kpos)
-        masked_cols = (~mask).flatten(0, 1).any(0).nonzero().flatten()
-        cols = slice(int(masked_cols[0]), int(masked_cols[-1]) + 1) if len(masked_cols) else slice(0, 0)
-        chunks.append(_Chunk(q0, q1, kv.to(device), (~mask[:, :, cols]).to(device) if len(masked_cols) else None,
-                             cols, not bool(mask.any(-1).all())))
+        chunks.append(_Chunk(q0, q1, kv.to(device), _mask_runs(mask, b, device), not bool(mask.any(-1).all())))
         q0 = q1
     return _ComponentPlan(b, r, length, None if order is None else order.to(device), chunks)
+
+
+def _mask_runs(mask: torch.Tensor, block: int, device) -> list[tuple[slice, torch.Tensor]]:
+    """The blocked entries of ``mask`` [n, qb, m*block], stored only for runs of key-block slots that have any."""
+    partial = (~mask).view(mask.shape[0], mask.shape[1], -1, block).any(3).any(1).any(0).tolist()
+    runs, slot = [], 0
+    while slot < len(partial):
+        if partial[slot]:
+            end = slot
+            while end < len(partial) and partial[end]:
+                end += 1
+            cols = slice(slot * block, end * block)
+            runs.append((cols, (~mask[:, :, cols]).contiguous().to(device)))
+            slot = end
+        else:
+            slot += 1
+    return runs
 
 
 # ------------------------------------------------------------------ kernel
@@ -153,8 +167,8 @@ def _dropout_keep(seed: int, index: int, shape, p: float, device) -> torch.Tenso
 
 def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
     s = (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
-    if ch.blocked is not None:
-        s[..., ch.cols].masked_fill_(ch.blocked, -math.inf)
+    for cols, blocked in ch.masks:
+        s[..., cols].masked_fill_(blocked, -math.inf)
     return s
 
 

@@ -163,4 +163,35 @@ def linear_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
     linear attention never forms the attention weights, so there is nothing to
     apply attention dropout to (regularise elsewhere, e.g. residual dropout).
     """
-    return linear_chunked(q, k, v, pattern.feature_map, chunk=getattr(pattern, "chunk", DEFAULT_CHUNK))
+    chunk = getattr(pattern, "chunk", DEFAULT_CHUNK)
+    if not torch.is_grad_enabled() or not any(x.requires_grad for x in (q, k, v)):
+        return linear_chunked(q, k, v, pattern.feature_map, chunk=chunk)
+    return _HeadByHead.apply(q, k, v, pattern.feature_map, chunk)
+
+
+class _HeadByHead(torch.autograd.Function):
+    """``linear_chunked`` keeping only q, k, v for backward, which recomputes one head at a time.
+
+    Autograd through the chunked form keeps several T-sized intermediates per head
+    (features, chunk scores, prefix states); recomputing them head by head in
+    backward bounds that extra memory to one head's worth, for one more forward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, feature_map, chunk):
+        ctx.save_for_backward(q, k, v)
+        ctx.feature_map, ctx.chunk = feature_map, chunk
+        return torch.cat([linear_chunked(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], feature_map, chunk=chunk)
+                          for h in range(q.shape[1])], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        grads = [torch.empty_like(x) for x in (q, k, v)]
+        for h in range(q.shape[1]):
+            with torch.enable_grad():
+                qh, kh, vh = (x[:, h:h + 1].detach().requires_grad_() for x in (q, k, v))
+                out = linear_chunked(qh, kh, vh, ctx.feature_map, chunk=ctx.chunk)
+                for acc, g in zip(grads, torch.autograd.grad(out, (qh, kh, vh), grad[:, h:h + 1])):
+                    acc[:, h:h + 1] = g
+        return (*grads, None, None)
