@@ -15,6 +15,7 @@ from attnlab.attention import (
     PATTERNS,
     Attention,
     Dense,
+    Local,
     Pattern,
     build_pattern,
     reference,
@@ -26,17 +27,6 @@ from attnlab.errors import ConfigError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass(frozen=True)
-class Local(Pattern):
-    """A tiny non-dense pattern, only for these tests: a sliding window of w keys."""
-
-    name: ClassVar[str] = "test_local"
-    w: int = 2
-
-    def rule(self, q_idx, k_idx, head):
-        return q_idx - k_idx < self.w
 
 
 @dataclass(frozen=True)
@@ -103,8 +93,8 @@ def test_allowed_broadcasts_and_uses_head():
 def test_pattern_is_frozen_and_describes_itself():
     p = Local(4)
     with pytest.raises(Exception):
-        p.w = 5  # frozen: a pattern is a value
-    assert p.params() == {"w": 4}
+        p.window = 5  # frozen: a pattern is a value
+    assert p.params() == {"window": 4}
     assert Dense().params() == {} and Dense().is_dense_causal and not p.is_dense_causal
 
 
@@ -182,7 +172,7 @@ def test_select_backend_auto_falls_back_for_a_sparse_pattern():
 
 
 def test_forced_incompatible_backend_raises():
-    with pytest.raises(ConfigError, match="sdpa.*cannot run pattern 'test_local'"):
+    with pytest.raises(ConfigError, match="sdpa.*cannot run pattern 'local'"):
         select_backend("sdpa", Local(2), "cpu")
     with pytest.raises(ConfigError, match="unknown"):
         select_backend("no_such_backend", Dense(), "cpu")

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlab.attention import BACKENDS, BlockLayout, Dense, Fixed, Linear, Local, SinkWindow, Strided, reference, select_backend
 from attnlab.attention.blocksparse import blocksparse, plan
+from attnlab.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,7 +161,8 @@ def test_auto_picks_the_fast_correct_backend_for_the_pattern():
 
 
 def test_auto_avoids_flex_when_the_model_has_attention_dropout(monkeypatch):
-    """On CUDA auto prefers flex, which has no dropout: a model with dropout gets blocksparse instead."""
+    """On CUDA auto prefers flex, which has no dropout: a model with dropout gets blocksparse instead,
+    and forcing flex on such a model is refused before any step."""
     from dataclasses import replace
 
     from attnlab.attention import Attention
@@ -170,3 +172,5 @@ def test_auto_avoids_flex_when_the_model_has_attention_dropout(monkeypatch):
     cfg = AttentionConfig(pattern="local", window=4)
     assert Attention(cfg, 0, 1, 2, dropout=0.0).resolve("cpu") == "flex"
     assert Attention(cfg, 0, 1, 2, dropout=0.1).resolve("cpu") == "blocksparse"
+    with pytest.raises(ConfigError, match="backend='flex' has no attention dropout but model.dropout=0.1"):
+        Attention(AttentionConfig(pattern="local", window=4, backend="flex"), 0, 1, 2, dropout=0.1)

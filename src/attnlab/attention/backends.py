@@ -62,6 +62,7 @@ class BackendSpec:
     supports: Callable[[Pattern, torch.device | None], bool]  # can run it (a forced choice is accepted)
     why_not: str  # completes "backend X cannot run pattern P: ..."
     preferred: Callable[[Pattern, torch.device | None], bool]  # ``auto`` picks it (e.g. flex: GPU only)
+    dropout: bool  # applies attention dropout in training
 
 
 # Insertion order is the preference order for ``auto``.
@@ -69,20 +70,44 @@ BACKENDS: dict[str, BackendSpec] = {}
 
 
 def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torch.device | None], bool], why_not: str = "",
-                     preferred: Callable[[Pattern, torch.device | None], bool] | None = None) -> None:
+                     preferred: Callable[[Pattern, torch.device | None], bool] | None = None, dropout: bool = True) -> None:
     """Add a backend; later registrations are less preferred by ``auto`` than earlier ones, except ``reference``,
-    which is always last. ``preferred`` (default: ``supports``) narrows where ``auto`` picks it."""
-    BACKENDS[name] = BackendSpec(fn, supports, why_not, preferred or supports)
+    which is always last. ``preferred`` (default: ``supports``) narrows where ``auto`` picks it; ``dropout=False``
+    keeps it away from models with attention dropout."""
+    BACKENDS[name] = BackendSpec(fn, supports, why_not, preferred or supports, dropout)
     if "reference" in BACKENDS and name != "reference":
         BACKENDS["reference"] = BACKENDS.pop("reference")  # keep the slow spec as the last resort
 
+
+# Fast backends live in their own modules, imported on first use: the registry stays light.
 
 def _softmax(pattern: Pattern) -> bool:
     return pattern.mechanism == "softmax"
 
 
+def _flex(q, k, v, pattern, dropout_p=0.0, training=False):
+    from .flex import flex
+
+    return flex(q, k, v, pattern, dropout_p, training)
+
+
+def _flex_supports(pattern: Pattern, device: torch.device | None) -> bool:
+    from .flex import flex_supported
+
+    return flex_supported(pattern, device)
+
+
+def _flex_preferred(pattern: Pattern, device: torch.device | None) -> bool:
+    """``auto`` uses flex for sparse patterns on CUDA only: on CPU it is compiled for inference alone."""
+    if device is None or device.type != "cuda" or not _softmax(pattern):
+        return False
+    from .flex import flex_available
+
+    return flex_available(device)[0]
+
+
 def _blocksparse(q, k, v, pattern, dropout_p=0.0, training=False):
-    from .blocksparse import blocksparse  # deferred: keeps the registry import light
+    from .blocksparse import blocksparse
 
     return blocksparse(q, k, v, pattern, dropout_p, training)
 
@@ -95,23 +120,8 @@ def _linear(q, k, v, pattern, dropout_p=0.0, training=False):
 
 register_backend("sdpa", sdpa, lambda pattern, device: pattern.is_dense_causal,
                  "it only has the dense causal mask built in")
-def _flex(q, k, v, pattern, dropout_p=0.0, training=False):
-    from .flex import flex
-
-    return flex(q, k, v, pattern, dropout_p, training)
-
-
-def _flex_preferred(pattern: Pattern, device: torch.device | None) -> bool:
-    """``auto`` uses flex for sparse patterns on CUDA only: on CPU it is compiled for inference alone."""
-    if device is None or device.type != "cuda" or not _softmax(pattern):
-        return False
-    from .flex import flex_available
-
-    return flex_available(device)[0]
-
-
-register_backend("flex", _flex, lambda pattern, device: _softmax(pattern) and (device is None or device.type in ("cuda", "cpu")),
-                 "it computes softmax attention on CUDA or CPU only", preferred=_flex_preferred)
+register_backend("flex", _flex, _flex_supports, "it computes softmax attention on CUDA or CPU only",
+                 preferred=_flex_preferred, dropout=False)
 register_backend("blocksparse", _blocksparse, lambda pattern, device: _softmax(pattern),
                  "it computes softmax attention, not linear attention")
 register_backend("linear", _linear, lambda pattern, device: pattern.mechanism == "linear",
@@ -119,8 +129,10 @@ register_backend("linear", _linear, lambda pattern, device: pattern.mechanism ==
 register_backend("reference", reference, lambda pattern, device: True)
 
 
-def select_backend(name: str, pattern: Pattern, device: torch.device | str | None = None) -> tuple[str, BackendFn]:
-    """Resolve ``name`` (``auto`` or a backend name) for ``pattern`` on ``device`` to ``(backend_name, fn)``.
+def select_backend(name: str, pattern: Pattern, device: torch.device | str | None = None,
+                   dropout: float = 0.0) -> tuple[str, BackendFn]:
+    """Resolve ``name`` (``auto`` or a backend name) for ``pattern`` on ``device`` to ``(backend_name, fn)``,
+    for a model with attention ``dropout``.
 
     ``device`` None means "not known yet": only device-independent choices are made.
     """
@@ -128,7 +140,7 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
         device = torch.device(device)
     if name == "auto":
         for backend_name, spec in BACKENDS.items():
-            if spec.preferred(pattern, device):
+            if spec.preferred(pattern, device) and (spec.dropout or dropout == 0.0):
                 return backend_name, spec.fn
         raise ConfigError(f"no attention backend can run pattern {pattern.name!r} on {device}")  # unreachable while reference exists
     spec = BACKENDS.get(name)
@@ -137,4 +149,7 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
     if not spec.supports(pattern, device):
         reason = f" ({spec.why_not})" if spec.why_not else ""
         raise ConfigError(f"attention.backend={name!r} cannot run pattern {pattern.name!r}{reason}: use attention.backend=auto or reference")
+    if dropout > 0.0 and not spec.dropout:
+        raise ConfigError(f"attention.backend={name!r} has no attention dropout but model.dropout={dropout}: "
+                          f"use attention.backend=auto, blocksparse or reference, or model.dropout=0")
     return name, spec.fn

@@ -165,6 +165,11 @@ def _dropout_keep(seed: int, index: int, shape, p: float, device) -> torch.Tenso
     return (torch.rand(shape, generator=gen, device=device) >= p) / (1.0 - p)
 
 
+def _salt(group: int, component: int) -> int:
+    """Offset of a (head group, component)'s dropout streams; chunk i of it uses salt + i, in forward and backward."""
+    return 1000 * (4 * group + component)
+
+
 def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
     s = (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
     for cols, blocked in ch.masks:
@@ -260,7 +265,7 @@ class _BlockSparse(torch.autograd.Function):
             h, several = gp.heads, len(gp.components) > 1
             parts = []
             for c, cp in enumerate(gp.components):
-                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, scale, p, seed, 1000 * (4 * g + c), several)
+                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several)
                 parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
             if several:
                 o, lses[g] = _merge(parts)
@@ -278,7 +283,8 @@ class _BlockSparse(torch.autograd.Function):
         cp0 = plans[0].components[0]
         if len(plans) == 1 and len(plans[0].components) == 1 and cp0.order is None and cp0.length == q.shape[2] \
                 and plans[0].heads == slice(0, q.shape[1]):  # the common case: the component's grads are the grads
-            return (*_backward_component(q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, 0), None, None, None, None)
+            return (*_backward_component(q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0)),
+                    None, None, None, None)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g, gp in enumerate(plans):
             h = gp.heads
@@ -286,7 +292,7 @@ class _BlockSparse(torch.autograd.Function):
             delta = None if lse is None else (dout[:, h] * out[:, h]).sum(-1, keepdim=True)
             for c, cp in enumerate(gp.components):
                 grads = _backward_component(q[:, h], k[:, h], v[:, h], dout[:, h], lse, delta,
-                                            cp, ctx.scale, ctx.p, ctx.seed, 1000 * (4 * g + c))
+                                            cp, ctx.scale, ctx.p, ctx.seed, _salt(g, c))
                 for acc, grad in zip((dq, dk, dv), grads):
                     if isinstance(h, slice):
                         _add_from_order(acc[:, h], grad, cp)  # a view: accumulates in place
@@ -302,7 +308,7 @@ class _BlockSparse(torch.autograd.Function):
 def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                 dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """Attention backend: ``pattern`` computed block by block, forward and backward, on any device."""
-    B, H, T, D = q.shape
+    H, T, D = q.shape[1:]
     p = dropout_p if training else 0.0
     seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0.0 else 0
     dtype = q.dtype

@@ -29,15 +29,13 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.pattern = build_pattern(attn_cfg, layer_idx, n_layer, n_head)
         self.requested = attn_cfg.backend
-        select_backend(self.requested, self.pattern, device=None)  # reject impossible choices before any device exists
+        select_backend(self.requested, self.pattern, None, dropout)  # reject impossible choices before any device exists
         self.backend, self._fn, self._device_type = None, None, None
 
     def resolve(self, device: torch.device | str) -> str:
         """Pick the backend for ``device`` (ConfigError if a forced one cannot run there); returns its name."""
         device = torch.device(device)
-        self.backend, self._fn = select_backend(self.requested, self.pattern, device)
-        if self.backend == "flex" and self.requested == "auto" and self.dropout > 0.0:
-            self.backend, self._fn = select_backend("blocksparse", self.pattern, device)  # flex has no attention dropout
+        self.backend, self._fn = select_backend(self.requested, self.pattern, device, self.dropout)
         self._device_type = device.type
         return self.backend
 

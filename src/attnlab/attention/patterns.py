@@ -245,7 +245,7 @@ class Strided(Pattern):
     def head_groups(self, n_head):
         l = self.local_attn_ctx
         local = Component(band_layout(l))
-        stride = Component(grouped_causal_layout(l), block=KERNEL_BLOCK, stride=l)
+        stride = Component(grouped_causal_layout(l), stride=l)
         everyone = tuple(range(n_head))
         if self.mode == "union":  # disjoint pieces: the window, and the strided keys beyond it
             near = lambda q, k: q - k < l
@@ -494,7 +494,7 @@ def check_patterns(a: AttentionConfig, m: ModelConfig) -> None:
 
     names = {layer_pattern_name(a, i) for i in range(m.n_layer)}
     for i in range(m.n_layer):
-        select_backend(a.backend, build_pattern(a, i, m.n_layer, m.n_head), device=None)
+        select_backend(a.backend, build_pattern(a, i, m.n_layer, m.n_head), None, m.dropout)
     if names & {"strided", "fixed"} and m.context % a.local_attn_ctx:
         raise ConfigError(f"attention.local_attn_ctx={a.local_attn_ctx} must divide model.context={m.context} "
                           f"(the context is a whole number of strides/chunks): choose a divisor of {m.context}")
