@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from .errors import ConfigError, UserError
 
@@ -42,14 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     ev.add_argument("--device", default="auto")
 
-    sa = sub.add_parser("sample", help="generate text from a trained run")
+    sa = sub.add_parser("sample", help="generate text from a trained run (KV-cached, batched, streamed)")
     sa.add_argument("run_dir")
     sa.add_argument("--prompt", default="")
     sa.add_argument("--max-new-tokens", type=int, default=200)
-    sa.add_argument("--temperature", type=float, default=0.8)
+    sa.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     sa.add_argument("--top-k", type=int)
-    sa.add_argument("--top-p", type=float)
-    sa.add_argument("--num-samples", type=int, default=1)
+    sa.add_argument("--top-p", type=float, help="nucleus: keep the smallest set of tokens reaching this mass")
+    sa.add_argument("--typical-p", type=float, help="locally typical sampling (Meister et al.)")
+    sa.add_argument("--min-p", type=float, help="keep tokens with probability >= min_p * the top probability")
+    sa.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty on tokens already present (1 = off)")
+    sa.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop a sample at this string (repeatable)")
+    sa.add_argument("--no-eos-stop", action="store_true", help="continue past the end of a document")
+    sa.add_argument("--num-samples", type=int, default=1, help="samples generated together as one batch")
+    sa.add_argument("--stream", action="store_true", help="print tokens as they are generated (one sample)")
+    sa.add_argument("--no-cache", action="store_true", help="recompute the prefix at every step (slow; for comparison)")
+    sa.add_argument("--stats", action="store_true", help="print tokens/s, cache size and peak memory to stderr")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
@@ -150,24 +159,44 @@ def cmd_eval(a) -> None:
 
 
 def cmd_sample(a) -> None:
-    import torch
-    from .eval.sample import generate
+    from .eval.sample import sample_text
+    from .eval.sampling import SamplingConfig
     from .runs import load_run
-    if a.num_samples < 1 or a.max_new_tokens < 0 or a.temperature < 0:
-        raise UserError("--num-samples must be >= 1, --max-new-tokens >= 0 and --temperature >= 0")
-    if a.top_p is not None and not 0 < a.top_p <= 1:
-        raise UserError(f"--top-p {a.top_p} is outside (0, 1]: use e.g. --top-p 0.9")
+    if a.num_samples < 1 or a.max_new_tokens < 0:
+        raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    if a.stream and a.num_samples > 1:
+        raise UserError("--stream prints one sample as it is generated: use --num-samples 1 (or drop --stream)")
+    sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
+                              min_p=a.min_p, repetition_penalty=a.repetition_penalty)
     run = load_run(a.run_dir, a.checkpoint, a.device)
-    tok = run.dataset.tokenizer
-    ids = [tok.eos_id] + tok.encode(a.prompt)  # eos = start of a document, as in training
-    prompt = torch.tensor([ids] * a.num_samples, device=run.device)
-    gen = torch.Generator().manual_seed(a.seed)
-    out = generate(run.model, prompt, a.max_new_tokens, context=run.cfg.model.context, temperature=a.temperature,
-                   top_k=a.top_k, top_p=a.top_p, generator=gen)
-    for i, row in enumerate(out.tolist()):
-        if a.num_samples > 1:
-            print(f"--- sample {i + 1} ---")
-        print(tok.decode(row[1:]))
+    stream = (lambda text: print(text, end="", flush=True)) if a.stream else None
+    t0 = time.perf_counter()
+    texts, steps = sample_text(run.model, run.dataset.tokenizer, a.prompt, a.max_new_tokens, num_samples=a.num_samples,
+                        sampling=sampling, seed=a.seed, stops=a.stop, stop_at_eos=not a.no_eos_stop,
+                        use_cache=not a.no_cache, stream=stream, device=run.device)
+    if a.stream:
+        print()
+    else:
+        for i, text in enumerate(texts):
+            if a.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            print(text)
+    if a.stats:
+        seconds = time.perf_counter() - t0
+        print(json.dumps({"samples": a.num_samples, "new_tokens": steps, "context": run.cfg.model.context,
+                          "cache": not a.no_cache, "seconds": round(seconds, 3),
+                          "tokens_per_s": round(steps * a.num_samples / seconds, 1), "peak_rss_mb": _peak_rss_mb()}),
+              file=sys.stderr)
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory (Linux/macOS), for --stats."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 if sys.platform != "darwin" else 1024 * 1024), 1)
 
 
 def cmd_bench(a) -> None:

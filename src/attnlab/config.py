@@ -34,7 +34,8 @@ def opt(default, *, choices=None, lo=None, hi=None, help=""):
 
 @dataclass
 class DataConfig:
-    source: str = opt("python-stdlib", help="named source (python-stdlib, hn-titles, shakespeare, arxiv-abstracts) or a local file")
+    source: str = opt("python-stdlib", help="named source (python-stdlib, hn-titles, shakespeare, arxiv-abstracts; "
+                                            "images: cifar10, digits, image-folder, imagenet-downsampled) or a local file")
     path: str | None = opt(None, help="local copy of a named download source")
     format: str = opt("auto", choices=["auto", "text", "lines", "jsonl", "csv", "tsv", "parquet", "arxiv"])
     field: str | None = opt(None, help="JSONL field / CSV column / parquet column holding the text")
@@ -46,6 +47,8 @@ class DataConfig:
     val_frac: float = opt(0.1, lo=0.0, hi=0.5)
     seed: int = opt(1337, lo=0)
     dir: str | None = opt(None, help="prepared dataset folder; prepared here on first use (default data/<source-name>)")
+    image_size: int | None = opt(None, choices=[8, 16, 32, 64], help="images: resize/downsample to S x S (default: the source's size)")
+    classes: list[str] = opt([], help="images: keep only these classes (names or label numbers)")
 
 
 @dataclass
@@ -55,7 +58,9 @@ class ModelConfig:
     d_model: int = opt(128, lo=8, hi=65536)
     context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
-    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none"])
+    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "image", "image+learned"],
+                        help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added)")
+    image_shape: list[int] = opt([], help="image positions: [height, width, channels] of one image (e.g. 32,32,3)")
     norm: str = opt("layernorm", choices=["layernorm", "rmsnorm"])
     norm_position: str = opt("pre", choices=["pre", "post"])
     mlp: str = opt("gelu", choices=["gelu", "relu", "swiglu"])
@@ -152,6 +157,9 @@ class Config:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}: choose d_model as a multiple of n_head")
         if m.position == "rope" and (m.d_model // m.n_head) % 2:
             raise ConfigError(f"model.position=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}: change d_model or n_head")
+        if m.position.startswith("image") and (len(m.image_shape) != 3 or min(m.image_shape) < 1):
+            raise ConfigError(f"model.position={m.position} needs model.image_shape=[height,width,channels], got {m.image_shape}: "
+                              "set e.g. model.image_shape=32,32,3")
         t = self.train
         if t.epochs is None and t.max_steps is None and t.time_budget_s is None:
             raise ConfigError("no stopping rule: set train.epochs, train.max_steps or train.time_budget_s")

@@ -90,8 +90,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def build_positional(position: str, context: int, d_model: int, n_head: int) -> nn.Module | None:
+def image_coordinates(positions: torch.Tensor, height: int, width: int, channels: int) -> tuple[torch.Tensor, ...]:
+    """(row, column, channel) of each byte of raster-order, channel-interleaved images; wraps every H*W*C bytes."""
+    pixel = positions // channels
+    return (pixel // width) % height, pixel % width, positions % channels
+
+
+class ImageEmbedding(nn.Module):
+    """The Sparse Transformer's data embeddings: learned row, column and channel vectors, summed per byte.
+
+    Byte p of an image serialised in raster order with channels interleaved is
+    channel p mod C of pixel p div C; ``absolute`` adds a learned per-position
+    table as well (``model.position=image+learned``).
+    """
+
+    def __init__(self, shape: list[int], d_model: int, context: int, absolute: bool = False):
+        super().__init__()
+        self.shape = tuple(shape)
+        height, width, channels = self.shape
+        self.row, self.col, self.channel = (nn.Embedding(n, d_model) for n in (height, width, channels))
+        self.absolute = LearnedPositionalEmbedding(context, d_model) if absolute else None
+
+    def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=self.row.weight.device)
+        row, col, channel = image_coordinates(positions, *self.shape)
+        out = self.row(row) + self.col(col) + self.channel(channel)
+        return out if self.absolute is None else out + self.absolute(T, positions=positions)
+
+
+def build_positional(position: str, context: int, d_model: int, n_head: int,
+                     image_shape: list[int] | None = None) -> nn.Module | None:
     """The positional module for ``ModelConfig.position`` (None for ``none``)."""
+    if position in ("image", "image+learned"):
+        return ImageEmbedding(image_shape, d_model, context, absolute=position == "image+learned")
     if position == "learned":
         return LearnedPositionalEmbedding(context, d_model)
     if position == "sinusoidal":
@@ -109,5 +141,7 @@ __all__ = [
     "Rotary",
     "apply_rotary",
     "sinusoidal_table",
+    "ImageEmbedding",
+    "image_coordinates",
     "build_positional",
 ]

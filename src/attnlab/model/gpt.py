@@ -18,11 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import Attention
+from ..attention.cache import CACHES, LayerCache, ModelCache, make_cache
 from ..config import AttentionConfig, ModelConfig
 from ..errors import ConfigError
-from .embeddings import LearnedPositionalEmbedding, Rotary, apply_rotary, build_positional
+from .embeddings import Rotary, apply_rotary, build_positional
 
 RopeCache = tuple[torch.Tensor, torch.Tensor] | None
+# Encodings that let a bounded cache decode past the training context: relative (RoPE) or none.
+STREAMING_POSITIONS = ("rope", "none")
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -66,7 +69,10 @@ class SelfAttention(nn.Module):
         self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RopeCache = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,
+                rope_sink: RopeCache = None) -> torch.Tensor:
+        """Without ``cache``: attention over x. With one: an empty cache is filled from x (the prompt);
+        otherwise x is the next position and attends to the cache (``rope_sink``: see attention.cache)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, Dh]
@@ -74,9 +80,16 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q_sink = None
         if rope is not None:
+            q_sink = None if rope_sink is None else apply_rotary(q, *rope_sink)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = self.core(q, k, v)
+        if cache is None or cache.length == 0:
+            y = self.core(q, k, v)
+            if cache is not None:
+                cache.prefill(k, v)
+        else:
+            y = cache.step(q, k, v, cache.length, q_sink)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -114,11 +127,12 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RopeCache = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,
+                rope_sink: RopeCache = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope)
+            x = x + self.attn(self.norm1(x), rope, cache, rope_sink)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope))
+        x = self.norm1(x + self.attn(x, rope, cache, rope_sink))
         return self.norm2(x + self.mlp(x))
 
 
@@ -135,7 +149,7 @@ class GPT(nn.Module):
         self.context = cfg.context
 
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
-        self.pos_emb = build_positional(cfg.position, cfg.context, cfg.d_model, cfg.n_head)
+        self.pos_emb = build_positional(cfg.position, cfg.context, cfg.d_model, cfg.n_head, cfg.image_shape)
         self.rotary = isinstance(self.pos_emb, Rotary)  # rotary goes to q/k; the others add to x
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, attn_cfg, i) for i in range(cfg.n_layer))
@@ -177,22 +191,53 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: ModelCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (``last_only``: [B, 1, vocab]) for idx [B, T].
+
+        With ``cache`` (``new_cache``): an empty cache is filled from idx, a
+        filled one takes idx as the next position (T = 1) and decodes from it.
+        """
         B, T = idx.shape
-        if T > self.context:
-            raise ValueError(f"sequence length {T} exceeds the model context {self.context}: feed at most {self.context} tokens")
+        start = 0 if cache is None else cache.length
+        self._check_length(start, T, cache)
         x = self.tok_emb(idx)
-        rope = None
+        rope = rope_sink = None
         if self.rotary:
-            rope = self.pos_emb(T)
+            rope = self.pos_emb(T, offset=start)
+            if start >= self.context:  # streaming: the sinks see this query at the context's last position
+                rope_sink = self.pos_emb(T, offset=self.context - 1)
         elif self.pos_emb is not None:
-            x = x + self.pos_emb(T)
+            x = x + self.pos_emb(T, offset=start)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layers[i], rope_sink)
+        if last_only:
+            x = x[:, -1:]
         if self.norm_f is not None:
             x = self.norm_f(x)
         return self.lm_head(x)
+
+    def _check_length(self, start: int, T: int, cache: ModelCache | None) -> None:
+        if start and T != 1:
+            raise ValueError(f"a filled KV cache takes one token per call, got {T}")
+        if start + T > self.context and not (start and self.can_stream(cache)):
+            raise ValueError(f"sequence length {start + T} exceeds the model context {self.context}: feed at most {self.context} tokens")
+
+    # ------------------------------------------------------------ decoding
+
+    def new_cache(self, batch: int, max_len: int) -> ModelCache:
+        """Empty KV caches (one per layer, chosen from its pattern) for up to ``max_len`` positions."""
+        streams = self.cfg.position in STREAMING_POSITIONS
+        layers = []
+        for block in self.blocks:
+            pattern = block.attn.core.pattern
+            limit = max_len if streams and CACHES[pattern.name].streams else min(max_len, self.context)
+            layers.append(make_cache(pattern, batch, self.cfg.n_head, limit))
+        return ModelCache(layers, self.context)
+
+    def can_stream(self, cache: ModelCache | None) -> bool:
+        """Whether decoding with ``cache`` may go past the training context: bounded caches and RoPE or no positions."""
+        return cache is not None and cache.streams and self.cfg.position in STREAMING_POSITIONS
 
     # ------------------------------------------------------------ reporting
 
@@ -200,14 +245,14 @@ class GPT(nn.Module):
         """Trainable parameters, each shared tensor once.
 
         ``non_embedding`` leaves out the token embedding table (and with it a
-        tied lm_head) and a learned position table, as in Kaplan et al.; an
-        untied lm_head is still counted.
+        tied lm_head) and learned position (or image data) embeddings, as in
+        Kaplan et al.; an untied lm_head is still counted.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
-            if isinstance(self.pos_emb, LearnedPositionalEmbedding):
-                n -= self.pos_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= sum(p.numel() for p in self.pos_emb.parameters())
         return n
 
     def resolve_backends(self, device: torch.device | str) -> list[str]:

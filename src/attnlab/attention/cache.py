@@ -1,0 +1,451 @@
+"""KV caches, one kind per attention pattern: what a decoding step keeps, and what it reads.
+
+A layer's cache is built from its pattern (``make_cache``) and keeps only the
+keys and values the pattern can still reach from the current or a later query:
+
+    pattern        kept per head                               memory
+    dense          every position so far (preallocated)        T
+    block_layout   every position so far, masked by layout      T
+    local(w)       a ring of the last w positions               w
+    sink_window    s sink slots + a ring of the last w          s + w
+    strided(l)     local heads: a ring of l; strided heads:     l / T (reads l + T/l)
+                   every position, read one residue class
+    fixed(l, c)    the current chunk + every summary column     l + c T / l
+    linear         the recurrent state (S, z)                   Dh x Dv
+
+Strided heads must keep every position: key j is reached again by query
+j + m*l for every m, so no past key ever becomes unreachable; what the cache
+bounds is the work per step (the keys of one residue class, T/l of them).
+
+Keys arrive already rotated (RoPE at their true positions), so a slot's
+position matters only for masking. Every step reads its slots through
+``attend_parts``: one exact softmax over several key sets (e.g. sinks and the
+ring), merged with a shared maximum instead of concatenating them.
+
+``sink_window`` streams past the training context as StreamingLLM does: with
+RoPE, positions are assigned within the cache. Window keys keep their relative
+distances; the sinks are seen from position ``min(i, context - 1)``, i.e. as the
+last query of a training sequence saw them (``GPT`` passes that second,
+shifted query as ``q_sink``). Inside the context this is exactly the full
+forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from .linear import LinearState, feature_map, linear_step
+from .patterns import Fixed, Pattern, Strided
+
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # (q, keys, values, mask or None)
+
+
+def attend_parts(parts: list[Part]) -> torch.Tensor:
+    """Softmax attention of one query over the union of several key sets: q [B,H,1,D] -> [B,H,1,D].
+
+    Each part's mask (broadcasting to [B,H,1,S]) marks usable slots. The parts
+    share one running maximum, so the result equals a softmax over their
+    concatenation. A query with no usable key gets 0, as in the reference.
+    """
+    if len(parts) == 1 and parts[0][3] is None:  # one unmasked key set: PyTorch's fused kernel
+        q, keys, values, _ = parts[0]
+        return F.scaled_dot_product_attention(q, keys, values)
+    scale = parts[0][0].shape[-1] ** -0.5
+    scores = []
+    for q, keys, _, mask in parts:
+        s = (q.float() @ keys.float().transpose(-2, -1)) * scale
+        scores.append(s if mask is None else s.masked_fill(~mask, float("-inf")))
+    top = torch.stack([s.amax(-1, keepdim=True) for s in scores if s.shape[-1]]).amax(0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    num = den = 0
+    for s, (_, _, values, _) in zip(scores, parts):
+        if s.shape[-1]:
+            e = torch.exp(s - top)
+            num = num + e @ values.float()
+            den = den + e.sum(-1, keepdim=True)
+    return (num / torch.where(den > 0, den, torch.ones_like(den))).to(parts[0][2].dtype)
+
+
+class LayerCache:
+    """One layer's decoding memory for ``batch`` sequences of ``n_head`` heads.
+
+    ``prefill(k, v)`` takes the keys/values of positions 0..P-1 (the prompt, whose
+    outputs the full forward pass computed); ``step(q, k, v, pos)`` adds position
+    ``pos`` and returns its attention output. Buffers are allocated on first use
+    with the incoming dtype and device.
+    """
+
+    streams: ClassVar[bool] = False  # True when memory is bounded, so decoding may run past the context
+
+    def __init__(self, pattern: Pattern, batch: int, n_head: int, max_len: int):
+        self.pattern, self.batch, self.n_head, self.max_len = pattern, batch, n_head, max_len
+        self.length = 0  # positions seen
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, q, k, v, pos: int, q_sink: torch.Tensor | None = None) -> torch.Tensor:
+        self._write(k, v, pos)
+        self.length = pos + 1
+        return attend_parts(self._parts(q, pos, q_sink))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def held(self) -> list[set[int]]:
+        """Positions whose key each head still holds (for tests)."""
+        raise NotImplementedError
+
+    # subclass hooks
+    def _write(self, k, v, pos: int) -> None:
+        raise NotImplementedError
+
+    def _parts(self, q, pos: int, q_sink) -> list[Part]:
+        raise NotImplementedError
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return []
+
+
+class Slots:
+    """Preallocated key/value slots [B, H, n, D], created on first write."""
+
+    def __init__(self, batch: int, n_head: int, n: int):
+        self.shape = (batch, n_head, n)
+        self.k = self.v = None
+
+    def write(self, index, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.k is None:
+            self.k = k.new_zeros(*self.shape, k.shape[-1])
+            self.v = v.new_zeros(*self.shape, v.shape[-1])
+        self.k[:, :, index] = k
+        self.v[:, :, index] = v
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.k is None else [self.k, self.v]
+
+
+# ------------------------------------------------------------------ the caches
+
+class AppendCache(LayerCache):
+    """dense / block_layout: every position, appended in order; a step reads the filled prefix only."""
+
+    def __init__(self, pattern, batch, n_head, max_len):
+        super().__init__(pattern, batch, n_head, max_len)
+        self.slots = Slots(batch, n_head, max_len)
+        self.heads = torch.arange(n_head)[:, None]
+
+    def prefill(self, k, v):
+        P = k.shape[2]
+        self.slots.write(slice(0, P), k, v)
+        self.length = P
+
+    def _write(self, k, v, pos):
+        self.slots.write(slice(pos, pos + 1), k, v)
+
+    def _parts(self, q, pos, q_sink):
+        n = pos + 1
+        mask = None
+        if not self.pattern.is_dense_causal:  # block_layout: the pattern's own rule over the filled slots
+            keys = torch.arange(n, device=q.device)
+            mask = self.pattern.allowed(torch.tensor(pos, device=q.device), keys[None, :], self.heads.to(q.device))[:, None, :]
+        return [(q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask)]
+
+    def held(self):
+        return [set(range(self.length)) for _ in range(self.n_head)]
+
+    def _tensors(self):
+        return self.slots.tensors()
+
+
+class Ring:
+    """The last ``size`` positions of some heads: position p lives in slot p mod size."""
+
+    def __init__(self, batch: int, n_head: int, size: int):
+        self.size = size
+        self.slots = Slots(batch, n_head, size)
+        self.pos = torch.full((size,), -1, dtype=torch.long)
+        self.full = False
+
+    def write(self, k, v, first: int) -> None:
+        """Write positions first..first+t-1 (only the last ``size`` of them can stay)."""
+        t = k.shape[2]
+        skip = max(0, t - self.size)
+        positions = torch.arange(first + skip, first + t)
+        self.slots.write(positions % self.size, k[:, :, skip:], v[:, :, skip:])
+        self.pos[positions % self.size] = positions
+        self.full = self.full or bool((self.pos >= 0).all())
+
+    def part(self, q) -> Part:
+        """The filled slots; until the ring is full, empty slots are cut off or masked."""
+        if self.full:
+            return (q, self.slots.k, self.slots.v, None)
+        filled = self.pos >= 0
+        n = int(filled.nonzero().max()) + 1
+        mask = None if bool(filled[:n].all()) else filled[:n].to(q.device)
+        return (q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask)
+
+    def held(self) -> set[int]:
+        return set(self.pos[self.pos >= 0].tolist())
+
+
+class LocalCache(LayerCache):
+    """local(w): a ring of the last w positions; memory constant in the generated length."""
+
+    streams = True
+
+    def __init__(self, pattern, batch, n_head, max_len):
+        super().__init__(pattern, batch, n_head, max_len)
+        self.ring = Ring(batch, n_head, min(pattern.window, max_len))
+
+    def prefill(self, k, v):
+        self.ring.write(k, v, 0)
+        self.length = k.shape[2]
+
+    def _write(self, k, v, pos):
+        self.ring.write(k, v, pos)
+
+    def _parts(self, q, pos, q_sink):
+        return [self.ring.part(q)]
+
+    def held(self):
+        return [self.ring.held() for _ in range(self.n_head)]
+
+    def _tensors(self):
+        return self.ring.slots.tensors()
+
+
+class SinkWindowCache(LayerCache):
+    """StreamingLLM: ``sinks`` fixed slots for positions 0..s-1 plus a ring of the last ``window``.
+
+    Positions below ``sinks`` go only to the sink slots, so the ring never
+    repeats a sink; until it has seen ``window`` later positions, its empty
+    slots are masked.
+    """
+
+    streams = True
+
+    def __init__(self, pattern, batch, n_head, max_len):
+        super().__init__(pattern, batch, n_head, max_len)
+        self.sinks = Slots(batch, n_head, pattern.sinks)
+        self.ring = Ring(batch, n_head, min(pattern.window, max_len))
+
+    def prefill(self, k, v):
+        s = self.pattern.sinks
+        if s:
+            self.sinks.write(slice(0, min(s, k.shape[2])), k[:, :, :s], v[:, :, :s])
+        if k.shape[2] > s:
+            self.ring.write(k[:, :, s:], v[:, :, s:], s)
+        self.length = k.shape[2]
+
+    def _write(self, k, v, pos):
+        if pos < self.pattern.sinks:
+            self.sinks.write(slice(pos, pos + 1), k, v)
+        else:
+            self.ring.write(k, v, pos)
+
+    def _parts(self, q, pos, q_sink):
+        n_sink = min(pos + 1, self.pattern.sinks)
+        parts = [] if n_sink == 0 else [(q if q_sink is None else q_sink, self.sinks.k[:, :, :n_sink], self.sinks.v[:, :, :n_sink], None)]
+        if pos >= self.pattern.sinks:
+            parts.append(self.ring.part(q))
+        return parts
+
+    def held(self):
+        return [set(range(min(self.length, self.pattern.sinks))) | self.ring.held() for _ in range(self.n_head)]
+
+    def _tensors(self):
+        return self.sinks.tensors() + self.ring.slots.tensors()
+
+
+class StridedCache(LayerCache):
+    """strided(l): local heads keep a ring of l; strided heads keep every position.
+
+    A strided head's query i reads keys i, i-l, i-2l, ...: one residue class,
+    a strided view of the append-only buffer (no copy). ``union`` heads read the
+    last l positions and, beyond them, the residue class, merged in one softmax.
+    """
+
+    def __init__(self, pattern: Strided, batch, n_head, max_len):
+        super().__init__(pattern, batch, n_head, max_len)
+        l, mode = pattern.local_attn_ctx, pattern.mode
+        if mode == "split":
+            self.n_local = pattern.n_head // 2
+        else:
+            self.n_local = n_head if (mode == "interleave" and pattern.part == "local") else 0
+        self.union = mode == "union"
+        self.ring = Ring(batch, self.n_local, l) if self.n_local else None
+        self.all = Slots(batch, n_head - self.n_local, max_len) if self.n_local < n_head else None
+
+    def prefill(self, k, v):
+        P, h = k.shape[2], self.n_local
+        if self.ring:
+            self.ring.write(k[:, :h], v[:, :h], 0)
+        if self.all:
+            self.all.write(slice(0, P), k[:, h:], v[:, h:])
+        self.length = P
+
+    def _write(self, k, v, pos):
+        h = self.n_local
+        if self.ring:
+            self.ring.write(k[:, :h], v[:, :h], pos)
+        if self.all:
+            self.all.write(slice(pos, pos + 1), k[:, h:], v[:, h:])
+
+    def step(self, q, k, v, pos, q_sink=None):
+        self._write(k, v, pos)
+        self.length = pos + 1
+        h, outs = self.n_local, []
+        if self.ring:
+            outs.append(attend_parts([self.ring.part(q[:, :h])]))
+        if self.all:
+            outs.append(attend_parts(self._strided_parts(q[:, h:], pos)))
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def _strided_parts(self, q, pos) -> list[Part]:
+        l, K, V = self.pattern.local_attn_ctx, self.all.k, self.all.v
+        r = pos % l
+        if not self.union:
+            return [(q, K[:, :, r:pos + 1:l], V[:, :, r:pos + 1:l], None)]
+        near = max(0, pos - l + 1)  # the window; the residue class continues below it
+        return [(q, K[:, :, near:pos + 1], V[:, :, near:pos + 1], None),
+                (q, K[:, :, r:max(near, r):l], V[:, :, r:max(near, r):l], None)]
+
+    def held(self):
+        local = self.ring.held() if self.ring else set()
+        return [local if h < self.n_local else set(range(self.length)) for h in range(self.n_head)]
+
+    def _tensors(self):
+        return (self.ring.slots.tensors() if self.ring else []) + (self.all.tensors() if self.all else [])
+
+
+class FixedCache(LayerCache):
+    """fixed(l, c): the current chunk's keys plus the summary columns of every finished chunk.
+
+    When a chunk finishes, each head keeps its own c summary columns of it (heads
+    of different ``num_verts`` groups keep different offsets; all keep c).
+    """
+
+    def __init__(self, pattern: Fixed, batch, n_head, max_len):
+        super().__init__(pattern, batch, n_head, max_len)
+        l = pattern.local_attn_ctx
+        # A key of an earlier chunk (query at l, key at offset o < l) is visible iff it is a summary column.
+        per_head = pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], torch.arange(n_head)[:, None])  # [H, l]
+        self.offsets = per_head.expand(n_head, l).nonzero()[:, 1].view(n_head, -1)  # [H, c], the same c for every head
+        self.chunk = Slots(batch, n_head, l)
+        self.summary = Slots(batch, n_head, -(-max_len // l) * self.offsets.shape[1])
+        self.n_summary = 0
+
+    def prefill(self, k, v):
+        l, P = self.pattern.local_attn_ctx, k.shape[2]
+        done = P // l * l
+        for c0 in range(0, done, l):
+            self._keep_summary(k[:, :, c0:c0 + l], v[:, :, c0:c0 + l])
+        if P > done:
+            self.chunk.write(slice(0, P - done), k[:, :, done:], v[:, :, done:])
+        self.length = P
+
+    def _keep_summary(self, k_chunk, v_chunk):
+        B, H, _, D = k_chunk.shape
+        c = self.offsets.shape[1]
+        index = self.offsets.to(k_chunk.device)[None, :, :, None].expand(B, H, c, D)
+        self.summary.write(slice(self.n_summary, self.n_summary + c), k_chunk.gather(2, index), v_chunk.gather(2, index))
+        self.n_summary += c
+
+    def step(self, q, k, v, pos, q_sink=None):
+        l = self.pattern.local_attn_ctx
+        at = pos % l
+        self.chunk.write(slice(at, at + 1), k, v)
+        self.length = pos + 1
+        parts = [(q, self.chunk.k[:, :, :at + 1], self.chunk.v[:, :, :at + 1], None)]
+        if self.n_summary:
+            parts.append((q, self.summary.k[:, :, :self.n_summary], self.summary.v[:, :, :self.n_summary], None))
+        out = attend_parts(parts)
+        if at == l - 1:  # the chunk is finished: only its summary columns stay reachable
+            self._keep_summary(self.chunk.k, self.chunk.v)
+        return out
+
+    def held(self):
+        l = self.pattern.local_attn_ctx
+        done = self.length // l * l
+        current = set(range(done, self.length))
+        return [current | {c0 + o for c0 in range(0, done, l) for o in self.offsets[h].tolist()} for h in range(self.n_head)]
+
+    def _tensors(self):
+        return self.chunk.tensors() + self.summary.tensors()
+
+
+class LinearCache(LayerCache):
+    """linear: the recurrent state ``(S, z)``; constant memory, one ``linear_step`` per token."""
+
+    streams = True
+
+    def __init__(self, pattern, batch, n_head, max_len):
+        super().__init__(pattern, batch, n_head, max_len)
+        self.state: LinearState | None = None
+
+    def prefill(self, k, v):
+        phi = feature_map(self.pattern.feature_map)
+        fk, vw = phi(k.float()), v.float()
+        self.state = LinearState(fk.transpose(-2, -1) @ vw, fk.sum(-2))
+        self.length = k.shape[2]
+
+    def step(self, q, k, v, pos, q_sink=None):
+        if self.state is None:
+            self.state = LinearState.zeros(self.batch, self.n_head, k.shape[-1], v.shape[-1], k.device)
+        out, self.state = linear_step(q, k, v, self.state, self.pattern.feature_map)
+        self.length = pos + 1
+        return out
+
+    def held(self):
+        return [set() for _ in range(self.n_head)]
+
+    def _tensors(self):
+        return [] if self.state is None else [self.state.s, self.state.z]
+
+
+# ------------------------------------------------------------------ registry
+
+CACHES: dict[str, type[LayerCache]] = {
+    "dense": AppendCache,
+    "block_layout": AppendCache,
+    "local": LocalCache,
+    "sink_window": SinkWindowCache,
+    "strided": StridedCache,
+    "fixed": FixedCache,
+    "linear": LinearCache,
+}
+
+
+def make_cache(pattern: Pattern, batch: int, n_head: int, max_len: int) -> LayerCache:
+    """The cache kind for ``pattern`` (a new pattern registers its kind in ``CACHES``)."""
+    try:
+        kind = CACHES[pattern.name]
+    except KeyError:
+        raise NotImplementedError(f"no KV cache for attention pattern {pattern.name!r}: add one to attention.cache.CACHES") from None
+    return kind(pattern, batch, n_head, max_len)
+
+
+class ModelCache:
+    """Every layer's cache, plus how many positions the model has consumed."""
+
+    def __init__(self, layers: list[LayerCache], context: int):
+        self.layers, self.context = layers, context
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+    @property
+    def streams(self) -> bool:
+        """Every layer's memory is bounded, so decoding may continue past the training context."""
+        return all(c.streams for c in self.layers)
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
+
+
+__all__ = ["attend_parts", "LayerCache", "ModelCache", "make_cache", "CACHES"]
