@@ -1,4 +1,4 @@
-"""The on-disk text dataset: ``train.bin``, ``val.bin``, ``tokenizer.json``, ``meta.json``.
+"""The on-disk dataset: ``train.bin``, ``val.bin`` (``test.bin``), ``meta.json``, and ``tokenizer.json`` for text.
 
 Each ``.bin`` is a flat array of token ids (uint16, or uint32 for vocabularies
 above 65536): ``[eos] doc1 [eos] doc2 [eos] ...``. The leading ``eos`` gives
@@ -7,6 +7,10 @@ the first token of a split a context; every document is followed by ``eos``.
 and per split the number of documents, tokens, UTF-8 bytes and characters of
 the documents (separators excluded: the denominator of bits/byte), unknown
 tokens, and the sha256 of the file.
+
+Image datasets (``meta["kind"] == "image"``, see ``images.py``) hold images
+as concatenated byte tokens (vocabulary 256, no separator) plus
+``{split}.labels.npy``; they have no tokenizer.
 
 ``prepare`` builds the folder atomically (temp folder beside it, then rename);
 ``load`` checks every file against meta.json before handing out memmaps.
@@ -31,6 +35,7 @@ from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
+from . import images
 from .sources import load_documents
 from .text import EOS, Tokenizer, load_tokenizer, token_dtype, train_tokenizer
 
@@ -45,17 +50,21 @@ ENCODE_CHUNK_CHARS = 4 << 20  # ... or fewer, to bound memory on long documents
 class Dataset:
     dir: Path
     meta: dict
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for image datasets
     _memmaps: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def tokens(self, split: str) -> np.ndarray:
-        """Read-only memmap of a split's token ids."""
+    def split_info(self, split: str) -> dict:
+        """meta.json's entry for `split`, or a DataError naming the splits there are."""
         if split not in self.meta["splits"]:
             have = ", ".join(self.meta["splits"])
             hint = " (prepared with data.val_frac=0: set val_frac > 0 and re-prepare)" if split == "val" else ""
             raise DataError(f"dataset {self.dir} has no {split!r} split{hint}: use one of {have}")
+        return self.meta["splits"][split]
+
+    def tokens(self, split: str) -> np.ndarray:
+        """Read-only memmap of a split's token ids."""
+        info = self.split_info(split)
         if split not in self._memmaps:
-            info = self.meta["splits"][split]
             self._memmaps[split] = np.memmap(self.dir / info["file"], dtype=DTYPES[self.meta["dtype"]], mode="r",
                                              shape=(info["tokens"],))
         return self._memmaps[split]
@@ -67,6 +76,11 @@ class Dataset:
     @property
     def splits(self) -> list[str]:
         return list(self.meta["splits"])
+
+    @property
+    def kind(self) -> str:
+        """"text" or "image" (datasets from before images have no kind: text)."""
+        return self.meta.get("kind", "text")
 
 
 # -------------------------------------------------------------- prepare
@@ -123,30 +137,22 @@ def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
 
 
 def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True) -> dict:
-    """Load, shuffle, split, tokenize and write a dataset folder; returns its meta."""
+    """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta."""
     out = Path(out_dir)
     _check_target(out, force)
-    documents = load_documents(cfg)
-    splits = split_documents(select_documents(documents.docs, cfg), cfg.val_frac)
-    tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        split_meta = {name: _write_split(tmp / f"{name}.bin", name, docs, tok, progress) for name, docs in splits.items()}
-        tok.save(tmp / "tokenizer.json")
+        write = images.write_dataset if cfg.source in images.IMAGE_SOURCES else _write_text
+        body = write(cfg, tmp, progress)
         meta = {
             "format_version": FORMAT_VERSION,
             "attnlab_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": documents.info,
+            "kind": body.pop("kind"),
+            "source": body.pop("source"),
             "data_config": config_record(cfg),
-            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"},
-            "vocab_size": tok.vocab_size,
-            "dtype": tok.dtype.name,
-            "document_separator": EOS,
-            "documents_selected": sum(len(d) for d in splits.values()),
-            "splits": split_meta,
+            **body,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _replace_dir(tmp, out)
@@ -154,6 +160,25 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _write_text(cfg: DataConfig, tmp: Path, progress: bool) -> dict:
+    """Load, shuffle and split the documents, train the tokenizer on train, write the splits; meta entries."""
+    documents = load_documents(cfg)
+    splits = split_documents(select_documents(documents.docs, cfg), cfg.val_frac)
+    tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
+    split_meta = {name: _write_split(tmp / f"{name}.bin", name, docs, tok, progress) for name, docs in splits.items()}
+    tok.save(tmp / "tokenizer.json")
+    return {
+        "kind": "text",
+        "source": documents.info,
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"},
+        "vocab_size": tok.vocab_size,
+        "dtype": tok.dtype.name,
+        "document_separator": EOS,
+        "documents_selected": sum(len(d) for d in splits.values()),
+        "splits": split_meta,
+    }
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -240,6 +265,10 @@ def load(dir, *, verify: bool = True) -> Dataset:
     dtype = _meta_dtype(meta, meta_path, d)
     for name, info in meta["splits"].items():
         _check_split(d, name, info, dtype, verify)
+        if meta.get("kind") == "image":
+            _check_labels(d, name, info, int(meta["tokens_per_image"]), verify)
+    if meta.get("kind") == "image":
+        return Dataset(d, meta, None)
     tok = load_tokenizer(d / meta.get("tokenizer", {}).get("file", "tokenizer.json"))
     if tok.vocab_size != meta["vocab_size"]:
         raise DataError(f"{d / 'tokenizer.json'} has {tok.vocab_size} tokens but meta.json says {meta['vocab_size']}: "
@@ -285,4 +314,22 @@ def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) 
         raise DataError(f"{path} does not match meta.json (size {size} bytes, expected {expected} = "
                         f"{info['tokens']} tokens x {dtype.itemsize}): the file is truncated or corrupted; {_fix(d)}")
     if verify and file_sha256(path) != info.get("sha256"):
+        raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
+
+
+def _check_labels(d: Path, name: str, info: dict, tokens_per_image: int, verify: bool) -> None:
+    """An image split: whole images, a labels file with one int16 label per image, and (with `verify`) its sha256."""
+    if info["tokens"] != info["images"] * tokens_per_image:
+        raise DataError(f"meta.json says the {name} split has {info['tokens']} tokens, not {info['images']} images x "
+                        f"{tokens_per_image}: the dataset is corrupted; {_fix(d)}")
+    path = d / info.get("labels_file", f"{name}.labels.npy")
+    try:
+        labels = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}): the labels of the {name} split are missing or "
+                        f"corrupted; {_fix(d)}") from None
+    if labels.shape != (info["images"],) or labels.dtype != np.int16:
+        raise DataError(f"{path} holds {labels.dtype}{list(labels.shape)}, expected int16 [{info['images']}]: "
+                        f"the file is corrupted; {_fix(d)}")
+    if verify and file_sha256(path) != info.get("labels_sha256"):
         raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
