@@ -60,7 +60,7 @@ class ModelConfig:
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
     position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "image", "image+learned"],
                         help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added)")
-    image_shape: list[int] = opt([], help="image positions: [height, width, channels] of one image (e.g. 32,32,3)")
+    image_shape: list[int] = opt([], help="image positions: [height, width, channels] of one image (default: the dataset's)")
     norm: str = opt("layernorm", choices=["layernorm", "rmsnorm"])
     norm_position: str = opt("pre", choices=["pre", "post"])
     mlp: str = opt("gelu", choices=["gelu", "relu", "swiglu"])
@@ -136,7 +136,8 @@ class LoggingConfig:
     wandb: str = opt("off", choices=["off", "online", "offline"])
     wandb_project: str = opt("attnlab")
     tensorboard: bool = opt(False)
-    sample_tokens: int = opt(0, lo=0, help="tokens to sample at each evaluation (0 = none)")
+    sample_tokens: int = opt(0, lo=0, help="text: tokens to sample into samples/ at each evaluation (0 = none)")
+    sample_images: int = opt(0, lo=0, hi=256, help="images: a grid of this many samples into samples/ at each evaluation (0 = none)")
 
 
 @dataclass
@@ -157,9 +158,9 @@ class Config:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}: choose d_model as a multiple of n_head")
         if m.position == "rope" and (m.d_model // m.n_head) % 2:
             raise ConfigError(f"model.position=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}: change d_model or n_head")
-        if m.position.startswith("image") and (len(m.image_shape) != 3 or min(m.image_shape) < 1):
-            raise ConfigError(f"model.position={m.position} needs model.image_shape=[height,width,channels], got {m.image_shape}: "
-                              "set e.g. model.image_shape=32,32,3")
+        if m.image_shape and (len(m.image_shape) != 3 or min(m.image_shape) < 1):
+            raise ConfigError(f"model.image_shape={m.image_shape} is not [height, width, channels]: set e.g. model.image_shape=32,32,3 "
+                              "(or leave it empty to take the dataset's)")
         t = self.train
         if t.epochs is None and t.max_steps is None and t.time_budget_s is None:
             raise ConfigError("no stopping rule: set train.epochs, train.max_steps or train.time_budget_s")

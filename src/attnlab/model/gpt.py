@@ -145,6 +145,9 @@ class GPT(nn.Module):
             raise ConfigError(f"model.d_model={cfg.d_model} is not divisible by model.n_head={cfg.n_head}: choose d_model as a multiple of n_head")
         if cfg.position == "rope" and (cfg.d_model // cfg.n_head) % 2:
             raise ConfigError(f"model.position=rope needs an even head size, got d_model/n_head={cfg.d_model // cfg.n_head}: change d_model or n_head")
+        if cfg.position.startswith("image") and len(cfg.image_shape) != 3:
+            raise ConfigError(f"model.position={cfg.position} needs model.image_shape=[height,width,channels]: train on an image "
+                              "dataset (its shape is taken from there) or set e.g. model.image_shape=32,32,3")
         self.cfg, self.attn_cfg, self.vocab_size = cfg, attn_cfg, vocab_size
         self.context = cfg.context
 
