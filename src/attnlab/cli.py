@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ba.add_argument("--plot", help="log-log plot (default: the CSV path with .png)")
 
+    from .bench import generate as bench_generate
+    bench_generate.add_parser(bsub)
+
     vi = sub.add_parser("viz", help="pictures")
     vsub = vi.add_subparsers(dest="viz", required=True)
     vp = vsub.add_parser("pattern", help="draw an attention pattern's mask, one panel per group of identical heads")
@@ -202,6 +205,9 @@ def _peak_rss_mb() -> float | None:
 def cmd_bench(a) -> None:
     if a.bench == "attention":
         return cmd_bench_attention(a)
+    if a.bench == "generate":
+        from .bench import generate
+        return generate.run(a)
     from . import config
     from .bench import bench_train
     cfg = config.load(a.config, a.overrides)
