@@ -49,7 +49,9 @@ def test_summary_has_honest_metrics(tmp_path, corpus):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, corpus, monkeypatch):
-    common = ["train.max_steps=10", "train.checkpoint_every=4", "train.grad_accum=2", "train.eval_every=5"]
+    # samples written at each eval use their own generator: they must not disturb the training streams
+    common = ["train.max_steps=10", "train.checkpoint_every=4", "train.grad_accum=2", "train.eval_every=5",
+              "logging.sample_tokens=20"]
     full = train(cfg_for(tmp_path, corpus, *common, name="full"))
 
     real_step = trainer_mod.Trainer.train_step
@@ -68,6 +70,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, corpus, monkeypa
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed["val_bits_per_byte"] == full["val_bits_per_byte"]
+    samples = sorted((a / "samples").iterdir())
+    assert [f.name for f in samples] == ["step-0000005.txt", "step-0000010.txt"]
+    assert [f.read_text() for f in samples] == [(b / "samples" / f.name).read_text() for f in samples]
 
 
 def test_run_directory_is_never_reused(tmp_path, corpus):

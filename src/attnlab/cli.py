@@ -139,12 +139,18 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from .eval.metrics import score_tokens, text_metrics
     from .runs import load_run
     run = load_run(a.run_dir, a.checkpoint, a.device)
     splits = run.dataset.meta["splits"]
     if a.split not in splits:
         raise UserError(f"split {a.split!r} not in {run.dataset.dir}: use one of {', '.join(splits)}")
+    out = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "split": a.split}
+    out.update(_eval_images(run, a) if run.dataset.kind == "image" else _eval_text(run, a))
+    print(json.dumps(out))
+
+
+def _eval_text(run, a) -> dict:
+    from .eval.metrics import score_tokens, text_metrics
     context = a.context or run.cfg.model.context
     if not 1 <= context <= run.cfg.model.context:
         raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
@@ -153,12 +159,23 @@ def cmd_eval(a) -> None:
         raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
     score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
                          batch_size=a.batch_size, device=run.device, progress=True)
-    m = text_metrics(score, splits[a.split])
-    out = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "split": a.split, "context": context, "stride": stride,
-           f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
-           f"{a.split}_perplexity": m["perplexity"], f"mainrun_{a.split}_loss (mainrun-compatible: nats/char)": m["mainrun_loss"],
-           "tokens_scored": m["tokens"], "bytes": m["bytes"]}
-    print(json.dumps(out))
+    m = text_metrics(score, run.dataset.meta["splits"][a.split])
+    return {"context": context, "stride": stride,
+            f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
+            f"{a.split}_perplexity": m["perplexity"], f"mainrun_{a.split}_loss (mainrun-compatible: nats/char)": m["mainrun_loss"],
+            "tokens_scored": m["tokens"], "bytes": m["bytes"]}
+
+
+def _eval_images(run, a) -> dict:
+    from .eval.metrics import image_metrics, score_images
+    if a.context or a.stride:
+        raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
+    n = run.cfg.model.context
+    score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=run.model.vocab_size - 1,
+                         batch_size=a.batch_size, device=run.device, progress=True)
+    m = image_metrics(score, n)
+    return {f"{a.split}_bits_per_dim": m["bits_per_dim"], f"{a.split}_nats_per_image": m["nats_per_image"],
+            "images_scored": m["images"], "dims_per_image": n}
 
 
 def cmd_sample(a) -> None:

@@ -13,7 +13,7 @@ from .errors import CheckpointError
 from .model.gpt import GPT
 from .train import checkpoint as ckpt
 from .train.runtime import pick_device
-from .train.trainer import load_run_config, open_dataset
+from .train.trainer import fit_model_to_data, load_run_config, open_dataset
 
 
 @dataclass
@@ -36,7 +36,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet: wait for the first checkpoint or resume the run")
     dataset = open_dataset(cfg.data, progress=False)
     dev = pick_device(device)
-    model = GPT(cfg.model, cfg.attention, dataset.vocab_size)
+    model = GPT(cfg.model, cfg.attention, fit_model_to_data(cfg, dataset))
     ckpt.load_checkpoint(path, model)
     model.to(dev).eval().resolve_backends(dev)
     return LoadedRun(run_dir, cfg, dataset, model, path, dev)

@@ -35,23 +35,36 @@ class BatchIterator:
         self.batch_size, self.context, self.seed = batch_size, context, seed
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
-        n = len(tokens)
-        # Windows that fit at every offset in [0, context): off + k*C + C + 1 <= n for off = C - 1.
-        self.windows_per_epoch = max(n - context, 0) // context
+        self.windows_per_epoch = self._count_windows(len(tokens))
         self.steps_per_epoch = self.windows_per_epoch // batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"{name} has {n} tokens, fewer than one batch of {batch_size} x ({context}+1) "
-                            f"(needs {batch_size * context + context}): lower train.batch_size or model.context, "
-                            "or use more data")
+            raise DataError(self._too_small(name))
         self.epoch, self.step = 0, 0
         self._plan_epoch = None  # (epoch, offset, order) cache
         self._arange = np.arange(context + 1, dtype=np.int64)
+
+    def _count_windows(self, n: int) -> int:
+        # Windows that fit at every offset in [0, context): off + k*C + C + 1 <= n for off = C - 1.
+        return max(n - self.context, 0) // self.context
+
+    def _too_small(self, name: str) -> str:
+        n, b, c = len(self.tokens), self.batch_size, self.context
+        return (f"{name} has {n} tokens, fewer than one batch of {b} x ({c}+1) (needs {b * c + c}): "
+                "lower train.batch_size or model.context, or use more data")
+
+    def _random_offset(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(0, self.context))
+
+    def _read(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # Fancy indexing reads only these windows from a memmap, not the whole file.
+        w = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
+        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
 
     # -------------------------------------------------------------- plan
     def _plan(self, epoch: int) -> tuple[int, np.ndarray]:
         if self._plan_epoch is None or self._plan_epoch[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            offset = int(rng.integers(0, self.context))
+            offset = self._random_offset(rng)
             order = rng.permutation(self.windows_per_epoch)
             self._plan_epoch = (epoch, offset, order)
         return self._plan_epoch[1], self._plan_epoch[2]
@@ -66,12 +79,10 @@ class BatchIterator:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 tensors of shape [batch_size // world_size, context]; y is x shifted by one."""
         starts = self.window_starts(self.epoch, self.step)
-        # Fancy indexing reads only these windows from a memmap, not the whole file.
-        w = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
         self.step += 1
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
-        return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+        return self._read(starts)
 
     def __iter__(self):
         while True:
@@ -100,3 +111,32 @@ class BatchIterator:
             raise DataError(f"the saved batch position (epoch {epoch}, step {step}) is outside an epoch of "
                             f"{self.steps_per_epoch} steps: resume with the same data and batch settings")
         self.epoch, self.step = epoch, step
+
+
+class ImageBatches(BatchIterator):
+    """One whole image per row, images in a seeded random order per epoch: x = [SOS, image[:-1]], y = image.
+
+    ``context`` is the bytes per image; the start-of-image token ``sos`` gives the
+    first byte something to be predicted from, so every byte of an image is a
+    target exactly once and no image sees another.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, tokens_per_image: int, seed: int, sos: int,
+                 rank: int = 0, world_size: int = 1, *, name: str = "train.bin"):
+        self.sos = sos
+        super().__init__(tokens, batch_size, tokens_per_image, seed, rank, world_size, name=name)
+
+    def _count_windows(self, n: int) -> int:
+        return n // self.context
+
+    def _too_small(self, name: str) -> str:
+        return (f"{name} has {len(self.tokens) // self.context} images, fewer than one batch of {self.batch_size}: "
+                "lower train.batch_size or use more images")
+
+    def _random_offset(self, rng: np.random.Generator) -> int:
+        return 0  # images start at multiples of their size
+
+    def _read(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.from_numpy(np.asarray(self.tokens[starts[:, None] + self._arange[:-1]], dtype=np.int64))
+        x = torch.cat([torch.full_like(y[:, :1], self.sos), y[:, :-1]], dim=1)
+        return x, y

@@ -1,4 +1,4 @@
-"""Honest language-model metrics over a whole token split.
+"""Honest language-model metrics over a whole token split (text) or image split (images).
 
 Every target token of the split is scored exactly once. Windows of
 ``context`` tokens slide by ``stride``: the first window scores all of its
@@ -7,6 +7,10 @@ predicted from at least ``context - stride`` tokens of left context (all of
 it where the split is shorter). The windows are fixed by (context, stride)
 alone and their NLL sums are accumulated in float64 in window order, so the
 batch size only groups windows and cannot change the result.
+
+Images are scored one whole image per row, from a start-of-image token
+(``score_images``): every byte of every image is a target exactly once, and
+bits per dimension divide by the split's bytes (H*W*C per image).
 """
 
 from __future__ import annotations
@@ -117,3 +121,43 @@ def text_metrics(score: Score, split_meta: dict, *, partial: bool = False) -> di
         m["bytes"] = split_meta["bytes"]
         m["chars"] = split_meta["chars"]
     return m
+
+
+def score_images(model, tokens: np.ndarray, *, tokens_per_image: int, sos: int, batch_size: int = 32,
+                 device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+                 max_images: int | None = None, progress: bool = False) -> Score:
+    """Sum of NLL (nats) of every byte of every image, each image predicted from SOS alone.
+
+    Per-image sums are accumulated in float64 in image order, so the batch size
+    cannot change the result. ``max_images`` limits periodic evals to the first images.
+    """
+    n = len(tokens) // tokens_per_image
+    n = n if max_images is None else min(n, max_images)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    amp = (torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+           if autocast_dtype is not None else contextlib.nullcontext())
+    starts = range(0, n, batch_size)
+    with torch.no_grad(), amp:
+        for first in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+            rows = np.asarray(tokens[first * tokens_per_image:min(first + batch_size, n) * tokens_per_image], dtype=np.int64)
+            y = torch.from_numpy(rows.reshape(-1, tokens_per_image)).to(device)
+            x = torch.cat([torch.full_like(y[:, :1], sos), y[:, :-1]], dim=1)
+            nll = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none")
+            for per_image in nll.double().sum(1).tolist():
+                total += per_image
+    model.train(was_training)
+    return Score(total, n * tokens_per_image)
+
+
+def image_metrics(score: Score, tokens_per_image: int) -> dict:
+    """Bits per dimension (the images' bytes), nats per image and per dimension."""
+    images = score.tokens // tokens_per_image
+    return {
+        "bits_per_dim": score.nll_nats / (LN2 * score.tokens),
+        "nats_per_dim": score.nll_nats / score.tokens,
+        "nats_per_image": score.nll_nats / images,
+        "images": images,
+        "tokens": score.tokens,
+    }

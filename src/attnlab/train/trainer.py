@@ -25,9 +25,10 @@ from tqdm import tqdm
 from .. import config as config_mod
 from ..config import Config
 from ..data import store
-from ..data.batches import BatchIterator
+from ..data.batches import BatchIterator, ImageBatches
+from ..data.images import IMAGE_SOURCES
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from ..eval.metrics import score_tokens, text_metrics
+from ..eval.metrics import image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
 from . import checkpoint as ckpt
 from . import runtime
@@ -42,6 +43,8 @@ def default_data_dir(data_cfg) -> Path:
     record = json.dumps(store.config_record(data_cfg), sort_keys=True)
     digest = hashlib.sha256(record.encode()).hexdigest()[:8]
     source = Path(data_cfg.source).name.split(".")[0] or "data"
+    if data_cfg.source in IMAGE_SOURCES:  # bytes of pixels: no tokenizer
+        return Path("data") / f"{source}-{data_cfg.image_size or 'native'}px-{digest}"
     vocab = data_cfg.vocab_size if data_cfg.tokenizer == "bpe" else ""
     return Path("data") / f"{source}-{data_cfg.tokenizer}{vocab}-{digest}"
 
@@ -64,6 +67,28 @@ def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
         k = differ[0]
         raise DataError(f"{path} was prepared with data.{k}={have[k]!r} but the config says {want[k]!r}: "
                         f"set data.dir to another folder (or match the data.* settings)")
+
+
+def fit_model_to_data(cfg: Config, ds: store.Dataset) -> int:
+    """Complete the model config from an image dataset (its shape) and return the model's vocabulary.
+
+    An image model predicts bytes 0..255 and reads one more token, the start of
+    an image (SOS = 256): its vocabulary is 257 and its context one image.
+    """
+    if ds.kind != "image":
+        return ds.vocab_size
+    image = ds.meta["image"]
+    shape, n = [image["height"], image["width"], image["channels"]], int(ds.meta["tokens_per_image"])
+    m = cfg.model
+    if m.context != n:
+        raise ConfigError(f"model.context={m.context} must equal the bytes of one image ({'x'.join(map(str, shape))} = {n}) "
+                          f"for the image dataset {ds.dir}: set model.context={n}")
+    if not m.image_shape:
+        m.image_shape = shape
+    elif list(m.image_shape) != shape:
+        raise ConfigError(f"model.image_shape={m.image_shape} does not match the dataset's {shape}: "
+                          f"set model.image_shape={','.join(map(str, shape))} or leave it empty")
+    return ds.vocab_size + 1
 
 
 # ------------------------------------------------------------------ run directory
@@ -133,12 +158,17 @@ class Trainer:
             runtime.keep_freed_memory()
         runtime.seed_everything(cfg.train.seed)
         self.ds = open_dataset(cfg.data, progress=cfg.logging.progress)
+        vocab = fit_model_to_data(cfg, self.ds)
+        self.image = self.ds.kind == "image"
         self.train_tokens = self.ds.tokens("train")
         self.val_tokens = self.ds.tokens("val")
         if len(self.val_tokens) < 2:
             raise DataError(f"{self.ds.dir} has an empty validation split: raise data.val_frac")
-        self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed)
-        self.model = GPT(cfg.model, cfg.attention, self.ds.vocab_size).to(self.device)
+        if self.image:
+            self.batches = ImageBatches(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, sos=vocab - 1)
+        else:
+            self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed)
+        self.model = GPT(cfg.model, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -255,14 +285,22 @@ class Trainer:
         return total.item()
 
     def evaluate(self, split: str = "val", full: bool = True, progress: bool = False) -> dict:
-        t = self.cfg.train
+        """The split's metrics; ``full=False`` may score only ``train.val_tokens`` (then ``partial`` is True)."""
+        t, context = self.cfg.train, self.cfg.model.context
         tokens = self.ds.tokens(split)
         limit = None if full else t.val_tokens
+        run = dict(batch_size=t.eval_batch_size, device=self.device, autocast_dtype=self.amp_dtype, progress=progress)
+        if self.image:
+            n_images = len(tokens) // context
+            max_images = None if limit is None else max(1, limit // context)
+            score = score_images(self.model, tokens, tokens_per_image=context, sos=self.model.vocab_size - 1,
+                                 max_images=max_images, **run)
+            return {**image_metrics(score, context), "loss": score.nll_nats / score.tokens,
+                    "partial": score.tokens < n_images * context}
         partial = limit is not None and limit < len(tokens) - 1
-        score = score_tokens(self.model, tokens, context=self.cfg.model.context, stride=t.eval_stride,
-                             batch_size=t.eval_batch_size, device=self.device, autocast_dtype=self.amp_dtype,
-                             max_tokens=limit, progress=progress)
-        return text_metrics(score, self.ds.meta["splits"][split], partial=partial)
+        score = score_tokens(self.model, tokens, context=context, stride=t.eval_stride, max_tokens=limit, **run)
+        return {**text_metrics(score, self.ds.meta["splits"][split], partial=partial),
+                "loss": score.nll_nats / score.tokens, "partial": partial}
 
     def should_stop(self) -> str | None:
         t, p = self.cfg.train, self.progress
@@ -279,10 +317,11 @@ class Trainer:
     def periodic_eval(self, log: EventLog) -> None:
         m = self.evaluate(full=False)
         p = self.progress
-        log.log("validation_step", step=p.step, epoch=self.batches.epoch_float, val_loss=m["nats_per_token"],
-                **{f"val_{k}": v for k, v in m.items()}, partial="bits_per_byte" not in m)
-        if m["nats_per_token"] < p.best_val:
-            p.best_val, p.evals_without_improvement = m["nats_per_token"], 0
+        log.log("validation_step", step=p.step, epoch=self.batches.epoch_float, val_loss=m["loss"],
+                **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, partial=m["partial"])
+        self.write_samples(log)
+        if m["loss"] < p.best_val:
+            p.best_val, p.evals_without_improvement = m["loss"], 0
         else:
             p.evals_without_improvement += 1
 
@@ -330,28 +369,56 @@ class Trainer:
         raise TrainingDiverged(f"loss became {loss} at step {step} ({kept}): lower optim.lr, enable optim.grad_clip "
                                f"or use train.dtype=float32, then start a new run")
 
+    def _split_summary(self, split: str, m: dict) -> dict:
+        if self.image:
+            return {f"{split}_bits_per_dim": m["bits_per_dim"], f"{split}_nats_per_image": m["nats_per_image"],
+                    f"{split}_images_scored": m["images"]}
+        out = {f"{split}_bits_per_byte": m["bits_per_byte"], f"{split}_nats_per_token": m["nats_per_token"]}
+        if split == "val":
+            out.update(val_perplexity=m["perplexity"], mainrun_val_loss=m["mainrun_loss"], val_tokens_scored=m["tokens"])
+        return out
+
+    def write_samples(self, log: EventLog, final: bool = False) -> None:
+        """A grid of ``logging.sample_images`` images or ``logging.sample_tokens`` of text into samples/."""
+        lg, step = self.cfg.logging, self.progress.step
+        n = lg.sample_images if self.image else lg.sample_tokens
+        if not n or (final and (self.run_dir / "samples" / f"step-{step:07d}{'.png' if self.image else '.txt'}").exists()):
+            return
+        out = self.run_dir / "samples"
+        out.mkdir(exist_ok=True)
+        seed = self.cfg.train.seed + step
+        if self.image:
+            from ..eval.images import sample_images, save_grid
+            images = sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device, progress=False)
+            path = save_grid(images, out / f"step-{step:07d}.png")
+        else:
+            from ..eval.sample import sample_text
+            (text,), _ = sample_text(self.model, self.ds.tokenizer, "", n, seed=seed, device=self.device, stop_at_eos=False)
+            path = out / f"step-{step:07d}.txt"
+            ckpt.atomic_write_text(path, text)
+        log.log("samples_written", step=step, path=str(path), final=final)
+
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
         p = self.progress
         self.save(log)
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
-        log.log("validation_step", step=p.step, final=True, val_loss=val["nats_per_token"],
-                **{f"val_{k}": v for k, v in val.items()}, partial=False)
+        log.log("validation_step", step=p.step, final=True, val_loss=val["loss"],
+                **{f"val_{k}": v for k, v in val.items() if k not in ("loss", "partial")}, partial=False)
         summary = {
-            "val_bits_per_byte": val["bits_per_byte"], "val_nats_per_token": val["nats_per_token"],
-            "val_perplexity": val["perplexity"], "mainrun_val_loss": val["mainrun_loss"],
-            "val_tokens_scored": val["tokens"],
+            **self._split_summary("val", val),
             "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,
             "peak_memory_mb": runtime.peak_memory_mb(self.device), "params": self.model.num_params(),
             "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
             "final_train_loss": p.last_loss, "stop_reason": reason,
             "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
-            "eval_context": self.cfg.model.context, "eval_stride": self.cfg.train.eval_stride or self.cfg.model.context,
             "attention": self.model.describe()["attention"],
         }
+        if not self.image:
+            summary.update(eval_context=self.cfg.model.context, eval_stride=self.cfg.train.eval_stride or self.cfg.model.context)
         if "test" in self.ds.meta["splits"]:
-            test = self.evaluate("test", full=True)
-            summary.update(test_bits_per_byte=test["bits_per_byte"], test_nats_per_token=test["nats_per_token"])
+            summary.update(self._split_summary("test", self.evaluate("test", full=True)))
+        self.write_samples(log, final=True)
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
         return summary
