@@ -11,7 +11,7 @@ a seed reproduces a sample exactly.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -26,21 +26,26 @@ StopTest = Callable[[torch.Tensor], torch.Tensor]
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, sampling: SamplingConfig | None = None,
              generator: torch.Generator | None = None, stop_id: int | None = None, stop: StopTest | None = None,
              use_cache: bool = True, on_token: Callable[[torch.Tensor], None] | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, banned_ids: Sequence[int] = ()) -> torch.Tensor:
     """Extend ``prompt`` [B, T] by up to ``max_new_tokens`` tokens; returns [B, T + n].
 
     A row that produced ``stop_id`` (or that ``stop`` reports) is finished: it is
     padded with ``stop_id`` (or its last token) until every row is. ``on_token``
-    receives each step's new tokens [B, 1] (streaming output).
+    receives each step's new tokens [B, 1] (streaming output). ``banned_ids`` are
+    never sampled (their logits are -inf before any filter): tokens that may only
+    appear in a prompt, such as an image model's start-of-image token.
     """
     sampling = sampling or SamplingConfig()
+    banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=prompt.device)
     was_training = model.training
     model.eval()
     try:
         decoder = _Decoder(model, prompt, max_new_tokens, use_cache)
         idx, logits = prompt, decoder.start()
         finished = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
-        for _ in tqdm(range(max_new_tokens), desc="sampling", unit="tok", disable=not progress, leave=False):
+        for step in tqdm(range(max_new_tokens), desc="sampling", unit="tok", disable=not progress, leave=False):
+            if banned.numel():
+                logits = logits.index_fill(-1, banned, float("-inf"))
             nxt = next_token(logits, sampling, idx, generator)
             nxt = torch.where(finished[:, None], idx[:, -1:] if stop_id is None else torch.full_like(nxt, stop_id), nxt)
             idx = torch.cat([idx, nxt], dim=1)
@@ -50,7 +55,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, sampling: Samp
                 finished |= nxt[:, 0] == stop_id
             if stop is not None:
                 finished |= stop(idx)
-            if bool(finished.all()):
+            if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             logits = decoder.next(idx)
     finally:
