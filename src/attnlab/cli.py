@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--stream", action="store_true", help="print tokens as they are generated (one sample)")
     sa.add_argument("--no-cache", action="store_true", help="recompute the prefix at every step (slow; for comparison)")
     sa.add_argument("--stats", action="store_true", help="print tokens/s, cache size and peak memory to stderr")
+    sa.add_argument("--images", type=int, metavar="N", help="image runs: a grid of N unconditional samples (with --out)")
+    sa.add_argument("--complete", type=int, metavar="K", help="image runs: keep the top half of K images and sample the rest")
+    sa.add_argument("--split", default=None, help="--complete: the split its images come from (default test, else val)")
+    sa.add_argument("--keep-rows", type=int, help="--complete: image rows kept (default half the height)")
+    sa.add_argument("--batch-size", type=int, default=16, help="image runs: images generated together")
+    sa.add_argument("--out", help="image runs: the PNG to write")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
@@ -189,7 +195,11 @@ def cmd_sample(a) -> None:
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty)
     run = load_run(a.run_dir, a.checkpoint, a.device)
+    if run.dataset.kind == "image" or a.images or a.complete:
+        return _sample_images(run, a, sampling)
     stream = (lambda text: print(text, end="", flush=True)) if a.stream else None
+    if stream:
+        stream(a.prompt)
     t0 = time.perf_counter()
     texts, steps = sample_text(run.model, run.dataset.tokenizer, a.prompt, a.max_new_tokens, num_samples=a.num_samples,
                         sampling=sampling, seed=a.seed, stops=a.stop, stop_at_eos=not a.no_eos_stop,
@@ -207,6 +217,28 @@ def cmd_sample(a) -> None:
                           "cache": not a.no_cache, "seconds": round(seconds, 3),
                           "tokens_per_s": round(steps * a.num_samples / seconds, 1), "peak_rss_mb": _peak_rss_mb()}),
               file=sys.stderr)
+
+
+def _sample_images(run, a, sampling) -> None:
+    from .data.images import read_images
+    from .eval.images import complete_images, sample_images, save_completion_grid, save_grid
+    if run.dataset.kind != "image":
+        raise UserError(f"{run.dir} models text: --images/--complete are for image runs (drop them to sample text)")
+    if bool(a.images) == bool(a.complete) or not a.out:
+        raise UserError("an image run samples pictures: pass --images N --out grid.png, or --complete K --out completions.png")
+    shape = tuple(run.cfg.model.image_shape)
+    t0 = time.perf_counter()
+    common = dict(sampling=sampling, seed=a.seed, batch_size=a.batch_size, device=run.device, progress=True)
+    if a.images:
+        path = save_grid(sample_images(run.model, a.images, shape, **common), a.out)
+        n = a.images
+    else:
+        split = a.split or ("test" if "test" in run.dataset.splits else "val")
+        originals = read_images(run.dataset, split)[:a.complete]
+        completions = complete_images(run.model, originals, keep_rows=a.keep_rows, **common)
+        path = save_completion_grid(originals, completions, a.out, keep_rows=a.keep_rows)
+        n = len(originals)
+    print(json.dumps({"out": str(path), "images": n, "shape": list(shape), "seconds": round(time.perf_counter() - t0, 2)}))
 
 
 def _peak_rss_mb() -> float | None:
