@@ -49,6 +49,7 @@ class DataConfig:
     dir: str | None = opt(None, help="prepared dataset folder; prepared here on first use (default data/<source-name>)")
     image_size: int | None = opt(None, choices=[8, 16, 32, 64], help="images: resize/downsample to S x S (default: the source's size)")
     classes: list[str] = opt([], help="images: keep only these classes (names or label numbers)")
+    max_test: int | None = opt(None, lo=1, help="images: keep only the first N test images (a faster, labelled subset)")
 
 
 @dataclass
@@ -64,13 +65,39 @@ class ModelConfig:
     norm: str = opt("layernorm", choices=["layernorm", "rmsnorm"])
     norm_position: str = opt("pre", choices=["pre", "post"])
     mlp: str = opt("gelu", choices=["gelu", "relu", "swiglu"])
-    mlp_hidden: int | None = opt(None, lo=1, help="MLP hidden size (default 4*d_model, 8/3*d_model for swiglu)")
+    mlp_hidden: int | None = opt(None, lo=1, help="MLP hidden size (default 4*d_model, 8/3*d_model for swiglu); excludes mlp_ratio")
+    mlp_ratio: float | None = opt(None, lo=0.01, hi=64.0, help="MLP hidden size as round(mlp_ratio * d_model), e.g. 2 for the "
+                                                            "Sparse Transformer's half-size feed-forward; excludes mlp_hidden")
+    qk_ratio: float = opt(1.0, lo=0.01, hi=16.0, help="query/key projection width as a fraction of d_model (0.5: the Sparse "
+                                                     "Transformer's half-size query-key); values and output keep d_model")
     qk_norm: bool = opt(False)
     bias: bool = opt(True)
     tie_weights: bool = opt(True)
-    init: str = opt("gpt2", choices=["gpt2", "xavier"])
-    init_std: float = opt(0.02, lo=1e-6, hi=1.0)
+    init: str = opt("gpt2", choices=["gpt2", "xavier", "sparse_transformer"],
+                    help="sparse_transformer: Child et al. 2019 (weights N(0, 0.125/sqrt(fan_in)), residual outputs "
+                         "also / sqrt(2*n_layer), embeddings N(0, 0.125/sqrt(d_model)); the output layer starts at zero, untied)")
+    init_std: float = opt(0.02, lo=1e-6, hi=1.0, help="gpt2: std of every weight (residual outputs / sqrt(2*n_layer)); "
+                                                     "xavier: std of the embeddings")
     zero_init_logits: bool = opt(False, help="start the output layer at zero (uniform first prediction); unties weights")
+    checkpoint_activations: bool = opt(False, help="recompute each block in backward (less activation memory, "
+                                                   "about one more forward of compute)")
+
+    def check(self) -> None:
+        """The rules that tie model fields together; ConfigError naming the keys to change."""
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}: choose d_model as a multiple of n_head")
+        head = self.d_model // self.n_head
+        qk = self.qk_ratio * head
+        if abs(qk - round(qk)) > 1e-6 or round(qk) < 1:
+            raise ConfigError(f"model.qk_ratio={self.qk_ratio} gives a query/key head size of {qk:g} (qk_ratio * d_model/n_head "
+                              f"= {self.qk_ratio} * {head}): choose a ratio that makes it a whole number >= 1")
+        if self.position == "rope" and round(qk) % 2:
+            raise ConfigError(f"model.position=rope needs an even head size for queries and keys, got qk_ratio * d_model/n_head "
+                              f"= {round(qk)}: change d_model, n_head or qk_ratio")
+        if self.mlp_hidden is not None and self.mlp_ratio is not None:
+            raise ConfigError(f"model.mlp_hidden={self.mlp_hidden} and model.mlp_ratio={self.mlp_ratio} are both set: keep one of them")
+        if self.mlp_ratio is not None and round(self.mlp_ratio * self.d_model) < 1:
+            raise ConfigError(f"model.mlp_ratio={self.mlp_ratio} gives an MLP hidden size of 0 with d_model={self.d_model}: use a larger ratio")
 
 
 @dataclass
@@ -154,10 +181,7 @@ class Config:
     def validate(self) -> "Config":
         validate(self)
         m = self.model
-        if m.d_model % m.n_head:
-            raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}: choose d_model as a multiple of n_head")
-        if m.position == "rope" and (m.d_model // m.n_head) % 2:
-            raise ConfigError(f"model.position=rope needs an even head size, got d_model/n_head={m.d_model // m.n_head}: change d_model or n_head")
+        m.check()
         if m.image_shape and (len(m.image_shape) != 3 or min(m.image_shape) < 1):
             raise ConfigError(f"model.image_shape={m.image_shape} is not [height, width, channels]: set e.g. model.image_shape=32,32,3 "
                               "(or leave it empty to take the dataset's)")

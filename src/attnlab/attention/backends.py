@@ -1,8 +1,9 @@
 """Attention backends: functions that compute attention for a pattern.
 
 Every backend has the signature
-``fn(q, k, v, pattern, dropout_p, training) -> out`` with q, k, v and out
-``[B, H, T, Dh]``, and must agree with ``reference`` (the spec) on outputs and
+``fn(q, k, v, pattern, dropout_p, training) -> out`` with q, k ``[B, H, T, Dqk]``,
+v and out ``[B, H, T, Dv]`` (the head sizes may differ; scores scale by
+1/sqrt(Dqk)), and must agree with ``reference`` (the spec) on outputs and
 gradients. Backends register themselves with a ``supports(pattern, device)``
 predicate; ``select_backend`` picks the first supporting one in preference
 order for ``auto`` and refuses a forced backend that cannot run the pattern.
@@ -34,10 +35,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
         from .linear import linear_reference
 
         return linear_reference(q, k, v, pattern.feature_map)
-    H, Tq, Dh = q.shape[1], q.shape[2], q.shape[3]
+    H, Tq, Dqk = q.shape[1], q.shape[2], q.shape[3]
     Tk = k.shape[2]
     mask = pattern.dense_mask(Tk, H, device=q.device)[:, Tk - Tq:]  # [H, Tq, Tk], broadcasts over B
-    scores = (q.float() @ k.float().transpose(-2, -1)) * Dh ** -0.5
+    scores = (q.float() @ k.float().transpose(-2, -1)) * Dqk ** -0.5
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     # A query with no allowed key would softmax to NaN; define its output as zero.
     weights = weights.masked_fill(~mask, 0.0)

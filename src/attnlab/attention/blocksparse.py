@@ -178,9 +178,9 @@ def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
 
 
 def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool):
-    """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,D], [B,H,length,1]."""
+    """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1]."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
-    out = torch.empty_like(q)
+    out = v.new_empty(*q.shape[:3], v.shape[-1])
     lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
     for i, ch in enumerate(cp.chunks):
         s = _scores(q, k, ch, cp, scale)
@@ -246,11 +246,11 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor
     return out, lse
 
 
-def _assemble(like: torch.Tensor, plans, per_group: list[torch.Tensor]) -> torch.Tensor:
-    """Per-group [B,h,T,D] results -> one [B,H,T,D] tensor (no copy when one group holds every head)."""
-    if len(plans) == 1 and plans[0].heads == slice(0, like.shape[1]):
+def _assemble(shape: torch.Size, plans, per_group: list[torch.Tensor]) -> torch.Tensor:
+    """Per-group [B,h,T,Dv] results -> one [B,H,T,Dv] tensor of ``shape`` (no copy when one group holds every head)."""
+    if len(plans) == 1 and plans[0].heads == slice(0, shape[1]):
         return per_group[0]
-    out = torch.empty_like(like)
+    out = per_group[0].new_empty(shape)
     for gp, x in zip(plans, per_group):
         out[:, gp.heads] = x
     return out
@@ -270,7 +270,7 @@ class _BlockSparse(torch.autograd.Function):
             if several:
                 o, lses[g] = _merge(parts)
             outs.append(o if several else parts[0][0])
-        out = _assemble(q, plans, outs)
+        out = _assemble(q.shape[:3] + v.shape[3:], plans, outs)
         ctx.save_for_backward(q, k, v, out)
         ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses = plans, scale, p, seed, lses
         return out
@@ -307,12 +307,15 @@ class _BlockSparse(torch.autograd.Function):
 @torch.compiler.disable  # a Python loop over cached plans: under train.compile it runs eagerly between graphs
 def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                 dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Attention backend: ``pattern`` computed block by block, forward and backward, on any device."""
-    H, T, D = q.shape[1:]
+    """Attention backend: ``pattern`` computed block by block, forward and backward, on any device.
+
+    q, k [B,H,T,Dqk] and v [B,H,T,Dv] may differ in head size; scores are scaled by 1/sqrt(Dqk).
+    """
+    H, T, Dqk = q.shape[1:]
     p = dropout_p if training else 0.0
     seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0.0 else 0
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))  # the model hands in head-transposed views
-    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), D ** -0.5, p, seed)
+    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk ** -0.5, p, seed)
     return out.to(dtype)

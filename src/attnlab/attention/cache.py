@@ -44,7 +44,7 @@ Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # (
 
 
 def attend_parts(parts: list[Part]) -> torch.Tensor:
-    """Softmax attention of one query over the union of several key sets: q [B,H,1,D] -> [B,H,1,D].
+    """Softmax attention of one query over the union of several key sets: q [B,H,1,Dqk] -> [B,H,1,Dv].
 
     Each part's mask (broadcasting to [B,H,1,S]) marks usable slots. The parts
     share one running maximum, so the result equals a softmax over their
@@ -349,10 +349,11 @@ class FixedCache(LayerCache):
         self.length = P
 
     def _keep_summary(self, k_chunk, v_chunk):
-        B, H, _, D = k_chunk.shape
+        B, H = k_chunk.shape[:2]
         c = self.offsets.shape[1]
-        index = self.offsets.to(k_chunk.device)[None, :, :, None].expand(B, H, c, D)
-        self.summary.write(slice(self.n_summary, self.n_summary + c), k_chunk.gather(2, index), v_chunk.gather(2, index))
+        index = self.offsets.to(k_chunk.device)[None, :, :, None]
+        k_sum, v_sum = (x.gather(2, index.expand(B, H, c, x.shape[-1])) for x in (k_chunk, v_chunk))  # k, v widths may differ
+        self.summary.write(slice(self.n_summary, self.n_summary + c), k_sum, v_sum)
         self.n_summary += c
 
     def step(self, q, k, v, pos, q_sink=None):

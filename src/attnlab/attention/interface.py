@@ -11,7 +11,7 @@ from .patterns import Pattern, build_pattern
 
 
 class Attention(nn.Module):
-    """The one attention interface: (q, k, v) [B,H,T,Dh] -> [B,H,T,Dh] under a pattern.
+    """The one attention interface: q, k [B,H,T,Dqk] and v [B,H,T,Dv] -> [B,H,T,Dv] under a pattern.
 
     The pattern is built at construction. The backend is resolved for a device
     (``resolve``; the trainer calls it once the model is placed) and re-resolved

@@ -563,7 +563,8 @@ def class_ids(wanted: list, classes: list[str], source: str) -> list[int]:
 def select(src: ImageSource, cfg: DataConfig) -> tuple[dict[str, np.ndarray], list[str], np.ndarray]:
     """Split -> global image indices (over the concatenated parts), the kept class names, and every image's new label.
 
-    test: the source's test part(s), or a seeded `test_frac` of the pool; the pool
+    test: the source's test part(s), or a seeded `test_frac` of the pool, cut to its first
+    data.max_test images if set; the pool
     (training parts) is shuffled with data.seed, capped at data.max_docs, and val
     is its first round(val_frac * n) images unless the source has a val part.
     """
@@ -578,6 +579,7 @@ def select(src: ImageSource, cfg: DataConfig) -> tuple[dict[str, np.ndarray], li
     splits = {"test": np.flatnonzero(keep & (split_of == "test")), "val": np.flatnonzero(keep & (split_of == "val"))}
     if src.test_frac:
         splits["test"], pool = _carve(pool, src.test_frac, "test", "select more data.classes")
+    splits["test"] = splits["test"][:cfg.max_test]
     if cfg.max_docs is not None:
         pool = pool[: cfg.max_docs]
     if not len(splits["val"]):

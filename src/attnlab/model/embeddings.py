@@ -119,9 +119,9 @@ class ImageEmbedding(nn.Module):
         return out if self.absolute is None else out + self.absolute(T, positions=positions)
 
 
-def build_positional(position: str, context: int, d_model: int, n_head: int,
+def build_positional(position: str, context: int, d_model: int, rope_dim: int,
                      image_shape: list[int] | None = None) -> nn.Module | None:
-    """The positional module for ``ModelConfig.position`` (None for ``none``)."""
+    """The positional module for ``ModelConfig.position`` (None for ``none``); RoPE rotates ``rope_dim``-wide q/k heads."""
     if position in ("image", "image+learned"):
         return ImageEmbedding(image_shape, d_model, context, absolute=position == "image+learned")
     if position == "learned":
@@ -129,7 +129,7 @@ def build_positional(position: str, context: int, d_model: int, n_head: int,
     if position == "sinusoidal":
         return SinusoidalPositionalEmbedding(context, d_model)
     if position == "rope":
-        return Rotary(d_model // n_head, context)
+        return Rotary(rope_dim, context)
     if position == "none":
         return None
     raise ValueError(f"unknown position encoding {position!r}")

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..attention import Attention
 from ..attention.cache import CACHES, LayerCache, ModelCache, make_cache
@@ -26,6 +27,8 @@ from .embeddings import Rotary, apply_rotary, build_positional
 RopeCache = tuple[torch.Tensor, torch.Tensor] | None
 # Encodings that let a bounded cache decode past the training context: relative (RoPE) or none.
 STREAMING_POSITIONS = ("rope", "none")
+# Child et al. 2019, section 6: weights N(0, 0.125 / sqrt(fan_in)), embeddings N(0, 0.125 / sqrt(d * n_emb)).
+SPARSE_TRANSFORMER_GAIN = 0.125
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -49,23 +52,36 @@ def mlp_hidden(cfg: ModelConfig) -> int:
     """Hidden width; for SwiGLU the width of each of its two input projections."""
     if cfg.mlp_hidden is not None:
         return cfg.mlp_hidden
+    if cfg.mlp_ratio is not None:
+        return round(cfg.mlp_ratio * cfg.d_model)
     if cfg.mlp == "swiglu":
         # 8/3 * d keeps SwiGLU's three matrices at the parameter count of a 4*d two-matrix MLP.
         return -(-(8 * cfg.d_model // 3) // 8) * 8  # int(8/3 * d) rounded up to a multiple of 8
     return 4 * cfg.d_model
 
 
+def qk_head_size(cfg: ModelConfig) -> int:
+    """Query/key width per head: qk_ratio * d_model/n_head (``ModelConfig.check`` makes it whole)."""
+    return round(cfg.qk_ratio * (cfg.d_model // cfg.n_head))
+
+
 class SelfAttention(nn.Module):
-    """Fused qkv projection, optional QK-norm and RoPE, the attention interface, output projection."""
+    """Fused qkv projection, optional QK-norm and RoPE, the attention interface, output projection.
+
+    Queries and keys may be narrower than values (``model.qk_ratio``): the fused
+    projection is d -> 2*dqk + d, so one Linear (and one parameter name) serves every ratio.
+    """
 
     def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
         super().__init__()
         d, self.n_head = cfg.d_model, cfg.n_head
-        head_dim = d // cfg.n_head
-        self.qkv = nn.Linear(d, 3 * d, bias=cfg.bias)
+        self.qk_head, self.v_head = qk_head_size(cfg), d // cfg.n_head
+        dqk = self.qk_head * cfg.n_head
+        self.sizes = (dqk, dqk, d)
+        self.qkv = nn.Linear(d, 2 * dqk + d, bias=cfg.bias)
         self.proj = nn.Linear(d, d, bias=cfg.bias)
-        self.q_norm = HeadRMSNorm(head_dim) if cfg.qk_norm else None
-        self.k_norm = HeadRMSNorm(head_dim) if cfg.qk_norm else None
+        self.q_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
+        self.k_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
         self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -74,10 +90,10 @@ class SelfAttention(nn.Module):
         """Without ``cache``: attention over x. With one: an empty cache is filled from x (the prompt);
         otherwise x is the next position and attends to the cache (``rope_sink``: see attention.cache)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, Dh]
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = self.qkv(x).split(self.sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.qk_head).transpose(1, 2)  # [B, H, T, Dqk]
+        k = k.view(B, T, self.n_head, self.qk_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.v_head).transpose(1, 2)  # [B, H, T, Dv]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q_sink = None
@@ -141,10 +157,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, vocab_size: int):
         super().__init__()
-        if cfg.d_model % cfg.n_head:
-            raise ConfigError(f"model.d_model={cfg.d_model} is not divisible by model.n_head={cfg.n_head}: choose d_model as a multiple of n_head")
-        if cfg.position == "rope" and (cfg.d_model // cfg.n_head) % 2:
-            raise ConfigError(f"model.position=rope needs an even head size, got d_model/n_head={cfg.d_model // cfg.n_head}: change d_model or n_head")
+        cfg.check()
         if cfg.position.startswith("image") and len(cfg.image_shape) != 3:
             raise ConfigError(f"model.position={cfg.position} needs model.image_shape=[height,width,channels]: train on an image "
                               "dataset (its shape is taken from there) or set e.g. model.image_shape=32,32,3")
@@ -152,15 +165,17 @@ class GPT(nn.Module):
         self.context = cfg.context
 
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
-        self.pos_emb = build_positional(cfg.position, cfg.context, cfg.d_model, cfg.n_head, cfg.image_shape)
+        self.pos_emb = build_positional(cfg.position, cfg.context, cfg.d_model, qk_head_size(cfg), cfg.image_shape)
         self.rotary = isinstance(self.pos_emb, Rotary)  # rotary goes to q/k; the others add to x
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, attn_cfg, i) for i in range(cfg.n_layer))
         # Post-norm blocks already end in a norm.
         self.norm_f = make_norm(cfg, cfg.d_model) if cfg.norm_position == "pre" else None
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        # A zero-initialised tied embedding would give every token the same zero vector: untie.
-        self.tied = cfg.tie_weights and not cfg.zero_init_logits
+        # The Sparse Transformer starts its output layer at zero, and a zero-initialised
+        # tied embedding would give every token the same zero vector: untie.
+        self.zero_logits = cfg.zero_init_logits or cfg.init == "sparse_transformer"
+        self.tied = cfg.tie_weights and not self.zero_logits
         if self.tied:
             self.lm_head.weight = self.tok_emb.weight
         self._init_weights()
@@ -168,29 +183,51 @@ class GPT(nn.Module):
     # ------------------------------------------------------------ init
 
     def _init_weights(self) -> None:
-        cfg = self.cfg
-        std = cfg.init_std
+        """``model.init``: gpt2 (N(0, init_std)), xavier (uniform Glorot), or sparse_transformer.
+
+        sparse_transformer is Child et al. 2019, "Generating Long Sequences with Sparse
+        Transformers" (arXiv:1904.10509): section 6 draws every attention and feed-forward
+        weight from N(0, 0.125/sqrt(fan_in)) with zero biases, the token embedding from
+        N(0, 0.125/sqrt(d)), each of the n_emb position embeddings from N(0, 0.125/sqrt(d*n_emb)),
+        and starts the output logits at zero; section 5.2 scales the attention output
+        projection W_p and the feed-forward output W_2 by 1/sqrt(2N), N the number of layers,
+        the same factor for every layer. The N(0, s) there names the standard deviation.
+        """
         # Residual output projections: scaled so the residual stream's variance does not grow with depth.
         residual = {id(m) for b in self.blocks for m in (b.attn.proj, b.mlp.proj)}
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if module is self.lm_head and self.tied:
                     continue  # the shared matrix gets the embedding init below
-                if cfg.init == "gpt2":
-                    s = std / math.sqrt(2 * cfg.n_layer) if id(module) in residual else std
-                    nn.init.normal_(module.weight, mean=0.0, std=s)
-                else:
-                    nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):  # token and learned position tables
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                self._init_linear(module, id(module) in residual)
+            elif isinstance(module, nn.Embedding):  # token, learned position and image tables
+                nn.init.normal_(module.weight, mean=0.0, std=self._embedding_std(module))
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        if cfg.zero_init_logits:
+        if self.zero_logits:
             nn.init.zeros_(self.lm_head.weight)
+
+    def _init_linear(self, module: nn.Linear, residual: bool) -> None:
+        cfg = self.cfg
+        depth = 1 / math.sqrt(2 * cfg.n_layer) if residual else 1.0
+        if cfg.init == "gpt2":
+            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std * depth)
+        elif cfg.init == "sparse_transformer":
+            nn.init.normal_(module.weight, mean=0.0, std=SPARSE_TRANSFORMER_GAIN / math.sqrt(module.in_features) * depth)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _embedding_std(self, module: nn.Embedding) -> float:
+        cfg = self.cfg
+        if cfg.init != "sparse_transformer":
+            return cfg.init_std
+        # Position tables are summed (n_emb of them: 1 learned, 3 image, 4 image+learned): each gets 1/sqrt(n_emb).
+        n_emb = 1 if module is self.tok_emb else sum(isinstance(m, nn.Embedding) for m in self.pos_emb.modules())
+        return SPARSE_TRANSFORMER_GAIN / math.sqrt(cfg.d_model * n_emb)
 
     # ------------------------------------------------------------ forward
 
@@ -212,8 +249,12 @@ class GPT(nn.Module):
         elif self.pos_emb is not None:
             x = x + self.pos_emb(T, offset=start)
         x = self.drop(x)
+        recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache.layers[i], rope_sink)
+            if recompute:  # keep only the block's input; backward reruns it with the same RNG state (dropout masks)
+                x = checkpoint(block, x, rope, None, rope_sink, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x, rope, None if cache is None else cache.layers[i], rope_sink)
         if last_only:
             x = x[:, -1:]
         if self.norm_f is not None:
@@ -263,10 +304,14 @@ class GPT(nn.Module):
         return [block.attn.core.resolve(device) for block in self.blocks]
 
     def describe(self) -> dict:
-        """Parameter counts and each layer's attention, for the ``model_info`` event."""
+        """Parameter counts, layer sizes and each layer's attention, for the ``model_info`` event."""
         return {
             "n_params": self.num_params(),
             "n_params_non_embedding": self.num_params(non_embedding=True),
             "tied_weights": self.tied,
+            "mlp_hidden": mlp_hidden(self.cfg),
+            "qk_head_size": qk_head_size(self.cfg),
+            "v_head_size": self.cfg.d_model // self.cfg.n_head,
+            "checkpoint_activations": self.cfg.checkpoint_activations,
             "attention": [block.attn.core.describe(self.context) for block in self.blocks],
         }
