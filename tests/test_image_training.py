@@ -117,3 +117,21 @@ def test_image_context_must_be_one_image(digits_run, tmp_path):
     cfg = config.load(run_dir / "config.yaml", [f"out_dir={tmp_path}", "model.context=32", "model.image_shape=[]"])
     with pytest.raises(ConfigError, match="model.context=32 must equal the bytes of one image .8x8x1 = 64."):
         train(cfg)
+
+
+def test_cli_eval_and_sample_on_an_image_run(digits_run, tmp_path, capsys):
+    from PIL import Image
+
+    from attnlab.cli import main
+    summary, run_dir = digits_run
+    results = []
+    for batch in ("7", "64"):
+        assert main(["eval", str(run_dir), "--split", "test", "--batch-size", batch]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["test_bits_per_dim"] == results[1]["test_bits_per_dim"] == summary["test_bits_per_dim"]
+    assert main(["sample", str(run_dir), "--images", "5", "--out", str(tmp_path / "g.png"), "--seed", "1"]) == 0
+    assert Image.open(tmp_path / "g.png").size == (3 * (8 * 8 + 1) + 1, 2 * (8 * 8 + 1) + 1)  # 3 columns, scale 8, pad 1
+    assert main(["sample", str(run_dir), "--complete", "3", "--out", str(tmp_path / "c.png")]) == 0
+    assert Image.open(tmp_path / "c.png").size[1] == 3 * (8 * 8 + 1) + 1  # one row per image
+    assert main(["sample", str(run_dir), "--prompt", "x"]) == 2
+    assert "an image run samples pictures" in capsys.readouterr().err

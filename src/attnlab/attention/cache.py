@@ -219,46 +219,54 @@ class LocalCache(LayerCache):
 
 
 class SinkWindowCache(LayerCache):
-    """StreamingLLM: ``sinks`` fixed slots for positions 0..s-1 plus a ring of the last ``window``.
+    """StreamingLLM: slots 0..s-1 hold the sinks, slots s.. a ring of the last ``window`` positions.
 
-    Positions below ``sinks`` go only to the sink slots, so the ring never
-    repeats a sink; until it has seen ``window`` later positions, its empty
-    slots are masked.
+    One buffer, so a step is one fused attention call (masking empty slots only
+    until the ring is full). When streaming past the context with RoPE, the sinks
+    are read with the shifted query ``q_sink`` as a second part of the same softmax.
     """
 
     streams = True
 
     def __init__(self, pattern, batch, n_head, max_len):
         super().__init__(pattern, batch, n_head, max_len)
-        self.sinks = Slots(batch, n_head, pattern.sinks)
-        self.ring = Ring(batch, n_head, min(pattern.window, max_len))
+        self.sinks, self.window = pattern.sinks, min(pattern.window, max_len)
+        self.slots = Slots(batch, n_head, self.sinks + self.window)
+        self.pos = torch.full((self.sinks + self.window,), -1, dtype=torch.long)
+        self.full = False
+
+    def _slot(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.where(positions < self.sinks, positions, self.sinks + positions % self.window)
 
     def prefill(self, k, v):
-        s = self.pattern.sinks
-        if s:
-            self.sinks.write(slice(0, min(s, k.shape[2])), k[:, :, :s], v[:, :, :s])
-        if k.shape[2] > s:
-            self.ring.write(k[:, :, s:], v[:, :, s:], s)
-        self.length = k.shape[2]
+        P = k.shape[2]
+        keep = torch.cat([torch.arange(min(self.sinks, P)), torch.arange(min(max(self.sinks, P - self.window), P), P)])
+        self._store(k[:, :, keep], v[:, :, keep], keep)
+        self.length = P
 
     def _write(self, k, v, pos):
-        if pos < self.pattern.sinks:
-            self.sinks.write(slice(pos, pos + 1), k, v)
-        else:
-            self.ring.write(k, v, pos)
+        self._store(k, v, torch.tensor([pos]))
+
+    def _store(self, k, v, positions: torch.Tensor) -> None:
+        slots = self._slot(positions)
+        self.slots.write(slots, k, v)
+        self.pos[slots] = positions
+        self.full = self.full or bool((self.pos >= 0).all())
 
     def _parts(self, q, pos, q_sink):
-        n_sink = min(pos + 1, self.pattern.sinks)
-        parts = [] if n_sink == 0 else [(q if q_sink is None else q_sink, self.sinks.k[:, :, :n_sink], self.sinks.v[:, :, :n_sink], None)]
-        if pos >= self.pattern.sinks:
-            parts.append(self.ring.part(q))
-        return parts
+        K, V = self.slots.k, self.slots.v
+        valid = None if self.full else (self.pos >= 0).to(q.device)
+        if q_sink is None:
+            return [(q, K, V, valid)]
+        s = self.sinks
+        return [(q_sink, K[:, :, :s], V[:, :, :s], None if valid is None else valid[:s]),
+                (q, K[:, :, s:], V[:, :, s:], None if valid is None else valid[s:])]
 
     def held(self):
-        return [set(range(min(self.length, self.pattern.sinks))) | self.ring.held() for _ in range(self.n_head)]
+        return [set(self.pos[self.pos >= 0].tolist()) for _ in range(self.n_head)]
 
     def _tensors(self):
-        return self.sinks.tensors() + self.ring.slots.tensors()
+        return self.slots.tensors()
 
 
 class StridedCache(LayerCache):
@@ -323,10 +331,12 @@ class StridedCache(LayerCache):
 
 
 class FixedCache(LayerCache):
-    """fixed(l, c): the current chunk's keys plus the summary columns of every finished chunk.
+    """fixed(l, c): the summary columns of every finished chunk, then the current chunk, in one buffer.
 
-    When a chunk finishes, each head keeps its own c summary columns of it (heads
-    of different ``num_verts`` groups keep different offsets; all keep c).
+    The current chunk sits right after the summaries, so a step reads one
+    contiguous prefix (one fused attention call). When a chunk finishes, each head
+    keeps its own c summary columns of it (heads of different ``num_verts`` groups
+    keep different offsets, all keep c), moved down to where the chunk began.
     """
 
     def __init__(self, pattern: Fixed, batch, n_head, max_len):
@@ -335,38 +345,36 @@ class FixedCache(LayerCache):
         # A key of an earlier chunk (query at l, key at offset o < l) is visible iff it is a summary column.
         per_head = pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], torch.arange(n_head)[:, None])  # [H, l]
         self.offsets = per_head.expand(n_head, l).nonzero()[:, 1].view(n_head, -1)  # [H, c], the same c for every head
-        self.chunk = Slots(batch, n_head, l)
-        self.summary = Slots(batch, n_head, -(-max_len // l) * self.offsets.shape[1])
+        self.slots = Slots(batch, n_head, (max_len // l) * self.offsets.shape[1] + l)
         self.n_summary = 0
 
     def prefill(self, k, v):
         l, P = self.pattern.local_attn_ctx, k.shape[2]
-        done = P // l * l
-        for c0 in range(0, done, l):
-            self._keep_summary(k[:, :, c0:c0 + l], v[:, :, c0:c0 + l])
-        if P > done:
-            self.chunk.write(slice(0, P - done), k[:, :, done:], v[:, :, done:])
+        for c0 in range(0, P, l):
+            n = min(l, P - c0)
+            self.slots.write(slice(self.n_summary, self.n_summary + n), k[:, :, c0:c0 + n], v[:, :, c0:c0 + n])
+            if n == l:
+                self._finish_chunk()
         self.length = P
 
-    def _keep_summary(self, k_chunk, v_chunk):
-        B, H = k_chunk.shape[:2]
-        c = self.offsets.shape[1]
-        index = self.offsets.to(k_chunk.device)[None, :, :, None]
-        k_sum, v_sum = (x.gather(2, index.expand(B, H, c, x.shape[-1])) for x in (k_chunk, v_chunk))  # k, v widths may differ
-        self.summary.write(slice(self.n_summary, self.n_summary + c), k_sum, v_sum)
+    def _finish_chunk(self) -> None:
+        """Keep only the just-finished chunk's summary columns."""
+        l, (B, H, _, D), c = self.pattern.local_attn_ctx, self.slots.k.shape, self.offsets.shape[1]
+        chunk = slice(self.n_summary, self.n_summary + l)
+        index = self.offsets.to(self.slots.k.device)[None, :, :, None]
+        k = self.slots.k[:, :, chunk].gather(2, index.expand(B, H, c, D))
+        v = self.slots.v[:, :, chunk].gather(2, index.expand(B, H, c, self.slots.v.shape[-1]))
+        self.slots.write(slice(self.n_summary, self.n_summary + c), k, v)
         self.n_summary += c
 
     def step(self, q, k, v, pos, q_sink=None):
         l = self.pattern.local_attn_ctx
-        at = pos % l
-        self.chunk.write(slice(at, at + 1), k, v)
+        end = self.n_summary + pos % l + 1
+        self.slots.write(slice(end - 1, end), k, v)
         self.length = pos + 1
-        parts = [(q, self.chunk.k[:, :, :at + 1], self.chunk.v[:, :, :at + 1], None)]
-        if self.n_summary:
-            parts.append((q, self.summary.k[:, :, :self.n_summary], self.summary.v[:, :, :self.n_summary], None))
-        out = attend_parts(parts)
-        if at == l - 1:  # the chunk is finished: only its summary columns stay reachable
-            self._keep_summary(self.chunk.k, self.chunk.v)
+        out = attend_parts([(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], None)])
+        if pos % l == l - 1:
+            self._finish_chunk()
         return out
 
     def held(self):
@@ -376,7 +384,7 @@ class FixedCache(LayerCache):
         return [current | {c0 + o for c0 in range(0, done, l) for o in self.offsets[h].tolist()} for h in range(self.n_head)]
 
     def _tensors(self):
-        return self.chunk.tensors() + self.summary.tensors()
+        return self.slots.tensors()
 
 
 class LinearCache(LayerCache):
