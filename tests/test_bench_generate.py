@@ -75,7 +75,7 @@ def test_cache_sizes_are_exact(cli_run):
         assert nbytes[("strided", L)] == kv * (16 + L) * HEAD_DIM  # split: a ring of l=16 + one head keeps all
         assert nbytes[("fixed", L)] == kv * (16 + L // 16 * 4) * D_MODEL  # the chunk + c=4 columns per chunk
         assert nbytes[("local", L)] == kv * 8 * D_MODEL  # a ring of window=8
-        assert nbytes[("sink_window", L)] == kv * (2 + 8) * D_MODEL  # sinks + window
+        assert nbytes[("sink_window", L)] == kv * (2 + 8) * D_MODEL + kv // 2 * 2 * D_MODEL  # sinks + window + sink keys kept
         assert nbytes[("linear", L)] == N_LAYER * BATCH * N_HEAD * (HEAD_DIM * HEAD_DIM + HEAD_DIM) * FP32  # S and z
     assert nbytes[("dense", 64)] == 2 * nbytes[("dense", 32)]
 

@@ -110,6 +110,7 @@ def test_training_on_images_reports_bits_per_dim_and_writes_sample_grids(digits_
     partial = [e for e in evals if e.get("event") == "validation_step" and not e.get("final")]
     assert [e["partial"] for e in partial] == [True, True] and all(e["val_images"] == 10 for e in partial)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert (run_dir / "plots" / "curves.png").stat().st_size > 1000  # the bits/dim curve
 
 
 def test_image_context_must_be_one_image(digits_run, tmp_path):

@@ -7,10 +7,11 @@ keys and values the pattern can still reach from the current or a later query:
     dense          every position so far (preallocated)        T
     block_layout   every position so far, masked by layout      T
     local(w)       a ring of the last w positions               w
-    sink_window    s sink slots + a ring of the last w          s + w
+    sink_window    s sink slots, then a ring of the last w      s + w
     strided(l)     local heads: a ring of l; strided heads:     l / T (reads l + T/l)
                    every position, read one residue class
-    fixed(l, c)    the current chunk + every summary column     l + c T / l
+    fixed(l, c)    every finished chunk's summary columns,      l + c T / l
+                   then the current chunk
     linear         the recurrent state (S, z)                   Dh x Dv
 
 Strided heads must keep every position: key j is reached again by query
@@ -18,21 +19,22 @@ j + m*l for every m, so no past key ever becomes unreachable; what the cache
 bounds is the work per step (the keys of one residue class, T/l of them).
 
 Keys arrive already rotated (RoPE at their true positions), so a slot's
-position matters only for masking. Every step reads its slots through
-``attend_parts``: one exact softmax over several key sets (e.g. sinks and the
-ring), merged with a shared maximum instead of concatenating them.
+position matters only for masking. Caches keep what a step reads contiguous,
+so most steps are one fused attention call; ``attend_parts`` also computes one
+exact softmax over several key sets (a strided head's window and residue
+class, masked slots), merged with a shared maximum instead of concatenated.
 
 ``sink_window`` streams past the training context as StreamingLLM does: with
 RoPE, positions are assigned within the cache. Window keys keep their relative
 distances; the sinks are seen from position ``min(i, context - 1)``, i.e. as the
-last query of a training sequence saw them (``GPT`` passes that second,
-shifted query as ``q_sink``). Inside the context this is exactly the full
-forward pass.
+last query of a training sequence saw them. ``GPT`` passes ``shift_sinks``, which
+rotates the s sink keys forward by i - (context - 1), the same thing for RoPE's
+relative scores. Inside the context this is exactly the full forward pass.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ from .linear import LinearState, feature_map, linear_step
 from .patterns import Fixed, Pattern, Strided
 
 Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # (q, keys, values, mask or None)
+Rotation = Callable[[torch.Tensor], torch.Tensor]  # re-positions keys (RoPE), see SinkWindowCache
 
 
 def attend_parts(parts: list[Part]) -> torch.Tensor:
@@ -87,10 +90,10 @@ class LayerCache:
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def step(self, q, k, v, pos: int, q_sink: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, q, k, v, pos: int, shift_sinks: Rotation | None = None) -> torch.Tensor:
         self._write(k, v, pos)
         self.length = pos + 1
-        return attend_parts(self._parts(q, pos, q_sink))
+        return attend_parts(self._parts(q, pos, shift_sinks))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
@@ -103,7 +106,7 @@ class LayerCache:
     def _write(self, k, v, pos: int) -> None:
         raise NotImplementedError
 
-    def _parts(self, q, pos: int, q_sink) -> list[Part]:
+    def _parts(self, q, pos: int, shift_sinks) -> list[Part]:
         raise NotImplementedError
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -146,7 +149,7 @@ class AppendCache(LayerCache):
     def _write(self, k, v, pos):
         self.slots.write(slice(pos, pos + 1), k, v)
 
-    def _parts(self, q, pos, q_sink):
+    def _parts(self, q, pos, shift_sinks):
         n = pos + 1
         mask = None
         if not self.pattern.is_dense_causal:  # block_layout: the pattern's own rule over the filled slots
@@ -208,7 +211,7 @@ class LocalCache(LayerCache):
     def _write(self, k, v, pos):
         self.ring.write(k, v, pos)
 
-    def _parts(self, q, pos, q_sink):
+    def _parts(self, q, pos, shift_sinks):
         return [self.ring.part(q)]
 
     def held(self):
@@ -222,8 +225,8 @@ class SinkWindowCache(LayerCache):
     """StreamingLLM: slots 0..s-1 hold the sinks, slots s.. a ring of the last ``window`` positions.
 
     One buffer, so a step is one fused attention call (masking empty slots only
-    until the ring is full). When streaming past the context with RoPE, the sinks
-    are read with the shifted query ``q_sink`` as a second part of the same softmax.
+    until the ring is full). Streaming past the context with RoPE, each step
+    writes the sinks re-positioned by ``shift_sinks`` from a kept copy.
     """
 
     streams = True
@@ -234,6 +237,7 @@ class SinkWindowCache(LayerCache):
         self.slots = Slots(batch, n_head, self.sinks + self.window)
         self.pos = torch.full((self.sinks + self.window,), -1, dtype=torch.long)
         self.full = False
+        self.sink_keys = None  # the sinks as written (at their true positions), for re-positioning
 
     def _slot(self, positions: torch.Tensor) -> torch.Tensor:
         return torch.where(positions < self.sinks, positions, self.sinks + positions % self.window)
@@ -252,21 +256,19 @@ class SinkWindowCache(LayerCache):
         self.slots.write(slots, k, v)
         self.pos[slots] = positions
         self.full = self.full or bool((self.pos >= 0).all())
+        if bool((positions < self.sinks).any()):
+            self.sink_keys = self.slots.k[:, :, :self.sinks].clone()
 
-    def _parts(self, q, pos, q_sink):
-        K, V = self.slots.k, self.slots.v
-        valid = None if self.full else (self.pos >= 0).to(q.device)
-        if q_sink is None:
-            return [(q, K, V, valid)]
-        s = self.sinks
-        return [(q_sink, K[:, :, :s], V[:, :, :s], None if valid is None else valid[:s]),
-                (q, K[:, :, s:], V[:, :, s:], None if valid is None else valid[s:])]
+    def _parts(self, q, pos, shift_sinks):
+        if shift_sinks is not None and self.sinks:
+            self.slots.k[:, :, :self.sinks] = shift_sinks(self.sink_keys)
+        return [(q, self.slots.k, self.slots.v, None if self.full else (self.pos >= 0).to(q.device))]
 
     def held(self):
         return [set(self.pos[self.pos >= 0].tolist()) for _ in range(self.n_head)]
 
     def _tensors(self):
-        return self.slots.tensors()
+        return self.slots.tensors() + ([] if self.sink_keys is None else [self.sink_keys])
 
 
 class StridedCache(LayerCache):
@@ -303,7 +305,7 @@ class StridedCache(LayerCache):
         if self.all:
             self.all.write(slice(pos, pos + 1), k[:, h:], v[:, h:])
 
-    def step(self, q, k, v, pos, q_sink=None):
+    def step(self, q, k, v, pos, shift_sinks=None):
         self._write(k, v, pos)
         self.length = pos + 1
         h, outs = self.n_local, []
@@ -367,7 +369,7 @@ class FixedCache(LayerCache):
         self.slots.write(slice(self.n_summary, self.n_summary + c), k, v)
         self.n_summary += c
 
-    def step(self, q, k, v, pos, q_sink=None):
+    def step(self, q, k, v, pos, shift_sinks=None):
         l = self.pattern.local_attn_ctx
         end = self.n_summary + pos % l + 1
         self.slots.write(slice(end - 1, end), k, v)
@@ -402,7 +404,7 @@ class LinearCache(LayerCache):
         self.state = LinearState(fk.transpose(-2, -1) @ vw, fk.sum(-2))
         self.length = k.shape[2]
 
-    def step(self, q, k, v, pos, q_sink=None):
+    def step(self, q, k, v, pos, shift_sinks=None):
         if self.state is None:
             self.state = LinearState.zeros(self.batch, self.n_head, k.shape[-1], v.shape[-1], k.device)
         out, self.state = linear_step(q, k, v, self.state, self.pattern.feature_map)

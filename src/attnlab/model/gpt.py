@@ -86,9 +86,9 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,
-                rope_sink: RopeCache = None) -> torch.Tensor:
+                sink_shift: RopeCache = None) -> torch.Tensor:
         """Without ``cache``: attention over x. With one: an empty cache is filled from x (the prompt);
-        otherwise x is the next position and attends to the cache (``rope_sink``: see attention.cache)."""
+        otherwise x is the next position and attends to the cache (``sink_shift``: see attention.cache)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(self.sizes, dim=2)
         q = q.view(B, T, self.n_head, self.qk_head).transpose(1, 2)  # [B, H, T, Dqk]
@@ -96,16 +96,15 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.v_head).transpose(1, 2)  # [B, H, T, Dv]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q_sink = None
         if rope is not None:
-            q_sink = None if rope_sink is None else apply_rotary(q, *rope_sink)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None or cache.length == 0:
             y = self.core(q, k, v)
             if cache is not None:
                 cache.prefill(k, v)
         else:
-            y = cache.step(q, k, v, cache.length, q_sink)
+            shift = None if sink_shift is None else (lambda keys: apply_rotary(keys, *sink_shift))
+            y = cache.step(q, k, v, cache.length, shift)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -144,11 +143,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,
-                rope_sink: RopeCache = None) -> torch.Tensor:
+                sink_shift: RopeCache = None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, cache, rope_sink)
+            x = x + self.attn(self.norm1(x), rope, cache, sink_shift)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, cache, rope_sink))
+        x = self.norm1(x + self.attn(x, rope, cache, sink_shift))
         return self.norm2(x + self.mlp(x))
 
 
@@ -241,20 +240,20 @@ class GPT(nn.Module):
         start = 0 if cache is None else cache.length
         self._check_length(start, T, cache)
         x = self.tok_emb(idx)
-        rope = rope_sink = None
+        rope = sink_shift = None
         if self.rotary:
             rope = self.pos_emb(T, offset=start)
             if start >= self.context:  # streaming: the sinks see this query at the context's last position
-                rope_sink = self.pos_emb(T, offset=self.context - 1)
+                sink_shift = self.pos_emb(T, offset=start - (self.context - 1))
         elif self.pos_emb is not None:
             x = x + self.pos_emb(T, offset=start)
         x = self.drop(x)
         recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             if recompute:  # keep only the block's input; backward reruns it with the same RNG state (dropout masks)
-                x = checkpoint(block, x, rope, None, rope_sink, use_reentrant=False, preserve_rng_state=True)
+                x = checkpoint(block, x, rope, use_reentrant=False, preserve_rng_state=True)
             else:
-                x = block(x, rope, None if cache is None else cache.layers[i], rope_sink)
+                x = block(x, rope, None if cache is None else cache.layers[i], sink_shift)
         if last_only:
             x = x[:, -1:]
         if self.norm_f is not None:

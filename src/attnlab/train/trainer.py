@@ -28,6 +28,7 @@ from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
 from ..data.images import IMAGE_SOURCES
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from ..eval.curves import plot_curves
 from ..eval.metrics import image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
 from . import checkpoint as ckpt
@@ -419,6 +420,7 @@ class Trainer:
         if "test" in self.ds.meta["splits"]:
             summary.update(self._split_summary("test", self.evaluate("test", full=True)))
         self.write_samples(log, final=True)
+        log.log("plot_written", path=str(plot_curves(self.run_dir, self.image)))
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
         return summary
