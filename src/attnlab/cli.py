@@ -202,8 +202,8 @@ def cmd_sample(a) -> None:
         stream(a.prompt)
     t0 = time.perf_counter()
     texts, steps = sample_text(run.model, run.dataset.tokenizer, a.prompt, a.max_new_tokens, num_samples=a.num_samples,
-                        sampling=sampling, seed=a.seed, stops=a.stop, stop_at_eos=not a.no_eos_stop,
-                        use_cache=not a.no_cache, stream=stream, device=run.device)
+                               sampling=sampling, seed=a.seed, stops=a.stop, stop_at_eos=not a.no_eos_stop,
+                               use_cache=not a.no_cache, stream=stream, device=run.device)
     if a.stream:
         print()
     else:

@@ -10,7 +10,10 @@ pattern) and, for every length L in ``lengths``:
   (argmax, one position per call) until the cache holds L positions. The
   reported time is the median over the last ``window`` steps before L (each
   step = argmax + one cached forward): the cost per token *at* L, robust to the
-  odd slow step of a shared machine. ``cache_mb`` is ``cache.nbytes()`` at L,
+  odd slow step of a shared machine. ``ms_per_token_p10`` is their 10th
+  percentile: a shared machine's slow phases last longer than one pass and move
+  medians of separate passes by ±20% here, while the fast steps of every pass
+  show the cost of the computation itself; flatness is judged on it. ``cache_mb`` is ``cache.nbytes()`` at L,
   the exact bytes held by every layer's cache. Each L is its own pass because
   caches preallocate for their ``max_len``: a dense cache sized for 16k holds
   16k positions from its first step, so one pass to the longest length would
@@ -67,8 +70,8 @@ from ..model.gpt import GPT
 from .attention import _malloc_trim, _params, _status_kb, cpu_peak_supported, machine_info, parse_int_list
 from .train import _vocab
 
-COLUMNS = ("pattern", "params", "context", "length", "mode", "ms_per_token", "tokens_per_s", "cache_mb",
-           "peak_rss_mb", "rss_mb", "speedup")
+COLUMNS = ("pattern", "params", "context", "length", "mode", "ms_per_token", "ms_per_token_p10", "tokens_per_s",
+           "cache_mb", "peak_rss_mb", "rss_mb", "speedup")
 DEFAULT_CONFIG = "configs/quickstart.yaml"
 DEFAULT_PATTERNS = ("dense", "local:window=256", "sink_window:sinks=4:window=256", "strided:local_attn_ctx=128",
                     "fixed:local_attn_ctx=128:blocksize=32", "linear")
@@ -183,7 +186,9 @@ def cached_pass(model: GPT, prompt: torch.Tensor, length: int, window: int) -> d
         t0 = time.perf_counter()
         logits = model(logits.argmax(-1), cache=cache, last_only=True)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms_per_token": statistics.median(times[-window:]), "cache_mb": cache.nbytes() / 2**20, **_rss(peak_ok)}
+    last = times[-window:]
+    return {"ms_per_token": statistics.median(last), "ms_per_token_p10": statistics.quantiles(last, n=10)[0],
+            "cache_mb": cache.nbytes() / 2**20, **_rss(peak_ok)}
 
 
 @torch.no_grad()
@@ -202,7 +207,9 @@ def _row(spec: str, model: GPT, length: int, mode: str, batch: int, m: dict, spe
     ms = m["ms_per_token"]
     return {"spec": spec, "pattern": model.blocks[0].attn.core.pattern.name,
             "params": _params(model.blocks[0].attn.core.pattern), "context": model.context, "length": length,
-            "mode": mode, "ms_per_token": round(ms, 4), "tokens_per_s": round(batch * 1e3 / ms, 2),
+            "mode": mode, "ms_per_token": round(ms, 4),
+            "ms_per_token_p10": None if "ms_per_token_p10" not in m else round(m["ms_per_token_p10"], 4),
+            "tokens_per_s": round(batch * 1e3 / ms, 2),
             "cache_mb": m.get("cache_mb"), "peak_rss_mb": round(m["peak_rss_mb"], 3), "rss_mb": round(m["rss_mb"], 3),
             "speedup": None if speedup is None else round(speedup, 3)}
 
@@ -211,7 +218,8 @@ def _row(spec: str, model: GPT, length: int, mode: str, batch: int, m: dict, spe
 
 def targets(rows: list[dict], bounded: dict[str, bool]) -> dict:
     """The checks the benchmark exists for: speed-up at the shortest length (>= SPEEDUP_TARGET), and for bounded
-    caches (``bounded[spec]``) time, cache and peak RSS at the longest length vs the shortest (within FLAT_TOLERANCE)."""
+    caches (``bounded[spec]``) time (its 10th percentile; the median ratio is reported too), cache and peak RSS
+    at the longest length vs the shortest (within FLAT_TOLERANCE)."""
     cache = {(r["spec"], r["length"]): r for r in rows if r["mode"] == "cache"}
     lengths = sorted({L for _, L in cache})
     lo, hi = lengths[0], lengths[-1]
@@ -222,9 +230,10 @@ def targets(rows: list[dict], bounded: dict[str, bool]) -> dict:
         if bounded[spec] and hi > lo:
             a, b = cache[(spec, lo)], cache[(spec, hi)]
             ratios = {f"{key}_ratio": round(b[key] / a[key], 4) if a[key] else math.nan
-                      for key in ("ms_per_token", "cache_mb", "peak_rss_mb")}
+                      for key in ("ms_per_token", "ms_per_token_p10", "cache_mb", "peak_rss_mb")}
+            judged = [v for k, v in ratios.items() if k != "ms_per_token_ratio"]
             flat.append({"spec": spec, "from": lo, "to": hi, **ratios,
-                         "met": all(abs(r - 1) <= FLAT_TOLERANCE for r in ratios.values())})
+                         "met": all(abs(r - 1) <= FLAT_TOLERANCE for r in judged)})
     return {"speedup_min": SPEEDUP_TARGET, "speedup": speedups, "flat_tolerance": FLAT_TOLERANCE, "flat": flat}
 
 
@@ -245,8 +254,9 @@ def format_summary(rows: list[dict], tg: dict) -> str:
         lines.append(f"target speed-up >= {tg['speedup_min']:g}x at {t['length']}: {t['spec']} {got} "
                      f"{'met' if t['met'] else 'NOT met'}")
     for t in tg["flat"]:
-        lines.append(f"target flat {t['from']}->{t['to']} (within {tg['flat_tolerance']:.0%}): {t['spec']} time x"
-                     f"{t['ms_per_token_ratio']:.3f}, cache x{t['cache_mb_ratio']:.3f}, peak RSS "
+        lines.append(f"target flat {t['from']}->{t['to']} (within {tg['flat_tolerance']:.0%}): {t['spec']} time p10 x"
+                     f"{t['ms_per_token_p10_ratio']:.3f} (median x{t['ms_per_token_ratio']:.3f}), "
+                     f"cache x{t['cache_mb_ratio']:.3f}, peak RSS "
                      f"x{t['peak_rss_mb_ratio']:.3f} {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
 
@@ -291,8 +301,8 @@ def _write_side_files(out: Path, plot: Path, rows: list[dict], skipped: list[dic
     info = machine_info(torch.device("cpu"))
     (out.parent / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
     summary = {"settings": settings, "memory_method": MEMORY_METHOD, "peak_rss_available": cpu_peak_supported(),
-               "timing": f"cache: median of the last {settings['window']} decoding steps before each length "
-                         f"(argmax + one cached forward); recompute: median of {settings['repeats']} forwards over "
+               "timing": f"cache: median (and 10th percentile) of the last {settings['window']} decoding steps before "
+                         f"each length (argmax + one cached forward); recompute: median of {settings['repeats']} forwards over "
                          "the last context tokens (+ argmax)",
                "targets": tg, "skipped": skipped, "rows": rows, "machine": info, "argv": sys.argv}
     (out.parent / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -318,8 +318,7 @@ class Trainer:
     def periodic_eval(self, log: EventLog) -> None:
         m = self.evaluate(full=False)
         p = self.progress
-        log.log("validation_step", step=p.step, epoch=self.batches.epoch_float, val_loss=m["loss"],
-                **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, partial=m["partial"])
+        self._log_eval(log, m, epoch=self.batches.epoch_float)
         self.write_samples(log)
         if m["loss"] < p.best_val:
             p.best_val, p.evals_without_improvement = m["loss"], 0
@@ -379,33 +378,35 @@ class Trainer:
             out.update(val_perplexity=m["perplexity"], mainrun_val_loss=m["mainrun_loss"], val_tokens_scored=m["tokens"])
         return out
 
-    def write_samples(self, log: EventLog, final: bool = False) -> None:
+    def write_samples(self, log: EventLog) -> None:
         """A grid of ``logging.sample_images`` images or ``logging.sample_tokens`` of text into samples/."""
         lg, step = self.cfg.logging, self.progress.step
         n = lg.sample_images if self.image else lg.sample_tokens
-        if not n or (final and (self.run_dir / "samples" / f"step-{step:07d}{'.png' if self.image else '.txt'}").exists()):
+        path = self.run_dir / "samples" / f"step-{step:07d}{'.png' if self.image else '.txt'}"
+        if not n or path.exists():  # the final evaluation may fall on a periodic one's step
             return
-        out = self.run_dir / "samples"
-        out.mkdir(exist_ok=True)
-        seed = self.cfg.train.seed + step
+        path.parent.mkdir(exist_ok=True)
+        seed = self.cfg.train.seed + step  # its own generator: the training RNG streams are untouched
         if self.image:
             from ..eval.images import sample_images, save_grid
-            images = sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device, progress=False)
-            path = save_grid(images, out / f"step-{step:07d}.png")
+            save_grid(sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device,
+                                    progress=False), path)
         else:
             from ..eval.sample import sample_text
             (text,), _ = sample_text(self.model, self.ds.tokenizer, "", n, seed=seed, device=self.device, stop_at_eos=False)
-            path = out / f"step-{step:07d}.txt"
             ckpt.atomic_write_text(path, text)
-        log.log("samples_written", step=step, path=str(path), final=final)
+        log.log("samples_written", step=step, path=str(path))
+
+    def _log_eval(self, log: EventLog, m: dict, **extra) -> None:
+        log.log("validation_step", step=self.progress.step, val_loss=m["loss"], partial=m["partial"],
+                **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, **extra)
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
         p = self.progress
         self.save(log)
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
-        log.log("validation_step", step=p.step, final=True, val_loss=val["loss"],
-                **{f"val_{k}": v for k, v in val.items() if k not in ("loss", "partial")}, partial=False)
+        self._log_eval(log, val, final=True)
         summary = {
             **self._split_summary("val", val),
             "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,
@@ -419,7 +420,7 @@ class Trainer:
             summary.update(eval_context=self.cfg.model.context, eval_stride=self.cfg.train.eval_stride or self.cfg.model.context)
         if "test" in self.ds.meta["splits"]:
             summary.update(self._split_summary("test", self.evaluate("test", full=True)))
-        self.write_samples(log, final=True)
+        self.write_samples(log)
         log.log("plot_written", path=str(plot_curves(self.run_dir, self.image)))
         ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
