@@ -173,11 +173,12 @@ def _eval_text(run, a) -> dict:
 
 
 def _eval_images(run, a) -> dict:
+    from .data.images import SOS
     from .eval.metrics import image_metrics, score_images
     if a.context or a.stride:
         raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
     n = run.cfg.model.context
-    score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=run.model.vocab_size - 1,
+    score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=SOS,
                          batch_size=a.batch_size, device=run.device, progress=True)
     m = image_metrics(score, n)
     return {f"{a.split}_bits_per_dim": m["bits_per_dim"], f"{a.split}_nats_per_image": m["nats_per_image"],

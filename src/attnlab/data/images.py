@@ -51,7 +51,6 @@ import pickle
 import re
 import sys
 import tarfile
-import urllib.error
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +60,14 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..files import file_sha256
+from ..files import file_digests, file_sha256
 from . import sources
-from .sources import cache_dir
 
 IMAGE_SOURCES = ("cifar10", "digits", "image-folder", "imagenet-downsampled")
 VOCAB_SIZE = 256
+# Models read a start-of-image token before the bytes: their vocabulary is the bytes plus SOS.
+SOS = VOCAB_SIZE
+IMAGE_VOCAB = VOCAB_SIZE + 1
 TOKEN_DTYPE = np.dtype(np.uint16)   # the store's dtype for vocabularies <= 65536
 LABEL_DTYPE = np.dtype(np.int16)
 BLOCK_IMAGES = 4096                 # images converted and written at a time
@@ -209,37 +210,12 @@ def _cifar10(cfg: DataConfig) -> ImageSource:
 
 def _cifar_download() -> Path:
     """The official python archive from the cache, downloading (and MD5-checking) it once."""
-    target = cache_dir() / "cifar10" / CIFAR_ARCHIVE
-    if target.is_file() and _file_digests(target)[0] == CIFAR_MD5[CIFAR_ARCHIVE]:
-        return target
-    try:
-        raw = sources._fetch(CIFAR_URL, sources.DOWNLOAD_TIMEOUT_S)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise sources._no_network("cifar10", getattr(e, "reason", e), CIFAR_ARCHIVE) from None
-    md5 = hashlib.md5(raw).hexdigest()
-    if md5 != CIFAR_MD5[CIFAR_ARCHIVE]:
-        raise DataError(f"download of {CIFAR_URL} has the wrong md5 (got {md5}): retry later or pass "
-                        f"data.path=/path/to/{CIFAR_ARCHIVE} (a verified local copy)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(raw)
-    os.replace(tmp, target)  # atomic: a half-written download never looks cached
-    return target
-
-
-def _file_digests(path: Path) -> tuple[str, str]:
-    """(md5, sha256) of a file, read in chunks."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
+    return sources._download("cifar10", CIFAR_URL, CIFAR_MD5[CIFAR_ARCHIVE], CIFAR_ARCHIVE, algorithm="md5")
 
 
 def _cifar_archive(path: Path) -> tuple[list[Part], dict]:
     """The official tar.gz (python or binary version), checked against its published MD5."""
-    md5, sha = _file_digests(path)
+    md5, sha = file_digests(path, "md5", "sha256")
     if md5 not in CIFAR_MD5.values():
         raise DataError(f"{path} is not an official CIFAR-10 archive (md5 {md5} matches neither {' nor '.join(CIFAR_MD5)}): "
                         "re-download it from https://www.cs.toronto.edu/~kriz/cifar.html or pass an extracted folder")

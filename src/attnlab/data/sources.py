@@ -39,6 +39,7 @@ from typing import Iterable, Iterator
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..files import file_digests
 
 NAMED_SOURCES = ("python-stdlib", "hn-titles", "shakespeare", "arxiv-abstracts")
 FORMATS = ("text", "lines", "jsonl", "csv", "tsv", "parquet", "arxiv")
@@ -324,7 +325,8 @@ def _shakespeare(cfg: DataConfig) -> Documents:
         raw = _read_bytes(path)
         origin = {"path": str(path.resolve())}
     else:
-        path, raw = _download("shakespeare", SHAKESPEARE_URL, SHAKESPEARE_SHA256, "input.txt")
+        path = _download("shakespeare", SHAKESPEARE_URL, SHAKESPEARE_SHA256, "input.txt")
+        raw = path.read_bytes()
         origin = {"url": SHAKESPEARE_URL, "path": str(path)}
     sha, md5 = _sha256(raw), hashlib.md5(raw).hexdigest()
     if sha != SHAKESPEARE_SHA256:
@@ -405,25 +407,24 @@ def _fetch(url: str, timeout: float) -> bytes:
         return r.read()
 
 
-def _download(source: str, url: str, sha256: str, filename: str) -> tuple[Path, bytes]:
-    """A checksummed copy of `url` from the cache, downloading it once."""
+def _download(source: str, url: str, digest: str, filename: str, algorithm: str = "sha256") -> Path:
+    """A copy of `url` in the cache whose `algorithm` digest is `digest`, downloading it once."""
     target = cache_dir() / source / filename
-    if target.is_file():
-        raw = target.read_bytes()
-        if _sha256(raw) == sha256:
-            return target, raw
+    if target.is_file() and file_digests(target, algorithm)[0] == digest:
+        return target
     try:
         raw = _fetch(url, DOWNLOAD_TIMEOUT_S)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise _no_network(source, getattr(e, "reason", e), filename) from None
-    if _sha256(raw) != sha256:
-        raise DataError(f"download of {url} has the wrong sha256 (got {_sha256(raw)[:12]}...): "
+    got = hashlib.new(algorithm, raw).hexdigest()
+    if got != digest:
+        raise DataError(f"download of {url} has the wrong {algorithm} (got {got[:12]}...): "
                         f"retry later or pass data.path=/path/to/{filename} (a verified local copy)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(raw)
     os.replace(tmp, target)  # atomic: a half-written download never looks cached
-    return target, raw
+    return target
 
 
 def _probe_hub() -> None:

@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.images import from_sequence, to_sequence
+from ..data.images import IMAGE_VOCAB, SOS, from_sequence, to_sequence
 from ..errors import ConfigError
 from .sample import generate
 from .sampling import SamplingConfig
 
-SOS = 256
-IMAGE_VOCAB = 257
 MARKER = (255, 0, 0)  # completion grids: ticks in the padding where the kept rows end
 
 Shape = tuple[int, int, int]

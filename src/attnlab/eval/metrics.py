@@ -69,14 +69,10 @@ def score_tokens(model, tokens: np.ndarray, *, context: int, stride: int | None 
     stride = stride or context
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
     windows = plan_windows(n, context, stride)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    amp = (torch.autocast(torch.device(device).type, dtype=autocast_dtype)
-           if autocast_dtype is not None else contextlib.nullcontext())
     groups = _group(windows, batch_size)
     bar = tqdm(groups, desc="eval", unit="batch", disable=not progress, leave=False)
-    with torch.no_grad(), amp:
+    with _scoring(model, device, autocast_dtype):
         for group in bar:
             x, y = _stack(tokens, group, device)
             logits = model(x)
@@ -84,8 +80,21 @@ def score_tokens(model, tokens: np.ndarray, *, context: int, stride: int | None 
             for row, w in zip(nll, group):
                 total += row[-w.scored:].double().sum().item()
                 count += w.scored
-    model.train(was_training)
     return Score(total, count)
+
+
+@contextlib.contextmanager
+def _scoring(model, device, autocast_dtype: torch.dtype | None):
+    """Eval mode (restored after), no autograd, and autocast when a dtype is given."""
+    was_training = model.training
+    model.eval()
+    amp = (torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+           if autocast_dtype is not None else contextlib.nullcontext())
+    try:
+        with torch.no_grad(), amp:
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _group(windows: list[Window], batch_size: int) -> list[list[Window]]:
@@ -133,13 +142,9 @@ def score_images(model, tokens: np.ndarray, *, tokens_per_image: int, sos: int, 
     """
     n = len(tokens) // tokens_per_image
     n = n if max_images is None else min(n, max_images)
-    was_training = model.training
-    model.eval()
     total = 0.0
-    amp = (torch.autocast(torch.device(device).type, dtype=autocast_dtype)
-           if autocast_dtype is not None else contextlib.nullcontext())
     starts = range(0, n, batch_size)
-    with torch.no_grad(), amp:
+    with _scoring(model, device, autocast_dtype):
         for first in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
             rows = np.asarray(tokens[first * tokens_per_image:min(first + batch_size, n) * tokens_per_image], dtype=np.int64)
             y = torch.from_numpy(rows.reshape(-1, tokens_per_image)).to(device)
@@ -147,7 +152,6 @@ def score_images(model, tokens: np.ndarray, *, tokens_per_image: int, sos: int, 
             nll = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none")
             for per_image in nll.double().sum(1).tolist():
                 total += per_image
-    model.train(was_training)
     return Score(total, n * tokens_per_image)
 
 

@@ -26,7 +26,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
-from ..data.images import IMAGE_SOURCES
+from ..data.images import IMAGE_SOURCES, IMAGE_VOCAB, SOS
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from ..eval.curves import plot_curves
 from ..eval.metrics import image_metrics, score_images, score_tokens, text_metrics
@@ -89,7 +89,7 @@ def fit_model_to_data(cfg: Config, ds: store.Dataset) -> int:
     elif list(m.image_shape) != shape:
         raise ConfigError(f"model.image_shape={m.image_shape} does not match the dataset's {shape}: "
                           f"set model.image_shape={','.join(map(str, shape))} or leave it empty")
-    return ds.vocab_size + 1
+    return IMAGE_VOCAB
 
 
 # ------------------------------------------------------------------ run directory
@@ -166,7 +166,7 @@ class Trainer:
         if len(self.val_tokens) < 2:
             raise DataError(f"{self.ds.dir} has an empty validation split: raise data.val_frac")
         if self.image:
-            self.batches = ImageBatches(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, sos=vocab - 1)
+            self.batches = ImageBatches(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, sos=SOS)
         else:
             self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed)
         self.model = GPT(cfg.model, cfg.attention, vocab).to(self.device)
@@ -294,7 +294,7 @@ class Trainer:
         if self.image:
             n_images = len(tokens) // context
             max_images = None if limit is None else max(1, limit // context)
-            score = score_images(self.model, tokens, tokens_per_image=context, sos=self.model.vocab_size - 1,
+            score = score_images(self.model, tokens, tokens_per_image=context, sos=SOS,
                                  max_images=max_images, **run)
             return {**image_metrics(score, context), "loss": score.nll_nats / score.tokens,
                     "partial": score.tokens < n_images * context}
