@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(shell (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/
 PIP_TORCH_ARGS ?=
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test bench mainrun clean
+.PHONY: setup demo test bench mainrun clean browser
 
 setup: $(STAMP)
 
@@ -25,8 +25,16 @@ demo: $(STAMP)
 	$(BIN)/attnlab eval runs/$(RUN_NAME)
 	$(BIN)/attnlab sample runs/$(RUN_NAME) --prompt "def " --max-new-tokens 300 --temperature 0.7 --top-k 40 --seed 0
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 --durations=15
+
+# The report test opens a page in headless Chromium (Debian's package). Install it where we may
+# (root + apt); elsewhere that one test skips and says why.
+browser:
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell) >/dev/null 2>&1; } || \
+	  echo "note: no Chromium (install chromium-headless-shell); the browser test will skip"
 
 bench: $(STAMP)
 	$(BIN)/attnlab bench train configs/mainrun.yaml --out benchmarks/train-mainrun-cpu

@@ -398,7 +398,9 @@ class Trainer:
         log.log("samples_written", step=step, path=str(path))
 
     def _log_eval(self, log: EventLog, m: dict, **extra) -> None:
-        log.log("validation_step", step=self.progress.step, val_loss=m["loss"], partial=m["partial"],
+        p = self.progress  # tokens and train_seconds let a report plot against tokens and wall-clock
+        log.log("validation_step", step=p.step, tokens=p.tokens, train_seconds=p.train_seconds,
+                val_loss=m["loss"], partial=m["partial"],
                 **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, **extra)
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
