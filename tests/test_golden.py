@@ -104,6 +104,7 @@ def test_meta_records_versions_git_and_device(golden_runs):
     assert meta["git_sha"] == head
     if head is not None:
         assert re.fullmatch(r"[0-9a-f]{40}", meta["git_sha"])
+        assert meta["git_dirty"] is runtime.git_dirty() and isinstance(meta["git_dirty"], bool)
     assert meta["seed"] == 7 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["started"])
 
 
@@ -114,4 +115,4 @@ def test_git_sha_is_null_outside_a_checkout(monkeypatch, outcome):
             raise FileNotFoundError("git")
         return subprocess.CompletedProcess(args, 128, stdout="", stderr="fatal: not a git repository")
     monkeypatch.setattr(runtime.subprocess, "run", fake_run)
-    assert runtime.git_sha() is None
+    assert runtime.git_sha() is None and runtime.git_dirty() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layer=8 optim.lr=3e-4")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest complete checkpoint")
     tr.add_argument("--force", action="store_true", help="replace an existing run directory")
+    tr.add_argument("--auto-resume", action="store_true",
+                    help="resume out_dir/name if it has a complete checkpoint, else start it (for torchrun --max-restarts)")
 
     ev = sub.add_parser("eval", help="bits/byte, nats/token, perplexity over a whole split")
     ev.add_argument("run_dir")
@@ -109,6 +112,47 @@ def _parser() -> argparse.ArgumentParser:
     vp.add_argument("--save-mask", metavar="FILE.npy", help="also save the boolean mask [heads, N, N] (True = may attend) with numpy.save")
     vp.add_argument("--layer", type=int, default=0, help="layer index (patterns can differ per layer)")
     vp.add_argument("--layers", type=int, default=1, help="number of layers")
+    vl = vsub.add_parser("logit-lens", help="text runs: each layer's prediction (final norm + unembedding of its residual)")
+    vl.add_argument("run_dir")
+    vl.add_argument("--text", required=True, help="input text, at most the model's context in tokens")
+    vl.add_argument("--out", required=True, help="folder for lens.png, lens.md and lens.csv")
+    vl.add_argument("--top-k", type=int, default=5, help="top predictions per cell in the table (default 5)")
+    vl.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
+    vl.add_argument("--device", default="auto")
+    vl.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    va = vsub.add_parser("attention", help="a trained run's attention weights: heat maps per layer (text) or a query pixel's attention over an image")
+    va.add_argument("run_dir")
+    va.add_argument("--text", help="text runs: the input, at most the model's context in tokens")
+    va.add_argument("--image", type=int, metavar="K", help="image runs: image K of --split")
+    va.add_argument("--split", default="val", help="--image: the split its image comes from (default val)")
+    va.add_argument("--pixel", metavar="ROW,COL[,CHANNEL]", help="--image: the query pixel (default: the centre, last channel)")
+    va.add_argument("--layers", help="layers to draw, e.g. 0,2 or 1-3 (default: all)")
+    va.add_argument("--heads", help="heads to draw, e.g. 0,1 (default: all)")
+    va.add_argument("--out", required=True, help="folder for layerNN.png, weights.npy [layers, heads, T, T] and attention.json")
+    va.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    va.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
+    va.add_argument("--device", default="auto")
+    vs = vsub.add_parser("stats", help="a run's attention statistics (entropy, sink mass, distance, q/k/v norms) against step")
+    vs.add_argument("run_dir")
+    vs.add_argument("--out", required=True, help="PNG file")
+    vs.add_argument("--force", action="store_true", help="replace an existing --out file")
+
+    rp = sub.add_parser("report", help="compare runs: curves, final metrics, seed statistics, patterns, samples (HTML + Markdown)")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories created by `attnlab train`")
+    rp.add_argument("--out", required=True, help="folder for index.html (self-contained), report.md and its PNGs")
+    rp.add_argument("--title", help="page title (default: attnlab report: N run(s))")
+    rp.add_argument("--force", action="store_true", help="replace the report files in a non-empty --out folder")
+
+    sw = sub.add_parser("sweep", help="train one preset over a grid or random sample of config values, then one report")
+    sw.add_argument("sweep_file", help="sweep YAML, e.g. configs/sweeps/patterns.yaml")
+    sw.add_argument("choices", nargs="*", help="with --one (written before SWEEP_FILE): key=value choices of one run, as a wandb agent passes them")
+    sw.add_argument("--parallel", type=int, help="runs at once (default: the sweep's parallel, else 1)")
+    sw.add_argument("--resume", action="store_true", help="finish an existing sweep folder: skip finished runs, continue the others")
+    sw.add_argument("--force", action="store_true", help="replace an existing sweep folder (or --to-wandb file)")
+    sw.add_argument("--dry-run", action="store_true", help="print the planned runs (names and overrides) and stop")
+    sw.add_argument("--no-report", action="store_true", help="skip the report of the finished runs")
+    sw.add_argument("--to-wandb", metavar="FILE", help="write the sweep as a wandb sweep config (for `wandb sweep FILE`) and stop")
+    sw.add_argument("--one", action="store_true", help="train one run of the sweep from key=value choices (what wandb agents call)")
     return p
 
 
@@ -140,8 +184,9 @@ def cmd_train(a) -> None:
         if a.resume is None and a.config is None and not a.overrides:
             raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")
         cfg = config.load(a.config, a.overrides)
-    summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv)
-    print(json.dumps(summary))
+    summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary: print it once
+        print(json.dumps(summary))
 
 
 def cmd_eval(a) -> None:
@@ -272,7 +317,7 @@ def cmd_bench_attention(a) -> None:
                     device=a.device, out=a.out, warmup=a.warmup, plot=a.plot)
 
 
-def cmd_viz(a) -> None:
+def cmd_viz_pattern(a) -> None:
     from .eval.viz import draw_pattern, format_params, pattern_from_overrides, save_mask
     pattern = pattern_from_overrides(a.overrides, a.heads, a.layer, a.layers)
     fig = draw_pattern(pattern, a.seq_len, a.heads, a.out, subtitle=f"layer {a.layer} of {a.layers}" if a.layers > 1 else "")
@@ -282,8 +327,62 @@ def cmd_viz(a) -> None:
                       "panels": len(fig.axes), "seq_len": a.seq_len, "heads": a.heads}))
 
 
+def cmd_viz_logit_lens(a) -> None:
+    from .eval.logit_lens import logit_lens_report
+    info = logit_lens_report(a.run_dir, a.text, a.out, top_k=a.top_k, checkpoint=a.checkpoint, device=a.device, force=a.force)
+    print(json.dumps(info, ensure_ascii=False))
+
+
+def cmd_viz_attention(a) -> None:
+    from .eval.attention_maps import write_attention_maps
+    from .runs import load_run
+    run = load_run(a.run_dir, a.checkpoint, a.device)
+    info = write_attention_maps(run, a.out, text=a.text, image=a.image, split=a.split, pixel=a.pixel,
+                                layers=a.layers, heads=a.heads, force=a.force)
+    print(json.dumps({k: v for k, v in info.items() if k not in ("labels", "token_ids")}, ensure_ascii=False))
+
+
+def cmd_viz_stats(a) -> None:
+    from .eval.attention_stats import plot_attention_stats
+    print(json.dumps(plot_attention_stats(a.run_dir, a.out, force=a.force)))
+
+
+VIZ = {"pattern": cmd_viz_pattern, "logit-lens": cmd_viz_logit_lens, "attention": cmd_viz_attention, "stats": cmd_viz_stats}
+
+
+def cmd_viz(a) -> None:
+    VIZ[a.viz](a)
+
+
+def cmd_report(a) -> None:
+    from .eval.report import build_report
+    page = build_report(a.run_dirs, a.out, title=a.title, force=a.force)
+    print(json.dumps({"out": str(page), "markdown": str(page.with_name("report.md")), "runs": len(a.run_dirs)}))
+
+
+def cmd_sweep(a) -> None:
+    from . import sweep as sw
+    sweep = sw.load_sweep(a.sweep_file)
+    if a.choices and not a.one:
+        raise UserError(f"unexpected arguments {' '.join(a.choices)}: key=value choices go with --one (a single run)")
+    if a.one:
+        print(json.dumps(sw.run_one(sweep, a.choices)))
+    elif a.to_wandb:
+        out = sw.write_wandb(sweep, a.to_wandb, force=a.force)
+        print(json.dumps({"out": str(out), "method": sweep.method, "parameters": [p.key for p in sweep.parameters]}))
+    elif a.dry_run:
+        for spec in sw.expand(sweep):
+            print(json.dumps({"name": spec.name, "run_dir": str(sweep.folder / spec.name), "overrides": spec.overrides}))
+    else:
+        summary = sw.run_sweep(sweep, parallel=a.parallel, resume=a.resume, force=a.force, report=not a.no_report)
+        print(json.dumps(summary))
+        if summary["failed"]:
+            raise sw.SweepRunsFailed(f"{summary['failed']} of {summary['runs']} sweep runs did not finish: see their errors in "
+                                     f"{summary['sweep']}/runs.json and logs/, then finish them with --resume")
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench,
-            "viz": cmd_viz}
+            "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("attnlab: interrupted (a checkpoint was saved if training had started: continue with --resume RUN_DIR)", file=sys.stderr)
+        if args.command != "sweep":  # a sweep names its own --resume line
+            print("attnlab: interrupted (a checkpoint was saved if training had started: continue with --resume RUN_DIR)",
+                  file=sys.stderr)
         return 130
     return 0
 

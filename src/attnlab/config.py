@@ -154,6 +154,7 @@ class TrainConfig:
     dtype: str = opt("auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (auto: bf16 on supporting GPUs, fp32 on CPU)")
     compile: bool = opt(False)
     threads: int | None = opt(None, lo=1, help="CPU threads (default: torch's choice)")
+    parallel: str = opt("ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP replicas or FSDP2 sharding (ignored in one process)")
 
 
 @dataclass
@@ -165,6 +166,8 @@ class LoggingConfig:
     tensorboard: bool = opt(False)
     sample_tokens: int = opt(0, lo=0, help="text: tokens to sample into samples/ at each evaluation (0 = none)")
     sample_images: int = opt(0, lo=0, hi=256, help="images: a grid of this many samples into samples/ at each evaluation (0 = none)")
+    attention_stats: int = opt(4, lo=0, hi=64, help="per-head attention statistics over this many validation sequences "
+                                                     "at each evaluation (attention_stats events; 0 = off)")
 
 
 @dataclass

@@ -18,33 +18,54 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .patterns import Pattern
+from .patterns import Pattern, _grid
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float, bool], torch.Tensor]
 
 
+# linear.py's default: keeps a row whose features are all ~0 finite.
+_LINEAR_EPS = 1e-6
+
+
+def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_start: int | None = None) -> torch.Tensor:
+    """The attention weights of the spec, ``[B, H, Tq, Tk]`` in fp32 (or wider): row i mixes the values of the keys.
+
+    Softmax patterns: dense scores scaled by 1/sqrt(Dqk), the pattern's dense mask,
+    softmax in fp32; a query with no allowed key gets an all-zero row. Linear
+    patterns: the implicit weights phi(q_i).phi(k_j) / (sum_{j'<=i} phi(q_i).phi(k_j') + eps)
+    over the causal keys (rows sum to 1 up to eps). Queries sit at positions
+    ``q_start ..`` (default: the last ``Tq`` of the ``Tk`` positions), so rows can
+    be computed a chunk at a time. Slow and O(Tq * Tk) memory on purpose.
+    """
+    H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    start = Tk - Tq if q_start is None else q_start
+    qi, kj, h = _grid(start, Tq, Tk, H, q.device)
+    mask = pattern.allowed(qi, kj, h).expand(H, Tq, Tk)  # the dense mask's rows, broadcasting over B
+    if pattern.mechanism == "linear":
+        from .linear import _features
+
+        fq, fk, _ = _features(q, k, k[..., :0], pattern.feature_map)  # no values: only their dtype would matter
+        A = (fq @ fk.transpose(-2, -1)).masked_fill(~mask, 0.0)
+        return A / (A.sum(-1, keepdim=True) + _LINEAR_EPS)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[3] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    # A query with no allowed key would softmax to NaN; define its weights (and output) as zero.
+    return weights.masked_fill(~mask, 0.0)
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
               dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """The spec: dense scores, the pattern's dense mask, softmax in fp32, dropout, @ v.
+    """The spec: ``reference_weights`` (dense scores, the pattern's dense mask, softmax in fp32), dropout, @ v.
 
     Slow and O(T^2) memory on purpose: it is the obviously-correct version the
     fast backends are tested against. Queries are the last ``Tq`` of the ``Tk``
-    positions (Tq == Tk in training), so a query-only suffix also works.
+    positions (Tq == Tk in training), so a query-only suffix also works. Linear
+    attention has no dropout (its backend never forms the weights).
     """
-    if pattern.mechanism == "linear":
-        from .linear import linear_reference
-
-        return linear_reference(q, k, v, pattern.feature_map)
-    H, Tq, Dqk = q.shape[1], q.shape[2], q.shape[3]
-    Tk = k.shape[2]
-    mask = pattern.dense_mask(Tk, H, device=q.device)[:, Tk - Tq:]  # [H, Tq, Tk], broadcasts over B
-    scores = (q.float() @ k.float().transpose(-2, -1)) * Dqk ** -0.5
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    # A query with no allowed key would softmax to NaN; define its output as zero.
-    weights = weights.masked_fill(~mask, 0.0)
-    if training and dropout_p > 0.0:
+    weights = reference_weights(q, k, pattern)
+    if training and dropout_p > 0.0 and pattern.mechanism == "softmax":
         weights = F.dropout(weights, p=dropout_p)
-    return (weights @ v.float()).to(v.dtype)
+    return (weights @ v.to(weights.dtype)).to(v.dtype)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,

@@ -11,6 +11,11 @@ batch size only groups windows and cannot change the result.
 Images are scored one whole image per row, from a start-of-image token
 (``score_images``): every byte of every image is a target exactly once, and
 bits per dimension divide by the split's bytes (H*W*C per image).
+
+Under data parallelism (``rank``, ``world_size``) each rank scores a
+contiguous share of the batches and returns its partial Score; the trainer
+sums the partial Scores over ranks (float64), which equals the
+single-process Score up to the order of float64 additions.
 """
 
 from __future__ import annotations
@@ -51,6 +56,20 @@ def plan_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     return windows
 
 
+def shard(items: list, rank: int = 0, world_size: int = 1) -> list[tuple[object, bool]]:
+    """This rank's contiguous share of ``items`` as (item, counted) pairs.
+
+    Shorter shares are padded with uncounted repeats of the first item, so every
+    rank makes the same number of model calls: FSDP gathers weights inside each
+    call, and a rank that skipped one would leave the others waiting.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    per_rank = -(-len(items) // world_size)
+    mine = items[rank * per_rank:(rank + 1) * per_rank]
+    return [(x, True) for x in mine] + [(items[0], False)] * (per_rank - len(mine))
+
+
 @dataclass
 class Score:
     nll_nats: float  # summed over scored tokens
@@ -60,22 +79,25 @@ class Score:
 def score_tokens(model, tokens: np.ndarray, *, context: int, stride: int | None = None,
                  batch_size: int = 32, device: str | torch.device = "cpu",
                  autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
-                 progress: bool = False) -> Score:
+                 progress: bool = False, rank: int = 0, world_size: int = 1) -> Score:
     """Sum of next-token NLL (nats) over the split, each target scored once.
 
     ``max_tokens`` limits scoring to the first targets (periodic evals during
     training); the final metrics always pass None to score the whole split.
+    With ``world_size > 1`` only this rank's share of the windows is scored.
     """
     stride = stride or context
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
     windows = plan_windows(n, context, stride)
     total, count = 0.0, 0
-    groups = _group(windows, batch_size)
+    groups = shard(_group(windows, batch_size), rank, world_size) if windows else []
     bar = tqdm(groups, desc="eval", unit="batch", disable=not progress, leave=False)
     with _scoring(model, device, autocast_dtype):
-        for group in bar:
+        for group, counted in bar:
             x, y = _stack(tokens, group, device)
             logits = model(x)
+            if not counted:
+                continue
             nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
             for row, w in zip(nll, group):
                 total += row[-w.scored:].double().sum().item()
@@ -134,25 +156,31 @@ def text_metrics(score: Score, split_meta: dict, *, partial: bool = False) -> di
 
 def score_images(model, tokens: np.ndarray, *, tokens_per_image: int, sos: int, batch_size: int = 32,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 max_images: int | None = None, progress: bool = False) -> Score:
+                 max_images: int | None = None, progress: bool = False,
+                 rank: int = 0, world_size: int = 1) -> Score:
     """Sum of NLL (nats) of every byte of every image, each image predicted from SOS alone.
 
     Per-image sums are accumulated in float64 in image order, so the batch size
     cannot change the result. ``max_images`` limits periodic evals to the first images.
+    With ``world_size > 1`` only this rank's share of the batches is scored.
     """
     n = len(tokens) // tokens_per_image
     n = n if max_images is None else min(n, max_images)
-    total = 0.0
-    starts = range(0, n, batch_size)
+    total, count = 0.0, 0
+    starts = shard(list(range(0, n, batch_size)), rank, world_size) if n else []
     with _scoring(model, device, autocast_dtype):
-        for first in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+        for first, counted in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
             rows = np.asarray(tokens[first * tokens_per_image:min(first + batch_size, n) * tokens_per_image], dtype=np.int64)
             y = torch.from_numpy(rows.reshape(-1, tokens_per_image)).to(device)
             x = torch.cat([torch.full_like(y[:, :1], sos), y[:, :-1]], dim=1)
-            nll = F.cross_entropy(model(x).float().transpose(1, 2), y, reduction="none")
+            logits = model(x)
+            if not counted:
+                continue
+            nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
             for per_image in nll.double().sum(1).tolist():
                 total += per_image
-    return Score(total, n * tokens_per_image)
+            count += y.numel()
+    return Score(total, count)
 
 
 def image_metrics(score: Score, tokens_per_image: int) -> dict:

@@ -16,7 +16,9 @@ step that already exists first renames the old folder to
 ``latest_checkpoint`` finds), moves the new one in, then deletes the old one.
 Folders are deleted by first renaming them to a ``.tmp-`` name, so a deletion
 cut short never leaves a damaged folder under a name that counts. Leftovers
-are cleaned up by the next save. One process writes to a run directory at a time.
+are cleaned up by the next save. One process writes to a run directory at a time
+(under torchrun, rank 0, after the others have helped gather FSDP's shards; they
+wait at a barrier until the checkpoint is complete).
 
 Loading never runs code: ``torch.load(weights_only=True)`` and safetensors,
 after checking both files against the sha256 in ``COMPLETE``.
@@ -237,6 +239,8 @@ def prune_checkpoints(run_dir, keep: int = 2) -> None:
 # ------------------------------------------------------------ weights
 
 def _tensor_key(t: torch.Tensor) -> tuple:
+    if hasattr(t, "to_local"):  # an FSDP2 DTensor: tied parameters share their local shard
+        t = t.to_local()
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
@@ -265,8 +269,15 @@ def _dedupe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     return tensors, aliases
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
-    tensors, aliases = _dedupe(model.state_dict())
+def _full_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The module's state dict, or ``weights`` (its gathered full copy) with the module's ties restored."""
+    if weights is None:
+        return model.state_dict()
+    return {**weights, **{name: weights[target] for name, target in _aliases(model.state_dict()).items()}}
+
+
+def _save_weights(model: nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    tensors, aliases = _dedupe(_full_weights(model, weights))
     safetensors.torch.save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases)})
 
 
@@ -298,11 +309,13 @@ def _plain(obj, where: str = "state"):
 
 # ------------------------------------------------------------ save / load
 
-def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict) -> Path:
+def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step_XXXXXXXX`` crash-safely and return its path.
 
     ``state`` must be plain data (tensors, numbers, strings, lists, dicts), e.g.
     ``{"optimizer": ..., "scheduler": ..., "rng": rng_state(), "data": ..., "step": ..., "trainer": ...}``.
+    ``weights`` replaces ``model.state_dict()`` when the module holds only a shard (FSDP2's gathered full copy).
     """
     state = _plain(state)
     root = _ckpt_root(run_dir)
@@ -312,7 +325,7 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict) -> Path:
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     _on_stage("tmp_created")
-    _save_weights(model, tmp / WEIGHTS)
+    _save_weights(model, tmp / WEIGHTS, weights)
     _on_stage("weights_written")
     torch.save(state, tmp / STATE)
     _on_stage("state_written")
@@ -383,7 +396,7 @@ def _verify(ckpt: Path) -> dict:
     return marker
 
 
-def _check_matches(ckpt: Path, weights: dict[str, torch.Tensor], model: nn.Module) -> None:
+def check_matches(ckpt: Path, weights: dict[str, torch.Tensor], model: nn.Module) -> None:
     """Names, shapes and ties must agree, else the error names the first differing tensor."""
     expected = model.state_dict()
     problem = None
@@ -422,6 +435,6 @@ def load_checkpoint(path_or_run_dir, model: nn.Module | None = None) -> tuple[di
         raise CheckpointError(f"checkpoint {ckpt} cannot be read safely ({first}): "
                               f"{_FALLBACK}") from None
     if model is not None:
-        _check_matches(ckpt, weights, model)
+        check_matches(ckpt, weights, model)
         model.load_state_dict(weights, strict=True)
     return weights, state

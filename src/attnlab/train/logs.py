@@ -2,7 +2,7 @@
 
 Every event is one JSON object per line with ``event``, ``time`` and its
 fields; the optional loggers receive the numeric fields of training and
-validation steps.
+validation steps and the per-layer, per-head attention statistics (``sink_scalars``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ class EventLog:
         record = {"event": event, "time": time.time(), **_jsonable(fields)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if event in ("training_step", "validation_step") and "step" in fields:
-            scalars = {f"{event.split('_')[0]}/{k}": v for k, v in fields.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        scalars = sink_scalars(event, fields) if self._sinks else {}
+        if scalars:
             for sink in self._sinks:
                 sink.log(scalars, fields["step"])
 
@@ -50,6 +49,23 @@ class EventLog:
             self._file = None
         for sink in self._sinks:
             sink.close()
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def sink_scalars(event: str, fields: dict) -> dict[str, float]:
+    """The scalars wandb/TensorBoard receive for an event: ``train/loss``, ``validation/val_loss``, ...,
+    and for ``attention_stats`` one per layer, head and statistic, ``attention/L0H1/entropy``."""
+    if "step" not in fields:
+        return {}
+    if event in ("training_step", "validation_step"):
+        return {f"{event.split('_')[0]}/{k}": v for k, v in fields.items() if _number(v) and k != "step"}
+    if event == "attention_stats":
+        return {f"attention/L{layer}H{head}/{k}": x for k, v in fields.items() if isinstance(v, list)
+                for layer, row in enumerate(v) for head, x in enumerate(row) if _number(x)}
+    return {}
 
 
 def read_events(run_dir: Path, event: str | None = None) -> list[dict]:

@@ -76,13 +76,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def git_sha() -> str | None:
+def _git(*args: str) -> str | None:
+    """``git args`` run in attnlab's own source folder; None outside a checkout or without git."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_sha() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def git_dirty() -> bool | None:
+    """True when attnlab's tracked source differs from the commit (the SHA alone does not reproduce the run)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", "src")
+    return None if status is None else bool(status)
 
 
 def device_info(device: torch.device) -> dict:

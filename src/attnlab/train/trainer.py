@@ -27,12 +27,13 @@ from ..config import Config
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
 from ..data.images import IMAGE_SOURCES, IMAGE_VOCAB, SOS
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
+from ..eval.attention_stats import log_attention_stats
 from ..eval.curves import plot_curves
-from ..eval.metrics import image_metrics, score_images, score_tokens, text_metrics
+from ..eval.metrics import Score, image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
 from . import checkpoint as ckpt
-from . import runtime
+from . import distributed, runtime
 from .logs import EventLog, check_loggers
 from .optim import build_optimizer, build_scheduler
 
@@ -115,6 +116,8 @@ def load_run_config(run_dir: Path) -> Config:
 def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
     saved = load_run_config(run_dir)
     if cfg is not None:
+        if not cfg.model.image_shape:  # filled in from the dataset when the run started
+            cfg.model.image_shape = saved.model.image_shape
         changed = config_mod.diff(saved, cfg)
         if changed:
             flat_s, flat_c = (config_mod.flatten(config_mod.to_dict(c)) for c in (saved, cfg))
@@ -147,18 +150,21 @@ class Trainer:
     cfg: Config
     run_dir: Path
     argv: list[str] = field(default_factory=list)
+    dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's rank under torchrun
 
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
         check_loggers(cfg)
+        distributed.check_config(cfg, self.dist)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = runtime.pick_device(cfg.train.device)
+        self.device = distributed.init(self.dist, runtime.pick_device(cfg.train.device))
         self.amp_dtype = runtime.pick_dtype(cfg.train.dtype, self.device)
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         runtime.seed_everything(cfg.train.seed)
-        self.ds = open_dataset(cfg.data, progress=cfg.logging.progress)
+        with distributed.main_first(self.dist):  # one rank prepares the dataset on disk
+            self.ds = open_dataset(cfg.data, progress=cfg.logging.progress and self.dist.is_main)
         vocab = fit_model_to_data(cfg, self.ds)
         self.image = self.ds.kind == "image"
         self.train_tokens = self.ds.tokens("train")
@@ -166,12 +172,16 @@ class Trainer:
         if len(self.val_tokens) < 2:
             raise DataError(f"{self.ds.dir} has an empty validation split: raise data.val_frac")
         if self.image:
-            self.batches = ImageBatches(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, sos=SOS)
+            self.batches = ImageBatches(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, sos=SOS,
+                                        rank=rank, world_size=world)
         else:
-            self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed)
+            self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed,
+                                         rank=rank, world_size=world)
         self.model = GPT(cfg.model, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
+        self.parallel = distributed.wrap(self.model, self.dist, cfg.train.parallel, self.device)
+        self.forward = torch.compile(self.parallel) if cfg.train.compile else self.parallel
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.steps_per_epoch = max(1, self.batches.steps_per_epoch // cfg.train.grad_accum)
         self.total_steps = self._total_steps()
@@ -208,7 +218,7 @@ class Trainer:
     def log_start(self, log: EventLog, resumed: bool) -> None:
         cfg = self.cfg
         if resumed:
-            log.log("run_resumed", step=self.progress.step, argv=self.argv)
+            log.log("run_resumed", step=self.progress.step, argv=self.argv, world_size=self.dist.world_size)
             return
         log.log("hyperparameters_configured", config=config_mod.to_dict(cfg), argv=self.argv)
         log.log("device_info", **runtime.device_info(self.device),
@@ -219,8 +229,11 @@ class Trainer:
         log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
 
     def write_meta(self) -> None:
-        meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), **runtime.device_info(self.device),
+        meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), "git_dirty": runtime.git_dirty(),
+                **runtime.device_info(self.device),
                 "seed": self.cfg.train.seed, "argv": self.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.dist.enabled:
+            meta["distributed"] = {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
         ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2))
 
     # ---------------------------------------------------------- checkpoints
@@ -228,24 +241,32 @@ class Trainer:
     def save(self, log: EventLog) -> Path:
         if self.saved_step == self.progress.step:
             return ckpt.latest_checkpoint(self.run_dir)
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
-                 "step": self.progress.step, "trainer": self.progress.state()}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        path = ckpt.save_checkpoint(self.run_dir, self.progress.step, self.model, state)
-        ckpt.prune_checkpoints(self.run_dir, keep=2)
-        log.log("checkpoint_saved", step=self.progress.step, path=str(path))
+        weights, optimizer = distributed.full_state(self.model, self.optimizer)  # FSDP: every rank gathers
+        if self.dist.is_main:  # the full state, in the single-process format (any rank count can resume it)
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                     "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
+                     "step": self.progress.step, "trainer": self.progress.state()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            path = ckpt.save_checkpoint(self.run_dir, self.progress.step, self.model, state, weights)
+            ckpt.prune_checkpoints(self.run_dir, keep=2)
+            log.log("checkpoint_saved", step=self.progress.step, path=str(path))
+        distributed.barrier(self.dist)  # no rank goes on before the checkpoint is complete
         self.saved_step = self.progress.step
-        return path
+        return ckpt.latest_checkpoint(self.run_dir)
 
     def restore(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             raise CheckpointError(f"{self.run_dir} has no complete checkpoint to resume from: start a new run "
                                   f"(attnlab train {self.run_dir}/config.yaml name=...)")
-        _, state = ckpt.load_checkpoint(path, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if distributed.is_fsdp(self.model):
+            weights, state = ckpt.load_checkpoint(path)
+            ckpt.check_matches(path, weights, self.model)
+            distributed.load_full_state(self.model, self.optimizer, weights, state["optimizer"])
+        else:
+            _, state = ckpt.load_checkpoint(path, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         if self.scaler is not None and "scaler" in state:
@@ -263,18 +284,21 @@ class Trainer:
 
     def train_step(self) -> float:
         t = self.cfg.train
+        distributed.reseed_for_step(self.dist, t.seed, self.progress.step)
         total = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
-            x, y = self.batches.next_batch()
+        for i in range(t.grad_accum):
+            x, y = self.batches.next_batch()  # this rank's rows of the global batch
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                logits = self.forward(x)
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / t.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # Ranks average their gradients once, after the last micro-step: the global mean loss's gradient.
+            with distributed.grad_sync(self.parallel, sync=i == t.grad_accum - 1):
+                with self.autocast():
+                    logits = self.forward(x)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / t.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.cfg.optim.grad_clip > 0:
+        if self.cfg.optim.grad_clip > 0:  # the global norm: DDP grads are reduced, FSDP's are sharded DTensors
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -290,18 +314,26 @@ class Trainer:
         t, context = self.cfg.train, self.cfg.model.context
         tokens = self.ds.tokens(split)
         limit = None if full else t.val_tokens
-        run = dict(batch_size=t.eval_batch_size, device=self.device, autocast_dtype=self.amp_dtype, progress=progress)
+        run = dict(batch_size=t.eval_batch_size, device=self.device, autocast_dtype=self.amp_dtype,
+                   progress=progress and self.dist.is_main, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.image:
             n_images = len(tokens) // context
             max_images = None if limit is None else max(1, limit // context)
-            score = score_images(self.model, tokens, tokens_per_image=context, sos=SOS,
-                                 max_images=max_images, **run)
+            score = self._reduce(score_images(self.model, tokens, tokens_per_image=context, sos=SOS,
+                                              max_images=max_images, **run))
             return {**image_metrics(score, context), "loss": score.nll_nats / score.tokens,
                     "partial": score.tokens < n_images * context}
         partial = limit is not None and limit < len(tokens) - 1
-        score = score_tokens(self.model, tokens, context=context, stride=t.eval_stride, max_tokens=limit, **run)
+        score = self._reduce(score_tokens(self.model, tokens, context=context, stride=t.eval_stride, max_tokens=limit, **run))
         return {**text_metrics(score, self.ds.meta["splits"][split], partial=partial),
                 "loss": score.nll_nats / score.tokens, "partial": partial}
+
+    def _reduce(self, score: Score) -> Score:
+        """Each rank scored its share of the split: sum the shares (float64)."""
+        if not self.dist.enabled:
+            return score
+        nll, tokens = distributed.all_reduce_sum(self.dist, [score.nll_nats, score.tokens])
+        return Score(nll, int(tokens))
 
     def should_stop(self) -> str | None:
         t, p = self.cfg.train, self.progress
@@ -319,6 +351,7 @@ class Trainer:
         m = self.evaluate(full=False)
         p = self.progress
         self._log_eval(log, m, epoch=self.batches.epoch_float)
+        log_attention_stats(self, log)
         self.write_samples(log)
         if m["loss"] < p.best_val:
             p.best_val, p.evals_without_improvement = m["loss"], 0
@@ -328,16 +361,17 @@ class Trainer:
     def fit(self, log: EventLog) -> str:
         cfg, p = self.cfg, self.progress
         bar = tqdm(total=self.total_steps if self.total_steps < 10**12 else None, initial=p.step,
-                   disable=not cfg.logging.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
+                   disable=not (cfg.logging.progress and self.dist.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
         reason = self.should_stop()
         with _deferred_interrupts() as interrupted:
             while reason is None:
                 t0 = time.perf_counter()
                 loss = self.train_step()
+                # Ranks agree on the loss (global mean), step time and interrupts, so they stop together.
+                loss, dt, stop_now = distributed.agree(self.dist, loss, time.perf_counter() - t0, interrupted())
                 if not math.isfinite(loss):
                     self._diverged(log, loss)
-                dt = time.perf_counter() - t0
                 p.step += 1
                 p.tokens += tokens_per_step
                 p.train_seconds += dt
@@ -353,7 +387,7 @@ class Trainer:
                 reason = self.should_stop()
                 if reason is None and cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
                     self.save(log)
-                if interrupted():  # only between steps, so the saved state is consistent
+                if stop_now:  # only between steps, so the saved state is consistent
                     bar.close()
                     path = self.save(log)
                     log.log("training_interrupted", step=p.step, checkpoint=str(path))
@@ -383,19 +417,28 @@ class Trainer:
         lg, step = self.cfg.logging, self.progress.step
         n = lg.sample_images if self.image else lg.sample_tokens
         path = self.run_dir / "samples" / f"step-{step:07d}{'.png' if self.image else '.txt'}"
-        if not n or path.exists():  # the final evaluation may fall on a periodic one's step
+        if not n or self._exists(path):  # the final evaluation may fall on a periodic one's step
             return
-        path.parent.mkdir(exist_ok=True)
+        if self.dist.is_main:
+            path.parent.mkdir(exist_ok=True)
         seed = self.cfg.train.seed + step  # its own generator: the training RNG streams are untouched
         if self.image:
             from ..eval.images import sample_images, save_grid
-            save_grid(sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device,
-                                    progress=False), path)
+            grid = sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device,
+                                 progress=False)
+            if self.dist.is_main:
+                save_grid(grid, path)
         else:
             from ..eval.sample import sample_text
             (text,), _ = sample_text(self.model, self.ds.tokenizer, "", n, seed=seed, device=self.device, stop_at_eos=False)
-            ckpt.atomic_write_text(path, text)
+            if self.dist.is_main:
+                ckpt.atomic_write_text(path, text)
         log.log("samples_written", step=step, path=str(path))
+
+    def _exists(self, path: Path) -> bool:
+        """Rank 0's answer for every rank (a rank must not skip work the others do)."""
+        exists = path.exists() if self.dist.is_main else False
+        return bool(distributed.all_reduce_sum(self.dist, [float(exists)])[0]) if self.dist.enabled else exists
 
     def _log_eval(self, log: EventLog, m: dict, **extra) -> None:
         p = self.progress  # tokens and train_seconds let a report plot against tokens and wall-clock
@@ -409,6 +452,7 @@ class Trainer:
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
         self._log_eval(log, val, final=True)
+        log_attention_stats(self, log, final=True)
         summary = {
             **self._split_summary("val", val),
             "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,
@@ -423,8 +467,9 @@ class Trainer:
         if "test" in self.ds.meta["splits"]:
             summary.update(self._split_summary("test", self.evaluate("test", full=True)))
         self.write_samples(log)
-        log.log("plot_written", path=str(plot_curves(self.run_dir, self.image)))
-        ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        if self.dist.is_main:
+            log.log("plot_written", path=str(plot_curves(self.run_dir, self.image)))
+            ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
         return summary
 
@@ -446,28 +491,62 @@ def _deferred_interrupts():
             signal.signal(s, h)
 
 
+def auto_resume_target(cfg: Config) -> tuple[Path | None, bool]:
+    """``--auto-resume``: (run directory to resume or None, whether a fresh start may replace the folder).
+
+    out_dir/name with a complete checkpoint is resumed (its config must match);
+    with the same config.yaml but no complete checkpoint (it died before its
+    first save) it is started again in place; otherwise a new run starts.
+    """
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if ckpt.latest_checkpoint(run_dir) is not None:
+        return run_dir, False
+    if (run_dir / "config.yaml").exists():
+        check_resume_config(run_dir, cfg)  # refuses a different run of the same name
+        return None, True
+    return None, False
+
+
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, force: bool = False,
-          argv: list[str] | None = None) -> dict:
-    """Run (or resume) training and return summary.json's content."""
+          argv: list[str] | None = None, auto_resume: bool = False) -> dict:
+    """Run (or resume) training and return summary.json's content.
+
+    Under torchrun every rank calls this (each returns the summary); rank 0
+    alone writes the run directory. ``auto_resume`` continues out_dir/name from
+    its newest complete checkpoint if it has one, else starts it, so that
+    ``torchrun --max-restarts`` can re-run the same command after a failure.
+    """
     wall_start = time.time()
+    if auto_resume:
+        if resume is not None or force or cfg is None:
+            raise UserError("--auto-resume takes a config and picks start or resume itself: "
+                            "drop --resume/--force (or drop --auto-resume)")
+        resume, force = auto_resume_target(cfg)
     if resume is not None:
         run_dir = Path(resume)
         cfg = check_resume_config(run_dir, cfg)
     else:
         cfg.validate()
         run_dir = None
-    trainer = Trainer(cfg, run_dir, argv or [])
+    dist = distributed.from_env()
+    trainer = Trainer(cfg, run_dir, argv or [], dist)
     trainer.setup()  # data and model errors surface before anything is written
     if resume is None:
-        trainer.run_dir = run_dir = create_run_dir(cfg, force)
-        config_mod.save(cfg, run_dir / "config.yaml")
-        trainer.write_meta()
+        trainer.run_dir = run_dir = Path(cfg.out_dir) / cfg.name
+        if dist.is_main:
+            create_run_dir(cfg, force)
+            config_mod.save(cfg, run_dir / "config.yaml")
+            trainer.write_meta()
+        distributed.barrier(dist)  # the run directory exists before any rank uses it
     else:
         trainer.restore()
-    log = EventLog(run_dir, cfg)
+    log = EventLog(run_dir, cfg, enabled=dist.is_main)
     try:
         trainer.log_start(log, resumed=resume is not None)
         reason = trainer.fit(log)
-        return trainer.finish(log, reason, wall_start)
+        summary = trainer.finish(log, reason, wall_start)
     finally:
         log.close()
+    # Only after success: after a failure torchrun ends the job, and tearing down NCCL mid-collective can hang.
+    distributed.shutdown(dist)
+    return summary
