@@ -31,6 +31,19 @@ def tiny_config(corpus: Path, data_dir: Path, out_dir: Path, *overrides: str, na
     return config.load(None, base + list(overrides))
 
 
+def digits_config(root: Path, *overrides: str) -> config.Config:
+    """A tiny run on the built-in digits images (8x8, 64 bytes): one layer, image embeddings; skips without sklearn."""
+    import pytest
+    pytest.importorskip("sklearn", reason="digits needs scikit-learn")
+    base = [
+        "name=digits", f"out_dir={root / 'runs'}", "data.source=digits", f"data.dir={root / 'data'}", "data.val_frac=0.1",
+        "data.max_test=20", "model.n_layer=1", "model.n_head=2", "model.d_model=16", "model.context=64",
+        "model.position=image", "train.batch_size=8", "train.max_steps=2", "train.eval_batch_size=64",
+        "train.val_tokens=640", "logging.progress=false",
+    ]
+    return config.load(None, base + list(overrides))
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 
 

@@ -8,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnlab import config
 from attnlab.attention.backends import reference, reference_weights
 from attnlab.attention.patterns import Dense, Local
 from attnlab.cli import main
@@ -26,7 +25,7 @@ from attnlab.eval.attention_maps import (
 from attnlab.model.gpt import GPT
 from attnlab.runs import load_run
 from attnlab.train.trainer import train
-from runkit import tiny_config, write_corpus
+from runkit import digits_config, tiny_config, write_corpus
 
 T = 16
 PATTERNS = {  # every pattern kind, with parameters that make it sparse at T=16
@@ -234,15 +233,8 @@ def test_viz_attention_errors_are_one_line(text_run, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    pytest.importorskip("sklearn", reason="digits needs scikit-learn")
     root = tmp_path_factory.mktemp("digits")
-    cfg = config.load(None, [
-        "name=digits", f"out_dir={root / 'runs'}", "data.source=digits", f"data.dir={root / 'data'}", "data.val_frac=0.1",
-        "data.max_test=20", "model.n_layer=1", "model.n_head=2", "model.d_model=16", "model.context=64",
-        "model.position=image", "attention.pattern=local", "attention.window=12",
-        "train.batch_size=8", "train.max_steps=2", "train.eval_batch_size=64", "train.val_tokens=640",
-        "logging.progress=false", "logging.attention_stats=2",
-    ])
+    cfg = digits_config(root, "attention.pattern=local", "attention.window=12", "logging.attention_stats=2")
     train(cfg)
     return root / "runs" / "digits"
 

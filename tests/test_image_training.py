@@ -17,6 +17,8 @@ from attnlab.model.embeddings import ImageEmbedding, image_coordinates
 from attnlab.model.gpt import GPT
 from attnlab.train.trainer import train
 
+from runkit import digits_config
+
 SOS = 256
 
 
@@ -88,15 +90,9 @@ def test_permuting_pixels_changes_the_output_only_with_data_embeddings():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    pytest.importorskip("sklearn", reason="digits needs scikit-learn")
     root = tmp_path_factory.mktemp("digits")
-    cfg = config.load(None, [
-        "name=digits", f"out_dir={root / 'runs'}", "data.source=digits", f"data.dir={root / 'data'}", "data.val_frac=0.1",
-        "data.max_test=50",
-        "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.context=64", "model.position=image",
-        "train.batch_size=16", "train.max_steps=6", "train.eval_every=3", "train.eval_batch_size=64", "train.val_tokens=640",
-        "logging.progress=false", "logging.sample_images=4",
-    ])
+    cfg = digits_config(root, "data.max_test=50", "model.d_model=32", "train.batch_size=16", "train.max_steps=6",
+                        "train.eval_every=3", "logging.sample_images=4")
     return train(cfg), root / "runs" / "digits"
 
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from attnlab import config
 from attnlab.cli import main
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.data.text import ByteTokenizer
@@ -16,7 +15,7 @@ from attnlab.errors import UserError
 from attnlab.eval.logit_lens import lens_rows, logit_lens, token_label, token_texts
 from attnlab.model.gpt import GPT
 from attnlab.train.trainer import train
-from runkit import tiny_config, write_corpus
+from runkit import digits_config, tiny_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB, CTX = 40, 12
@@ -186,12 +185,7 @@ def test_cli_refuses_too_long_text_and_bad_top_k(text_run, tmp_path, capsys):
 
 
 def test_cli_refuses_image_runs(tmp_path, capsys):
-    pytest.importorskip("sklearn", reason="digits needs scikit-learn")
-    cfg = config.load(None, [
-        "name=digits", f"out_dir={tmp_path / 'runs'}", "data.source=digits", f"data.dir={tmp_path / 'data'}",
-        "data.val_frac=0.05", "data.max_test=20", "model.n_layer=1", "model.n_head=1", "model.d_model=8",
-        "model.context=64", "train.batch_size=4", "train.max_steps=1", "train.eval_batch_size=64", "logging.progress=false",
-    ])
+    cfg = digits_config(tmp_path, "model.n_head=1", "model.d_model=8", "train.max_steps=1")
     train(cfg)
     code, _, err = lens_cli(capsys, tmp_path / "runs" / "digits", "--text", "ab", "--out", tmp_path / "a")
     one_line_error(code, err, "is an image run: the logit lens is for text runs")
