@@ -218,7 +218,7 @@ def test_viz_attention_errors_are_one_line(text_run, tmp_path, capsys):
         ([], "nothing to look at: pass --text"),
         (["--text", "the", "--layers", "2"], "--layers 2 is outside [0, 2) (the model has 2 layers)"),
         (["--text", "the", "--heads", "0,7"], "--heads 7 is outside [0, 2)"),
-        (["--text", "x" * 33], "--text is 33 tokens, more than the model's context of 32: shorten it"),
+        (["--text", "x" * 33], "--text is 33 tokens, longer than the model's context of 32: shorten it to at most 32 tokens"),
     ]
     for extra, message in cases:
         code, _, err = run_cli(["viz", "attention", str(text_run), "--out", out, *extra], capsys)

@@ -1,10 +1,10 @@
 """Attention maps: capture each layer's attention weights through the reference path, and draw them.
 
-``capture_attention(model)`` hooks every layer's ``Attention`` module: the
-layer's output is replaced by ``weights @ v`` with the weights of the slow
+``capture_attention(model)`` replaces every layer's ``Attention`` forward: the
+layer's output is ``weights @ v`` with the weights of the slow
 reference spec (``reference_weights``: dense scores, the pattern's mask,
 softmax in fp32; linear attention's implicit weights), so what is captured is
-exactly what the forward used. Training code is untouched; the hooks are gone
+exactly what the forward used. Training code is untouched; the original forwards are back
 when the ``with`` block ends. Weights are computed a chunk of query rows at a
 time: an ``on_layer`` callback can reduce them on the fly (attention
 statistics of a 3072-token image model) while only the ``keep`` layers'
@@ -29,6 +29,7 @@ import torch
 
 from ..attention.backends import reference_weights
 from ..errors import UserError
+from .viz_inputs import check_out_dir, encode_text, token_label, token_texts
 
 # Query rows per reference call are chosen so one chunk of weights holds about this many floats.
 CHUNK_ELEMENTS = 1 << 24
@@ -68,18 +69,21 @@ def capture_attention(model, keep: Iterable[int] | None = None, *, on_layer: Lay
     if bad:
         raise UserError(f"layer {bad[0]} is outside [0, {len(blocks)}): the model has {len(blocks)} layers")
     captured: dict[int, torch.Tensor] = {}
-    handles = [block.attn.core.register_forward_hook(_hook(i, i in keep, captured, on_layer, chunk_elements))
-               for i, block in enumerate(blocks)]
+    cores = [block.attn.core for block in blocks]
+    # Each layer's forward is replaced (an instance attribute shadows the class method) rather than hooked:
+    # a forward hook would run the fast backend first and throw its output away.
+    for i, core in enumerate(cores):
+        core.forward = _reference_forward(core, i, i in keep, captured, on_layer, chunk_elements)
     try:
         yield captured
     finally:
-        for h in handles:
-            h.remove()
+        for core in cores:
+            del core.forward
 
 
-def _hook(layer: int, keep: bool, captured: dict, on_layer: LayerCallback | None, chunk_elements: int):
-    def hook(core, args, output):
-        q, k, v = args
+def _reference_forward(core, layer: int, keep: bool, captured: dict, on_layer: LayerCallback | None,
+                       chunk_elements: int):
+    def forward(q, k, v):
         if core.training and core.dropout > 0:
             raise ValueError("capture_attention needs the model in eval mode (model.eval()): the reference path applies no dropout")
         B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -88,7 +92,7 @@ def _hook(layer: int, keep: bool, captured: dict, on_layer: LayerCallback | None
         for s in range(0, Tq, rows):
             qc = q[:, :, s:s + rows]
             w = reference_weights(qc, k, core.pattern, q_start=Tk - Tq + s)
-            outs.append((w @ v.to(w.dtype)).to(output.dtype))
+            outs.append((w @ v.to(w.dtype)).to(v.dtype))
             if on_layer is not None:
                 on_layer(LayerAttention(layer, qc, k, v, w, Tk - Tq + s, s == 0))
             if keep:
@@ -96,7 +100,7 @@ def _hook(layer: int, keep: bool, captured: dict, on_layer: LayerCallback | None
         if keep:
             captured[layer] = torch.cat(kept, dim=2)
         return torch.cat(outs, dim=2)
-    return hook
+    return forward
 
 
 @torch.no_grad()
@@ -132,14 +136,6 @@ def parse_selection(spec: str | None, n: int, what: str) -> list[int]:
     return sorted(set(out))
 
 
-def token_labels(tokenizer, ids: list[int]) -> list[str]:
-    """One short, visible label per token (each decoded on its own)."""
-    labels = []
-    for i in ids:
-        s = tokenizer.decode([i])
-        s = s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-        labels.append("␣" if s == " " else (s if len(s) <= 8 else s[:7] + "…"))
-    return labels
 
 
 def image_input(tokens: np.ndarray, index: int, n_bytes: int, sos: int) -> torch.Tensor:
@@ -248,12 +244,6 @@ def draw_image_maps(image: np.ndarray, maps: list[tuple[int, np.ndarray, float]]
 
 # ------------------------------------------------------------------ attnlab viz attention
 
-def prepare_out_dir(out: str | Path, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"--out {out} already exists and is not empty: choose a new folder or pass --force to write into it")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def write_attention_maps(run, out: str | Path, *, text: str | None = None, image: int | None = None,
@@ -265,7 +255,9 @@ def write_attention_maps(run, out: str | Path, *, text: str | None = None, image
     m = run.cfg.model
     layer_ids, head_ids = parse_selection(layers, m.n_layer, "layers"), parse_selection(heads, m.n_head, "heads")
     x, info, picture = _image_source(run, image, split, pixel) if is_image else _text_source(run, text)
-    out = prepare_out_dir(out, force)
+    out = Path(out)
+    check_out_dir(out, force)
+    out.mkdir(parents=True, exist_ok=True)
     weights = model_weights(run.model, x.to(run.device), layer_ids)
     T = x.shape[1]
     raw = np.lib.format.open_memmap(out / "weights.npy", mode="w+", dtype=np.float32,
@@ -305,14 +297,9 @@ def _check_source(run, text, image, is_image: bool) -> None:
 
 
 def _text_source(run, text: str) -> tuple[torch.Tensor, dict, None]:
-    tok = run.dataset.tokenizer
-    ids = tok.encode(text)
-    context = run.cfg.model.context
-    if not ids:
-        raise UserError("--text is empty: give at least one character")
-    if len(ids) > context:
-        raise UserError(f"--text is {len(ids)} tokens, more than the model's context of {context}: shorten it")
-    return torch.tensor([ids]), {"text": text, "token_ids": ids, "labels": token_labels(tok, ids)}, None
+    ids = encode_text(run, text).tolist()
+    labels = [token_label(t) for t in token_texts(run.dataset.tokenizer, ids)]
+    return torch.tensor([ids]), {"text": text, "token_ids": ids, "labels": labels}, None
 
 
 def _image_source(run, index: int, split: str, pixel: str | None) -> tuple[torch.Tensor, dict, np.ndarray]:

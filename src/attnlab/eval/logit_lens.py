@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .viz_inputs import check_out_dir, encode_text, token_label, token_texts
 
 FILES = ("lens.png", "lens.md", "lens.csv")
-LABEL_CHARS = 8  # longest token label drawn in a picture cell or on an axis (longer ones end in "…")
 
 
 @dataclass
@@ -101,21 +101,10 @@ def read_out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- labels and table
 
-def token_label(text: str, limit: int = LABEL_CHARS) -> str:
-    """A token's text made visible and short: spaces as '␣', control characters escaped, at most ``limit`` chars."""
-    out = "".join("␣" if c == " " else c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return out if len(out) <= limit else out[:limit - 1] + "…"
 
 
-def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each id decoded alone; a lone byte that is not valid UTF-8 is written as its value (\\xNN) for byte tokenizers."""
-    texts = []
-    for i in ids:
-        text = tokenizer.decode([i])
-        if "\ufffd" in text and tokenizer.kind == "bytes":
-            text = f"\\x{i:02x}"
-        texts.append(text)
-    return texts
+
+
 
 
 def lens_rows(result: LensResult, tokenizer, k: int) -> list[dict]:
@@ -216,25 +205,13 @@ def draw_lens(result: LensResult, tokenizer, path: Path, title: str = "") -> Non
 
 # ---------------------------------------------------------------- command
 
-def check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a folder for lens.png, lens.md and lens.csv")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} already exists and is not empty: choose another --out or pass --force")
 
 
-def encode_text(run, text: str) -> torch.Tensor:
-    """The text's token ids, refusing image runs, empty text and text longer than the model's context."""
+
+def _encode_text(run, text: str) -> torch.Tensor:
     if run.dataset.kind != "text":
         raise UserError(f"{run.dir} is an image run: the logit lens is for text runs (pass a run trained on text)")
-    ids = run.dataset.tokenizer.encode(text)
-    if not ids:
-        raise UserError("--text is empty: pass some text, e.g. --text \"the model\"")
-    context = run.cfg.model.context
-    if len(ids) > context:
-        raise UserError(f"--text is {len(ids)} tokens, longer than the model's context of {context}: "
-                        f"shorten it to at most {context} tokens")
-    return torch.tensor(ids, dtype=torch.long)
+    return encode_text(run, text)
 
 
 def logit_lens_report(run_dir: str | Path, text: str, out: str | Path, *, top_k: int = 5,
@@ -246,7 +223,7 @@ def logit_lens_report(run_dir: str | Path, text: str, out: str | Path, *, top_k:
     if top_k < 1:
         raise UserError(f"--top-k {top_k} must be >= 1")
     run = load_run(run_dir, checkpoint, device)
-    ids = encode_text(run, text)
+    ids = _encode_text(run, text)
     result = logit_lens(run.model, ids)
     tok = run.dataset.tokenizer
     rows = lens_rows(result, tok, top_k)
