@@ -129,8 +129,8 @@ patterns = st.one_of(
     st.builds(Dense),
     st.builds(Local, window=st.integers(1, 9)),
     st.builds(SinkWindow, sinks=st.integers(0, 4), window=st.integers(1, 7)),
-    st.builds(Strided, local_attn_ctx=st.integers(1, 6), mode=st.sampled_from(["split", "union"]), n_head=st.just(4)),
-    st.builds(Strided, local_attn_ctx=st.integers(1, 6), mode=st.just("interleave"), part=st.sampled_from(["local", "stride"])),
+    st.builds(Strided, local_attn_ctx=st.integers(1, 6), strided_mode=st.sampled_from(["split", "union"]), n_head=st.just(4)),
+    st.builds(Strided, local_attn_ctx=st.integers(1, 6), strided_mode=st.just("interleave"), part=st.sampled_from(["local", "stride"])),
     st.integers(1, 3).flatmap(lambda b: st.builds(Fixed, local_attn_ctx=st.sampled_from([2 * b, 4 * b]), blocksize=st.just(b),
                                                     num_verts=st.sampled_from([1, 2]))),
 )
@@ -188,7 +188,7 @@ def test_memory_is_constant_for_bounded_caches_and_follows_the_pattern_otherwise
     assert set(sizes(SinkWindow(sinks=2, window=6))[8:]) == {(2 + 6) * per_key + 2 * per_key // 2}  # + the sinks' keys as written
     fixed = sizes(Fixed(local_attn_ctx=8, blocksize=2))  # summary buffer preallocated: l + c * T / l keys
     assert fixed[-1] == (8 + 2 * 64 // 8) * per_key
-    strided = sizes(Strided(local_attn_ctx=8, mode="split", n_head=4))  # ring of 8 for 2 heads, all 64 for 2 heads
+    strided = sizes(Strided(local_attn_ctx=8, strided_mode="split", n_head=4))  # ring of 8 for 2 heads, all 64 for 2 heads
     assert strided[-1] == (8 + 64) * per_key // 2
 
 

@@ -20,13 +20,13 @@ _gen = torch.Generator().manual_seed(0)
 PATTERNS = {
     "dense": Dense(),
     "local": Local(window=40),
-    "strided_split": Strided(local_attn_ctx=16, mode="split", n_head=H),
-    "strided_union": Strided(local_attn_ctx=16, mode="union", n_head=H),
+    "strided_split": Strided(local_attn_ctx=16, strided_mode="split", n_head=H),
+    "strided_union": Strided(local_attn_ctx=16, strided_mode="union", n_head=H),
     "fixed": Fixed(local_attn_ctx=32, blocksize=8, vertsize=1, num_verts=2),
     "sink_window": SinkWindow(sinks=4, window=40),
     # Random layouts leave some query blocks with no key at all: the output there is zero.
-    "block_layout": BlockLayout(path="x", block=64, sha256="", blocks=torch.rand(H, 6, 6, generator=_gen) > 0.5),
-    "block_layout_shared": BlockLayout(path="y", block=64, sha256="", blocks=torch.rand(1, 6, 6, generator=_gen) > 0.5),
+    "block_layout": BlockLayout(layout="x", layout_block=64, sha256="", blocks=torch.rand(H, 6, 6, generator=_gen) > 0.5),
+    "block_layout_shared": BlockLayout(layout="y", layout_block=64, sha256="", blocks=torch.rand(1, 6, 6, generator=_gen) > 0.5),
 }
 # 320 is not a multiple of flex's 128-token tile: padded to 384 inside flex.
 CASES = [(name, 256) for name in PATTERNS if name != "block_layout_shared"] + [("local", 320), ("block_layout_shared", 320)]
@@ -85,8 +85,8 @@ def test_block_mask_cache():
     assert block_mask(pattern, 384, H, "cpu") is not first
     assert block_mask(pattern, 256, 2, "cpu") is not first
     # BlockLayouts that differ only in their blocks tensor (not part of equality) must not share a mask.
-    a = BlockLayout(path="x", block=64, sha256="", blocks=torch.ones(1, 4, 4, dtype=torch.bool))
-    b = BlockLayout(path="x", block=64, sha256="", blocks=torch.eye(4, dtype=torch.bool)[None])
+    a = BlockLayout(layout="x", layout_block=64, sha256="", blocks=torch.ones(1, 4, 4, dtype=torch.bool))
+    b = BlockLayout(layout="x", layout_block=64, sha256="", blocks=torch.eye(4, dtype=torch.bool)[None])
     assert block_mask(a, 256, H, "cpu") is not block_mask(b, 256, H, "cpu")
 
 

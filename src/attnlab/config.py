@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .attention.backends import select_backend
+from .attention.patterns import PATTERNS, build_pattern, get_pattern, load_plugin, param_owners
 from .errors import ConfigError
 
 
@@ -100,22 +102,48 @@ class ModelConfig:
             raise ConfigError(f"model.mlp_ratio={self.mlp_ratio} gives an MLP hidden size of 0 with d_model={self.d_model}: use a larger ratio")
 
 
-@dataclass
+@dataclass(init=False)
 class AttentionConfig:
-    pattern: str = opt("dense", choices=["dense", "local", "strided", "fixed", "sink_window", "block_layout", "linear"])
-    schedule: list[str] = opt([], help="per-layer patterns, repeated over the layers (e.g. local,local,local,strided); overrides pattern")
+    """Which attention each layer uses.
+
+    Pattern parameters (``window``, ``local_attn_ctx``, ... and those of plugins; ``attnlab patterns``
+    lists them) are set flat, ``attention.window=64``, for the patterns that ``pattern`` or ``schedule``
+    name, or per layer in ``layers``. They live in ``params`` and are written flat in config.yaml.
+    """
+
+    pattern: str = opt("dense", help="the pattern of every layer (attnlab patterns lists them with their parameters)")
+    schedule: list[str] = opt([], help="per-layer pattern names, repeated over the layers (e.g. local,local,local,strided); "
+                                       "overrides pattern")
+    layers: list[dict] = opt([], help="per-layer specs, repeated over the layers, each with its own parameters, e.g. "
+                                      "[{pattern: local, window: 64}, {pattern: dense}]; overrides pattern and schedule")
     backend: str = opt("auto", choices=["auto", "reference", "sdpa", "blocksparse", "flex", "linear"])
-    window: int = opt(256, lo=1, help="local / sink_window: keys within this distance (i - j < window)")
-    local_attn_ctx: int = opt(128, lo=1, help="strided / fixed: the stride l (Sparse Transformer's local_attn_ctx)")
-    strided_mode: str = opt("split", choices=["split", "interleave", "union"],
-                            help="strided: local and strided parts across heads, across layers, or in each head")
-    blocksize: int = opt(32, lo=1, help="fixed: block size b of the summary columns")
-    vertsize: int = opt(1, lo=1, help="fixed: summary blocks per chunk and head (c = vertsize * blocksize)")
-    num_verts: int = opt(1, lo=1, help="fixed: distinct summary-column sets across heads")
-    sinks: int = opt(4, lo=0, help="sink_window: the first `sinks` keys are always visible")
-    layout: str | None = opt(None, help="block_layout: .npy boolean block layout [nb, nb] or [n_head, nb, nb]")
-    layout_block: int = opt(64, lo=1, help="block_layout: tokens per layout block")
-    feature_map: str = opt("elu1", choices=["elu1", "relu"], help="linear: the feature map phi")
+    plugins: list[str] = opt([], help="Python files (or importable modules) that register more patterns or modifiers; "
+                                      "each file is copied into the run directory")
+    params: dict = field(default_factory=dict, metadata={"flat": True})
+
+    def __init__(self, pattern: str = "dense", schedule: list[str] | None = None, layers: list[dict] | None = None,
+                 backend: str = "auto", plugins: list[str] | None = None, params: dict | None = None, **flat: Any):
+        self.pattern, self.backend = pattern, backend
+        self.schedule, self.layers, self.plugins = list(schedule or []), [dict(x) for x in layers or []], list(plugins or [])
+        self.params = {**(params or {}), **flat}
+
+    def layer_spec(self, layer_idx: int) -> tuple[dict, str]:
+        """Layer ``layer_idx``'s spec ``{"pattern": name, **params}`` and the config key that names it (for errors)."""
+        if self.layers:
+            i = layer_idx % len(self.layers)
+            return dict(self.layers[i]), f"attention.layers[{i}]"
+        name = self.schedule[layer_idx % len(self.schedule)] if self.schedule else self.pattern
+        cls = get_pattern(name, "attention.schedule" if self.schedule else "attention.pattern")
+        return {"pattern": name, **{k: v for k, v in self.params.items() if k in cls.parameters()}}, "attention"
+
+    def resolved_params(self) -> dict:
+        """The flat parameters with the defaults of the patterns ``pattern``/``schedule`` name filled in."""
+        out = dict(self.params)
+        for name in dict.fromkeys(self.schedule or [self.pattern]):
+            cls = PATTERNS.get(name)
+            for pname, f in (cls.parameters() if cls else {}).items():
+                out.setdefault(pname, f.default)
+        return out
 
 
 @dataclass
@@ -195,15 +223,26 @@ class Config:
             raise ConfigError(f"train.eval_stride={t.eval_stride} exceeds model.context={m.context}: use a stride in [1, {m.context}]")
         if self.optim.beta2 >= 1.0 or self.optim.beta1 >= 1.0:
             raise ConfigError("optim.beta1 and optim.beta2 must be < 1: use e.g. beta1=0.9 beta2=0.95")
-        from .attention.patterns import check_patterns  # late import: attention depends on this module
-
-        check_patterns(self.attention, m)
+        check_attention(self.attention, m)
         if self.name in ("", ".", "..") or "/" in self.name:
             raise ConfigError(f"name={self.name!r} is not a valid run name: use letters, digits, '-' or '_'")
         return self
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def check_attention(a: AttentionConfig, m: ModelConfig) -> None:
+    """Build every layer's pattern (raising on bad parameters) and check it at the context and for the backend;
+    errors name the layer's key."""
+    for i in range(m.n_layer):
+        pattern = build_pattern(a, i, m.n_layer, m.n_head, m.context)
+        where = a.layer_spec(i)[1]
+        try:
+            pattern.check(m.context)
+            select_backend(a.backend, pattern, None, m.dropout)
+        except ConfigError as e:
+            raise ConfigError(str(e) if where == "attention" else f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------- validation
@@ -304,18 +343,61 @@ def _all_keys() -> list[str]:
     keys = []
     for name, tp in _hints(Config).items():
         if dataclasses.is_dataclass(tp):
-            keys += [f"{name}.{f.name}" for f in dataclasses.fields(tp)]
+            keys += [f"{name}.{f.name}" for f in dataclasses.fields(tp) if not f.metadata.get("flat")]
         else:
             keys.append(name)
-    return keys
+    return keys + [f"attention.{p}" for p in param_owners()]
+
+
+def _coerce_param(key: str, pattern_cls: type, name: str, value: Any) -> Any:
+    """A pattern parameter's value, converted to its declared type and checked against its range."""
+    f = pattern_cls.parameters()[name]
+    value = _coerce(key, _hints(pattern_cls)[name], value)
+    _check_value(key, f, value)
+    return value
+
+
+def _coerce_layers(key: str, value: Any) -> list[dict]:
+    """``attention.layers``: a list (or a YAML flow string from the command line) of per-layer specs."""
+    if isinstance(value, str):
+        try:
+            value = yaml.load(value, Loader=_Loader) if value.strip() else []
+        except yaml.YAMLError:
+            value = None
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise ConfigError(f"{key} expects a list of layer specs, e.g. {key}='[{{pattern: local, window: 64}}, {{pattern: dense}}]'")
+    layers = []
+    for i, entry in enumerate(value):
+        where = f"{key}[{i}]"
+        entry = {str(k): v for k, v in entry.items()}
+        cls = get_pattern(str(entry.get("pattern", "")), f"{where}.pattern") if "pattern" in entry else None
+        if cls is None:
+            raise ConfigError(f"{where} has no pattern: write e.g. {{pattern: local, window: 64}}")
+        spec = {"pattern": cls.name}
+        for name, v in entry.items():
+            if name == "pattern":
+                continue
+            if name not in cls.parameters():
+                have = ", ".join(cls.parameters()) or "none"
+                raise ConfigError(f"{where}: pattern {cls.name!r} has no parameter {name!r} (its parameters: {have})")
+            spec[name] = _coerce_param(f"{where}.{name}", cls, name, v)
+        layers.append(spec)
+    return layers
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set a dotted key (``model.n_layer``) with type coercion; unknown keys raise."""
     parts = key.split(".")
+    if parts[0] == "attention" and len(parts) == 2:
+        if parts[1] == "layers":
+            cfg.attention.layers = _coerce_layers(key, value)
+            return
+        if parts[1] in param_owners():
+            cfg.attention.params[parts[1]] = _coerce_param(key, param_owners()[parts[1]][0], parts[1], value)
+            return
     obj = cfg
     for i, part in enumerate(parts):
-        fields_ = {f.name: f for f in dataclasses.fields(obj)}
+        fields_ = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("flat")}
         if part not in fields_:
             raise _unknown(key, _all_keys())
         f = fields_[part]
@@ -356,7 +438,19 @@ def parse_override(arg: str) -> tuple[str, Any]:
     return key.strip(), value.strip()
 
 
+def _load_plugins(d: dict, overrides: list[str]) -> None:
+    """Import ``attention.plugins`` first, so the keys of the patterns they register are known."""
+    plugins = list((d.get("attention") or {}).get("plugins") or []) if isinstance(d.get("attention"), dict) else []
+    for arg in overrides:
+        key, value = parse_override(arg)
+        if key == "attention.plugins":
+            plugins = _coerce(key, list[str], value)
+    for ref in plugins:
+        load_plugin(str(ref))
+
+
 def from_dict(d: dict, overrides: list[str] = ()) -> Config:
+    _load_plugins(d or {}, overrides)
     cfg = Config()
     for k, v in (d or {}).items():
         set_key(cfg, str(k), v)
@@ -382,7 +476,12 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts, with the attention parameters flat in their section (as config.yaml holds them)."""
+    d = dataclasses.asdict(cfg)
+    attention = d["attention"]
+    del attention["params"]
+    attention.update(cfg.attention.resolved_params())
+    return d
 
 
 def dump(cfg: Config) -> str:

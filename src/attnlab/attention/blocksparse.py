@@ -56,7 +56,7 @@ class _GroupPlan:
 def plan(pattern: Pattern, T: int, n_head: int, device: torch.device) -> tuple[_GroupPlan, ...]:
     """What to compute for ``pattern`` at length ``T``: cached per pattern, length and device."""
     groups = []
-    for g in pattern.head_groups(n_head):
+    for g in pattern.kernel_groups(n_head, T):
         comps = [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components]
         # Reordered or merged components copy their inputs: go one head at a time to keep those copies small.
         one_by_one = len(comps) > 1 or any(cp.order is not None for cp in comps)

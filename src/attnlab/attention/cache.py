@@ -418,26 +418,75 @@ class LinearCache(LayerCache):
         return [] if self.state is None else [self.state.s, self.state.z]
 
 
+class GenericCache(LayerCache):
+    """Any pattern without a specialised cache: the keys a later query can still reach, read through the
+    pattern's own rule. With ``reach()`` (the largest i - j the rule allows) a ring of the last reach + 1
+    positions, so memory is bounded (and decoding streams past the context if the rule depends on i - j
+    only); without, every position, appended."""
+
+    def __init__(self, pattern, batch, n_head, max_len):
+        super().__init__(pattern, batch, n_head, max_len)
+        reach = pattern.reach()
+        self.ring = Ring(batch, n_head, min(reach + 1, max_len) if reach is not None else max_len)
+        self.streams = cache_streams(pattern)
+        self.heads = torch.arange(n_head)[:, None]
+
+    def prefill(self, k, v):
+        self.ring.write(k, v, 0)
+        self.length = k.shape[2]
+
+    def _write(self, k, v, pos):
+        self.ring.write(k, v, pos)
+
+    def _parts(self, q, pos, shift_sinks):
+        held = self.ring.pos.to(q.device)
+        mask = self.pattern.allowed(torch.tensor(pos, device=q.device), held[None, :], self.heads.to(q.device)) & (held >= 0)
+        return [(q, self.ring.slots.k, self.ring.slots.v, mask[:, None, :])]
+
+    def held(self):
+        return [self.ring.held() for _ in range(self.n_head)]
+
+    def _tensors(self):
+        return self.ring.slots.tensors()
+
+
 # ------------------------------------------------------------------ registry
 
+# Cache kinds a pattern may name as its ``cache`` hint; a pattern that names none gets GenericCache.
 CACHES: dict[str, type[LayerCache]] = {
-    "dense": AppendCache,
-    "block_layout": AppendCache,
-    "local": LocalCache,
-    "sink_window": SinkWindowCache,
+    "append": AppendCache,
+    "ring": LocalCache,
+    "sink_ring": SinkWindowCache,
     "strided": StridedCache,
     "fixed": FixedCache,
-    "linear": LinearCache,
+    "linear_state": LinearCache,
 }
 
 
+def cache_kind(pattern: Pattern) -> type[LayerCache]:
+    """The cache class for ``pattern``: its ``cache`` hint (a kind in ``CACHES`` or a LayerCache class), else generic."""
+    kind = pattern.cache
+    if kind is None:
+        return GenericCache
+    if isinstance(kind, type) and issubclass(kind, LayerCache):
+        return kind
+    if kind not in CACHES:
+        raise ValueError(f"pattern {pattern.name!r} names unknown cache kind {kind!r}: use one of {', '.join(CACHES)} "
+                         f"or a LayerCache subclass")
+    return CACHES[kind]
+
+
+def cache_streams(pattern: Pattern) -> bool:
+    """Whether ``pattern``'s cache has bounded memory, so decoding may run past the training context."""
+    kind = cache_kind(pattern)
+    if kind is GenericCache:
+        return pattern.reach() is not None and pattern.translation_invariant
+    return kind.streams
+
+
 def make_cache(pattern: Pattern, batch: int, n_head: int, max_len: int) -> LayerCache:
-    """The cache kind for ``pattern`` (a new pattern registers its kind in ``CACHES``)."""
-    try:
-        kind = CACHES[pattern.name]
-    except KeyError:
-        raise NotImplementedError(f"no KV cache for attention pattern {pattern.name!r}: add one to attention.cache.CACHES") from None
-    return kind(pattern, batch, n_head, max_len)
+    """An empty cache for one layer of ``pattern`` (see ``cache_kind``)."""
+    return cache_kind(pattern)(pattern, batch, n_head, max_len)
 
 
 class ModelCache:
@@ -459,4 +508,4 @@ class ModelCache:
         return sum(c.nbytes() for c in self.layers)
 
 
-__all__ = ["attend_parts", "LayerCache", "ModelCache", "make_cache", "CACHES"]
+__all__ = ["attend_parts", "LayerCache", "GenericCache", "ModelCache", "cache_kind", "cache_streams", "make_cache", "CACHES"]

@@ -109,7 +109,7 @@ def block_mask(pattern: Pattern, T: int, H: int, device: torch.device | str) -> 
         return _masks[key]
     layout = pattern.block_layout(T, BLOCK, H)
     full = torch.zeros_like(layout)
-    for group in pattern.head_groups(H):  # heads of a group share a rule: check one, copy to all
+    for group in pattern.kernel_groups(H, T):  # heads of a group share a rule: check one, copy to all
         full[list(group.heads)] = _full_tiles(pattern, layout[group.heads[0]], group.heads[0])
     live = _on_device(pattern, device)
     mask = BlockMask.from_kv_blocks(*_kv_blocks(layout & ~full), *_kv_blocks(full), BLOCK_SIZE=BLOCK,

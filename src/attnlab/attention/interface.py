@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import AttentionConfig
 from .backends import select_backend
 from .patterns import Pattern, build_pattern
 
@@ -22,7 +21,8 @@ class Attention(nn.Module):
     pattern: Pattern
     backend: str | None
 
-    def __init__(self, attn_cfg: AttentionConfig, layer_idx: int, n_layer: int, n_head: int, dropout: float):
+    def __init__(self, attn_cfg, layer_idx: int, n_layer: int, n_head: int, dropout: float):
+        """``attn_cfg``: an ``AttentionConfig`` (anything with ``layer_spec`` and ``backend``)."""
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = n_head

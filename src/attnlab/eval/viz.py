@@ -139,7 +139,7 @@ def draw_pattern(pattern: Pattern, seq_len: int, n_head: int, path: str | Path, 
     formats = Figure().canvas.get_supported_filetypes()
     if path.suffix and path.suffix[1:].lower() not in formats:
         raise ConfigError(f"cannot save a picture as {path.name!r}: use one of .{', .'.join(sorted(formats))} (e.g. mask.png)")
-    groups = pattern.head_groups(n_head)
+    groups = pattern.kernel_groups(n_head, seq_len)
     density = pattern.density(seq_len, n_head)
     pool = max(1, math.ceil(seq_len / MAX_PIXELS))
     cols = min(len(groups), 4)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import Attention
-from ..attention.cache import CACHES, LayerCache, ModelCache, make_cache
+from ..attention.cache import LayerCache, ModelCache, cache_streams, make_cache
 from ..config import AttentionConfig, ModelConfig
 from ..errors import ConfigError
 from .embeddings import Rotary, apply_rotary, build_positional
@@ -274,7 +274,7 @@ class GPT(nn.Module):
         layers = []
         for block in self.blocks:
             pattern = block.attn.core.pattern
-            limit = max_len if streams and CACHES[pattern.name].streams else min(max_len, self.context)
+            limit = max_len if streams and cache_streams(pattern) else min(max_len, self.context)
             layers.append(make_cache(pattern, batch, self.cfg.n_head, limit))
         return ModelCache(layers, self.context)
 
