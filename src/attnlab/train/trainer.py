@@ -32,6 +32,7 @@ from ..eval.attention_stats import log_attention_stats
 from ..eval.curves import plot_curves
 from ..eval.metrics import Score, image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
+from ..plugins import copy_plugins, load_run_plugins
 from . import checkpoint as ckpt
 from . import distributed, runtime
 from .logs import EventLog, check_loggers
@@ -110,6 +111,7 @@ def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `attnlab train` created")
+    load_run_plugins(run_dir)  # the run's own copies, before its config names their patterns
     return config_mod.load(path)
 
 
@@ -536,6 +538,7 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
         if dist.is_main:
             create_run_dir(cfg, force)
             config_mod.save(cfg, run_dir / "config.yaml")
+            copy_plugins(cfg.attention.plugins, run_dir)
             trainer.write_meta()
         distributed.barrier(dist)  # the run directory exists before any rank uses it
     else:

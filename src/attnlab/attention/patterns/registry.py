@@ -67,32 +67,55 @@ def make_pattern(spec: dict[str, Any], layer: LayerContext, where: str = "attent
         raise ConfigError(f"{where}: {e}" if where != "attention" else str(e)) from None
 
 
+# Plugins already registered, by the reference the config uses -> sha256 of the source that was loaded.
+_LOADED: dict[str, str] = {}
+
+
 def load_plugin(ref: str) -> str:
     """Import a plugin (a .py file path or an importable module name) so its patterns/modifiers register;
-    returns the sha256 of its source. Loading a plugin runs its code: it is the user's own file."""
+    returns the sha256 of its source. Loading a plugin runs its code: it is the user's own file, named in
+    the user's config. A reference already provided (``provide_plugin``: a run's own copy) is not reloaded."""
+    if ref in _LOADED:
+        return _LOADED[ref]
     path = Path(ref)
     if ref.endswith(".py"):
         if not path.is_file():
             raise ConfigError(f"attention.plugins: {ref!r} not found: give a .py file path or an importable module name")
-        source = path.read_bytes()
-        name = "attnlab_plugin_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses and typing resolve the module by name
-        try:
-            spec.loader.exec_module(module)
-        except ConfigError:
-            raise
-        except Exception as e:  # a broken plugin: say which file and what, in one line
-            del sys.modules[name]
-            raise ConfigError(f"attention.plugins: {ref!r} failed to load ({type(e).__name__}: {e}): fix the plugin file") from None
-        return hashlib.sha256(source).hexdigest()
+        _LOADED[ref] = _exec_file(ref, path)
+        return _LOADED[ref]
     try:
         module = importlib.import_module(ref)
     except ImportError as e:
         raise ConfigError(f"attention.plugins: cannot import {ref!r} ({e}): give a .py file path or an importable module") from None
     file = getattr(module, "__file__", None)
-    return hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else ""
+    _LOADED[ref] = hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else ""
+    return _LOADED[ref]
+
+
+def provide_plugin(ref: str, path: str) -> None:
+    """Load the file at ``path`` as plugin ``ref`` (a run's copy of it), so configs naming ``ref`` use it."""
+    _LOADED[ref] = _exec_file(ref, Path(path))
+
+
+def _exec_file(ref: str, path: Path) -> str:
+    """Execute a plugin file as a module named by its content (the same code loads once); returns its sha256."""
+    source = path.read_bytes()
+    sha = hashlib.sha256(source).hexdigest()
+    name = "attnlab_plugin_" + sha[:16]
+    if name in sys.modules:
+        return sha
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing resolve the module by name
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        del sys.modules[name]
+        raise
+    except Exception as e:  # a broken plugin: say which file and what, in one line
+        del sys.modules[name]
+        raise ConfigError(f"attention.plugins: {ref!r} failed to load ({type(e).__name__}: {e}): fix the plugin file") from None
+    return sha
 
 
 def listing() -> str:
