@@ -126,7 +126,7 @@ def test_workflows_match_the_github_schema():
 def test_actionlint_finds_nothing():
     al = tool("actionlint")
     if al is None:
-        pytest.skip("actionlint not on PATH (its PyPI wrapper downloads a binary at install time; see README: Containers and CI)")
+        pytest.skip("actionlint not on PATH (its PyPI wrapper downloads a binary at install time; see docs/distributed.md: CI workflows)")
     out = subprocess.run([al, "-no-color", "-config-file", ".github/actionlint.yaml"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
