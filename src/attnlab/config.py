@@ -127,6 +127,15 @@ class AttentionConfig:
         self.schedule, self.layers, self.plugins = list(schedule or []), [dict(x) for x in layers or []], list(plugins or [])
         self.params = {**(params or {}), **flat}
 
+    def __getattr__(self, name: str) -> Any:
+        """``attention.window`` and the like: a flat pattern parameter, set or (for the named patterns) default."""
+        if name.startswith("_") or name == "params":
+            raise AttributeError(name)
+        params = self.resolved_params()
+        if name not in params:
+            raise AttributeError(f"AttentionConfig has no field or pattern parameter {name!r}")
+        return params[name]
+
     def layer_spec(self, layer_idx: int) -> tuple[dict, str]:
         """Layer ``layer_idx``'s spec ``{"pattern": name, **params}`` and the config key that names it (for errors)."""
         if self.layers:
@@ -411,6 +420,9 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
                 return
             value = _coerce(key, _hints(type(obj))[part], value)
             _check_value(key, f, value)
+            if key == "attention.plugins":
+                for ref in value:  # their patterns' keys become known
+                    load_plugin(ref)
             setattr(obj, part, value)
             return
         if not dataclasses.is_dataclass(sub):
@@ -447,6 +459,30 @@ def _load_plugins(d: dict, overrides: list[str]) -> None:
             plugins = _coerce(key, list[str], value)
     for ref in plugins:
         load_plugin(str(ref))
+
+
+def apply_pattern_spec(cfg: Config, spec: str, aliases: dict[str, str] | None = None) -> Config:
+    """Give every layer of ``cfg`` the pattern of ``spec``: ``name`` or ``name:key=value:...``, the one syntax of
+    pattern specs on the command line (bench attention, bench generate). Bare keys are attention keys
+    (``local:window=256``; ``plugins=file.py`` loads a plugin); ``aliases`` maps other keys to config keys."""
+    name, *items = (s.strip() for s in spec.split(":"))
+    try:
+        if not name or "=" in name:
+            raise ConfigError("no pattern name comes first: write name:key=value (put config overrides before --patterns)")
+        pairs = []
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"{item!r} is not key=value")
+            pairs.append(tuple(s.strip() for s in item.split("=", 1)))
+        for key, value in sorted(pairs, key=lambda kv: kv[0] not in ("plugins", "attention.plugins")):  # plugins first
+            key = (aliases or {}).get(key, key)
+            set_key(cfg, key if "." in key else f"attention.{key}", value)
+        set_key(cfg, "attention.layers", [])
+        set_key(cfg, "attention.schedule", [])
+        set_key(cfg, "attention.pattern", name)
+        return cfg
+    except ConfigError as e:
+        raise ConfigError(f"pattern spec {spec!r}: {e} (write name or name:key=value:..., e.g. local:window=256)") from None
 
 
 def from_dict(d: dict, overrides: list[str] = ()) -> Config:

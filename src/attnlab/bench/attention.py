@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from ..attention.backends import BACKENDS, select_backend
 from ..attention.patterns import Dense, Pattern, build_pattern
-from ..config import Config, set_key
+from ..config import Config, apply_pattern_spec
 from ..errors import ConfigError, UserError
 
 COLUMNS = ("device", "pattern", "params", "backend", "seq_len", "pass", "median_ms", "peak_mb", "density")
@@ -81,19 +81,12 @@ MEMORY_METHOD = {
 # ------------------------------------------------------------------ parsing
 
 def parse_pattern_spec(spec: str, n_head: int) -> Pattern:
-    """``name`` or ``name:key=value:key=value`` (AttentionConfig keys, e.g. ``local:window=256``) -> Pattern."""
-    name, *items = spec.split(":")
-    cfg = Config()
+    """``name`` or ``name:key=value:key=value`` (attention keys, e.g. ``local:window=256``) -> Pattern."""
+    cfg = apply_pattern_spec(Config(), spec)
     try:
-        set_key(cfg, "attention.pattern", name.strip())
-        for item in items:
-            if "=" not in item:
-                raise ConfigError(f"{item!r} is not key=value")
-            key, value = (s.strip() for s in item.split("=", 1))
-            set_key(cfg, key if key.startswith("attention.") else f"attention.{key}", value)
         return build_pattern(cfg.attention, 0, 1, n_head)
     except ConfigError as e:
-        raise ConfigError(f"pattern spec {spec!r}: {e} (write name or name:key=value:..., e.g. local:window=256)") from None
+        raise ConfigError(f"pattern spec {spec!r}: {e}") from None
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:

@@ -64,7 +64,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..config import Config, set_key
+from ..config import Config, apply_pattern_spec, set_key
 from ..errors import ConfigError
 from ..model.gpt import GPT
 from .attention import _malloc_trim, _params, _status_kb, cpu_peak_supported, machine_info, parse_int_list
@@ -87,27 +87,13 @@ MEMORY_METHOD = ("gc.collect; malloc_trim(0); write 5 to /proc/self/clear_refs (
 def row_config(base: Config, spec: str, context: int) -> Config:
     """A copy of ``base`` whose every layer uses the pattern of ``spec`` (``name:key=value:...``, attention keys
     plus ``context=N``) with model context ``context`` unless the spec sets one; validated."""
-    name, *items = (s.strip() for s in spec.split(":"))
-    if "=" in name:
-        raise ConfigError(f"pattern spec {spec!r} has no pattern name: write name:key=value (put config overrides "
-                          "before --patterns)")
     cfg = copy.deepcopy(base)
+    set_key(cfg, "model.context", context)
+    apply_pattern_spec(cfg, spec, aliases={"context": "model.context"})
     try:
-        set_key(cfg, "attention.schedule", [])
-        set_key(cfg, "attention.pattern", name)
-        set_key(cfg, "model.context", context)
-        for item in items:
-            if "=" not in item:
-                raise ConfigError(f"{item!r} is not key=value")
-            key, value = (s.strip() for s in item.split("=", 1))
-            if key in ("context", "model.context"):
-                set_key(cfg, "model.context", value)
-            else:
-                set_key(cfg, key if key.startswith("attention.") else f"attention.{key}", value)
         return cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"pattern spec {spec!r}: {e} (write name or name:key=value:..., "
-                          "e.g. sink_window:sinks=4:window=256:context=1024)") from None
+        raise ConfigError(f"pattern spec {spec!r}: {e}") from None
 
 
 def build_model(cfg: Config, seed: int) -> GPT:
