@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     vs.add_argument("--out", required=True, help="PNG file")
     vs.add_argument("--force", action="store_true", help="replace an existing --out file")
 
+    pa = sub.add_parser("patterns", help="list the registered attention patterns with their parameters")
+    pa.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                    help="also list the patterns a plugin file (or module) registers (repeatable)")
+
     rp = sub.add_parser("report", help="compare runs: curves, final metrics, seed statistics, patterns, samples (HTML + Markdown)")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories created by `attnlab train`")
     rp.add_argument("--out", required=True, help="folder for index.html (self-contained), report.md and its PNGs")
@@ -381,7 +385,14 @@ def cmd_sweep(a) -> None:
                                      f"{summary['sweep']}/runs.json and logs/, then finish them with --resume")
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench,
+def cmd_patterns(a) -> None:
+    from .attention.patterns import listing, load_plugin
+    for ref in a.plugin:
+        load_plugin(ref)
+    print(listing())
+
+
+COMMANDS = {"patterns": cmd_patterns, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench,
             "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep}
 
 
