@@ -12,8 +12,8 @@ from attnlab.attention.patterns import Dense
 from attnlab.cli import main
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
-from attnlab.eval.attention_maps import LayerAttention
-from attnlab.eval.attention_stats import STATS, StatsAccumulator, head_stats, model_attention_stats, stats_batch
+from attnlab.eval.inspection.attention_maps import LayerAttention
+from attnlab.eval.inspection.attention_stats import STATS, StatsAccumulator, head_stats, model_attention_stats, stats_batch
 from attnlab.model.gpt import GPT
 from attnlab.train.logs import read_events, sink_scalars
 from attnlab.train.trainer import train

@@ -201,7 +201,7 @@ def cmd_eval(a) -> None:
 
 
 def _eval_text(run, a) -> dict:
-    from .eval.metrics import score_tokens, text_metrics
+    from .eval.metrics.scoring import score_tokens, text_metrics
     context = a.context or run.cfg.model.context
     if not 1 <= context <= run.cfg.model.context:
         raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
@@ -218,8 +218,8 @@ def _eval_text(run, a) -> dict:
 
 
 def _eval_images(run, a) -> dict:
-    from .data.images import SOS
-    from .eval.metrics import image_metrics, score_images
+    from .data.image_format import SOS
+    from .eval.metrics.scoring import image_metrics, score_images
     if a.context or a.stride:
         raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
     n = run.cfg.model.context
@@ -231,8 +231,8 @@ def _eval_images(run, a) -> dict:
 
 
 def cmd_sample(a) -> None:
-    from .eval.sample import sample_text
-    from .eval.sampling import SamplingConfig
+    from .eval.generation.loop import sample_text
+    from .eval.generation.filters import SamplingConfig
     from .runs import load_run
     if a.num_samples < 1 or a.max_new_tokens < 0:
         raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
@@ -266,8 +266,8 @@ def cmd_sample(a) -> None:
 
 
 def _sample_images(run, a, sampling) -> None:
-    from .data.images import read_images
-    from .eval.images import complete_images, sample_images, save_completion_grid, save_grid
+    from .data.store import read_images
+    from .eval.generation.image_samples import complete_images, sample_images, save_completion_grid, save_grid
     if run.dataset.kind != "image":
         raise UserError(f"{run.dir} models text: --images/--complete are for image runs (drop them to sample text)")
     if bool(a.images) == bool(a.complete) or not a.out:
@@ -318,7 +318,7 @@ def cmd_bench_attention(a) -> None:
 
 
 def cmd_viz_pattern(a) -> None:
-    from .eval.viz import draw_pattern, format_params, pattern_from_overrides, save_mask
+    from .eval.inspection.pattern_viz import draw_pattern, format_params, pattern_from_overrides, save_mask
     pattern = pattern_from_overrides(a.overrides, a.heads, a.layer, a.layers)
     fig = draw_pattern(pattern, a.seq_len, a.heads, a.out, subtitle=f"layer {a.layer} of {a.layers}" if a.layers > 1 else "")
     if a.save_mask:
@@ -328,13 +328,13 @@ def cmd_viz_pattern(a) -> None:
 
 
 def cmd_viz_logit_lens(a) -> None:
-    from .eval.logit_lens import logit_lens_report
+    from .eval.inspection.logit_lens import logit_lens_report
     info = logit_lens_report(a.run_dir, a.text, a.out, top_k=a.top_k, checkpoint=a.checkpoint, device=a.device, force=a.force)
     print(json.dumps(info, ensure_ascii=False))
 
 
 def cmd_viz_attention(a) -> None:
-    from .eval.attention_maps import write_attention_maps
+    from .eval.inspection.attention_maps import write_attention_maps
     from .runs import load_run
     run = load_run(a.run_dir, a.checkpoint, a.device)
     info = write_attention_maps(run, a.out, text=a.text, image=a.image, split=a.split, pixel=a.pixel,
@@ -343,7 +343,7 @@ def cmd_viz_attention(a) -> None:
 
 
 def cmd_viz_stats(a) -> None:
-    from .eval.attention_stats import plot_attention_stats
+    from .eval.inspection.attention_stats import plot_attention_stats
     print(json.dumps(plot_attention_stats(a.run_dir, a.out, force=a.force)))
 
 
@@ -355,7 +355,7 @@ def cmd_viz(a) -> None:
 
 
 def cmd_report(a) -> None:
-    from .eval.report import build_report
+    from .eval.report.build import build_report
     page = build_report(a.run_dirs, a.out, title=a.title, force=a.force)
     print(json.dumps({"out": str(page), "markdown": str(page.with_name("report.md")), "runs": len(a.run_dirs)}))
 

@@ -221,7 +221,7 @@ def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup:
 
 
 def _params(pattern: Pattern) -> str:
-    from ..eval.viz import format_params
+    from ..eval.inspection.pattern_viz import format_params
 
     return format_params(pattern.params())
 

@@ -26,11 +26,12 @@ from .. import config as config_mod
 from ..config import Config
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
-from ..data.images import IMAGE_SOURCES, IMAGE_VOCAB, SOS
+from ..data.image_format import IMAGE_VOCAB, SOS
+from ..data.image_sources import IMAGE_SOURCES
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
-from ..eval.attention_stats import log_attention_stats
-from ..eval.curves import plot_curves
-from ..eval.metrics import Score, image_metrics, score_images, score_tokens, text_metrics
+from ..eval.inspection.attention_stats import log_attention_stats
+from ..eval.metrics.curves import plot_curves
+from ..eval.metrics.scoring import Score, image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
 from . import checkpoint as ckpt
 from . import distributed, runtime
@@ -423,13 +424,13 @@ class Trainer:
             path.parent.mkdir(exist_ok=True)
         seed = self.cfg.train.seed + step  # its own generator: the training RNG streams are untouched
         if self.image:
-            from ..eval.images import sample_images, save_grid
+            from ..eval.generation.image_samples import sample_images, save_grid
             grid = sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device,
                                  progress=False)
             if self.dist.is_main:
                 save_grid(grid, path)
         else:
-            from ..eval.sample import sample_text
+            from ..eval.generation.loop import sample_text
             (text,), _ = sample_text(self.model, self.ds.tokenizer, "", n, seed=seed, device=self.device, stop_at_eos=False)
             if self.dist.is_main:
                 ckpt.atomic_write_text(path, text)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ...errors import UserError
 from .attention_maps import LayerAttention, capture_attention
 
 WEIGHT_STATS = ("entropy", "first_token_mass", "distance")
@@ -89,7 +89,7 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch
 @torch.no_grad()
 def model_attention_stats(model, x: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> dict[str, list[list[float]]]:
     """Run ``model`` on ids ``x`` [B, T] in eval mode through the reference path; stat -> [layer][head] means."""
-    from .metrics import _scoring
+    from ..metrics.scoring import _scoring
 
     acc = StatsAccumulator(len(model.blocks), model.cfg.n_head)
     with _scoring(model, x.device, autocast_dtype), capture_attention(model, keep=(), on_layer=acc):
@@ -117,7 +117,7 @@ def log_attention_stats(trainer, log, **extra) -> None:
     n = trainer.cfg.logging.attention_stats
     if not n:
         return
-    from ..data.images import SOS
+    from ...data.image_format import SOS
 
     x = stats_batch(trainer.ds.tokens("val"), trainer.cfg.model.context, n, image=trainer.image, sos=SOS)
     stats = model_attention_stats(trainer.model, x.to(trainer.device), trainer.amp_dtype)
@@ -130,7 +130,7 @@ def plot_attention_stats(run_dir: str | Path, out: str | Path, force: bool = Fal
     """One panel per statistic against step: per layer its mean over heads (thick) and each head (thin)."""
     from matplotlib.figure import Figure
 
-    from ..train.logs import read_events
+    from ...train.logs import read_events
 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "events.jsonl").is_file():

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ...errors import UserError
 from .viz_inputs import check_out_dir, encode_text, token_label, token_texts
 
 FILES = ("lens.png", "lens.md", "lens.csv")
@@ -217,7 +217,7 @@ def _encode_text(run, text: str) -> torch.Tensor:
 def logit_lens_report(run_dir: str | Path, text: str, out: str | Path, *, top_k: int = 5,
                       checkpoint: str | Path | None = None, device: str = "auto", force: bool = False) -> dict:
     """``attnlab viz logit-lens``: write lens.png, lens.md and lens.csv into ``out``; returns what was written."""
-    from ..runs import load_run
+    from ...runs import load_run
     out = Path(out)
     check_out_dir(out, force)
     if top_k < 1:
