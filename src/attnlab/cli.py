@@ -175,6 +175,7 @@ def cmd_prepare(a) -> None:
 
 def cmd_train(a) -> None:
     from . import config
+    from .train.runtime import tune_allocator
     from .train.trainer import train
     cfg = None
     if a.config is not None and "=" in a.config:  # no preset, only overrides
@@ -184,6 +185,7 @@ def cmd_train(a) -> None:
         if a.resume is None and a.config is None and not a.overrides:
             raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")
         cfg = config.load(a.config, a.overrides)
+    tune_allocator()
     summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary: print it once
         print(json.dumps(summary))
@@ -312,6 +314,9 @@ def cmd_bench(a) -> None:
 
 def cmd_bench_attention(a) -> None:
     from .bench.attention import bench_attention, parse_int_list, parse_list
+    from .train.runtime import tune_allocator
+    if a.device == "cpu":
+        tune_allocator()  # as in training, for every backend alike
     bench_attention(a.patterns, parse_int_list(a.seq_lens, "--seq-lens"), parse_list(a.backends), parse_list(a.passes),
                     repeats=a.repeats, batch=a.batch, heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
                     device=a.device, out=a.out, warmup=a.warmup, plot=a.plot)
@@ -366,6 +371,8 @@ def cmd_sweep(a) -> None:
     if a.choices and not a.one:
         raise UserError(f"unexpected arguments {' '.join(a.choices)}: key=value choices go with --one (a single run)")
     if a.one:
+        from .train.runtime import tune_allocator
+        tune_allocator()
         print(json.dumps(sw.run_one(sweep, a.choices)))
     elif a.to_wandb:
         out = sw.write_wandb(sweep, a.to_wandb, force=a.force)
