@@ -12,9 +12,9 @@ from attnlab.attention.backends import reference, reference_weights
 from attnlab.attention.patterns import Dense, Local
 from attnlab.cli import main
 from attnlab.config import AttentionConfig, ModelConfig
-from attnlab.data.images import SOS
+from attnlab.data.image_format import SOS
 from attnlab.errors import UserError
-from attnlab.eval.attention_maps import (
+from attnlab.eval.inspection.attention_maps import (
     capture_attention,
     image_query_map,
     model_weights,

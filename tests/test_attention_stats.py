@@ -12,8 +12,9 @@ from attnlab.attention.patterns import Dense
 from attnlab.cli import main
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
-from attnlab.eval.attention_maps import LayerAttention
-from attnlab.eval.attention_stats import STATS, StatsAccumulator, head_stats, model_attention_stats, stats_batch
+from attnlab.eval.inspection.attention_maps import LayerAttention
+from attnlab.eval.inspection.attention_stats import (STATS, StatsAccumulator, attention_stats_event, head_stats,
+                                                     model_attention_stats, stats_batch)
 from attnlab.model.gpt import GPT
 from attnlab.train.logs import read_events, sink_scalars
 from attnlab.train.trainer import train
@@ -85,6 +86,17 @@ def test_stats_batch_is_the_first_windows_or_images():
     assert stats_batch(tokens[:5], 8, 3, image=False).tolist() == [[0, 1, 2, 3, 4]]  # a split shorter than the context
     img = stats_batch(tokens, 10, 20, image=True, sos=256)
     assert img.shape == (10, 10) and img[1].tolist() == [256, *range(10, 19)]  # SOS, then all but the last byte
+
+
+@torch.no_grad()
+def test_the_event_is_the_model_on_the_stats_batch_from_explicit_arguments():
+    import numpy as np
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=8, context=6, dropout=0.0), AttentionConfig(), 257).eval()
+    tokens = np.arange(30, dtype=np.uint16) * 7 % 256
+    event = attention_stats_event(model, tokens, 3, context=6, image=True, device=torch.device("cpu"))
+    want = model_attention_stats(model, stats_batch(tokens, 6, 3, image=True, sos=256))
+    assert event == {"sequences": 3, "tokens": 6, **want}
 
 
 def test_attention_stats_reach_tensorboard_and_wandb_as_per_head_scalars():

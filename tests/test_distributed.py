@@ -19,7 +19,7 @@ from attnlab import config
 from attnlab.data import store
 from attnlab.data.batches import BatchIterator
 from attnlab.errors import CheckpointError, ConfigError, UserError
-from attnlab.eval.metrics import score_images, score_tokens, shard
+from attnlab.eval.metrics.scoring import score_images, score_tokens, shard
 from attnlab.runs import load_run
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.logs import read_events

@@ -8,10 +8,10 @@ from torch import nn
 
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
-from attnlab.eval.images import (IMAGE_VOCAB, MARKER, SOS, complete_images, completion_grid, image_grid,
+from attnlab.eval.generation.image_samples import (IMAGE_VOCAB, MARKER, SOS, complete_images, completion_grid, image_grid,
                                  sample_images, save_completion_grid, save_grid)
-from attnlab.eval.sample import generate
-from attnlab.eval.sampling import SamplingConfig
+from attnlab.eval.generation.loop import generate
+from attnlab.eval.generation.filters import SamplingConfig
 from attnlab.model.gpt import GPT
 
 SHAPE = (2, 2, 3)

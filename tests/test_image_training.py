@@ -12,7 +12,7 @@ from attnlab import config
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.data.batches import ImageBatches
 from attnlab.errors import ConfigError
-from attnlab.eval.metrics import image_metrics, score_images
+from attnlab.eval.metrics.scoring import image_metrics, score_images
 from attnlab.model.embeddings import ImageEmbedding, image_coordinates
 from attnlab.model.gpt import GPT
 from attnlab.train.trainer import train

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnlab.config import DataConfig
-from attnlab.data import images, sources, store
-from attnlab.data.images import from_sequence, position_triples, read_images, read_labels, to_sequence
+from attnlab.data import image_sources, sources, store
+from attnlab.data.image_format import from_sequence, position_triples, to_sequence
+from attnlab.data.store import read_images, read_labels
 from attnlab.errors import DataError
 
 CIFAR_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -155,11 +156,11 @@ def test_channels_are_interleaved_per_pixel():
 def test_downsample_box_average():
     blocks = np.array([[10, 20], [30, 41]], dtype=np.uint8)
     x = np.kron(blocks, np.ones((2, 2), dtype=np.uint8))[None, :, :, None]  # 4x4, block-constant
-    assert images.downsample(x, 2)[0, :, :, 0].tolist() == [[10, 20], [30, 41]]
+    assert image_sources.downsample(x, 2)[0, :, :, 0].tolist() == [[10, 20], [30, 41]]
     y = np.array([[1, 2], [2, 2]], dtype=np.uint8)[None, :, :, None]
-    assert images.downsample(y, 1).item() == 2  # mean 1.75 rounds to 2; 1.5 would round up too
+    assert image_sources.downsample(y, 1).item() == 2  # mean 1.75 rounds to 2; 1.5 would round up too
     odd = np.full((2, 6, 6, 3), 77, dtype=np.uint8)  # 6 -> 4: no exact factor, PIL's BOX filter
-    assert np.array_equal(images.downsample(odd, 4), np.full((2, 4, 4, 3), 77, dtype=np.uint8))
+    assert np.array_equal(image_sources.downsample(odd, 4), np.full((2, 4, 4, 3), 77, dtype=np.uint8))
 
 
 # ----------------------------------------------------------------- cifar10
@@ -172,7 +173,7 @@ def test_cifar_python_folder(tmp_path, cifar_py):
     assert m["image"] == {"height": 32, "width": 32, "channels": 3} and m["tokens_per_image"] == 3072
     assert {s: v["images"] for s, v in m["splits"].items()} == {"train": 8, "val": 2, "test": 5}
     assert m["splits"]["train"]["tokens"] == 8 * 3072 == ds.tokens("train").size
-    assert m["classes"] == list(images.CIFAR_CLASSES) and m["source"]["format"] == "cifar-10-python folder"
+    assert m["classes"] == list(image_sources.CIFAR_CLASSES) and m["source"]["format"] == "cifar-10-python folder"
     files = {f["name"]: f for f in m["source"]["files"]}
     assert list(files) == ["data_batch_1", "data_batch_2", "test_batch"]  # readme.html is no batch
     assert files["test_batch"]["sha256"] == hashlib.sha256((cifar_py / "test_batch").read_bytes()).hexdigest()
@@ -202,10 +203,10 @@ def test_cifar_binary_folder_and_archives(tmp_path, cifar_py, cifar_bin, monkeyp
         prepare(tmp_path, "x", source="cifar10", path=str(py_tar))
     assert not (tmp_path / "x").exists()
     for out, tar in [("tpy", py_tar), ("tbin", tar_gz(cifar_bin, tmp_path / "cifar-10-binary.tar.gz"))]:
-        monkeypatch.setitem(images.CIFAR_MD5, tar.name, hashlib.md5(tar.read_bytes()).hexdigest())
+        monkeypatch.setitem(image_sources.CIFAR_MD5, tar.name, hashlib.md5(tar.read_bytes()).hexdigest())
         ds = prepare(tmp_path, out, source="cifar10", path=str(tar))
         check_cifar_splits(ds)
-        assert ds.meta["source"]["md5"] == images.CIFAR_MD5[tar.name]
+        assert ds.meta["source"]["md5"] == image_sources.CIFAR_MD5[tar.name]
     assert ds.meta["source"]["format"] == "cifar-10-binary archive"
 
 
@@ -276,7 +277,7 @@ def test_class_filter_and_image_size(tmp_path, cifar_py):
     assert ds.meta["classes"] == ["automobile", "cat"]  # kept in label order, renumbered 0, 1
     assert ds.meta["image"] == {"height": 16, "width": 16, "channels": 3} and ds.meta["tokens_per_image"] == 768
     assert sorted(read_labels(ds, "train").tolist()) == [0, 1] and read_labels(ds, "test").tolist() == [1, 1, 0]
-    assert np.array_equal(read_images(ds, "test"), images.downsample(hwc(BATCHES["test_batch"][0][:3]), 16))
+    assert np.array_equal(read_images(ds, "test"), image_sources.downsample(hwc(BATCHES["test_batch"][0][:3]), 16))
     with pytest.raises(DataError, match=r"unknown class 'kitten' for cifar10: use class names \(airplane, .*truck\) "
                                         r"or label numbers 0\.\.9"):
         prepare(tmp_path, "b", source="cifar10", path=str(cifar_py), classes=["kitten"])
@@ -411,7 +412,7 @@ def test_imagenet_downsampled(tmp_path):
     small = prepare(tmp_path, "small", source="imagenet-downsampled", path=str(root), val_frac=0.0, classes=["3", "2"],
                     image_size=4)
     assert small.meta["classes"] == ["2", "3"] and small.meta["splits"]["train"]["images"] == 3
-    assert np.array_equal(read_images(small, "test"), images.downsample(hwc(batches["val/val_data.npz"][0][:1], 8), 4))
+    assert np.array_equal(read_images(small, "test"), image_sources.downsample(hwc(batches["val/val_data.npz"][0][:1], 8), 4))
     np.savez(root / "train_data_batch_2.npz", data=np.zeros((2, 100), np.uint8), labels=np.array([1, 1]))
     with pytest.raises(DataError, match=r"train_data_batch_2\.npz: array 'data' has rows of 100 bytes, not 3\*S\*S"):
         prepare(tmp_path, "bad", source="imagenet-downsampled", path=str(root))

@@ -12,7 +12,7 @@ from attnlab.cli import main
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.data.text import ByteTokenizer
 from attnlab.errors import UserError
-from attnlab.eval.logit_lens import lens_rows, logit_lens, token_label, token_texts
+from attnlab.eval.inspection.logit_lens import lens_rows, logit_lens, token_label, token_texts
 from attnlab.model.gpt import GPT
 from attnlab.train.trainer import train
 from runkit import digits_config, tiny_config, write_corpus

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from attnlab.config import AttentionConfig, ModelConfig
-from attnlab.eval.metrics import LN2, Score, plan_windows, score_tokens, text_metrics
+from attnlab.eval.metrics.scoring import LN2, Score, plan_windows, score_tokens, text_metrics
 from attnlab.model.gpt import GPT
 
 

@@ -21,9 +21,9 @@ from scipy import stats as sps
 from attnlab import config
 from attnlab.cli import main
 from attnlab.errors import CheckpointError, UserError
-from attnlab.eval.report import build_report, fmt_float, fmt_int, fmt_metric, fmt_p, printable
-from attnlab.eval.report_runs import RunData, load_run_data, validation_points
-from attnlab.eval.report_stats import group_runs, stats
+from attnlab.eval.report.build import build_report, fmt_float, fmt_int, fmt_metric, fmt_p, printable
+from attnlab.eval.report.run_data import RunData, load_run_data, validation_points
+from attnlab.eval.report.stats import group_runs, stats
 from attnlab.train.trainer import train
 from runkit import tiny_config, write_corpus
 
@@ -412,7 +412,7 @@ def test_long_labels_become_numbered_configs_with_their_settings_spelled_out(tmp
 def test_seed_curve_is_the_per_step_mean_with_a_min_max_band(handmade):
     from matplotlib.figure import Figure
 
-    from attnlab.eval.report_figures import _draw_group
+    from attnlab.eval.report.figures import _draw_group
 
     runs, _ = handmade
     group = group_runs([load_run_data(r) for r in runs])[0]  # a0, a1, a2 and the unfinished a-running (seed 9)

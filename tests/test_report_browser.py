@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnlab.eval.report import build_report
+from attnlab.eval.report.build import build_report
 from test_report import make_run
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser")

@@ -3,8 +3,8 @@
 import torch
 
 from attnlab.config import AttentionConfig, ModelConfig
-from attnlab.eval.sample import TextStreamer, generate
-from attnlab.eval.sampling import SamplingConfig
+from attnlab.eval.generation.loop import TextStreamer, generate
+from attnlab.eval.generation.filters import SamplingConfig
 from attnlab.model.gpt import GPT
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import assume, example, given, settings, strategies as st
 
 from attnlab.errors import ConfigError
-from attnlab.eval.sampling import (
+from attnlab.eval.generation.filters import (
     SamplingConfig, StopStrings, apply_repetition_penalty, filter_logits, min_p_filter, next_token,
     process_logits, top_k_filter, top_p_filter, typical_filter,
 )

@@ -10,7 +10,7 @@ import pytest
 from attnlab.attention.patterns import Dense
 from attnlab.cli import main
 from attnlab.errors import ConfigError
-from attnlab.eval.viz import ascii_pattern, draw_pattern, head_mask, pattern_from_overrides
+from attnlab.eval.inspection.pattern_viz import ascii_pattern, draw_pattern, head_mask, pattern_from_overrides
 
 # fixed, l=4, b=1, v=1, n_v=1: the same chunk of 4 (floor(j/4) == floor(i/4)) or j mod 4 == 3 (the summary column).
 FIXED_16 = """\

@@ -179,6 +179,7 @@ def cmd_prepare(a) -> None:
 
 def cmd_train(a) -> None:
     from . import config
+    from .train.runtime import tune_allocator
     from .train.trainer import train
     cfg = None
     if a.config is not None and "=" in a.config:  # no preset, only overrides
@@ -188,6 +189,7 @@ def cmd_train(a) -> None:
         if a.resume is None and a.config is None and not a.overrides:
             raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")
         cfg = config.load(a.config, a.overrides)
+    tune_allocator()
     summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary: print it once
         print(json.dumps(summary))
@@ -205,7 +207,7 @@ def cmd_eval(a) -> None:
 
 
 def _eval_text(run, a) -> dict:
-    from .eval.metrics import score_tokens, text_metrics
+    from .eval.metrics.scoring import score_tokens, text_metrics
     context = a.context or run.cfg.model.context
     if not 1 <= context <= run.cfg.model.context:
         raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
@@ -222,8 +224,8 @@ def _eval_text(run, a) -> dict:
 
 
 def _eval_images(run, a) -> dict:
-    from .data.images import SOS
-    from .eval.metrics import image_metrics, score_images
+    from .data.image_format import SOS
+    from .eval.metrics.scoring import image_metrics, score_images
     if a.context or a.stride:
         raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
     n = run.cfg.model.context
@@ -235,8 +237,8 @@ def _eval_images(run, a) -> dict:
 
 
 def cmd_sample(a) -> None:
-    from .eval.sample import sample_text
-    from .eval.sampling import SamplingConfig
+    from .eval.generation.loop import sample_text
+    from .eval.generation.filters import SamplingConfig
     from .runs import load_run
     if a.num_samples < 1 or a.max_new_tokens < 0:
         raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
@@ -270,8 +272,8 @@ def cmd_sample(a) -> None:
 
 
 def _sample_images(run, a, sampling) -> None:
-    from .data.images import read_images
-    from .eval.images import complete_images, sample_images, save_completion_grid, save_grid
+    from .data.store import read_images
+    from .eval.generation.image_samples import complete_images, sample_images, save_completion_grid, save_grid
     if run.dataset.kind != "image":
         raise UserError(f"{run.dir} models text: --images/--complete are for image runs (drop them to sample text)")
     if bool(a.images) == bool(a.complete) or not a.out:
@@ -316,13 +318,16 @@ def cmd_bench(a) -> None:
 
 def cmd_bench_attention(a) -> None:
     from .bench.attention import bench_attention, parse_int_list, parse_list
+    from .train.runtime import tune_allocator
+    if a.device == "cpu":
+        tune_allocator()  # as in training, for every backend alike
     bench_attention(a.patterns, parse_int_list(a.seq_lens, "--seq-lens"), parse_list(a.backends), parse_list(a.passes),
                     repeats=a.repeats, batch=a.batch, heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
                     device=a.device, out=a.out, warmup=a.warmup, plot=a.plot)
 
 
 def cmd_viz_pattern(a) -> None:
-    from .eval.viz import draw_pattern, format_params, pattern_from_overrides, save_mask
+    from .eval.inspection.pattern_viz import draw_pattern, format_params, pattern_from_overrides, save_mask
     pattern = pattern_from_overrides(a.overrides, a.heads, a.layer, a.layers)
     fig = draw_pattern(pattern, a.seq_len, a.heads, a.out, subtitle=f"layer {a.layer} of {a.layers}" if a.layers > 1 else "")
     if a.save_mask:
@@ -332,13 +337,13 @@ def cmd_viz_pattern(a) -> None:
 
 
 def cmd_viz_logit_lens(a) -> None:
-    from .eval.logit_lens import logit_lens_report
+    from .eval.inspection.logit_lens import logit_lens_report
     info = logit_lens_report(a.run_dir, a.text, a.out, top_k=a.top_k, checkpoint=a.checkpoint, device=a.device, force=a.force)
     print(json.dumps(info, ensure_ascii=False))
 
 
 def cmd_viz_attention(a) -> None:
-    from .eval.attention_maps import write_attention_maps
+    from .eval.inspection.attention_maps import write_attention_maps
     from .runs import load_run
     run = load_run(a.run_dir, a.checkpoint, a.device)
     info = write_attention_maps(run, a.out, text=a.text, image=a.image, split=a.split, pixel=a.pixel,
@@ -347,7 +352,7 @@ def cmd_viz_attention(a) -> None:
 
 
 def cmd_viz_stats(a) -> None:
-    from .eval.attention_stats import plot_attention_stats
+    from .eval.inspection.attention_stats import plot_attention_stats
     print(json.dumps(plot_attention_stats(a.run_dir, a.out, force=a.force)))
 
 
@@ -359,7 +364,7 @@ def cmd_viz(a) -> None:
 
 
 def cmd_report(a) -> None:
-    from .eval.report import build_report
+    from .eval.report.build import build_report
     page = build_report(a.run_dirs, a.out, title=a.title, force=a.force)
     print(json.dumps({"out": str(page), "markdown": str(page.with_name("report.md")), "runs": len(a.run_dirs)}))
 
@@ -370,6 +375,8 @@ def cmd_sweep(a) -> None:
     if a.choices and not a.one:
         raise UserError(f"unexpected arguments {' '.join(a.choices)}: key=value choices go with --one (a single run)")
     if a.one:
+        from .train.runtime import tune_allocator
+        tune_allocator()
         print(json.dumps(sw.run_one(sweep, a.choices)))
     elif a.to_wandb:
         out = sw.write_wandb(sweep, a.to_wandb, force=a.force)

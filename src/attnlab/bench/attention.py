@@ -31,9 +31,10 @@ Every row is timed alternately with the baseline (baseline, row, baseline, row, 
 speed-ups compare medians taken in the same stretch of time, so a shared machine's
 slow phases do not bias them. The CSV keeps each row's own median.
 
-On CPU the whole benchmark runs with attnlab's training allocator setting
-(``runtime.keep_freed_memory``: freed blocks stay in the heap instead of being
-page-faulted in again), for the baseline and every backend alike.
+``attnlab bench attention`` on CPU runs with attnlab's training allocator
+setting (``runtime.tune_allocator``: freed blocks stay in the heap instead of
+being page-faulted in again), for the baseline and every backend alike; from
+Python, call ``tune_allocator()`` first to measure the same way.
 
 Rows a backend cannot run (e.g. ``sdpa`` for a local pattern, ``flex``
 backward on CPU, ``reference`` above T=4096 where its T x T scores dominate)
@@ -214,7 +215,7 @@ def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup:
 
 
 def _params(pattern: Pattern) -> str:
-    from ..eval.viz import format_params
+    from ..eval.inspection.pattern_viz import format_params
 
     return format_params(pattern.params())
 
@@ -256,10 +257,6 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
     ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``) are written.
     """
     dtype, device = _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device)
-    if device.type == "cpu":
-        from ..train.runtime import keep_freed_memory
-
-        keep_freed_memory()  # attnlab's CPU allocator setting (as in training), for every backend alike
     known = {"auto", "flex", BASELINE, *BACKENDS}
     for b in backends:
         if b not in known:

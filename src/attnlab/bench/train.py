@@ -122,9 +122,8 @@ def bench_train(cfg, *, steps: int, warmup: int, repeats: int, out: str | None, 
 
 
 def _write(out: Path, rows: list[dict], result: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend to select
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -133,7 +132,8 @@ def _write(out: Path, rows: list[dict], result: dict) -> None:
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     (out / "machine.json").write_text(json.dumps(result["machine"], indent=2))
     impls = [i for i in IMPLS if i in result]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig = Figure(figsize=(8, 3.2))
+    axes = fig.subplots(1, 2)
     for ax, key, label in zip(axes, ("tokens_per_second", "peak_memory_mb"), ("training tokens/s (median)", "peak memory MB (median)")):
         for i, impl in enumerate(impls):
             pts = [r[key] for r in rows if r["impl"] == impl]
@@ -144,4 +144,3 @@ def _write(out: Path, rows: list[dict], result: dict) -> None:
     fig.suptitle(f"{result['config']}: batch {result['batch_size']} x context {result['context']} on {result['machine']['cpu']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "train_throughput.png", dpi=120)
-    plt.close(fig)

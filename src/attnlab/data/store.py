@@ -8,7 +8,7 @@ and per split the number of documents, tokens, UTF-8 bytes and characters of
 the documents (separators excluded: the denominator of bits/byte), unknown
 tokens, and the sha256 of the file.
 
-Image datasets (``meta["kind"] == "image"``, see ``images.py``) hold images
+Image datasets (``meta["kind"] == "image"``, see ``image_format.py`` and ``image_sources.py``) hold images
 as concatenated byte tokens (vocabulary 256, no separator) plus
 ``{split}.labels.npy``; they have no tokenizer.
 
@@ -35,7 +35,8 @@ from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
-from . import images
+from . import image_sources
+from .image_format import from_sequence
 from .sources import load_documents
 from .text import EOS, Tokenizer, load_tokenizer, token_dtype, train_tokenizer
 
@@ -143,7 +144,7 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write = images.write_dataset if cfg.source in images.IMAGE_SOURCES else _write_text
+        write = image_sources.write_dataset if cfg.source in image_sources.IMAGE_SOURCES else _write_text
         body = write(cfg, tmp, progress)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -333,3 +334,23 @@ def _check_labels(d: Path, name: str, info: dict, tokens_per_image: int, verify:
                         f"the file is corrupted; {_fix(d)}")
     if verify and file_sha256(path) != info.get("labels_sha256"):
         raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
+
+
+def read_images(dataset, split: str) -> np.ndarray:
+    """The images of a prepared split as uint8 [N, H, W, C] (`dataset`: a store.Dataset or its folder)."""
+    ds = _image_dataset(dataset)
+    img = ds.meta["image"]
+    return from_sequence(ds.tokens(split), img["height"], img["width"], img["channels"]).astype(np.uint8)
+
+
+def read_labels(dataset, split: str) -> np.ndarray:
+    """The int16 labels of a prepared split (index into meta ``classes``, -1 = unlabelled)."""
+    ds = _image_dataset(dataset)
+    return np.load(ds.dir / ds.split_info(split)["labels_file"], allow_pickle=False)
+
+
+def _image_dataset(dataset):
+    ds = load(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
+    if ds.kind != "image":
+        raise DataError(f"dataset {ds.dir} holds text, not images: prepare an image source (data.source=cifar10, ...)")
+    return ds

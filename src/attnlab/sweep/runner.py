@@ -261,7 +261,7 @@ def _report(sweep: Sweep, records: list[dict]) -> Path | None:
     done = [Path(r["run_dir"]) for r in records if r["status"] == "ok"]
     if not done:
         return None
-    from ..eval.report import build_report
+    from ..eval.report.build import build_report
     # The report folder belongs to the sweep: rebuilding it on --resume is expected.
     return Path(build_report(done, out=sweep.folder / "report", title=f"sweep {sweep.name}", force=True))
 

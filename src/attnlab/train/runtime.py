@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import random
 import resource
@@ -60,6 +61,22 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+NO_MALLOC_TUNING = "ATTNLAB_NO_MALLOC_TUNING"  # set to 1 to keep glibc's default allocator settings
+
+
+def tune_allocator() -> bool:
+    """Apply ``keep_freed_memory`` for this whole process unless ``ATTNLAB_NO_MALLOC_TUNING=1``.
+
+    ``attnlab train`` and ``attnlab bench attention`` call this at start; library
+    functions never do, so importing attnlab changes nothing about the process.
+    From Python, call it once before training on CPU to get the CLI's speed.
+    Returns whether the setting applied.
+    """
+    if os.environ.get(NO_MALLOC_TUNING, "").strip() not in ("", "0"):
+        return False
+    return keep_freed_memory()
 
 
 def seed_everything(seed: int) -> None:

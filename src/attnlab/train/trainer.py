@@ -17,7 +17,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -26,11 +28,12 @@ from .. import config as config_mod
 from ..config import Config
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
-from ..data.images import IMAGE_SOURCES, IMAGE_VOCAB, SOS
+from ..data.image_format import IMAGE_VOCAB, SOS
+from ..data.image_sources import IMAGE_SOURCES
 from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
-from ..eval.attention_stats import log_attention_stats
-from ..eval.curves import plot_curves
-from ..eval.metrics import Score, image_metrics, score_images, score_tokens, text_metrics
+from ..eval.inspection.attention_stats import attention_stats_event
+from ..eval.metrics.curves import plot_curves
+from ..eval.metrics.scoring import Score, image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
 from ..plugins import copy_plugins, load_run_plugins
 from . import checkpoint as ckpt
@@ -147,12 +150,37 @@ class Progress:
 
 # ------------------------------------------------------------------ the trainer
 
+def _built_in_setup():
+    """A Trainer attribute that ``setup()`` assigns: not an __init__ argument, left out of repr and ==."""
+    return field(init=False, repr=False, compare=False)
+
+
 @dataclass
 class Trainer:
     cfg: Config
     run_dir: Path
     argv: list[str] = field(default_factory=list)
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's rank under torchrun
+
+    # Built by setup(), from the config and the dataset; everything else reads these.
+    device: torch.device = _built_in_setup()
+    amp_dtype: torch.dtype | None = _built_in_setup()                     # None: plain float32
+    ds: store.Dataset = _built_in_setup()
+    image: bool = _built_in_setup()                                       # an image dataset (bytes after SOS)
+    train_tokens: np.ndarray = _built_in_setup()                          # memmaps of the splits
+    val_tokens: np.ndarray = _built_in_setup()
+    batches: BatchIterator = _built_in_setup()                            # ImageBatches for images
+    model: GPT = _built_in_setup()                                        # the unwrapped model (checkpoints, eval)
+    parallel: torch.nn.Module = _built_in_setup()                         # model, DDP around it, or FSDP2-sharded
+    forward: Callable[[torch.Tensor], torch.Tensor] = _built_in_setup()   # parallel, maybe compiled
+    optimizer: torch.optim.Optimizer = _built_in_setup()
+    steps_per_epoch: int = _built_in_setup()
+    total_steps: int = _built_in_setup()
+    scheduler: torch.optim.lr_scheduler.LambdaLR = _built_in_setup()
+    scaler: torch.amp.GradScaler | None = _built_in_setup()               # float16 autocast only
+    eval_every: int | None = _built_in_setup()
+    progress: Progress = _built_in_setup()                                # what a checkpoint restores
+    saved_step: int | None = _built_in_setup()                            # the step of the last checkpoint written
 
     def setup(self) -> None:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
@@ -162,8 +190,6 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = distributed.init(self.dist, runtime.pick_device(cfg.train.device))
         self.amp_dtype = runtime.pick_dtype(cfg.train.dtype, self.device)
-        if self.device.type == "cpu":
-            runtime.keep_freed_memory()
         runtime.seed_everything(cfg.train.seed)
         with distributed.main_first(self.dist):  # one rank prepares the dataset on disk
             self.ds = open_dataset(cfg.data, progress=cfg.logging.progress and self.dist.is_main)
@@ -191,7 +217,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.eval_every = self._eval_every()
         self.progress = Progress()
-        self.saved_step: int | None = None
+        self.saved_step = None
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -353,7 +379,7 @@ class Trainer:
         m = self.evaluate(full=False)
         p = self.progress
         self._log_eval(log, m, epoch=self.batches.epoch_float)
-        log_attention_stats(self, log)
+        self.log_attention_stats(log)
         self.write_samples(log)
         if m["loss"] < p.best_val:
             p.best_val, p.evals_without_improvement = m["loss"], 0
@@ -425,13 +451,13 @@ class Trainer:
             path.parent.mkdir(exist_ok=True)
         seed = self.cfg.train.seed + step  # its own generator: the training RNG streams are untouched
         if self.image:
-            from ..eval.images import sample_images, save_grid
+            from ..eval.generation.image_samples import sample_images, save_grid
             grid = sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device,
                                  progress=False)
             if self.dist.is_main:
                 save_grid(grid, path)
         else:
-            from ..eval.sample import sample_text
+            from ..eval.generation.loop import sample_text
             (text,), _ = sample_text(self.model, self.ds.tokenizer, "", n, seed=seed, device=self.device, stop_at_eos=False)
             if self.dist.is_main:
                 ckpt.atomic_write_text(path, text)
@@ -441,6 +467,14 @@ class Trainer:
         """Rank 0's answer for every rank (a rank must not skip work the others do)."""
         exists = path.exists() if self.dist.is_main else False
         return bool(distributed.all_reduce_sum(self.dist, [float(exists)])[0]) if self.dist.enabled else exists
+
+    def log_attention_stats(self, log: EventLog, **extra) -> None:
+        """One ``attention_stats`` event on ``logging.attention_stats`` validation sequences (0 = none)."""
+        n = self.cfg.logging.attention_stats
+        if n:
+            fields = attention_stats_event(self.model, self.val_tokens, n, context=self.cfg.model.context,
+                                           image=self.image, device=self.device, autocast_dtype=self.amp_dtype)
+            log.log("attention_stats", step=self.progress.step, **fields, **extra)
 
     def _log_eval(self, log: EventLog, m: dict, **extra) -> None:
         p = self.progress  # tokens and train_seconds let a report plot against tokens and wall-clock
@@ -454,7 +488,7 @@ class Trainer:
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
         self._log_eval(log, val, final=True)
-        log_attention_stats(self, log, final=True)
+        self.log_attention_stats(log, final=True)
         summary = {
             **self._split_summary("val", val),
             "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,

@@ -1,4 +1,4 @@
-"""Images as byte sequences: image sources, split selection and the on-disk image dataset.
+"""Image sources: readers of CIFAR-10, digits, image folders and downsampled ImageNet; split selection; writing.
 
 Sources (``data.source``):
 
@@ -31,11 +31,9 @@ round(val_frac * n) images become ``val`` (unless the source has a val folder).
 ``data.classes`` keeps only some classes (labels are renumbered in that order);
 ``data.image_size`` shrinks images by exact box averaging (never upsamples).
 
-Serialisation: an image [H, W, C] becomes H*W*C tokens in raster order with
-the channels of a pixel interleaved (R, G, B of pixel 0, then pixel 1, ...),
-so token p is channel p % C of pixel p // C, at row pixel // W and column
-pixel % W. Images are concatenated with no separator into ``{split}.bin``
-(uint16 tokens, vocabulary 256, the store's format); ``{split}.labels.npy``
+Writing: images are serialised by ``image_format.to_sequence`` and concatenated
+with no separator into ``{split}.bin`` (uint16 tokens, vocabulary 256, the
+store's format); ``{split}.labels.npy``
 holds one int16 label per image (index into meta ``classes``; -1 = unlabelled).
 Sources are read one part (file) at a time, so only one part's pixels are in
 memory while writing.
@@ -62,14 +60,9 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_digests, file_sha256
 from . import sources
+from .image_format import LABEL_DTYPE, TOKEN_DTYPE, VOCAB_SIZE, to_sequence
 
 IMAGE_SOURCES = ("cifar10", "digits", "image-folder", "imagenet-downsampled")
-VOCAB_SIZE = 256
-# Models read a start-of-image token before the bytes: their vocabulary is the bytes plus SOS.
-SOS = VOCAB_SIZE
-IMAGE_VOCAB = VOCAB_SIZE + 1
-TOKEN_DTYPE = np.dtype(np.uint16)   # the store's dtype for vocabularies <= 65536
-LABEL_DTYPE = np.dtype(np.int16)
 BLOCK_IMAGES = 4096                 # images converted and written at a time
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -104,55 +97,6 @@ class ImageSource:
     classes: list[str]            # label index -> name ([] = unlabelled)
     info: dict                    # provenance for meta.json
     test_frac: float = 0.0        # carve this seeded fraction as test (sources without a test set)
-
-
-# ------------------------------------------------------------ serialisation
-
-def to_sequence(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, C] -> [N, H*W*C]: raster order, channels interleaved per pixel."""
-    images = np.asarray(images)
-    return images.reshape(images.shape[0], -1)
-
-
-def from_sequence(seq: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
-    """Token rows (or one flat stream of whole images) -> [N, H, W, C]; inverse of `to_sequence`."""
-    seq = np.asarray(seq)
-    if seq.size % (height * width * channels):
-        raise ValueError(f"{seq.size} tokens are not a whole number of {height}x{width}x{channels} images")
-    return seq.reshape(-1, height, width, channels)
-
-
-def position_triples(positions, height: int, width: int, channels: int):
-    """(row, column, channel) of each token position (an int T means positions 0..T-1).
-
-    Positions past one image wrap to the next image. Only ``%`` and ``//`` are
-    used, so numpy arrays and torch tensors both work.
-    """
-    p = np.arange(positions) if isinstance(positions, int) else positions
-    pixel = p // channels
-    return (pixel // width) % height, pixel % width, p % channels
-
-
-def read_images(dataset, split: str) -> np.ndarray:
-    """The images of a prepared split as uint8 [N, H, W, C] (`dataset`: a store.Dataset or its folder)."""
-    ds = _image_dataset(dataset)
-    img = ds.meta["image"]
-    return from_sequence(ds.tokens(split), img["height"], img["width"], img["channels"]).astype(np.uint8)
-
-
-def read_labels(dataset, split: str) -> np.ndarray:
-    """The int16 labels of a prepared split (index into meta ``classes``, -1 = unlabelled)."""
-    ds = _image_dataset(dataset)
-    return np.load(ds.dir / ds.split_info(split)["labels_file"], allow_pickle=False)
-
-
-def _image_dataset(dataset):
-    from .store import load  # late import: store imports this module
-
-    ds = load(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
-    if ds.kind != "image":
-        raise DataError(f"dataset {ds.dir} holds text, not images: prepare an image source (data.source=cifar10, ...)")
-    return ds
 
 
 # ----------------------------------------------------------- transforms

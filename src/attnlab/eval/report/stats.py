@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import config as config_mod
-from .report_runs import RunData
+from ... import config as config_mod
+from .run_data import RunData
 
 SEED_KEYS = ("name", "out_dir", "train.seed")  # ... and every logging.* key
 ALPHA = 0.05
@@ -87,7 +87,7 @@ def differing_keys(runs: list[RunData]) -> list[str]:
 def attention_label(run: RunData) -> str:
     """The pattern layer 0 builds, with the parameters it uses (``local(window=64)``): the attention.*
     keys a pattern ignores (a dense run's window) do not make configs look different."""
-    from .viz import format_params, pattern_from_overrides
+    from ..inspection.pattern_viz import format_params, pattern_from_overrides
     cfg = run.cfg
     attn = {f"attention.{k}": v for k, v in vars(cfg.attention).items()}
     pattern = pattern_from_overrides(attn, cfg.model.n_head, 0, cfg.model.n_layer)

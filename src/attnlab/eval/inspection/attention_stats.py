@@ -8,7 +8,7 @@ For each layer and head (means over the queries of a fixed batch of validation s
 - ``q_norm``, ``k_norm``, ``v_norm``: mean L2 norm of the vectors the attention core receives
   (after QK-norm and RoPE where the model has them).
 
-``log_attention_stats(trainer, log)`` runs at every evaluation (``logging.attention_stats`` sequences,
+The trainer logs ``attention_stats_event(...)`` at every evaluation (``logging.attention_stats`` sequences,
 0 = off): eval mode, no autograd, no random numbers drawn, so training is bit-identical with or without it.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ...data.image_format import SOS
+from ...errors import UserError
 from .attention_maps import LayerAttention, capture_attention
 
 WEIGHT_STATS = ("entropy", "first_token_mass", "distance")
@@ -89,7 +90,7 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch
 @torch.no_grad()
 def model_attention_stats(model, x: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> dict[str, list[list[float]]]:
     """Run ``model`` on ids ``x`` [B, T] in eval mode through the reference path; stat -> [layer][head] means."""
-    from .metrics import _scoring
+    from ..metrics.scoring import _scoring
 
     acc = StatsAccumulator(len(model.blocks), model.cfg.n_head)
     with _scoring(model, x.device, autocast_dtype), capture_attention(model, keep=(), on_layer=acc):
@@ -112,16 +113,13 @@ def stats_batch(tokens: np.ndarray, context: int, n: int, *, image: bool, sos: i
     return torch.from_numpy(np.asarray(tokens[:n * context], dtype=np.int64).reshape(n, context))
 
 
-def log_attention_stats(trainer, log, **extra) -> None:
-    """Log one ``attention_stats`` event for the trainer's current model (``logging.attention_stats`` > 0)."""
-    n = trainer.cfg.logging.attention_stats
-    if not n:
-        return
-    from ..data.images import SOS
-
-    x = stats_batch(trainer.ds.tokens("val"), trainer.cfg.model.context, n, image=trainer.image, sos=SOS)
-    stats = model_attention_stats(trainer.model, x.to(trainer.device), trainer.amp_dtype)
-    log.log("attention_stats", step=trainer.progress.step, sequences=x.shape[0], tokens=x.shape[1], **stats, **extra)
+def attention_stats_event(model, val_tokens: np.ndarray, n: int, *, context: int, image: bool, device: torch.device,
+                          autocast_dtype: torch.dtype | None = None) -> dict:
+    """The fields of one ``attention_stats`` event: ``model`` on the first ``n`` validation sequences
+    (``stats_batch``); sequences, tokens, then stat -> [layer][head] means."""
+    x = stats_batch(val_tokens, context, n, image=image, sos=SOS)
+    stats = model_attention_stats(model, x.to(device), autocast_dtype)
+    return {"sequences": x.shape[0], "tokens": x.shape[1], **stats}
 
 
 # ------------------------------------------------------------------ attnlab viz stats
@@ -130,7 +128,7 @@ def plot_attention_stats(run_dir: str | Path, out: str | Path, force: bool = Fal
     """One panel per statistic against step: per layer its mean over heads (thick) and each head (thin)."""
     from matplotlib.figure import Figure
 
-    from ..train.logs import read_events
+    from ...train.logs import read_events
 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "events.jsonl").is_file():

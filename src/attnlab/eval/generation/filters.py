@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 _NEG_INF = float("-inf")
 

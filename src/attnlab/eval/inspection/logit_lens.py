@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ...errors import UserError
 from .viz_inputs import check_out_dir, encode_text, token_label, token_texts
 
 FILES = ("lens.png", "lens.md", "lens.csv")
@@ -174,9 +174,8 @@ def draw_lens(result: LensResult, tokenizer, path: Path, title: str = "") -> Non
     """Rows = layers (embed at the bottom), columns = positions labelled with the input tokens,
     colour = p(true next token) (grey at the last position, which has none), text = top-1 token."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend to select
 
     L1, T = result.n_layers, result.ids.numel()
     grid = np.full((L1, T), np.nan)
@@ -184,7 +183,8 @@ def draw_lens(result: LensResult, tokenizer, path: Path, title: str = "") -> Non
     top1 = result.log_probs.argmax(-1)
     ids = sorted(set(top1.unique().tolist()) | set(result.ids.tolist()))
     label = dict(zip(ids, (token_label(s) for s in token_texts(tokenizer, ids))))
-    fig, ax = plt.subplots(figsize=(1.6 + 0.62 * T, 1.4 + 0.42 * L1), dpi=100)
+    fig = Figure(figsize=(1.6 + 0.62 * T, 1.4 + 0.42 * L1), dpi=100)
+    ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")  # the last position has no true next token
     im = ax.imshow(grid, cmap=cmap, vmin=0.0, vmax=1.0, origin="lower", aspect="auto", interpolation="nearest")
     for layer in range(L1):
@@ -200,7 +200,6 @@ def draw_lens(result: LensResult, tokenizer, path: Path, title: str = "") -> Non
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="p(true next)")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- command
@@ -217,7 +216,7 @@ def _encode_text(run, text: str) -> torch.Tensor:
 def logit_lens_report(run_dir: str | Path, text: str, out: str | Path, *, top_k: int = 5,
                       checkpoint: str | Path | None = None, device: str = "auto", force: bool = False) -> dict:
     """``attnlab viz logit-lens``: write lens.png, lens.md and lens.csv into ``out``; returns what was written."""
-    from ..runs import load_run
+    from ...runs import load_run
     out = Path(out)
     check_out_dir(out, force)
     if top_k < 1:

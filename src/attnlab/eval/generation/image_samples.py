@@ -4,7 +4,7 @@ Convention: an image model has vocabulary ``IMAGE_VOCAB`` = 257, the byte
 values 0..255 and a start-of-image token ``SOS`` = 256. One image is one
 sequence: the input is [SOS, x_0, ..., x_{N-2}] and the targets are
 [x_0, ..., x_{N-1}], where N = H*W*C = ``model.context`` and the bytes are in
-raster order with the channels of a pixel interleaved (``data.images.to_sequence``).
+raster order with the channels of a pixel interleaved (``data.image_format.to_sequence``).
 Sampling therefore starts from SOS (followed by the kept bytes when completing),
 generates the remaining bytes with the KV cache, and bans SOS from the output.
 
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.images import IMAGE_VOCAB, SOS, from_sequence, to_sequence
-from ..errors import ConfigError
-from .sample import generate
-from .sampling import SamplingConfig
+from ...data.image_format import IMAGE_VOCAB, SOS, from_sequence, to_sequence
+from ...errors import ConfigError
+from .filters import SamplingConfig
+from .loop import generate
 
 MARKER = (255, 0, 0)  # completion grids: ticks in the padding where the kept rows end
 

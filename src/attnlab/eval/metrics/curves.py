@@ -11,21 +11,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..train.logs import read_events
+from ...train.logs import read_events
 
 
 def plot_curves(run_dir: str | Path, image: bool) -> Path:
     """Write ``plots/curves.png`` (loss against step) and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend to select
 
     run_dir = Path(run_dir)
     scale, unit = (1 / math.log(2), "bits/dim") if image else (1.0, "nats/token")
     train = read_events(run_dir, "training_step")
     val = read_events(run_dir, "validation_step")
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     ax.plot([e["step"] for e in train], [e["loss"] * scale for e in train], lw=1, alpha=0.7, label="train (batch)")
     periodic = [e for e in val if not e.get("final")]
     ax.plot([e["step"] for e in periodic], [e["val_loss"] * scale for e in periodic], "o-", label="val (periodic)")
@@ -42,5 +40,4 @@ def plot_curves(run_dir: str | Path, image: bool) -> Path:
     out.parent.mkdir(exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -5,7 +5,7 @@ every picture is a base64 PNG data URI, CSS inline, no scripts, no external
 URLs) and ``out/report.md`` with the same content, referring to PNG files
 written beside it. It holds validation curves against steps, training tokens
 and training seconds, training loss, a table of final full-split metrics,
-seed statistics with Welch's t-tests (``report_stats``), one attention
+seed statistics with Welch's t-tests (``report.stats``), one attention
 pattern picture per distinct attention config, and each run's last sample.
 
 A run without ``summary.json`` (still running, or stopped) is included with
@@ -21,12 +21,12 @@ import time
 import unicodedata
 from pathlib import Path
 
-from .. import __version__
-from ..errors import UserError
-from .report_figures import curve_png, pattern_pictures
-from .report_render import Block, Figure, Heading, Para, Pre, Table, render_html, render_markdown
-from .report_runs import UNITS, RunData, load_runs
-from .report_stats import Group, comparisons, group_runs, seed_notes, stats, verdict
+from ... import __version__
+from ...errors import UserError
+from .figures import curve_png, pattern_pictures
+from .render import Block, Figure, Heading, Para, Pre, Table, render_html, render_markdown
+from .run_data import UNITS, RunData, load_runs
+from .stats import Group, comparisons, group_runs, seed_notes, stats, verdict
 
 SAMPLE_CHARS = 1200  # text samples are cut here
 OWN_FILES = ("index.html", "report.md")

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attention.patterns import Pattern, build_pattern
-from ..config import Config, parse_override, set_key
-from ..errors import ConfigError
+from ...attention.patterns import Pattern, build_pattern
+from ...config import Config, parse_override, set_key
+from ...errors import ConfigError
 
 # The picture and the saved mask are N x N per head: refuse sizes that would not fit comfortably.
 MAX_PICTURE_LEN = 8192

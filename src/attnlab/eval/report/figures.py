@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .report_runs import RunData
-from .report_stats import Group
-from .viz import draw_pattern, pattern_from_overrides
+from ..inspection.pattern_viz import draw_pattern, pattern_from_overrides
+from .run_data import RunData
+from .stats import Group
 
 PATTERN_MAX_LEN = 256  # pattern pictures are min(context, this) tokens on a side
 X_AXES = {"step": "step", "tokens": "training tokens", "seconds": "training seconds (wall-clock)"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ...errors import UserError
 
 LABEL_CHARS = 8  # longest token label drawn in a picture cell or on an axis (longer ones end in "…")
 

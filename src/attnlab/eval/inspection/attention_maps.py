@@ -27,8 +27,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..attention.backends import reference_weights
-from ..errors import UserError
+from ...attention.backends import reference_weights
+from ...errors import UserError
 from .viz_inputs import check_out_dir, encode_text, token_label, token_texts
 
 # Query rows per reference call are chosen so one chunk of weights holds about this many floats.
@@ -304,7 +304,8 @@ def _text_source(run, text: str) -> tuple[torch.Tensor, dict, None]:
 
 def _image_source(run, index: int, split: str, pixel: str | None) -> tuple[torch.Tensor, dict, np.ndarray]:
     """Image ``index`` of ``split`` as the model reads it, the query that predicts the chosen pixel, and its pixels."""
-    from ..data.images import SOS, read_images
+    from ...data.image_format import SOS
+    from ...data.store import read_images
     splits = run.dataset.meta["splits"]
     if split not in splits:
         raise UserError(f"--split {split!r} is not in {run.dataset.dir}: use one of {', '.join(splits)}")

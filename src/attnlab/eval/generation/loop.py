@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from .sampling import SamplingConfig, StopStrings, next_token
+from .filters import SamplingConfig, StopStrings, next_token
 
 # A stop test sees the sequences so far [B, T] and returns the rows that are finished [B].
 StopTest = Callable[[torch.Tensor], torch.Tensor]
