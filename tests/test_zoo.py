@@ -12,7 +12,7 @@ from attnlab.attention.flex import flex, flex_available
 from attnlab.attention.linear import linear_backend
 from attnlab.attention.patterns import rule_block_layout
 from attnlab.config import AttentionConfig, ModelConfig
-from attnlab.eval.viz import ascii_pattern, draw_pattern
+from attnlab.eval.inspection.pattern_viz import ascii_pattern, draw_pattern
 from attnlab.model.gpt import GPT
 from test_cache import cached_logits
 from zoo import CONTEXT, N_HEAD, SOFTMAX, ZOO, attention_kwargs, pattern
