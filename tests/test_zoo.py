@@ -73,8 +73,13 @@ def test_linear_equals_reference(tmp_path):
     torch.testing.assert_close(linear_backend(q, k, v, p), reference(q, k, v, p), atol=1e-5, rtol=1e-4)
 
 
+# Each entry compiles its own kernel (seconds on CPU): test_flex runs the built-ins at several lengths already.
+FLEX_HERE = [k for k in SOFTMAX if k not in ("dense", "local", "strided_split", "strided_union", "fixed_v2",
+                                             "sink_window", "block_layout")]
+
+
 @pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_available("cpu")[1] or "no flex on CPU")
-@pytest.mark.parametrize("label", SOFTMAX)
+@pytest.mark.parametrize("label", FLEX_HERE)
 def test_flex_equals_reference(label, tmp_path, one_thread):
     p = pattern(label, tmp_path)
     q, k, v = (x.detach() for x in qkv(128, D=16, B=1))

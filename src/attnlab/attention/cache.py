@@ -195,32 +195,6 @@ class Ring:
         return set(self.pos[self.pos >= 0].tolist())
 
 
-class LocalCache(LayerCache):
-    """local(w): a ring of the last w positions; memory constant in the generated length."""
-
-    streams = True
-
-    def __init__(self, pattern, batch, n_head, max_len):
-        super().__init__(pattern, batch, n_head, max_len)
-        self.ring = Ring(batch, n_head, min(pattern.window, max_len))
-
-    def prefill(self, k, v):
-        self.ring.write(k, v, 0)
-        self.length = k.shape[2]
-
-    def _write(self, k, v, pos):
-        self.ring.write(k, v, pos)
-
-    def _parts(self, q, pos, shift_sinks):
-        return [self.ring.part(q)]
-
-    def held(self):
-        return [self.ring.held() for _ in range(self.n_head)]
-
-    def _tensors(self):
-        return self.ring.slots.tensors()
-
-
 class SinkWindowCache(LayerCache):
     """StreamingLLM: slots 0..s-1 hold the sinks, slots s.. a ring of the last ``window`` positions.
 
@@ -448,6 +422,14 @@ class GenericCache(LayerCache):
 
     def _tensors(self):
         return self.ring.slots.tensors()
+
+
+class LocalCache(GenericCache):
+    """local(w): a ring of the last w positions; memory constant in the generated length. Every held key is in
+    the window, so a step reads the ring without a mask."""
+
+    def _parts(self, q, pos, shift_sinks):
+        return [self.ring.part(q)]
 
 
 # ------------------------------------------------------------------ registry
