@@ -461,7 +461,7 @@ def cache_kind(pattern: Pattern) -> type[LayerCache]:
 def cache_streams(pattern: Pattern) -> bool:
     """Whether ``pattern``'s cache has bounded memory, so decoding may run past the training context."""
     kind = cache_kind(pattern)
-    if kind is GenericCache:
+    if issubclass(kind, GenericCache):
         return pattern.reach() is not None and pattern.translation_invariant
     return kind.streams
 
