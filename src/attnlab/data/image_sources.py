@@ -33,10 +33,10 @@ round(val_frac * n) images become ``val`` (unless the source has a val folder).
 
 Writing: images are serialised by ``image_format.to_sequence`` and concatenated
 with no separator into ``{split}.bin`` (uint16 tokens, vocabulary 256, the
-store's format); ``{split}.labels.npy``
-holds one int16 label per image (index into meta ``classes``; -1 = unlabelled).
-Sources are read one part (file) at a time, so only one part's pixels are in
-memory while writing.
+store's format); ``{split}.labels.npy`` holds one int16 label per image (index
+into meta ``classes``; -1 = unlabelled). Sources are read one part (file) at a
+time, so only one part's pixels are in memory while writing. Reading a prepared
+image split back: ``store.read_images`` / ``store.read_labels``.
 """
 
 from __future__ import annotations
