@@ -101,8 +101,10 @@ def test_training_on_images_reports_bits_per_dim_and_writes_sample_grids(digits_
     assert 0 < summary["val_bits_per_dim"] < 9 and summary["val_images_scored"] == 162
     assert 0 < summary["test_bits_per_dim"] < 9 and summary["test_images_scored"] == 50  # data.max_test of 180
     assert "val_bits_per_byte" not in summary
-    assert config.load(run_dir / "config.yaml").model.image_shape == [8, 8, 1]  # taken from the dataset
+    assert config.load(run_dir / "config.yaml").model.image_shape == []  # the config as given, never changed
     evals = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    built = next(e for e in evals if e.get("event") == "model_configured")
+    assert built["model"]["image_shape"] == [8, 8, 1]  # the model takes it from the dataset
     partial = [e for e in evals if e.get("event") == "validation_step" and not e.get("final")]
     assert [e["partial"] for e in partial] == [True, True] and all(e["val_images"] == 10 for e in partial)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]

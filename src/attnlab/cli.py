@@ -278,7 +278,7 @@ def _sample_images(run, a, sampling) -> None:
         raise UserError(f"{run.dir} models text: --images/--complete are for image runs (drop them to sample text)")
     if bool(a.images) == bool(a.complete) or not a.out:
         raise UserError("an image run samples pictures: pass --images N --out grid.png, or --complete K --out completions.png")
-    shape = tuple(run.cfg.model.image_shape)
+    shape = tuple(run.model.cfg.image_shape)
     t0 = time.perf_counter()
     common = dict(sampling=sampling, seed=a.seed, batch_size=a.batch_size, device=run.device, progress=True)
     if a.images:

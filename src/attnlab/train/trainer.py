@@ -8,6 +8,7 @@ an uninterrupted run would have done (same batches, RNG streams, schedule).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
 from ..data.image_format import IMAGE_VOCAB, SOS
@@ -75,29 +76,26 @@ def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
                         f"set data.dir to another folder (or match the data.* settings)")
 
 
-def fit_model_to_data(cfg: Config, ds: store.Dataset) -> int:
-    """Complete the model config from an image dataset (its shape) and return the model's vocabulary.
+def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]:
+    """The model's vocabulary and its model config completed from the dataset (a copy: ``cfg`` is not changed).
 
     An image model predicts bytes 0..255 and reads one more token, the start of
-    an image (SOS = 256): its vocabulary is 257 and its context one image.
+    an image (SOS = 256): its vocabulary is 257, its context one image, and its
+    image shape the dataset's unless the config names it.
     """
     if ds.kind != "image":
-        return ds.vocab_size
+        return ds.vocab_size, cfg.model
     image = ds.meta["image"]
     shape, n = [image["height"], image["width"], image["channels"]], int(ds.meta["tokens_per_image"])
     m = cfg.model
     if m.context != n:
         raise ConfigError(f"model.context={m.context} must equal the bytes of one image ({'x'.join(map(str, shape))} = {n}) "
                           f"for the image dataset {ds.dir}: set model.context={n}")
-    if not m.image_shape:
-        m.image_shape = shape
-    elif list(m.image_shape) != shape:
+    if m.image_shape and list(m.image_shape) != shape:
         raise ConfigError(f"model.image_shape={m.image_shape} does not match the dataset's {shape}: "
                           f"set model.image_shape={','.join(map(str, shape))} or leave it empty")
-    return IMAGE_VOCAB
+    return IMAGE_VOCAB, dataclasses.replace(m, image_shape=shape)
 
-
-# ------------------------------------------------------------------ run directory
 
 def create_run_dir(cfg: Config, force: bool) -> Path:
     run_dir = Path(cfg.out_dir) / cfg.name
@@ -121,8 +119,8 @@ def load_run_config(run_dir: Path) -> Config:
 def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
     saved = load_run_config(run_dir)
     if cfg is not None:
-        if not cfg.model.image_shape:  # filled in from the dataset when the run started
-            cfg.model.image_shape = saved.model.image_shape
+        if not cfg.model.image_shape and saved.model.image_shape:  # older runs saved the shape taken from the dataset
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_shape=saved.model.image_shape))
         changed = config_mod.diff(saved, cfg)
         if changed:
             flat_s, flat_c = (config_mod.flatten(config_mod.to_dict(c)) for c in (saved, cfg))
@@ -193,7 +191,7 @@ class Trainer:
         runtime.seed_everything(cfg.train.seed)
         with distributed.main_first(self.dist):  # one rank prepares the dataset on disk
             self.ds = open_dataset(cfg.data, progress=cfg.logging.progress and self.dist.is_main)
-        vocab = fit_model_to_data(cfg, self.ds)
+        vocab, model_cfg = fit_model_to_data(cfg, self.ds)
         self.image = self.ds.kind == "image"
         self.train_tokens = self.ds.tokens("train")
         self.val_tokens = self.ds.tokens("val")
@@ -205,7 +203,7 @@ class Trainer:
         else:
             self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed,
                                          rank=rank, world_size=world)
-        self.model = GPT(cfg.model, cfg.attention, vocab).to(self.device)
+        self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
         # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
         self.parallel = distributed.wrap(self.model, self.dist, cfg.train.parallel, self.device)
@@ -253,7 +251,8 @@ class Trainer:
                 autocast_dtype=str(self.amp_dtype) if self.amp_dtype else "float32")
         log.log("dataset_info", dir=str(self.ds.dir), vocab_size=self.ds.vocab_size,
                 tokenizer=self.ds.meta["tokenizer"], splits=self.ds.meta["splits"], source=self.ds.meta.get("source"))
-        log.log("model_configured", model=config_mod.to_dict(cfg)["model"], attention=config_mod.to_dict(cfg)["attention"])
+        # The model as built: its config completed from the dataset (image shape), which config.yaml leaves as given.
+        log.log("model_configured", model=dataclasses.asdict(self.model.cfg), attention=config_mod.to_dict(cfg)["attention"])
         log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
 
     def write_meta(self) -> None:
@@ -452,7 +451,7 @@ class Trainer:
         seed = self.cfg.train.seed + step  # its own generator: the training RNG streams are untouched
         if self.image:
             from ..eval.generation.image_samples import sample_images, save_grid
-            grid = sample_images(self.model, n, tuple(self.cfg.model.image_shape), seed=seed, device=self.device,
+            grid = sample_images(self.model, n, tuple(self.model.cfg.image_shape), seed=seed, device=self.device,
                                  progress=False)
             if self.dist.is_main:
                 save_grid(grid, path)

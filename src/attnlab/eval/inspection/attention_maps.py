@@ -309,7 +309,7 @@ def _image_source(run, index: int, split: str, pixel: str | None) -> tuple[torch
     splits = run.dataset.meta["splits"]
     if split not in splits:
         raise UserError(f"--split {split!r} is not in {run.dataset.dir}: use one of {', '.join(splits)}")
-    shape = tuple(run.cfg.model.image_shape)
+    shape = tuple(run.model.cfg.image_shape)
     n_bytes = math.prod(shape)
     tokens = run.dataset.tokens(split)
     n_images = len(tokens) // n_bytes
