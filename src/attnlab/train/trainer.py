@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from ..plugins import copy_plugins, load_run_plugins
 from . import checkpoint as ckpt
 from . import distributed, runtime
 from .logs import EventLog, check_loggers
-from .optim import build_optimizer, build_scheduler
+from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
 
 
 # ------------------------------------------------------------------ data
@@ -148,6 +147,9 @@ class Progress:
 
 # ------------------------------------------------------------------ the trainer
 
+step_timer = time.perf_counter  # times each step (train_seconds, the budget); tests replace it with a fake clock
+
+
 def _built_in_setup():
     """A Trainer attribute that ``setup()`` assigns: not an __init__ argument, left out of repr and ==."""
     return field(init=False, repr=False, compare=False)
@@ -175,6 +177,7 @@ class Trainer:
     steps_per_epoch: int = _built_in_setup()
     total_steps: int = _built_in_setup()
     scheduler: torch.optim.lr_scheduler.LambdaLR = _built_in_setup()
+    clock: RunClock = _built_in_setup()                                    # what the lr schedule follows
     scaler: torch.amp.GradScaler | None = _built_in_setup()               # float16 autocast only
     eval_every: int | None = _built_in_setup()
     progress: Progress = _built_in_setup()                                # what a checkpoint restores
@@ -211,10 +214,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.steps_per_epoch = max(1, self.batches.steps_per_epoch // cfg.train.grad_accum)
         self.total_steps = self._total_steps()
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.progress = Progress()
+        self.clock = RunClock(self.total_steps if self.total_steps < UNPLANNED else None, cfg.train.time_budget_s,
+                              lambda: self.progress.train_seconds)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.clock)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.eval_every = self._eval_every()
-        self.progress = Progress()
         self.saved_step = None
 
     def _total_steps(self) -> int:
@@ -224,12 +229,7 @@ class Trainer:
             candidates.append(t.max_steps)
         if t.epochs is not None:
             candidates.append(max(1, math.ceil(t.epochs * self.batches.steps_per_epoch / t.grad_accum)))
-        if not candidates:
-            if self.cfg.optim.schedule != "constant":
-                raise ConfigError("train.time_budget_s alone cannot place the lr schedule: also set train.max_steps "
-                                  "or train.epochs (or use optim.schedule=constant)")
-            candidates.append(10**12)
-        return min(candidates)
+        return min(candidates) if candidates else UNPLANNED  # a budget alone: the schedule follows the clock
 
     def _eval_every(self) -> int | None:
         t = self.cfg.train
@@ -253,7 +253,8 @@ class Trainer:
                 tokenizer=self.ds.meta["tokenizer"], splits=self.ds.meta["splits"], source=self.ds.meta.get("source"))
         # The model as built: its config completed from the dataset (image shape), which config.yaml leaves as given.
         log.log("model_configured", model=dataclasses.asdict(self.model.cfg), attention=config_mod.to_dict(cfg)["attention"])
-        log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+        log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch,
+                total_steps=self.clock.total_steps, schedule_follows=self.clock.follows)
 
     def write_meta(self) -> None:
         meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), "git_dirty": runtime.git_dirty(),
@@ -332,7 +333,6 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total.item()
 
@@ -387,21 +387,22 @@ class Trainer:
 
     def fit(self, log: EventLog) -> str:
         cfg, p = self.cfg, self.progress
-        bar = tqdm(total=self.total_steps if self.total_steps < 10**12 else None, initial=p.step,
+        bar = tqdm(total=self.total_steps if self.total_steps < UNPLANNED else None, initial=p.step,
                    disable=not (cfg.logging.progress and self.dist.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
         reason = self.should_stop()
         with _deferred_interrupts() as interrupted:
             while reason is None:
-                t0 = time.perf_counter()
+                t0 = step_timer()
                 loss = self.train_step()
                 # Ranks agree on the loss (global mean), step time and interrupts, so they stop together.
-                loss, dt, stop_now = distributed.agree(self.dist, loss, time.perf_counter() - t0, interrupted())
+                loss, dt, stop_now = distributed.agree(self.dist, loss, step_timer() - t0, interrupted())
                 if not math.isfinite(loss):
                     self._diverged(log, loss)
                 p.step += 1
                 p.tokens += tokens_per_step
                 p.train_seconds += dt
+                self.scheduler.step()  # after the step's seconds are counted: a budget schedule reads them
                 p.last_loss = loss
                 lr = self.scheduler.get_last_lr()[0]
                 if p.step % cfg.logging.log_every == 0 or p.step == 1:
@@ -484,6 +485,11 @@ class Trainer:
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
         p = self.progress
         self.save(log)
+        planned = self.clock.total_steps
+        if reason == "time_budget" and planned is not None and p.step < planned and self.dist.is_main:
+            print(f"attnlab: warning: train.time_budget_s={self.cfg.train.time_budget_s:g} ended the run at step {p.step} "
+                  f"of {planned} planned (the lr schedule followed the budget and is annealed); a faster or quieter "
+                  f"machine trains further", file=sys.stderr)
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
         self._log_eval(log, val, final=True)
@@ -493,7 +499,8 @@ class Trainer:
             "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,
             "peak_memory_mb": runtime.peak_memory_mb(self.device), "params": self.model.num_params(),
             "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
-            "final_train_loss": p.last_loss, "stop_reason": reason,
+            "final_train_loss": p.last_loss, "stop_reason": reason, "schedule_follows": self.clock.follows,
+            "planned_steps": self.clock.total_steps, "final_lr": self.scheduler.get_last_lr()[0],
             "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
             "attention": self.model.describe()["attention"],
         }
