@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,6 @@ from . import checkpoint as ckpt
 from . import distributed, runtime
 from .logs import EventLog, check_loggers
 from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
-
 
 # ------------------------------------------------------------------ data
 
