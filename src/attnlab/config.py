@@ -16,6 +16,7 @@ import re
 import reprlib
 import types
 import typing
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,9 +351,19 @@ def _all_keys() -> list[str]:
     return keys
 
 
+_EXPLICIT: dict[int, set[str]] = {}  # id(section) -> field names set on it; kept out of the dataclass fields
+
+
 def explicit_keys(section) -> set[str]:
     """The field names of a config section that were set by a file or an override (not left at their default)."""
-    return set(section.__dict__.get("_explicit", ()))
+    return set(_EXPLICIT.get(id(section), ()))
+
+
+def _mark_explicit(section, name: str) -> None:
+    if id(section) not in _EXPLICIT:
+        _EXPLICIT[id(section)] = set()
+        weakref.finalize(section, _EXPLICIT.pop, id(section), None)  # ids are reused once the section is gone
+    _EXPLICIT[id(section)].add(name)
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
@@ -378,7 +389,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
             value = _coerce(key, _hints(type(obj))[part], value)
             _check_value(key, f, value)
             setattr(obj, part, value)
-            obj.__dict__.setdefault("_explicit", set()).add(part)
+            _mark_explicit(obj, part)
             return
         if not dataclasses.is_dataclass(sub):
             raise _unknown(key, _all_keys())
