@@ -121,6 +121,29 @@ def test_resume_can_point_at_a_moved_copy_of_the_data(tmp_path, corpus, monkeypa
     assert not (tmp_path / "data").exists()
 
 
+def test_a_relative_source_does_not_tie_the_run_to_the_current_directory(tmp_path, corpus, monkeypatch):
+    (tmp_path / "a").mkdir()
+    shutil.copy(corpus, tmp_path / "a" / "corpus.txt")
+    monkeypatch.chdir(tmp_path / "a")
+    rel = ["data.source=corpus.txt", "data.dir=data", "out_dir=runs", "train.checkpoint_every=2"]
+    full = train(cfg_for(tmp_path, corpus, *rel, name="full"))
+    run = crashed_run(cfg_for(tmp_path, corpus, *rel), monkeypatch).resolve()
+    shutil.rmtree(tmp_path / "a" / "data")
+    (tmp_path / "b").mkdir()
+    write_corpus(tmp_path / "b" / "corpus.txt", seed=9)  # another file of that name where resume is started
+    monkeypatch.chdir(tmp_path / "b")
+    assert train(resume=run)["val_bits_per_byte"] == full["val_bits_per_byte"]
+    assert not (tmp_path / "b" / "data").exists()
+
+
+def test_cli_resume_takes_data_dir(tmp_path, corpus, monkeypatch, capsys):
+    run = crashed_run(cfg_for(tmp_path, corpus, "train.checkpoint_every=2"), monkeypatch)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), f"data.dir={tmp_path / 'moved'}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 8
+
+
 def test_eval_refuses_a_changed_dataset(tmp_path, corpus):
     train(cfg_for(tmp_path, corpus, "train.max_steps=2"))
     shutil.rmtree(tmp_path / "data")
