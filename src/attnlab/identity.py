@@ -155,9 +155,3 @@ def missing_dataset(run_dir: Path, path: Path, hint: str) -> DataError:
     return DataError(f"dataset {path} of {run_dir} is missing{origin}: point at a copy of the run's data with {hint}, "
                      "or re-create it with `attnlab prepare` from the run's config.yaml data settings")
 
-
-def without_location(cfg: Config) -> dict:
-    """The config's keys as compared on resume: data.dir is where the data is, not what it is."""
-    flat = config_mod.flatten(config_mod.to_dict(cfg))
-    flat.pop("data.dir", None)
-    return flat

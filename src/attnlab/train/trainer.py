@@ -164,7 +164,7 @@ def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> None:
             setattr(cfg.data, k, str(Path(value).expanduser().resolve()))
     cfg.data.dir = saved.data.dir  # where the data is; resume checks what it is
     a = cfg.attention
-    if a.layout and a.layout != saved.attention.layout and identity.read(run_dir) and identity.read(run_dir).get("layout"):
+    if a.layout and a.layout != saved.attention.layout and identity.layout_overrides(run_dir):  # the run reads its copy
         if not identity.same_layout(run_dir, a.layout):
             raise CheckpointError(f"--resume {run_dir} with attention.layout={a.layout}: its content differs from the "
                                   f"run's copy {saved.attention.layout}: resume without config/overrides, or start a "
