@@ -76,10 +76,10 @@ def test_the_run_records_its_dataset_identity_and_absolute_paths(tmp_path, corpu
                              "train.batch_size=2", "train.max_steps=1", "logging.progress=false"]))
     run = tmp_path / "runs" / "run"
     saved = config.load(run / "config.yaml")
-    assert Path(saved.data.dir).is_absolute() and Path(saved.data.source) == corpus
+    assert saved.data.dir is None and saved.data.source == corpus.name  # config.yaml keeps what was given
     ident = json.loads((run / "identity.json").read_text())
-    data = Path(saved.data.dir)
-    assert ident["dataset"]["dir"] == str(data)
+    data = next((tmp_path / "data").iterdir())
+    assert ident["dataset"]["dir"] == str(data) and ident["dataset"]["settings"]["source"] == str(corpus)
     assert ident["dataset"]["files"] == {n: file_sha256(data / n) for n in ("train.bin", "val.bin", "tokenizer.json")}
     assert ident["config"]["sha256"] == file_sha256(run / "config.yaml")
 

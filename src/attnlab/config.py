@@ -457,7 +457,27 @@ def from_dict(d: dict, overrides: list[str] = ()) -> Config:
         set_key(cfg, str(k), v)
     for arg in overrides:
         set_key(cfg, *parse_override(arg))
+    _settings_from_dataset(cfg)
     return cfg.validate()
+
+
+def _settings_from_dataset(cfg: Config) -> None:
+    """With data.dir naming a prepared dataset, the data.* keys not given come from its meta.json.
+
+    So ``data.dir`` alone reuses a dataset; keys given that differ are refused when it is opened."""
+    if not cfg.data.dir:
+        return
+    import json
+    try:
+        prepared = json.loads((Path(cfg.data.dir) / "meta.json").read_text(encoding="utf-8")).get("data_config")
+    except (OSError, ValueError, AttributeError):
+        return  # not prepared yet (or unreadable: opening it says why)
+    if not isinstance(prepared, dict):
+        return
+    given = explicit_keys(cfg.data) | {"dir"}
+    for f in dataclasses.fields(DataConfig):
+        if f.name in prepared and f.name not in given:
+            set_key(cfg, f"data.{f.name}", prepared[f.name])
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:

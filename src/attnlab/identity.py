@@ -13,6 +13,7 @@ Runs from before this record have no ``identity.json``; they are used as they ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -31,18 +32,6 @@ LAYOUT_COPY = "attention_layout.npy"
 
 # ------------------------------------------------------------------ record
 
-def pin_paths(cfg: Config, ds: store.Dataset) -> None:
-    """Make the config's paths absolute (data folder, local source, layout): the run must not depend on the cwd."""
-    d = cfg.data
-    d.dir = str(Path(ds.dir).resolve())
-    if d.source not in NAMED_SOURCES + IMAGE_SOURCES and Path(d.source).expanduser().exists():
-        d.source = str(Path(d.source).expanduser().resolve())
-    if d.path and Path(d.path).expanduser().exists():
-        d.path = str(Path(d.path).expanduser().resolve())
-    if cfg.attention.layout and Path(cfg.attention.layout).is_file():
-        cfg.attention.layout = str(Path(cfg.attention.layout).resolve())
-
-
 def dataset_record(ds: store.Dataset) -> dict:
     """Where the dataset is and the sha256 of every file it is made of (from its verified meta.json)."""
     files = {}
@@ -57,16 +46,31 @@ def dataset_record(ds: store.Dataset) -> dict:
     return {"dir": str(Path(ds.dir).resolve()), "kind": ds.kind, "vocab_size": ds.vocab_size, "files": files}
 
 
+def _absolute(value: str | None, named: tuple = ()) -> str | None:
+    """A local path made absolute (against the directory the run started in); names and None stay."""
+    if not value or value in named or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def rebuild_settings(ds: store.Dataset, data_cfg) -> dict:
+    """The data settings the dataset was prepared with, local paths absolute: a rebuild must not depend on the cwd."""
+    settings = dict(ds.meta.get("data_config") or store.config_record(data_cfg))
+    settings["source"] = _absolute(settings.get("source"), NAMED_SOURCES + IMAGE_SOURCES)
+    settings["path"] = _absolute(settings.get("path"))
+    return settings
+
+
 def record(run_dir: Path, cfg: Config, ds: store.Dataset) -> dict:
     """Copy the layout into the run and write identity.json (after config.yaml is written)."""
     from .train.checkpoint import atomic_write_text  # late import: train depends on this module
 
     rec = {"config": {"file": "config.yaml", "sha256": file_sha256(run_dir / "config.yaml")},
-           "dataset": dataset_record(ds)}
+           "dataset": {**dataset_record(ds), "settings": rebuild_settings(ds, cfg.data)}}
     if cfg.attention.layout:
         copy = run_dir / LAYOUT_COPY
         shutil.copyfile(cfg.attention.layout, copy)
-        rec["layout"] = {"file": LAYOUT_COPY, "sha256": file_sha256(copy), "original": cfg.attention.layout}
+        rec["layout"] = {"file": LAYOUT_COPY, "sha256": file_sha256(copy), "original": _absolute(cfg.attention.layout)}
     atomic_write_text(run_dir / IDENTITY, json.dumps(rec, indent=2) + "\n")
     return rec
 
@@ -131,6 +135,15 @@ def same_layout(run_dir: Path, path: str | None) -> bool:
 
 def recorded_dataset(run_dir: Path) -> dict | None:
     return (read(run_dir) or {}).get("dataset")
+
+
+def rebuild_config(run_dir: Path, data_cfg):
+    """The data config to rebuild the run's dataset from: its recorded settings (absolute paths), else ``data_cfg``."""
+    settings = (recorded_dataset(run_dir) or {}).get("settings")
+    if not settings:
+        return data_cfg
+    known = {f.name for f in dataclasses.fields(data_cfg)}
+    return dataclasses.replace(data_cfg, **{k: v for k, v in settings.items() if k in known and k != "dir"})
 
 
 def check_dataset(run_dir: Path, ds: store.Dataset, hint: str, rebuilt_from: str | None = None) -> None:

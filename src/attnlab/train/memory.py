@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..errors import ConfigError
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "adagrad": 4, "muon": 4}  # per float32 parameter
@@ -33,15 +33,23 @@ class Estimate:
         return self.state_bytes + self.activation_bytes
 
 
-def count_params(cfg: Config, vocab: int) -> int:
+def count_params(model_cfg: ModelConfig, attn_cfg, vocab: int) -> int | None:
+    """Exact parameter count from a shapes-only build; None if the model cannot be built that way."""
     from ..model.gpt import GPT  # late import: the model module is heavy
-    with torch.device("meta"):
-        return GPT(cfg.model, cfg.attention, vocab).num_params()
+    try:
+        with torch.device("meta"):
+            return GPT(model_cfg, attn_cfg, vocab).num_params()
+    except Exception:  # noqa: BLE001 - an estimate must never stop a model that the real build accepts
+        return None
 
 
-def estimate(cfg: Config, vocab: int, *, training: bool, batch_size: int | None = None) -> Estimate:
-    m, t = cfg.model, cfg.train
-    params = count_params(cfg, vocab)
+def estimate(cfg: Config, vocab: int, *, training: bool, batch_size: int | None = None,
+             model_cfg: ModelConfig | None = None) -> Estimate | None:
+    """``model_cfg``: the model config as built (completed from the dataset), default ``cfg.model``."""
+    m, t = model_cfg or cfg.model, cfg.train
+    params = count_params(m, cfg.attention, vocab)
+    if params is None:
+        return None
     per_param = 4 + (4 + OPTIMIZER_STATE_BYTES.get(cfg.optim.name, 0) if training else 0)
     rows = (batch_size or t.batch_size) * m.context
     if training:
@@ -75,15 +83,16 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def check_fits(cfg: Config, vocab: int, device: torch.device, *, training: bool, batch_size: int | None = None) -> None:
+def check_fits(cfg: Config, vocab: int, device: torch.device, *, training: bool, batch_size: int | None = None,
+               model_cfg: ModelConfig | None = None) -> None:
     """ConfigError with the estimate when the model cannot fit in `device`'s free memory."""
     free = available_bytes(torch.device(device))
     if free is None:
         return
-    est = estimate(cfg, vocab, training=training, batch_size=batch_size)
-    if est.bytes <= free:
+    est = estimate(cfg, vocab, training=training, batch_size=batch_size, model_cfg=model_cfg)
+    if est is None or est.bytes <= free:
         return
-    m = cfg.model
+    m = model_cfg or cfg.model
     state = "weights, gradients and optimizer state" if training else "weights"
     raise ConfigError(f"the model does not fit in memory: {est.params / 1e9:,.2f} billion parameters need at least "
                       f"{_gb(est.bytes)} to {'train' if training else 'evaluate'} ({state} {_gb(est.state_bytes)}, "

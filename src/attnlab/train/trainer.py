@@ -8,6 +8,7 @@ an uninterrupted run would have done (same batches, RNG streams, schedule).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,7 +58,8 @@ def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
     """The prepared dataset for this config, preparing it on first use.
 
     A dataset that exists already supplies the data.* settings the config left
-    unset (``data.dir`` alone suffices); settings given that differ are refused."""
+    unset (``config.load`` fills them in from its meta.json, so ``data.dir``
+    alone suffices); settings given that differ are refused."""
     path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
     if not (path / "meta.json").exists():
         store.prepare(data_cfg, path, progress=progress)
@@ -78,13 +80,14 @@ def open_run_dataset(run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, h
     settings only when ``rebuild`` (resume), never for eval or sample.
     """
     recorded = identity.recorded_dataset(run_dir)
-    path = Path(data_dir or data_cfg.dir or (recorded or {}).get("dir") or default_data_dir(data_cfg))
+    path = Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
     rebuilt = None
     if not (path / "meta.json").exists():
         if not rebuild:
             raise identity.missing_dataset(run_dir, path, hint)
-        store.prepare(data_cfg, path, progress=progress)
-        rebuilt = data_cfg.source
+        settings = identity.rebuild_config(run_dir, data_cfg)
+        store.prepare(settings, path, progress=progress)
+        rebuilt = settings.source
     ds = store.load(path)
     if recorded is None:  # a run from before identity.json: its settings are all there is to compare
         _check_data_config(ds, data_cfg, path)
@@ -102,8 +105,6 @@ def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
         listed = lambda d: ", ".join(f"data.{k}={d[k]!r}" for k in differ)
         raise DataError(f"{path} was prepared with {listed(have)} but the config says {listed(want)}: drop these keys "
                         f"(data.dir alone takes the dataset's settings) or set data.dir to another folder")
-    for k in keys:  # the settings the config left unset come from the dataset
-        setattr(data_cfg, k, have[k])
 
 
 def fit_model_to_data(cfg: Config, ds: store.Dataset) -> int:
@@ -150,32 +151,26 @@ def load_run_config(run_dir: Path) -> Config:
     return config_mod.load(path, identity.layout_overrides(run_dir))
 
 
-def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> None:
-    """Bring a config given on resume to the form the run saved (absolute paths, dataset settings, layout copy)."""
-    if not cfg.model.image_shape:  # filled in from the dataset when the run started
-        cfg.model.image_shape = saved.model.image_shape
-    explicit = config_mod.explicit_keys(cfg.data)
-    for k in store.config_record(saved.data):  # data.* left unset came from the dataset's meta.json
-        if k not in explicit:
-            setattr(cfg.data, k, getattr(saved.data, k))
-    for k in ("source", "path"):
-        value = getattr(cfg.data, k)
-        if value and value != getattr(saved.data, k) and Path(value).expanduser().exists():
-            setattr(cfg.data, k, str(Path(value).expanduser().resolve()))
-    cfg.data.dir = saved.data.dir  # where the data is; resume checks what it is
-    a = cfg.attention
-    if a.layout and a.layout != saved.attention.layout and identity.layout_overrides(run_dir):  # the run reads its copy
-        if not identity.same_layout(run_dir, a.layout):
-            raise CheckpointError(f"--resume {run_dir} with attention.layout={a.layout}: its content differs from the "
-                                  f"run's copy {saved.attention.layout}: resume without config/overrides, or start a "
-                                  "new run with another name")
-        a.layout = saved.attention.layout
+def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> Config:
+    """A config given on resume in the form the run saved it (a copy): where the data is and which copy of the
+    block layout is read are not what the run is."""
+    data = dataclasses.replace(cfg.data, dir=saved.data.dir)
+    attention = cfg.attention
+    if attention.layout != saved.attention.layout and identity.layout_overrides(run_dir):  # the run reads its copy
+        if not identity.same_layout(run_dir, attention.layout):
+            raise CheckpointError(f"--resume {run_dir} with attention.layout={attention.layout}: its content differs "
+                                  f"from the run's copy {saved.attention.layout}: resume without config/overrides, or "
+                                  "start a new run with another name")
+        attention = dataclasses.replace(attention, layout=saved.attention.layout)
+    return dataclasses.replace(cfg, data=data, attention=attention)
 
 
 def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
     saved = load_run_config(run_dir)
     if cfg is not None:
-        _as_saved(run_dir, saved, cfg)
+        cfg = _as_saved(run_dir, saved, cfg)
+        if not cfg.model.image_shape:  # filled in from the dataset when the run started
+            cfg.model.image_shape = saved.model.image_shape
         changed = config_mod.diff(saved, cfg)
         if changed:
             flat_s, flat_c = (config_mod.flatten(config_mod.to_dict(c)) for c in (saved, cfg))
@@ -601,7 +596,6 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
     trainer.setup()  # data and model errors surface before anything is written
     if resume is None:
         trainer.run_dir = run_dir = Path(cfg.out_dir) / cfg.name
-        identity.pin_paths(cfg, trainer.ds)
         if dist.is_main:
             create_run_dir(cfg, force)
             config_mod.save(cfg, run_dir / "config.yaml")
