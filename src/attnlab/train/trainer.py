@@ -75,9 +75,10 @@ def open_run_dataset(run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, h
                      progress: bool = True) -> store.Dataset:
     """A run's dataset, checked against the one it recorded (identity.json).
 
-    It is looked for at ``data_dir`` (the user's pointer to a copy), else at the
-    run's (absolute) data.dir. A missing dataset is rebuilt from the run's data
-    settings only when ``rebuild`` (resume), never for eval or sample.
+    It is looked for at ``data_dir`` (the user's pointer to a copy), else in the
+    absolute folder that identity.json recorded (runs without one: data.dir or
+    the default folder). A missing dataset is rebuilt from the recorded settings
+    only when ``rebuild`` (resume), never for eval or sample.
     """
     recorded = identity.recorded_dataset(run_dir)
     path = Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
