@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
 
     sa = sub.add_parser("sample", help="generate text from a trained run (KV-cached, batched, streamed)")
     sa.add_argument("run_dir")
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
+    sa.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
 
     be = sub.add_parser("bench", help="benchmarks")
     bsub = be.add_subparsers(dest="bench", required=True)
@@ -165,16 +167,27 @@ def cmd_prepare(a) -> None:
     from .data import store
     cfg = Config()
     set_key(cfg, "data.source", a.source)
-    for name in PREPARE_FLAGS:
-        if getattr(a, name) is not None:
-            set_key(cfg, f"data.{name}", getattr(a, name))
-    for arg in a.overrides:
-        key, value = parse_override(arg)
-        set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
-    meta = store.prepare(cfg.data, a.out, force=a.force)
+    try:
+        for name in PREPARE_FLAGS:
+            if getattr(a, name) is not None:
+                set_key(cfg, f"data.{name}", getattr(a, name))
+        for arg in a.overrides:
+            key, value = parse_override(arg)
+            set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
+        meta = store.prepare(cfg.data, a.out, force=a.force)
+    except UserError as e:  # speak of the flags the user typed, not of the config keys behind them
+        raise type(e)(_as_flags(str(e), [n for n in PREPARE_FLAGS if getattr(a, n) is not None])) from None
     print(json.dumps({"out": a.out, "vocab_size": meta["vocab_size"],
                       **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()},
                       **{f"{k}_bytes": v["bytes"] for k, v in meta["splits"].items()}}))
+
+
+def _as_flags(message: str, flags: list[str]) -> str:
+    """``data.path='x'`` / ``data.path=x`` -> ``--path 'x'`` / ``--path x`` for the given prepare flags."""
+    import re
+    for name in flags:
+        message = re.sub(rf"\bdata\.{name}(=| )", lambda m: f"--{name.replace('_', '-')} ", message)
+    return message
 
 
 def cmd_train(a) -> None:
@@ -185,19 +198,40 @@ def cmd_train(a) -> None:
     if a.config is not None and "=" in a.config:  # no preset, only overrides
         a.overrides.insert(0, a.config)
         a.config = None
+    data_dir = None
+    if a.resume is not None and a.config is None and len(a.overrides) == 1 and a.overrides[0].startswith("data.dir="):
+        data_dir = a.overrides.pop().split("=", 1)[1]  # where the run's dataset is now (checked against its record)
     if a.resume is None or a.config or a.overrides:
         if a.resume is None and a.config is None and not a.overrides:
             raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")
         cfg = config.load(a.config, a.overrides)
     tune_allocator()
-    summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume)
+    summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume, data_dir=data_dir)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary: print it once
         print(json.dumps(summary))
 
 
+def _check_device(name: str) -> None:
+    import torch
+    try:
+        torch.device(name if name != "auto" else "cpu")
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def _check_counts(a, *flags: str, lo: int = 1) -> None:
+    """Refuse --flag values below `lo` (None = not given) instead of replacing them with a default."""
+    for flag in flags:
+        value = getattr(a, flag)
+        if value is not None and value < lo:
+            raise UserError(f"--{flag.replace('_', '-')} {value} is not allowed: use a whole number >= {lo}")
+
+
 def cmd_eval(a) -> None:
     from .runs import load_run
-    run = load_run(a.run_dir, a.checkpoint, a.device)
+    _check_device(a.device)
+    _check_counts(a, "context", "stride", "batch_size")
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
     splits = run.dataset.meta["splits"]
     if a.split not in splits:
         raise UserError(f"split {a.split!r} not in {run.dataset.dir}: use one of {', '.join(splits)}")
@@ -208,10 +242,10 @@ def cmd_eval(a) -> None:
 
 def _eval_text(run, a) -> dict:
     from .eval.metrics.scoring import score_tokens, text_metrics
-    context = a.context or run.cfg.model.context
+    context = a.context if a.context is not None else run.cfg.model.context
     if not 1 <= context <= run.cfg.model.context:
         raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
-    stride = a.stride or min(run.cfg.train.eval_stride or context, context)
+    stride = a.stride if a.stride is not None else min(run.cfg.train.eval_stride or context, context)
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
     score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
@@ -226,7 +260,7 @@ def _eval_text(run, a) -> dict:
 def _eval_images(run, a) -> dict:
     from .data.image_format import SOS
     from .eval.metrics.scoring import image_metrics, score_images
-    if a.context or a.stride:
+    if a.context is not None or a.stride is not None:
         raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
     n = run.cfg.model.context
     score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=SOS,
@@ -242,11 +276,13 @@ def cmd_sample(a) -> None:
     from .runs import load_run
     if a.num_samples < 1 or a.max_new_tokens < 0:
         raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    _check_device(a.device)
+    _check_counts(a, "batch_size", "images", "complete")
     if a.stream and a.num_samples > 1:
         raise UserError("--stream prints one sample as it is generated: use --num-samples 1 (or drop --stream)")
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty)
-    run = load_run(a.run_dir, a.checkpoint, a.device)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
     if run.dataset.kind == "image" or a.images or a.complete:
         return _sample_images(run, a, sampling)
     stream = (lambda text: print(text, end="", flush=True)) if a.stream else None
@@ -311,6 +347,8 @@ def cmd_bench(a) -> None:
         return generate.run(a)
     from . import config
     from .bench import bench_train
+    _check_counts(a, "steps", "repeats")
+    _check_counts(a, "warmup", lo=0)
     cfg = config.load(a.config, a.overrides)
     bench_train(cfg, steps=a.steps, warmup=a.warmup, repeats=a.repeats, out=a.out, baseline=not a.no_baseline,
                 plain_runtime=a.plain_runtime)

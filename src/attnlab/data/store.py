@@ -18,6 +18,7 @@ as concatenated byte tokens (vocabulary 256, no separator) plus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,6 +46,7 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 SPLITS = ("train", "val", "test")
 ENCODE_CHUNK_DOCS = 512      # documents per encode_batch call
 ENCODE_CHUNK_CHARS = 4 << 20  # ... or fewer, to bound memory on long documents
+ID_CHECK_CHUNK = 1 << 24      # tokens read at a time when checking the id range
 
 
 @dataclass
@@ -140,7 +142,9 @@ def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
 def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True) -> dict:
     """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta."""
     out = Path(out_dir)
+    _check_not_prepared(cfg)
     _check_target(out, force)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -159,8 +163,26 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # the folders made for the dataset, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return meta
+
+
+def is_prepared_dataset(path) -> bool:
+    """A folder that `prepare` wrote (its meta.json beside train.bin)."""
+    p = Path(path)
+    return (p / "meta.json").is_file() and (p / "train.bin").is_file()
+
+
+def _check_not_prepared(cfg: DataConfig) -> None:
+    """A prepared folder given as the raw source: say where it belongs instead of reading its .bin files as text."""
+    for key in ("path", "source"):
+        value = getattr(cfg, key)
+        if value and is_prepared_dataset(Path(value).expanduser()):
+            raise DataError(f"data.{key}={value!r} is a prepared dataset: use data.dir={value} "
+                            "(data.source and data.path name the raw text or images)")
 
 
 def _write_text(cfg: DataConfig, tmp: Path, progress: bool) -> dict:
@@ -173,7 +195,8 @@ def _write_text(cfg: DataConfig, tmp: Path, progress: bool) -> dict:
     return {
         "kind": "text",
         "source": documents.info,
-        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"},
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
+                      "sha256": file_sha256(tmp / "tokenizer.json")},
         "vocab_size": tok.vocab_size,
         "dtype": tok.dtype.name,
         "document_separator": EOS,
@@ -268,9 +291,14 @@ def load(dir, *, verify: bool = True) -> Dataset:
         _check_split(d, name, info, dtype, verify)
         if meta.get("kind") == "image":
             _check_labels(d, name, info, int(meta["tokens_per_image"]), verify)
+        _check_ids(d / info.get("file", f"{name}.bin"), int(info["tokens"]), dtype, meta["vocab_size"], d)
     if meta.get("kind") == "image":
         return Dataset(d, meta, None)
-    tok = load_tokenizer(d / meta.get("tokenizer", {}).get("file", "tokenizer.json"))
+    tok_info = meta.get("tokenizer") or {}
+    tok_path = _local_file(d, tok_info.get("file", "tokenizer.json"), "the tokenizer")
+    if verify and tok_info.get("sha256") and tok_path.is_file() and file_sha256(tok_path) != tok_info["sha256"]:
+        raise DataError(f"{tok_path} does not match meta.json (sha256 differs): the tokenizer was changed; {_fix(d)}")
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size != meta["vocab_size"]:
         raise DataError(f"{d / 'tokenizer.json'} has {tok.vocab_size} tokens but meta.json says {meta['vocab_size']}: "
                         f"the files do not belong together; {_fix(d)}")
@@ -289,11 +317,56 @@ def _read_meta(meta_path: Path, d: Path) -> dict:
     if not isinstance(meta, dict) or any(k not in meta for k in required) or not isinstance(meta["splits"], dict):
         raise DataError(f"{meta_path} lacks required entries ({', '.join(required)}): {_fix(d)}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{meta_path} has format_version {meta['format_version']!r}, this attnlab reads {FORMAT_VERSION}: "
-                        f"{_fix(d)}")
+        raise DataError(f"{meta_path} has format_version {_show(meta['format_version'])}, this attnlab reads "
+                        f"{FORMAT_VERSION}: {_fix(d)}")
+    _check_structure(meta, meta_path, d)
     if "train" not in meta["splits"]:
         raise DataError(f"{meta_path} lists no train split: {_fix(d)}")
     return meta
+
+
+def _show(value) -> str:
+    from ..config import show
+    return show(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_structure(meta: dict, meta_path: Path, d: Path) -> None:
+    """The types load() relies on, so a tampered meta.json is one line, not a traceback deep inside."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{meta_path} is damaged: {what}; {_fix(d)}")
+    if not _count(meta["vocab_size"]) or meta["vocab_size"] < 1:
+        raise bad(f"vocab_size {_show(meta['vocab_size'])} is not a positive integer")
+    if not isinstance(meta["dtype"], str):
+        raise bad(f"dtype {_show(meta['dtype'])} is not a name")
+    for name, info in meta["splits"].items():
+        if not isinstance(info, dict):
+            raise bad(f"the {name} split is not an object ({_show(info)})")
+        for key, ok, kind in (("tokens", _count, "a count"), ("file", lambda v: isinstance(v, str), "a file name"),
+                              ("sha256", lambda v: isinstance(v, str), "a hex digest")):
+            if key not in info and key != "file":
+                raise bad(f"the {name} split has no {key!r}")
+            if key in info and not ok(info[key]):
+                raise bad(f"the {name} split's {key!r} {_show(info[key])} is not {kind}")
+        for key in ("file", "labels_file"):
+            if key in info:
+                _local_file(d, info[key], f"the {name} split")
+    tok = meta.get("tokenizer") or {}  # image datasets have none
+    if not isinstance(tok, dict):
+        raise bad(f"tokenizer {_show(tok)} is not an object")
+    if "file" in tok:
+        _local_file(d, tok["file"], "the tokenizer")
+
+
+def _local_file(d: Path, name, what: str) -> Path:
+    """`d / name` for a plain file name from meta.json; anything that could leave the folder is refused."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\x00" in name:
+        raise DataError(f"{d / 'meta.json'} names a file outside the dataset folder for {what} ({_show(name)}): "
+                        f"only plain file names inside {d} are read; {_fix(d)}")
+    return d / name
 
 
 def _meta_dtype(meta: dict, meta_path: Path, d: Path) -> np.dtype:
@@ -307,7 +380,7 @@ def _meta_dtype(meta: dict, meta_path: Path, d: Path) -> np.dtype:
 
 
 def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) -> None:
-    path = d / info.get("file", f"{name}.bin")
+    path = _local_file(d, info.get("file", f"{name}.bin"), f"the {name} split")
     if not path.is_file():
         raise DataError(f"{path} is missing (meta.json lists the {name} split): {_fix(d)}")
     size, expected = path.stat().st_size, int(info["tokens"]) * dtype.itemsize
@@ -318,12 +391,27 @@ def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) 
         raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
 
 
+def _check_ids(path: Path, n_tokens: int, dtype: np.dtype, vocab_size: int, d: Path) -> None:
+    """Every token id < vocab_size (an id beyond it would crash training at the step that reads it), chunk by chunk."""
+    if not n_tokens:
+        return
+    ids = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+    for start in range(0, n_tokens, ID_CHECK_CHUNK):
+        chunk = ids[start:start + ID_CHECK_CHUNK]
+        top = int(chunk.max())
+        if top >= vocab_size:
+            where = start + int(np.argmax(chunk >= vocab_size))
+            raise DataError(f"{path} holds token id {top} (first bad one at position {where}) but the dataset's "
+                            f"vocab_size {vocab_size} allows ids 0..{vocab_size - 1}: the file is corrupted; {_fix(d)}")
+    del ids
+
+
 def _check_labels(d: Path, name: str, info: dict, tokens_per_image: int, verify: bool) -> None:
     """An image split: whole images, a labels file with one int16 label per image, and (with `verify`) its sha256."""
     if info["tokens"] != info["images"] * tokens_per_image:
         raise DataError(f"meta.json says the {name} split has {info['tokens']} tokens, not {info['images']} images x "
                         f"{tokens_per_image}: the dataset is corrupted; {_fix(d)}")
-    path = d / info.get("labels_file", f"{name}.labels.npy")
+    path = _local_file(d, info.get("labels_file", f"{name}.labels.npy"), f"the {name} split's labels")
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:

@@ -154,9 +154,11 @@ def _read_marker(ckpt: Path) -> dict | None:
     try:
         marker = json.loads((ckpt / MARKER).read_text())
         files = marker["files"]
-        int(marker["step"]), int(marker.get("format", FORMAT))
-        for name in (WEIGHTS, STATE):
-            int(files[name]["bytes"]), str(files[name]["sha256"])
+        numbers = [marker["step"], marker.get("format", FORMAT)] + [files[n]["bytes"] for n in (WEIGHTS, STATE)]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+            raise TypeError("a number of the marker is not an integer")  # e.g. "format": "1"
+        if not all(isinstance(files[n]["sha256"], str) for n in (WEIGHTS, STATE)):
+            raise TypeError("a digest of the marker is not a string")
         return marker
     except (OSError, ValueError, KeyError, TypeError):
         return None

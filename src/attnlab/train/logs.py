@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 
 def _jsonable(v):
@@ -73,7 +73,16 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    data = path.read_bytes()
+    lines = data.splitlines()
+    for i, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if i == len(lines) and not data.endswith(b"\n"):
+                continue  # a line cut by a crash inside a character
+            raise CheckpointError(f"{path} line {i} is not valid UTF-8 (byte {e.start}): the run's log was altered or "
+                                  "damaged; restore it or delete that line") from None
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

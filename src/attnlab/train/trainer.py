@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
+from .. import identity
 from ..config import Config, ModelConfig
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
@@ -40,7 +41,9 @@ from ..plugins import copy_plugins, load_run_plugins
 from . import checkpoint as ckpt
 from . import distributed, runtime
 from .logs import EventLog, check_loggers
+from .memory import check_fits
 from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
+
 
 # ------------------------------------------------------------------ data
 
@@ -56,7 +59,11 @@ def default_data_dir(data_cfg) -> Path:
 
 
 def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
-    """The prepared dataset for this config, preparing it on first use."""
+    """The prepared dataset for this config, preparing it on first use.
+
+    A dataset that exists already supplies the data.* settings the config left
+    unset (``config.load`` fills them in from its meta.json, so ``data.dir``
+    alone suffices); settings given that differ are refused."""
     path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
     if not (path / "meta.json").exists():
         store.prepare(data_cfg, path, progress=progress)
@@ -65,14 +72,44 @@ def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
     return ds
 
 
+RESUME_DATA_HINT = "data.dir=DIR after --resume RUN_DIR"
+
+
+def open_run_dataset(run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, hint: str,
+                     progress: bool = True) -> store.Dataset:
+    """A run's dataset, checked against the one it recorded (identity.json).
+
+    It is looked for at ``data_dir`` (the user's pointer to a copy), else in the
+    absolute folder that identity.json recorded (runs without one: data.dir or
+    the default folder). A missing dataset is rebuilt from the recorded settings
+    only when ``rebuild`` (resume), never for eval or sample.
+    """
+    recorded = identity.recorded_dataset(run_dir)
+    path = Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
+    rebuilt = None
+    if not (path / "meta.json").exists():
+        if not rebuild:
+            raise identity.missing_dataset(run_dir, path, hint)
+        settings = identity.rebuild_config(run_dir, data_cfg)
+        store.prepare(settings, path, progress=progress)
+        rebuilt = settings.source
+    ds = store.load(path)
+    if recorded is None:  # a run from before identity.json: its settings are all there is to compare
+        _check_data_config(ds, data_cfg, path)
+    identity.check_dataset(run_dir, ds, hint, rebuilt_from=rebuilt)
+    return ds
+
+
 def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
     want, have = store.config_record(data_cfg), ds.meta.get("data_config", {})
+    explicit = config_mod.explicit_keys(data_cfg)
     # The location of a local copy does not change the data; its hash (in meta) does.
-    differ = [k for k in want if k != "path" and k in have and have[k] != want[k]]
+    keys = [k for k in sorted(want) if k != "path" and k in have]
+    differ = [k for k in keys if k in explicit and have[k] != want[k]]
     if differ:
-        k = differ[0]
-        raise DataError(f"{path} was prepared with data.{k}={have[k]!r} but the config says {want[k]!r}: "
-                        f"set data.dir to another folder (or match the data.* settings)")
+        listed = lambda d: ", ".join(f"data.{k}={d[k]!r}" for k in differ)
+        raise DataError(f"{path} was prepared with {listed(have)} but the config says {listed(want)}: drop these keys "
+                        f"(data.dir alone takes the dataset's settings) or set data.dir to another folder")
 
 
 def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]:
@@ -108,16 +145,33 @@ def create_run_dir(cfg: Config, force: bool) -> Path:
 
 
 def load_run_config(run_dir: Path) -> Config:
+    """The run's config.yaml (checked against identity.json), reading the block layout from the run's own copy."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `attnlab train` created")
+    identity.check_config_file(run_dir)
     load_run_plugins(run_dir)  # the run's own copies, before its config names their patterns
-    return config_mod.load(path)
+    return config_mod.load(path, identity.layout_overrides(run_dir))
+
+
+def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> Config:
+    """A config given on resume in the form the run saved it (a copy): where the data is and which copy of the
+    block layout is read are not what the run is."""
+    data = dataclasses.replace(cfg.data, dir=saved.data.dir)
+    attention = cfg.attention
+    if attention.layout != saved.attention.layout and identity.layout_overrides(run_dir):  # the run reads its copy
+        if not identity.same_layout(run_dir, attention.layout):
+            raise CheckpointError(f"--resume {run_dir} with attention.layout={attention.layout}: its content differs "
+                                  f"from the run's copy {saved.attention.layout}: resume without config/overrides, or "
+                                  "start a new run with another name")
+        attention = dataclasses.replace(attention, layout=saved.attention.layout)
+    return dataclasses.replace(cfg, data=data, attention=attention)
 
 
 def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
     saved = load_run_config(run_dir)
     if cfg is not None:
+        cfg = _as_saved(run_dir, saved, cfg)
         if not cfg.model.image_shape and saved.model.image_shape:  # older runs saved the shape taken from the dataset
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_shape=saved.model.image_shape))
         changed = config_mod.diff(saved, cfg)
@@ -161,6 +215,7 @@ class Trainer:
     run_dir: Path
     argv: list[str] = field(default_factory=list)
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's rank under torchrun
+    data_dir: str | Path | None = None  # resume: a copy of the run's dataset to use instead of its data.dir
 
     # Built by setup(), from the config and the dataset; everything else reads these.
     device: torch.device = _built_in_setup()
@@ -193,7 +248,12 @@ class Trainer:
         self.amp_dtype = runtime.pick_dtype(cfg.train.dtype, self.device)
         runtime.seed_everything(cfg.train.seed)
         with distributed.main_first(self.dist):  # one rank prepares the dataset on disk
-            self.ds = open_dataset(cfg.data, progress=cfg.logging.progress and self.dist.is_main)
+            progress = cfg.logging.progress and self.dist.is_main
+            if self.run_dir is None:
+                self.ds = open_dataset(cfg.data, progress=progress)
+            else:  # resuming: the run's own dataset, checked against its record
+                self.ds = open_run_dataset(self.run_dir, cfg.data, data_dir=self.data_dir, rebuild=True,
+                                           hint=RESUME_DATA_HINT, progress=progress)
         vocab, model_cfg = fit_model_to_data(cfg, self.ds)
         self.image = self.ds.kind == "image"
         self.train_tokens = self.ds.tokens("train")
@@ -206,6 +266,7 @@ class Trainer:
         else:
             self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed,
                                          rank=rank, world_size=world)
+        check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
         # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
@@ -550,13 +611,14 @@ def auto_resume_target(cfg: Config) -> tuple[Path | None, bool]:
 
 
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, force: bool = False,
-          argv: list[str] | None = None, auto_resume: bool = False) -> dict:
+          argv: list[str] | None = None, auto_resume: bool = False, data_dir: str | Path | None = None) -> dict:
     """Run (or resume) training and return summary.json's content.
 
     Under torchrun every rank calls this (each returns the summary); rank 0
     alone writes the run directory. ``auto_resume`` continues out_dir/name from
     its newest complete checkpoint if it has one, else starts it, so that
     ``torchrun --max-restarts`` can re-run the same command after a failure.
+    ``data_dir`` (resume) points at a copy of the run's dataset; it must match the run's record.
     """
     wall_start = time.time()
     if auto_resume:
@@ -566,12 +628,14 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
         resume, force = auto_resume_target(cfg)
     if resume is not None:
         run_dir = Path(resume)
+        if data_dir is None and cfg is not None and cfg.data.dir:  # the config's data.dir points at the data
+            data_dir = cfg.data.dir
         cfg = check_resume_config(run_dir, cfg)
     else:
         cfg.validate()
         run_dir = None
     dist = distributed.from_env()
-    trainer = Trainer(cfg, run_dir, argv or [], dist)
+    trainer = Trainer(cfg, run_dir, argv or [], dist, data_dir)
     trainer.setup()  # data and model errors surface before anything is written
     if resume is None:
         trainer.run_dir = run_dir = Path(cfg.out_dir) / cfg.name
@@ -580,6 +644,7 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
             config_mod.save(cfg, run_dir / "config.yaml")
             copy_plugins(cfg.attention.plugins, run_dir)
             trainer.write_meta()
+            identity.record(run_dir, cfg, trainer.ds)
         distributed.barrier(dist)  # the run directory exists before any rank uses it
     else:
         trainer.restore()
