@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     vl.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     vl.add_argument("--device", default="auto")
     vl.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    vl.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
     va = vsub.add_parser("attention", help="a trained run's attention weights: heat maps per layer (text) or a query pixel's attention over an image")
     va.add_argument("run_dir")
     va.add_argument("--text", help="text runs: the input, at most the model's context in tokens")
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--heads", help="heads to draw, e.g. 0,1 (default: all)")
     va.add_argument("--out", required=True, help="folder for layerNN.png, weights.npy [layers, heads, T, T] and attention.json")
     va.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    va.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
     va.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     va.add_argument("--device", default="auto")
     vs = vsub.add_parser("stats", help="a run's attention statistics (entropy, sink mass, distance, q/k/v norms) against step")
@@ -376,14 +378,18 @@ def cmd_viz_pattern(a) -> None:
 
 def cmd_viz_logit_lens(a) -> None:
     from .eval.inspection.logit_lens import logit_lens_report
-    info = logit_lens_report(a.run_dir, a.text, a.out, top_k=a.top_k, checkpoint=a.checkpoint, device=a.device, force=a.force)
+    from .runs import load_run
+    if a.top_k < 1:  # before the run is loaded
+        raise UserError(f"--top-k {a.top_k} must be >= 1")
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    info = logit_lens_report(run, a.text, a.out, top_k=a.top_k, force=a.force)
     print(json.dumps(info, ensure_ascii=False))
 
 
 def cmd_viz_attention(a) -> None:
     from .eval.inspection.attention_maps import write_attention_maps
     from .runs import load_run
-    run = load_run(a.run_dir, a.checkpoint, a.device)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
     info = write_attention_maps(run, a.out, text=a.text, image=a.image, split=a.split, pixel=a.pixel,
                                 layers=a.layers, heads=a.heads, force=a.force)
     print(json.dumps({k: v for k, v in info.items() if k not in ("labels", "token_ids")}, ensure_ascii=False))
