@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from .errors import ConfigError, UserError
 
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
+    ev.add_argument("--context-sweep", metavar="N,N,...", help="text: bits/byte at each window length, also past the "
+                    "training context where positions extrapolate (RoPE, none); writes CSV + plot into --out")
+    ev.add_argument("--out", help="--context-sweep: folder for context-sweep.csv and context-sweep.png")
+    ev.add_argument("--force", action="store_true", help="--context-sweep: write into a non-empty --out folder")
 
     sa = sub.add_parser("sample", help="generate text from a trained run (KV-cached, batched, streamed)")
     sa.add_argument("run_dir")
@@ -244,14 +249,16 @@ def cmd_eval(a) -> None:
 
 def _eval_text(run, a) -> dict:
     from .eval.metrics.scoring import score_tokens, text_metrics
+    if a.context_sweep:
+        return _context_sweep(run, a)
     context = a.context if a.context is not None else run.cfg.model.context
-    if not 1 <= context <= run.cfg.model.context:
-        raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
+    _check_window(run, context, "--context")
     stride = a.stride if a.stride is not None else min(run.cfg.train.eval_stride or context, context)
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
-    score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
-                         batch_size=a.batch_size, device=run.device, progress=True)
+    with run.model.longer_windows(context):
+        score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
+                             batch_size=a.batch_size, device=run.device, progress=True)
     m = text_metrics(score, run.dataset.meta["splits"][a.split])
     return {"context": context, "stride": stride,
             f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
@@ -259,11 +266,39 @@ def _eval_text(run, a) -> dict:
             "tokens_scored": m["tokens"], "bytes": m["bytes"]}
 
 
+def _check_window(run, n: int, flag: str) -> None:
+    """An evaluation window: at least 1 token, and past the training context only where positions extrapolate."""
+    trained = run.cfg.model.context
+    if n < 1:
+        raise UserError(f"{flag} {n} must be >= 1 (tokens per evaluation window)")
+    refusal = run.model.extrapolation_refusal() if n > trained else None
+    if refusal:
+        raise UserError(f"{flag} {n} exceeds the training context {trained} and {refusal}: use a window <= {trained}")
+
+
+def _context_sweep(run, a) -> dict:
+    from .eval.metrics.context_sweep import context_sweep, write_context_sweep
+    from .eval.inspection.viz_inputs import check_out_dir
+    try:
+        contexts = sorted({int(x) for x in a.context_sweep.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--context-sweep {a.context_sweep!r} is not a list of integers: write e.g. 256,512,1024") from None
+    if not contexts or a.context is not None or a.stride is not None or not a.out:
+        raise UserError("--context-sweep takes window lengths (e.g. 256,512,1024) and --out DIR, without --context/--stride")
+    for n in contexts:
+        _check_window(run, n, "--context-sweep")
+    out = Path(a.out)
+    check_out_dir(out, a.force)
+    rows = context_sweep(run, a.split, contexts, batch_size=a.batch_size, progress=True)
+    files = write_context_sweep(rows, out, f"{run.dir.name}: {a.split} bits/byte against window length")
+    return {"context_sweep": rows, **files}
+
+
 def _eval_images(run, a) -> dict:
     from .data.image_format import SOS
     from .eval.metrics.scoring import image_metrics, score_images
-    if a.context is not None or a.stride is not None:
-        raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
+    if a.context is not None or a.stride is not None or a.context_sweep:
+        raise UserError("--context, --stride and --context-sweep apply to text; an image is always scored whole from its start token")
     n = run.cfg.model.context
     score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=SOS,
                          batch_size=a.batch_size, device=run.device, progress=True)
