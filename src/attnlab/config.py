@@ -198,7 +198,7 @@ class Config:
         from .attention.patterns import check_patterns  # late import: attention depends on this module
 
         check_patterns(self.attention, m)
-        if self.name in ("", ".", "..") or "/" in self.name:
+        if self.name in ("", ".", "..") or "/" in self.name or not self.name.isprintable():  # control characters too
             raise ConfigError(f"name={self.name!r} is not a valid run name: use letters, digits, '-' or '_'")
         return self
 

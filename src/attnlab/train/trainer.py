@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -23,11 +22,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
+from .. import jsonout, runs
 from ..config import Config
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
 from ..data.images import IMAGE_SOURCES, IMAGE_VOCAB, SOS
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
+from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged, UserError
 from ..eval.attention_stats import log_attention_stats
 from ..eval.curves import plot_curves
 from ..eval.metrics import Score, image_metrics, score_images, score_tokens, text_metrics
@@ -55,7 +55,7 @@ def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
     """The prepared dataset for this config, preparing it on first use."""
     path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
     if not (path / "meta.json").exists():
-        store.prepare(data_cfg, path, progress=progress)
+        store.prepare(data_cfg, path, progress=progress, wait=True)  # a run preparing it too: wait, reuse
     ds = store.load(path)
     _check_data_config(ds, data_cfg, path)
     return ds
@@ -94,17 +94,6 @@ def fit_model_to_data(cfg: Config, ds: store.Dataset) -> int:
 
 
 # ------------------------------------------------------------------ run directory
-
-def create_run_dir(cfg: Config, force: bool) -> Path:
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise CheckpointError(f"run directory {run_dir} already exists: choose another name (name=...), "
-                                  f"continue it with --resume {run_dir}, or pass --force to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
 
 def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
@@ -228,13 +217,13 @@ class Trainer:
         log.log("model_configured", model=config_mod.to_dict(cfg)["model"], attention=config_mod.to_dict(cfg)["attention"])
         log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
 
-    def write_meta(self) -> None:
+    def meta_text(self) -> str:
         meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), "git_dirty": runtime.git_dirty(),
                 **runtime.device_info(self.device),
                 "seed": self.cfg.train.seed, "argv": self.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if self.dist.enabled:
             meta["distributed"] = {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
-        ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2))
+        return json.dumps(meta, indent=2)
 
     # ---------------------------------------------------------- checkpoints
 
@@ -242,6 +231,7 @@ class Trainer:
         if self.saved_step == self.progress.step:
             return ckpt.latest_checkpoint(self.run_dir)
         weights, optimizer = distributed.full_state(self.model, self.optimizer)  # FSDP: every rank gathers
+        self._check_finite(log, weights, optimizer)
         if self.dist.is_main:  # the full state, in the single-process format (any rank count can resume it)
             state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                      "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
@@ -254,6 +244,16 @@ class Trainer:
         distributed.barrier(self.dist)  # no rank goes on before the checkpoint is complete
         self.saved_step = self.progress.step
         return ckpt.latest_checkpoint(self.run_dir)
+
+    def _check_finite(self, log: EventLog, weights: dict | None, optimizer: dict) -> None:
+        """Stop like a diverged loss if weights or optimizer state hold NaN/inf: such a checkpoint is never saved."""
+        bad = None
+        if self.dist.is_main:
+            bad = ckpt.first_non_finite(weights or self.model.state_dict()) or ckpt.first_non_finite(optimizer, "optimizer")
+        if self.dist.enabled:  # every rank stops, not only the one that looked
+            bad = bad or ("a tensor" if distributed.all_reduce_sum(self.dist, [float(bad is not None)])[0] else None)
+        if bad:
+            self._diverged(log, self.progress.last_loss, tensor=bad)
 
     def restore(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
@@ -391,16 +391,18 @@ class Trainer:
                     bar.close()
                     path = self.save(log)
                     log.log("training_interrupted", step=p.step, checkpoint=str(path))
-                    raise KeyboardInterrupt
+                    raise Interrupted(f"checkpoint {path} saved: continue with attnlab train --resume {self.run_dir}")
         bar.close()
         return reason
 
-    def _diverged(self, log: EventLog, loss: float) -> None:
-        step = self.progress.step + 1
+    def _diverged(self, log: EventLog, loss: float, tensor: str | None = None) -> None:
+        """The loss (or, with ``tensor``, a weight or optimizer tensor after a step) became NaN/inf."""
+        step = self.progress.step + (0 if tensor else 1)
         last = ckpt.latest_checkpoint(self.run_dir)
-        log.log("training_diverged", step=step, loss=loss, last_checkpoint=str(last) if last else None)
+        log.log("training_diverged", step=step, loss=loss, tensor=tensor, last_checkpoint=str(last) if last else None)
         kept = f"kept the last good checkpoint {last}" if last else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"loss became {loss} at step {step} ({kept}): lower optim.lr, enable optim.grad_clip "
+        what = f"weights are not finite at step {step} ({tensor}; {kept})" if tensor else f"loss became {loss} at step {step} ({kept})"
+        raise TrainingDiverged(f"{what}: lower optim.lr, enable optim.grad_clip "
                                f"or use train.dtype=float32, then start a new run")
 
     def _split_summary(self, split: str, m: dict) -> dict:
@@ -447,7 +449,7 @@ class Trainer:
                 **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, **extra)
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
-        p = self.progress
+        p, final_start = self.progress, time.time()
         self.save(log)
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
@@ -459,7 +461,7 @@ class Trainer:
             "peak_memory_mb": runtime.peak_memory_mb(self.device), "params": self.model.num_params(),
             "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
             "final_train_loss": p.last_loss, "stop_reason": reason,
-            "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
+            "train_seconds": p.train_seconds,
             "attention": self.model.describe()["attention"],
         }
         if not self.image:
@@ -469,6 +471,10 @@ class Trainer:
         self.write_samples(log)
         if self.dist.is_main:
             log.log("plot_written", path=str(plot_curves(self.run_dir, self.image)))
+        now = time.time()  # the whole command, final evaluation, samples and plot included
+        summary.update(final_seconds=now - final_start, wall_seconds=now - wall_start)
+        summary = jsonout.finite(summary, {"final_train_loss": "no training step ran"})
+        if self.dist.is_main:
             ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
         return summary
@@ -512,37 +518,62 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
     """Run (or resume) training and return summary.json's content.
 
     Under torchrun every rank calls this (each returns the summary); rank 0
-    alone writes the run directory. ``auto_resume`` continues out_dir/name from
-    its newest complete checkpoint if it has one, else starts it, so that
+    alone writes the run directory, holding its lock from before the first
+    check to the end. ``auto_resume`` continues out_dir/name from its newest
+    complete checkpoint if it has one, else starts it, so that
     ``torchrun --max-restarts`` can re-run the same command after a failure.
     """
     wall_start = time.time()
-    if auto_resume:
-        if resume is not None or force or cfg is None:
-            raise UserError("--auto-resume takes a config and picks start or resume itself: "
-                            "drop --resume/--force (or drop --auto-resume)")
-        resume, force = auto_resume_target(cfg)
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = check_resume_config(run_dir, cfg)
-    else:
-        cfg.validate()
-        run_dir = None
-    dist = distributed.from_env()
-    trainer = Trainer(cfg, run_dir, argv or [], dist)
-    trainer.setup()  # data and model errors surface before anything is written
+    if auto_resume and (resume is not None or force or cfg is None):
+        raise UserError("--auto-resume takes a config and picks start or resume itself: "
+                        "drop --resume/--force (or drop --auto-resume)")
     if resume is None:
-        trainer.run_dir = run_dir = Path(cfg.out_dir) / cfg.name
-        if dist.is_main:
-            create_run_dir(cfg, force)
-            config_mod.save(cfg, run_dir / "config.yaml")
-            trainer.write_meta()
-        distributed.barrier(dist)  # the run directory exists before any rank uses it
+        cfg.validate()
+        run_dir = Path(cfg.out_dir) / cfg.name
     else:
+        run_dir = Path(resume)
+        runs.check_run_dir(run_dir)
+    dist = distributed.from_env()
+    if dist.is_main and resume is None:
+        _make_out_dir(run_dir.parent)
+    with runs.locked(run_dir) if dist.is_main else contextlib.nullcontext():
+        return _train_locked(cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start)
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise runs.cannot_write(out_dir, e, "choose a writable out_dir") from None
+
+
+def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, auto_resume: bool,
+                  argv: list[str], dist: distributed.Dist, wall_start: float) -> dict:
+    if auto_resume:
+        target, force = auto_resume_target(cfg)
+        resume = target is not None
+    if resume:
+        cfg = check_resume_config(run_dir, cfg)
+        if dist.is_main:
+            for d in (run_dir, run_dir / "checkpoints"):
+                if d.is_dir():
+                    runs.check_writable(d, "make the run directory writable, or copy it somewhere writable and resume the copy")
+    elif dist.is_main:
+        runs.check_target(run_dir, "run", force, f"choose another name (name=...) or continue it with --resume {run_dir}")
+    trainer = Trainer(cfg, run_dir, argv, dist)
+    trainer.setup()  # data and model errors surface before anything is written
+    if resume:
         trainer.restore()
+        if trainer.should_stop() and trainer._exists(run_dir / "summary.json"):
+            distributed.shutdown(dist)
+            return json.loads((run_dir / "summary.json").read_text())  # finished: nothing to add
+    else:
+        if dist.is_main:
+            runs.create_run_dir(run_dir, {"config.yaml": config_mod.dump(cfg), "meta.json": trainer.meta_text()})
+        distributed.barrier(dist)  # the run directory exists before any rank uses it
     log = EventLog(run_dir, cfg, enabled=dist.is_main)
     try:
-        trainer.log_start(log, resumed=resume is not None)
+        trainer.log_start(log, resumed=resume)
         reason = trainer.fit(log)
         summary = trainer.finish(log, reason, wall_start)
     finally:
