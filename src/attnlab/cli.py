@@ -193,7 +193,7 @@ def cmd_train(a) -> None:
                           "pass one preset plus key=value overrides")
     cfg = None
     if a.resume is not None:
-        check_resume_overrides(overrides)
+        check_resume_overrides(Path(a.resume), overrides)
     if a.resume is None or files:
         if a.resume is None and not args:
             raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")

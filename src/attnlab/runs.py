@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import config as config_mod
 from .errors import CheckpointError, ConfigError, DataError, InUse, UserError
 
 if TYPE_CHECKING:
@@ -236,13 +237,31 @@ def create_run_dir(run_dir: Path, files: dict[str, str]) -> None:
         raise cannot_write(run_dir.parent, e, "choose a writable out_dir") from None
 
 
-def check_resume_overrides(overrides: list[str]) -> None:
-    """``--resume`` continues a run exactly as configured: refuse overrides outside ``RESUME_OVERRIDES``."""
-    for arg in overrides:
-        key = arg.split("=", 1)[0].strip()
-        if key not in RESUME_OVERRIDES:
-            raise ConfigError(f"--resume takes no overrides ({key}=... given): a resumed run continues exactly as "
-                              f"configured; to change {key}, start a new run from its config.yaml with name=...")
+def check_resume_overrides(run_dir: Path, overrides: list[str]) -> None:
+    """``--resume`` continues a run exactly as configured: refuse overrides outside ``RESUME_OVERRIDES``,
+    naming the first that would change the run (else the first given)."""
+    refused = [arg for arg in overrides if arg.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
+    if not refused:
+        return
+    arg = next((a for a in refused if _changes(run_dir, a)), refused[0])
+    key = arg.split("=", 1)[0].strip()
+    raise ConfigError(f"--resume takes no overrides ({_short(arg)} given): a resumed run continues exactly as "
+                      f"configured; to change {key}, start a new run from {run_dir / 'config.yaml'} with name=...")
+
+
+def _changes(run_dir: Path, arg: str) -> bool:
+    """Whether the override ``arg`` would change the run's saved config (unknown keys and bad values do)."""
+    try:
+        cfg = config_mod.load(Path(run_dir) / "config.yaml")
+        before = config_mod.to_dict(cfg)
+        config_mod.set_key(cfg, *config_mod.parse_override(arg))
+        return config_mod.to_dict(cfg) != before
+    except UserError:
+        return True
+
+
+def _short(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def check_run_dir(run_dir: Path) -> None:
