@@ -171,9 +171,11 @@ def refuse_working_directory(path: Path, what: str, fix: str, error: type[UserEr
 
 def check_target(path: Path, kind: str, force: bool, fix: str) -> None:
     """May ``path`` become a new ``kind`` folder? Empty or absent: yes; else only with ``force``, and only
-    when it is already an attnlab ``kind`` folder."""
+    when it is already an attnlab ``kind`` folder. The caller holds the lock: leftovers of killed writers
+    are settled first (a folder a killed replacement had moved aside is put back, and judged)."""
     error, what = _KIND_ERRORS[kind], _KIND_NAMES[kind]
     refuse_working_directory(path, what, fix, error)
+    remove_leftovers(path)
     if path.exists() and not path.is_dir():
         raise error(f"{path} exists and is not a folder: {fix}")
     if not path.is_dir() or not any(path.iterdir()):
@@ -225,7 +227,6 @@ def create_run_dir(run_dir: Path, files: dict[str, str]) -> None:
 
     The caller holds the lock and has checked the target with ``check_target`` (an old run is replaced).
     """
-    remove_leftovers(run_dir)
     tmp = run_dir.with_name(f".{run_dir.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)

@@ -149,7 +149,6 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
         if wait and is_prepared_for(out, cfg):
             return json.loads((out / "meta.json").read_text(encoding="utf-8"))
         runs.check_target(out, "dataset", force, "choose another --out")
-        runs.remove_leftovers(out)
         with runs.sigterm_as_interrupt():
             return _prepare_locked(cfg, out, progress)
 

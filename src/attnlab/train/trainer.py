@@ -534,17 +534,27 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
         run_dir = Path(resume)
         runs.check_run_dir(run_dir)
     dist = distributed.from_env()
-    if dist.is_main and resume is None:
-        _make_out_dir(run_dir.parent)
-    with runs.locked(run_dir) if dist.is_main else contextlib.nullcontext():
-        return _train_locked(cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start)
-
-
-def _make_out_dir(out_dir: Path) -> None:
+    made = dist.is_main and resume is None and _make_out_dir(run_dir.parent)  # it holds the lock file
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        with runs.locked(run_dir) if dist.is_main else contextlib.nullcontext():
+            return _train_locked(cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start)
+    finally:
+        if made:  # refused before the run existed: leave no empty out_dir behind
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()
+
+
+def _make_out_dir(out_dir: Path) -> bool:
+    """Create out_dir if needed; whether it was created."""
+    if out_dir.is_dir():
+        return False
+    try:
+        out_dir.mkdir(parents=True)
+    except FileExistsError:
+        return False
     except OSError as e:
         raise runs.cannot_write(out_dir, e, "choose a writable out_dir") from None
+    return True
 
 
 def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, auto_resume: bool,
