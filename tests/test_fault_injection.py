@@ -44,6 +44,20 @@ from attnlab.data import store
 from attnlab.train import checkpoint as ck
 from attnlab.train import trainer as trainer_mod
 
+def warm_up(root):
+    # One whole run here, before any fork: each child then starts with every lazy import and cache in place.
+    import tempfile
+    from pathlib import Path
+    sys.path.insert(0, root)
+    from runkit import tiny_config, write_corpus
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg = tiny_config(write_corpus(tmp / "c.txt", n_docs=20), tmp / "data", tmp / "runs", "model.n_layer=1",
+                          "model.d_model=16", "train.max_steps=2", "train.eval_every=2", "logging.sample_tokens=2")
+        trainer_mod.train(cfg)
+
+warm_up(sys.argv[1])
+
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -113,8 +127,8 @@ for line in sys.stdin:
 
 class Server:
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env())
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(Path(__file__).parent)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env())
         self.lines = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(x.strip()) for x in self.proc.stdout], daemon=True).start()
         assert self.lines.get(timeout=120) == "READY"
@@ -140,7 +154,7 @@ def plan(seed: int = 16) -> list[dict]:
     rng = random.Random(seed)
     trials = [{"kind": "step", "k": rng.randrange(STEPS)} for _ in range(7)]
     trials += [{"kind": "save", "n": rng.randint(1, STEPS // EVERY), "stage": rng.choice(SAVE_STAGES)} for _ in range(7)]
-    trials += [{"kind": "delay", "seconds": round(rng.uniform(0.0, 1.5), 3)} for _ in range(3)]
+    trials += [{"kind": "delay", "seconds": round(rng.uniform(0.05, 0.7), 3)} for _ in range(3)]
     # prepare inside `train` (a fresh data folder), then the run folder's creation: rename 1 moves the dataset
     # into place, rename 2 the run directory
     trials += [{"kind": "split", "n": rng.randint(1, 2), "when": rng.choice(["before", "after"])} for _ in range(2)]
