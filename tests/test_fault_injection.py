@@ -16,7 +16,6 @@ checkpoint save, a stage of prepare), or the server kills it after a seeded dela
 from __future__ import annotations
 
 import json
-import os
 import queue
 import random
 import signal

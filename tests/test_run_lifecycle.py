@@ -16,7 +16,7 @@ from attnlab.train import checkpoint as ckpt
 from attnlab.train import trainer as trainer_mod
 from attnlab.train.trainer import train
 from runkit import tiny_config, write_corpus
-from safetykit import cli, env, listing, one_line
+from safetykit import cli, env, listing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,8 +119,9 @@ def test_checkpoint_files_share_the_mode_of_the_run_files(tmp_path, corpus):
 
 
 def test_an_unsafe_state_is_refused_without_suggesting_unsafe_loading(tmp_path):
-    import torch
     from pathlib import Path
+
+    import torch
 
     from attnlab.errors import CheckpointError
     from attnlab.files import file_sha256

@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(a) -> None:
-    from .config import Config, set_key, parse_override
+    from .config import Config, parse_override, set_key
     from .data import store
     cfg = Config()
     set_key(cfg, "data.source", a.source)

@@ -37,7 +37,6 @@ from . import distributed, runtime
 from .logs import EventLog, check_loggers
 from .optim import build_optimizer, build_scheduler
 
-
 # ------------------------------------------------------------------ data
 
 def default_data_dir(data_cfg) -> Path:
