@@ -169,10 +169,13 @@ def refuse_working_directory(path: Path, what: str, fix: str, error: type[UserEr
                     f"which is never used as a {what}: {fix}")
 
 
-def check_target(path: Path, kind: str, force: bool, fix: str) -> None:
+def check_target(path: Path, kind: str, force: bool, fix: str, own_fix: str = "") -> None:
     """May ``path`` become a new ``kind`` folder? Empty or absent: yes; else only with ``force``, and only
     when it is already an attnlab ``kind`` folder. The caller holds the lock: leftovers of killed writers
-    are settled first (a folder a killed replacement had moved aside is put back, and judged)."""
+    are settled first (a folder a killed replacement had moved aside is put back, and judged).
+
+    ``fix`` says what to do instead; ``own_fix`` adds advice for an existing ``kind`` folder (e.g. --resume).
+    """
     error, what = _KIND_ERRORS[kind], _KIND_NAMES[kind]
     refuse_working_directory(path, what, fix, error)
     remove_leftovers(path)
@@ -181,12 +184,14 @@ def check_target(path: Path, kind: str, force: bool, fix: str) -> None:
     if not path.is_dir() or not any(path.iterdir()):
         return
     found = kind_of(path)
+    if found == kind:
+        if not force:
+            raise error(f"{what} {path} already exists: {fix}{own_fix} or pass --force to replace it")
+        return
+    is_what = f"is an attnlab {found}" if found else f"is not an attnlab {kind} (it lacks the marker files)"
     if not force:
-        hint = " or pass --force to replace it" if found == kind else ""
-        raise error(f"{what} {path} already exists: {fix}{hint}")
-    if found != kind:
-        is_what = f"is an attnlab {found}" if found else f"is not an attnlab {kind} (none of its marker files)"
-        raise error(f"{path} {is_what}, and --force replaces only an attnlab {kind}: {fix}, or remove the folder yourself")
+        raise error(f"{path} already exists and {is_what}: {fix}")
+    raise error(f"{path} {is_what}, and --force replaces only an attnlab {kind}: {fix}, or remove the folder yourself")
 
 
 def remove_leftovers(path: Path) -> None:

@@ -568,7 +568,7 @@ def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, 
                 if d.is_dir():
                     runs.check_writable(d, "make the run directory writable, or copy it somewhere writable and resume the copy")
     elif dist.is_main:
-        runs.check_target(run_dir, "run", force, f"choose another name (name=...) or continue it with --resume {run_dir}")
+        runs.check_target(run_dir, "run", force, "choose another name (name=...)", f", continue it with --resume {run_dir}")
     trainer = Trainer(cfg, run_dir, argv, dist)
     trainer.setup()  # data and model errors surface before anything is written
     if resume:
