@@ -63,6 +63,18 @@ def test_two_trainings_started_together_never_share_a_directory(tmp_path, corpus
     assert len(read_events(run, "summary")) == 1
 
 
+def test_two_runs_preparing_one_dataset_together_share_it(tmp_path, corpus):
+    procs = []
+    for name in ("a", "b"):
+        cfg = cfg_for(tmp_path, corpus, "train.max_steps=1", name=name)
+        procs.append(subprocess.Popen([sys.executable, "-m", "attnlab", "train", *train_args(cfg)], env=env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert {read_events(tmp_path / "runs" / n, "dataset_info")[0]["dir"] for n in "ab"} == {str(tmp_path / "data")}
+    assert [x for x in listing(tmp_path) if x.startswith(".") or "/." in x] == []
+
+
 def test_a_held_run_directory_is_refused_naming_the_holder(tmp_path, corpus, capsys):
     cfg = cfg_for(tmp_path, corpus, "train.max_steps=2")
     train(cfg)

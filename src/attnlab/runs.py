@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,13 +78,17 @@ def _acquire(lock: Path, path: Path, what: str, wait: bool, error: type[UserErro
         except OSError as e:
             raise cannot_write(lock.parent, e, f"choose a writable location for the {what}", error) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(fd)
-            os.close(fd)
             who = f"PID {holder}" if holder else "a process that is starting"
-            raise InUse(f"{what} {path} is in use by another attnlab process ({who}): "
-                        f"wait for it to finish or stop it, then try again") from None
+            if not wait:
+                os.close(fd)
+                raise InUse(f"{what} {path} is in use by another attnlab process ({who}): "
+                            f"wait for it to finish or stop it, then try again") from None
+            print(f"attnlab: waiting for another attnlab process ({who}) to finish writing {what} {path}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         if _same_file(fd, lock):  # else its holder removed it while we waited: take the new one
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
