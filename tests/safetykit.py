@@ -39,8 +39,8 @@ def one_line(err: str, *needles: str) -> str:
 
 HOLDER = """
 import sys, time
-from attnlab import runs
-with runs.locked(sys.argv[1], "folder"):
+from attnlab import folders
+with folders.locked(sys.argv[1], "folder"):
     print("LOCKED", flush=True)
     time.sleep(600)
 """

@@ -38,7 +38,7 @@ SERVER = r"""
 import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)  # no thread pool exists when forking
-from attnlab import cli, runs
+from attnlab import cli
 from attnlab.data import store
 from attnlab.train import checkpoint as ck
 from attnlab.train import trainer as trainer_mod
@@ -211,11 +211,11 @@ def assert_same_run(run: Path, ref: Path) -> None:
 
 def assert_nothing_left(root: Path) -> None:
     """No temporary or displaced folders; lock files a killed process could not remove are free."""
-    from attnlab import runs
+    from attnlab import folders
     left = [p for p in listing(root) if ".tmp-" in p or ".old-" in p or ".write-check" in p]
     assert left == [], left
     for lock in root.rglob(".*.lock"):
-        with runs.locked(lock.with_name(lock.name[1:-5])):
+        with folders.locked(lock.with_name(lock.name[1:-5])):
             pass
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from attnlab import config, runs
+from attnlab import config, folders
 from attnlab.errors import CheckpointError, InUse
 from attnlab.train import checkpoint as ckpt
 from attnlab.train.logs import read_events
@@ -127,11 +127,11 @@ def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path, corpus, capsys):
 
 
 def test_lock_is_reentrant_for_nobody_and_released(tmp_path):
-    with runs.locked(tmp_path / "x", "run directory"):
+    with folders.locked(tmp_path / "x", "run directory"):
         with pytest.raises(InUse, match=f"PID {os.getpid()}"):
-            with runs.locked(tmp_path / "x", "run directory"):
+            with folders.locked(tmp_path / "x", "run directory"):
                 pass
-    with runs.locked(tmp_path / "x", "run directory"):
+    with folders.locked(tmp_path / "x", "run directory"):
         pass
     assert listing(tmp_path) == []
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, runs
+from .. import __version__, folders
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
@@ -143,13 +143,13 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
     was prepared from the same config); ``force`` replaces only an attnlab dataset.
     """
     out = Path(out_dir)
-    runs.refuse_working_directory(out, "dataset folder", "pass a new folder, e.g. --out data/NAME", DataError)
-    runs.make_parent(out, "dataset folder", DataError)
-    with runs.locked(out, "dataset folder", wait=wait, error=DataError):
+    folders.refuse_working_directory(out, "dataset folder", "pass a new folder, e.g. --out data/NAME", DataError)
+    folders.make_parent(out, "dataset folder", DataError)
+    with folders.locked(out, "dataset folder", wait=wait, error=DataError):
         if wait and is_prepared_for(out, cfg):
             return json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        runs.check_target(out, "dataset", force, "choose another --out")
-        with runs.sigterm_as_interrupt():
+        folders.check_target(out, "dataset", force, "choose another --out")
+        with folders.sigterm_as_interrupt():
             return _prepare_locked(cfg, out, progress)
 
 
@@ -158,7 +158,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, progress: bool) -> dict:
     try:
         tmp.mkdir()
     except OSError as e:
-        raise runs.cannot_write(out.parent, e, "choose a writable --out", DataError) from None
+        raise folders.cannot_write(out.parent, e, "choose a writable --out", DataError) from None
     try:
         write = images.write_dataset if cfg.source in images.IMAGE_SOURCES else _write_text
         body = write(cfg, tmp, progress)
@@ -172,7 +172,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, progress: bool) -> dict:
             **body,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        runs.replace_dir(tmp, out)
+        folders.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .. import config as config_mod
-from .. import runs
+from .. import folders
 from ..errors import UserError
 from .spec import RunSpec, Sweep, expand
 
@@ -40,8 +40,8 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, resume: bool = False
     if resume and force:
         raise UserError("--resume and --force exclude each other: --resume finishes a sweep, --force replaces it")
     specs = expand(sweep)
-    runs.make_parent(sweep.folder, "sweep folder", UserError)
-    with runs.locked(sweep.folder, "sweep folder", error=UserError):  # one sweep process per folder
+    folders.make_parent(sweep.folder, "sweep folder", UserError)
+    with folders.locked(sweep.folder, "sweep folder", error=UserError):  # one sweep process per folder
         return _run_locked(sweep, specs, parallel, resume, force, report, echo)
 
 
@@ -159,7 +159,7 @@ def _execute(sweep: Sweep, specs: list[RunSpec], records: list[dict], parallel: 
     threads, total, running = run_threads(sweep, parallel), len(queue), []
     _write_runs(sweep, records)
     try:
-        with runs.sigterm_as_interrupt():  # SIGTERM stops the sweep like Ctrl-C: its runs checkpoint and stop
+        with folders.sigterm_as_interrupt():  # SIGTERM stops the sweep like Ctrl-C: its runs checkpoint and stop
             _loop(sweep, queue, running, parallel, threads, total, echo, records)
     except KeyboardInterrupt:
         _stop(sweep, running)  # each run saves a checkpoint at its next step boundary; --resume continues it

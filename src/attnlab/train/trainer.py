@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
-from .. import jsonout, runs
+from .. import folders, jsonout
 from ..config import Config
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
@@ -531,11 +531,11 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
         run_dir = Path(cfg.out_dir) / cfg.name
     else:
         run_dir = Path(resume)
-        runs.check_run_dir(run_dir)
+        folders.check_run_dir(run_dir)
     dist = distributed.from_env()
     made = dist.is_main and resume is None and _make_out_dir(run_dir.parent)  # it holds the lock file
     try:
-        with runs.locked(run_dir) if dist.is_main else contextlib.nullcontext():
+        with folders.locked(run_dir) if dist.is_main else contextlib.nullcontext():
             return _train_locked(cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start)
     finally:
         if made:  # refused before the run existed: leave no empty out_dir behind
@@ -552,7 +552,7 @@ def _make_out_dir(out_dir: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as e:
-        raise runs.cannot_write(out_dir, e, "choose a writable out_dir") from None
+        raise folders.cannot_write(out_dir, e, "choose a writable out_dir") from None
     return True
 
 
@@ -566,9 +566,9 @@ def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, 
         if dist.is_main:
             for d in (run_dir, run_dir / "checkpoints"):
                 if d.is_dir():
-                    runs.check_writable(d, "make the run directory writable, or copy it somewhere writable and resume the copy")
+                    folders.check_writable(d, "make the run directory writable, or copy it somewhere writable and resume the copy")
     elif dist.is_main:
-        runs.check_target(run_dir, "run", force, "choose another name (name=...)", f", continue it with --resume {run_dir}")
+        folders.check_target(run_dir, "run", force, "choose another name (name=...)", f", continue it with --resume {run_dir}")
     trainer = Trainer(cfg, run_dir, argv, dist)
     trainer.setup()  # data and model errors surface before anything is written
     if resume:
@@ -578,7 +578,7 @@ def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, 
             return json.loads((run_dir / "summary.json").read_text())  # finished: nothing to add
     else:
         if dist.is_main:
-            runs.create_run_dir(run_dir, {"config.yaml": config_mod.dump(cfg), "meta.json": trainer.meta_text()})
+            folders.create_run_dir(run_dir, {"config.yaml": config_mod.dump(cfg), "meta.json": trainer.meta_text()})
         distributed.barrier(dist)  # the run directory exists before any rank uses it
     log = EventLog(run_dir, cfg, enabled=dist.is_main)
     try:
