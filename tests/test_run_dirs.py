@@ -44,7 +44,7 @@ def test_two_trainings_started_together_never_share_a_directory(tmp_path, corpus
     train(cfg_for(tmp_path, corpus, "train.max_steps=1", name="warm"))  # the dataset exists: both race for the run dir
     procs = []
     for seed in (1, 2):
-        cfg = cfg_for(tmp_path, corpus, "train.max_steps=40", f"train.seed={seed}", "train.checkpoint_every=5")
+        cfg = cfg_for(tmp_path, corpus, "train.max_steps=20", f"train.seed={seed}", "train.checkpoint_every=5")
         procs.append(subprocess.Popen([sys.executable, "-m", "attnlab", "train", *train_args(cfg)], env=env(),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
