@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ConfigError, UserError
+from .errors import CheckpointError, ConfigError, Interrupted, UserError
 
 PREPARE_FLAGS = {  # --flag -> data.<key>
     "path": str, "format": str, "field": str, "categories": str, "max_docs": int, "max_bytes": int,
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--keep-rows", type=int, help="--complete: image rows kept (default half the height)")
     sa.add_argument("--batch-size", type=int, default=16, help="image runs: images generated together")
     sa.add_argument("--out", help="image runs: the PNG to write")
+    sa.add_argument("--force", action="store_true", help="replace an existing --out file")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
@@ -119,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     vp.add_argument("--save-mask", metavar="FILE.npy", help="also save the boolean mask [heads, N, N] (True = may attend) with numpy.save")
     vp.add_argument("--layer", type=int, default=0, help="layer index (patterns can differ per layer)")
     vp.add_argument("--layers", type=int, default=1, help="number of layers")
+    vp.add_argument("--force", action="store_true", help="replace existing --out / --save-mask files")
     vl = vsub.add_parser("logit-lens", help="text runs: each layer's prediction (final norm + unembedding of its residual)")
     vl.add_argument("run_dir")
     vl.add_argument("--text", required=True, help="input text, at most the model's context in tokens")
@@ -170,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(a) -> None:
-    from .config import Config, set_key, parse_override
+    from .config import Config, parse_override, set_key
     from .data import store
     cfg = Config()
     set_key(cfg, "data.source", a.source)
@@ -182,6 +184,10 @@ def cmd_prepare(a) -> None:
             key, value = parse_override(arg)
             set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
         meta = store.prepare(cfg.data, a.out, force=a.force)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # the dataset is written in a temporary folder and moved into place at the end
+        raise Interrupted(f"{a.out} was not written (nothing was changed)") from None
     except UserError as e:  # speak of the flags the user typed, not of the config keys behind them
         raise type(e)(_as_flags(str(e), [n for n in PREPARE_FLAGS if getattr(a, n) is not None])) from None
     print(json.dumps({"out": a.out, "vocab_size": meta["vocab_size"],
@@ -198,22 +204,35 @@ def _as_flags(message: str, flags: list[str]) -> str:
 
 
 def cmd_train(a) -> None:
+    from pathlib import Path
+
     from . import config
+    from .runs import check_resume_overrides
     from .train.runtime import tune_allocator
     from .train.trainer import train
+    args = ([a.config] if a.config is not None else []) + a.overrides  # in any order among the flags
+    files, overrides = [x for x in args if "=" not in x], [x for x in args if "=" in x]
+    if len(files) > 1:
+        raise ConfigError(f"attnlab train takes one config file, got {' and '.join(files)}: "
+                          "pass one preset plus key=value overrides")
     cfg = None
-    if a.config is not None and "=" in a.config:  # no preset, only overrides
-        a.overrides.insert(0, a.config)
-        a.config = None
     data_dir = None
-    if a.resume is not None and a.config is None and len(a.overrides) == 1 and a.overrides[0].startswith("data.dir="):
-        data_dir = a.overrides.pop().split("=", 1)[1]  # where the run's dataset is now (checked against its record)
-    if a.resume is None or a.config or a.overrides:
-        if a.resume is None and a.config is None and not a.overrides:
+    if a.resume is not None:  # data.dir=DIR says where the run's dataset is now (checked against its record)
+        data_dir = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "data.dir"), None)
+        overrides = [o for o in overrides if o.split("=", 1)[0].strip() != "data.dir"]
+        check_resume_overrides(Path(a.resume), overrides)
+    if a.resume is None or files:
+        if a.resume is None and not args:
             raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")
-        cfg = config.load(a.config, a.overrides)
+        cfg = config.load(files[0] if files else None, overrides)
+    run_dir = Path(a.resume) if a.resume is not None else Path(cfg.out_dir) / cfg.name
     tune_allocator()
-    summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume, data_dir=data_dir)
+    try:
+        summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume, data_dir=data_dir)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # before training started or after it stopped
+        raise Interrupted(_train_interrupted(run_dir)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary: print it once
         print(json.dumps(summary))
 
@@ -232,6 +251,12 @@ def _check_counts(a, *flags: str, lo: int = 1) -> None:
         value = getattr(a, flag)
         if value is not None and value < lo:
             raise UserError(f"--{flag.replace('_', '-')} {value} is not allowed: use a whole number >= {lo}")
+def _train_interrupted(run_dir) -> str:
+    from .train.checkpoint import latest_checkpoint
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return f"no checkpoint of {run_dir} was saved, so there is nothing to resume"
+    return f"the latest checkpoint is {latest}: continue with attnlab train --resume {run_dir}"
 
 
 def cmd_eval(a) -> None:
@@ -244,7 +269,18 @@ def cmd_eval(a) -> None:
         raise UserError(f"split {a.split!r} not in {run.dataset.dir}: use one of {', '.join(splits)}")
     out = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "split": a.split}
     out.update(_eval_images(run, a) if run.dataset.kind == "image" else _eval_text(run, a))
+    _refuse_non_finite(run, a.split, out)
     print(json.dumps(out))
+
+
+def _refuse_non_finite(run, split: str, metrics: dict) -> None:
+    """Weights that are finite but overflow give a NaN/inf loss: an error, never a number in the output."""
+    import math
+    bad = next((k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad:
+        raise CheckpointError(f"the loss is not finite on {split} ({bad} = {metrics[bad]}) with checkpoint {run.checkpoint}: "
+                              f"its weights overflow (the training diverged); use an earlier checkpoint (--checkpoint) "
+                              f"or retrain with a lower optim.lr")
 
 
 def _eval_text(run, a) -> dict:
@@ -351,6 +387,7 @@ def _sample_images(run, a, sampling) -> None:
         raise UserError(f"{run.dir} models text: --images/--complete are for image runs (drop them to sample text)")
     if bool(a.images) == bool(a.complete) or not a.out:
         raise UserError("an image run samples pictures: pass --images N --out grid.png, or --complete K --out completions.png")
+    _check_new_file(a.out, a.force)
     shape = tuple(run.model.cfg.image_shape)
     t0 = time.perf_counter()
     common = dict(sampling=sampling, seed=a.seed, batch_size=a.batch_size, device=run.device, progress=True)
@@ -364,6 +401,12 @@ def _sample_images(run, a, sampling) -> None:
         path = save_completion_grid(originals, completions, a.out, keep_rows=a.keep_rows)
         n = len(originals)
     print(json.dumps({"out": str(path), "images": n, "shape": list(shape), "seconds": round(time.perf_counter() - t0, 2)}))
+
+
+def _check_new_file(path: str | None, force: bool, flag: str = "--out") -> None:
+    """An output file is replaced only with --force (like report and the other viz commands)."""
+    if path and os.path.lexists(path) and not force:
+        raise UserError(f"{flag} {path} already exists: choose another {flag} or pass --force to replace it")
 
 
 def _peak_rss_mb() -> float | None:
@@ -404,6 +447,8 @@ def cmd_bench_attention(a) -> None:
 def cmd_viz_pattern(a) -> None:
     from .eval.inspection.pattern_viz import draw_pattern, format_params, pattern_from_overrides, save_mask
     pattern = pattern_from_overrides(a.overrides, a.heads, a.layer, a.layers)
+    _check_new_file(a.out, a.force)
+    _check_new_file(a.save_mask, a.force, "--save-mask")
     fig = draw_pattern(pattern, a.seq_len, a.heads, a.out, subtitle=f"layer {a.layer} of {a.layers}" if a.layers > 1 else "")
     if a.save_mask:
         save_mask(pattern, a.seq_len, a.heads, a.save_mask)
@@ -482,8 +527,26 @@ COMMANDS = {"patterns": cmd_patterns, "prepare": cmd_prepare, "train": cmd_train
             "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep}
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line, accepting key=value overrides anywhere among the flags.
+
+    argparse stops filling a positional list at the first flag; what it leaves
+    over is added to the command's overrides (argparse's intermixed parsing
+    does the same but cannot handle subcommands).
+    """
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    target = "overrides" if hasattr(args, "overrides") else "choices" if hasattr(args, "choices") else None
+    strays = [x for x in extra if target is None or x.startswith("-")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        setattr(args, target, list(getattr(args, target)) + extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         COMMANDS[args.command](args)
     except UserError as e:
@@ -491,12 +554,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"attnlab: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
         if args.command != "sweep":  # a sweep names its own --resume line
-            print("attnlab: interrupted (a checkpoint was saved if training had started: continue with --resume RUN_DIR)",
-                  file=sys.stderr)
+            print(f"attnlab: interrupted: {e}" if str(e) else "attnlab: interrupted", file=sys.stderr)
         return 130
     return 0
 

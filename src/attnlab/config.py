@@ -239,7 +239,7 @@ class Config:
         if self.optim.beta2 >= 1.0 or self.optim.beta1 >= 1.0:
             raise ConfigError("optim.beta1 and optim.beta2 must be < 1: use e.g. beta1=0.9 beta2=0.95")
         check_attention(self.attention, m)
-        if self.name in ("", ".", "..") or "/" in self.name:
+        if self.name in ("", ".", "..") or "/" in self.name or not self.name.isprintable():  # control characters too
             raise ConfigError(f"name={self.name!r} is not a valid run name: use letters, digits, '-' or '_'")
         return self
 

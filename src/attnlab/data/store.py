@@ -25,14 +25,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, folders
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
@@ -139,14 +138,38 @@ def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
     return splits
 
 
-def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True) -> dict:
-    """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta."""
+def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, wait: bool = False) -> dict:
+    """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta.
+
+    The folder is locked while it is written (another process preparing it
+    makes this one fail, or with ``wait`` wait and reuse its dataset when that
+    was prepared from the same config); ``force`` replaces only an attnlab dataset.
+    """
     out = Path(out_dir)
     _check_not_prepared(cfg)
-    _check_target(out, force)
+    folders.refuse_working_directory(out, "dataset folder", "pass a new folder, e.g. --out data/NAME", DataError)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    folders.make_parent(out, "dataset folder", DataError)
+    try:
+        with folders.locked(out, "dataset folder", wait=wait, error=DataError):
+            if wait and is_prepared_for(out, cfg):
+                return json.loads((out / "meta.json").read_text(encoding="utf-8"))
+            folders.check_target(out, "dataset", force, "choose another --out")
+            with folders.sigterm_as_interrupt():
+                return _prepare_locked(cfg, out, progress)
+    except BaseException:
+        for folder in created:  # the folders made for the dataset, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _prepare_locked(cfg: DataConfig, out: Path, progress: bool) -> dict:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise folders.cannot_write(out.parent, e, "choose a writable --out", DataError) from None
     try:
         write = image_sources.write_dataset if cfg.source in image_sources.IMAGE_SOURCES else _write_text
         body = write(cfg, tmp, progress)
@@ -160,12 +183,9 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
             **body,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
+        folders.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # the folders made for the dataset, deepest first, if still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
         raise
     return meta
 
@@ -203,30 +223,6 @@ def _write_text(cfg: DataConfig, tmp: Path, progress: bool) -> dict:
         "documents_selected": sum(len(d) for d in splits.values()),
         "splits": split_meta,
     }
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} exists and is not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DataError(f"{out} already exists: choose another --out or pass --force")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one is removed only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)  # put the previous dataset back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _chunks(docs: list[str]):

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -26,13 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
-from .. import identity
+from .. import folders, identity, jsonout
 from ..config import Config, ModelConfig
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
 from ..data.image_format import IMAGE_VOCAB, SOS
 from ..data.image_sources import IMAGE_SOURCES
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
+from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged, UserError
 from ..eval.inspection.attention_stats import attention_stats_event
 from ..eval.metrics.curves import plot_curves
 from ..eval.metrics.scoring import Score, image_metrics, score_images, score_tokens, text_metrics
@@ -43,7 +42,6 @@ from . import distributed, runtime
 from .logs import EventLog, check_loggers
 from .memory import check_fits
 from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
-
 
 # ------------------------------------------------------------------ data
 
@@ -66,7 +64,7 @@ def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
     alone suffices); settings given that differ are refused."""
     path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
     if not (path / "meta.json").exists():
-        store.prepare(data_cfg, path, progress=progress)
+        store.prepare(data_cfg, path, progress=progress, wait=True)  # a run preparing it too: wait, reuse
     ds = store.load(path)
     _check_data_config(ds, data_cfg, path)
     return ds
@@ -133,16 +131,7 @@ def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]
     return IMAGE_VOCAB, dataclasses.replace(m, image_shape=shape)
 
 
-def create_run_dir(cfg: Config, force: bool) -> Path:
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise CheckpointError(f"run directory {run_dir} already exists: choose another name (name=...), "
-                                  f"continue it with --resume {run_dir}, or pass --force to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
+# ------------------------------------------------------------------ run directory
 
 def load_run_config(run_dir: Path) -> Config:
     """The run's config.yaml (checked against identity.json), reading the block layout from the run's own copy."""
@@ -216,6 +205,7 @@ class Trainer:
     argv: list[str] = field(default_factory=list)
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's rank under torchrun
     data_dir: str | Path | None = None  # resume: a copy of the run's dataset to use instead of its data.dir
+    resuming: bool = False  # the run directory exists: its dataset is the one it recorded
 
     # Built by setup(), from the config and the dataset; everything else reads these.
     device: torch.device = _built_in_setup()
@@ -249,7 +239,7 @@ class Trainer:
         runtime.seed_everything(cfg.train.seed)
         with distributed.main_first(self.dist):  # one rank prepares the dataset on disk
             progress = cfg.logging.progress and self.dist.is_main
-            if self.run_dir is None:
+            if not self.resuming:
                 self.ds = open_dataset(cfg.data, progress=progress)
             else:  # resuming: the run's own dataset, checked against its record
                 self.ds = open_run_dataset(self.run_dir, cfg.data, data_dir=self.data_dir, rebuild=True,
@@ -317,13 +307,13 @@ class Trainer:
         log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch,
                 total_steps=self.clock.total_steps, schedule_follows=self.clock.follows)
 
-    def write_meta(self) -> None:
+    def meta_text(self) -> str:
         meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), "git_dirty": runtime.git_dirty(),
                 **runtime.device_info(self.device),
                 "seed": self.cfg.train.seed, "argv": self.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if self.dist.enabled:
             meta["distributed"] = {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
-        ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2))
+        return json.dumps(meta, indent=2)
 
     # ---------------------------------------------------------- checkpoints
 
@@ -331,6 +321,7 @@ class Trainer:
         if self.saved_step == self.progress.step:
             return ckpt.latest_checkpoint(self.run_dir)
         weights, optimizer = distributed.full_state(self.model, self.optimizer)  # FSDP: every rank gathers
+        self._check_finite(log, weights, optimizer)
         if self.dist.is_main:  # the full state, in the single-process format (any rank count can resume it)
             state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                      "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
@@ -343,6 +334,16 @@ class Trainer:
         distributed.barrier(self.dist)  # no rank goes on before the checkpoint is complete
         self.saved_step = self.progress.step
         return ckpt.latest_checkpoint(self.run_dir)
+
+    def _check_finite(self, log: EventLog, weights: dict | None, optimizer: dict) -> None:
+        """Stop like a diverged loss if weights or optimizer state hold NaN/inf: such a checkpoint is never saved."""
+        bad = None
+        if self.dist.is_main:
+            bad = ckpt.first_non_finite(weights or self.model.state_dict()) or ckpt.first_non_finite(optimizer, "optimizer")
+        if self.dist.enabled:  # every rank stops, not only the one that looked
+            bad = bad or ("a tensor" if distributed.all_reduce_sum(self.dist, [float(bad is not None)])[0] else None)
+        if bad:
+            self._diverged(log, self.progress.last_loss, tensor=bad)
 
     def restore(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
@@ -480,16 +481,18 @@ class Trainer:
                     bar.close()
                     path = self.save(log)
                     log.log("training_interrupted", step=p.step, checkpoint=str(path))
-                    raise KeyboardInterrupt
+                    raise Interrupted(f"checkpoint {path} saved: continue with attnlab train --resume {self.run_dir}")
         bar.close()
         return reason
 
-    def _diverged(self, log: EventLog, loss: float) -> None:
-        step = self.progress.step + 1
+    def _diverged(self, log: EventLog, loss: float, tensor: str | None = None) -> None:
+        """The loss (or, with ``tensor``, a weight or optimizer tensor after a step) became NaN/inf."""
+        step = self.progress.step + (0 if tensor else 1)
         last = ckpt.latest_checkpoint(self.run_dir)
-        log.log("training_diverged", step=step, loss=loss, last_checkpoint=str(last) if last else None)
+        log.log("training_diverged", step=step, loss=loss, tensor=tensor, last_checkpoint=str(last) if last else None)
         kept = f"kept the last good checkpoint {last}" if last else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"loss became {loss} at step {step} ({kept}): lower optim.lr, enable optim.grad_clip "
+        what = f"weights are not finite at step {step} ({tensor}; {kept})" if tensor else f"loss became {loss} at step {step} ({kept})"
+        raise TrainingDiverged(f"{what}: lower optim.lr, enable optim.grad_clip "
                                f"or use train.dtype=float32, then start a new run")
 
     def _split_summary(self, split: str, m: dict) -> dict:
@@ -544,7 +547,7 @@ class Trainer:
                 **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, **extra)
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
-        p = self.progress
+        p, final_start = self.progress, time.time()
         self.save(log)
         planned = self.clock.total_steps
         if reason == "time_budget" and planned is not None and p.step < planned and self.dist.is_main:
@@ -562,7 +565,7 @@ class Trainer:
             "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
             "final_train_loss": p.last_loss, "stop_reason": reason, "schedule_follows": self.clock.follows,
             "planned_steps": self.clock.total_steps, "final_lr": self.scheduler.get_last_lr()[0],
-            "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
+            "train_seconds": p.train_seconds,
             "attention": self.model.describe()["attention"],
         }
         if not self.image:
@@ -572,6 +575,10 @@ class Trainer:
         self.write_samples(log)
         if self.dist.is_main:
             log.log("plot_written", path=str(plot_curves(self.run_dir, self.image)))
+        now = time.time()  # the whole command, final evaluation, samples and plot included
+        summary.update(final_seconds=now - final_start, wall_seconds=now - wall_start)
+        summary = jsonout.finite(summary, {"final_train_loss": "no training step ran"})
+        if self.dist.is_main:
             ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
         return summary
@@ -615,42 +622,78 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
     """Run (or resume) training and return summary.json's content.
 
     Under torchrun every rank calls this (each returns the summary); rank 0
-    alone writes the run directory. ``auto_resume`` continues out_dir/name from
-    its newest complete checkpoint if it has one, else starts it, so that
+    alone writes the run directory, holding its lock from before the first
+    check to the end. ``auto_resume`` continues out_dir/name from its newest
+    complete checkpoint if it has one, else starts it, so that
     ``torchrun --max-restarts`` can re-run the same command after a failure.
     ``data_dir`` (resume) points at a copy of the run's dataset; it must match the run's record.
     """
     wall_start = time.time()
-    if auto_resume:
-        if resume is not None or force or cfg is None:
-            raise UserError("--auto-resume takes a config and picks start or resume itself: "
-                            "drop --resume/--force (or drop --auto-resume)")
-        resume, force = auto_resume_target(cfg)
-    if resume is not None:
+    if auto_resume and (resume is not None or force or cfg is None):
+        raise UserError("--auto-resume takes a config and picks start or resume itself: "
+                        "drop --resume/--force (or drop --auto-resume)")
+    if resume is None:
+        cfg.validate()
+        run_dir = Path(cfg.out_dir) / cfg.name
+    else:
         run_dir = Path(resume)
+        folders.check_run_dir(run_dir)
         if data_dir is None and cfg is not None and cfg.data.dir:  # the config's data.dir points at the data
             data_dir = cfg.data.dir
-        cfg = check_resume_config(run_dir, cfg)
-    else:
-        cfg.validate()
-        run_dir = None
     dist = distributed.from_env()
-    trainer = Trainer(cfg, run_dir, argv or [], dist, data_dir)
-    trainer.setup()  # data and model errors surface before anything is written
-    if resume is None:
-        trainer.run_dir = run_dir = Path(cfg.out_dir) / cfg.name
+    made = dist.is_main and resume is None and _make_out_dir(run_dir.parent)  # it holds the lock file
+    try:
+        with folders.locked(run_dir) if dist.is_main else contextlib.nullcontext():
+            return _train_locked(cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start,
+                                 data_dir)
+    finally:
+        if made:  # refused before the run existed: leave no empty out_dir behind
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()
+
+
+def _make_out_dir(out_dir: Path) -> bool:
+    """Create out_dir if needed; whether it was created."""
+    if out_dir.is_dir():
+        return False
+    try:
+        out_dir.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise folders.cannot_write(out_dir, e, "choose a writable out_dir") from None
+    return True
+
+
+def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, auto_resume: bool,
+                  argv: list[str], dist: distributed.Dist, wall_start: float, data_dir: str | Path | None) -> dict:
+    if auto_resume:
+        target, force = auto_resume_target(cfg)
+        resume = target is not None
+    if resume:
+        cfg = check_resume_config(run_dir, cfg)
         if dist.is_main:
-            create_run_dir(cfg, force)
-            config_mod.save(cfg, run_dir / "config.yaml")
+            for d in (run_dir, run_dir / "checkpoints"):
+                if d.is_dir():
+                    folders.check_writable(d, "make the run directory writable, or copy it somewhere writable and resume the copy")
+    elif dist.is_main:
+        folders.check_target(run_dir, "run", force, "choose another name (name=...)", f", continue it with --resume {run_dir}")
+    trainer = Trainer(cfg, run_dir, argv, dist, data_dir, resuming=resume)
+    trainer.setup()  # data and model errors surface before anything is written
+    if resume:
+        trainer.restore()
+        if trainer.should_stop() and trainer._exists(run_dir / "summary.json"):
+            distributed.shutdown(dist)
+            return json.loads((run_dir / "summary.json").read_text())  # finished: nothing to add
+    else:
+        if dist.is_main:
+            folders.create_run_dir(run_dir, {"config.yaml": config_mod.dump(cfg), "meta.json": trainer.meta_text()})
             copy_plugins(cfg.attention.plugins, run_dir)
-            trainer.write_meta()
             identity.record(run_dir, cfg, trainer.ds)
         distributed.barrier(dist)  # the run directory exists before any rank uses it
-    else:
-        trainer.restore()
     log = EventLog(run_dir, cfg, enabled=dist.is_main)
     try:
-        trainer.log_start(log, resumed=resume is not None)
+        trainer.log_start(log, resumed=resume)
         reason = trainer.fit(log)
         summary = trainer.finish(log, reason, wall_start)
     finally:
