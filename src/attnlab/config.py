@@ -56,11 +56,14 @@ class DataConfig:
 class ModelConfig:
     n_layer: int = opt(4, lo=1, hi=256)
     n_head: int = opt(4, lo=1, hi=256)
+    n_kv_head: int | None = opt(None, lo=1, hi=256, help="key/value heads shared by groups of query heads (grouped-query "
+                                                        "attention; 1 = multi-query); must divide n_head (default n_head)")
     d_model: int = opt(128, lo=8, hi=65536)
     context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
-    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "image", "image+learned"],
-                        help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added)")
+    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "alibi", "image", "image+learned"],
+                        help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added); "
+                             "alibi: no position embedding, the alibi score modifier in every layer")
     image_shape: list[int] = opt([], help="image positions: [height, width, channels] of one image (default: the dataset's)")
     norm: str = opt("layernorm", choices=["layernorm", "rmsnorm"])
     norm_position: str = opt("pre", choices=["pre", "post"])
@@ -86,6 +89,9 @@ class ModelConfig:
         """The rules that tie model fields together; ConfigError naming the keys to change."""
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}: choose d_model as a multiple of n_head")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: choose a divisor "
+                              f"of {self.n_head} (1 = multi-query attention) or leave n_kv_head unset")
         head = self.d_model // self.n_head
         qk = self.qk_ratio * head
         if abs(qk - round(qk)) > 1e-6 or round(qk) < 1:
@@ -116,6 +122,8 @@ class AttentionConfig:
     layout: str | None = opt(None, help="block_layout: .npy boolean block layout [nb, nb] or [n_head, nb, nb]")
     layout_block: int = opt(64, lo=1, help="block_layout: tokens per layout block")
     feature_map: str = opt("elu1", choices=["elu1", "relu"], help="linear: the feature map phi")
+    modifiers: list[str] = opt([], help="score modifiers applied in order before the mask, e.g. alibi, softcap(cap=30), "
+                                        "relpos(buckets=32,max_distance=128)")
 
 
 @dataclass
@@ -260,7 +268,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value not in ("", "[]") else []
+            value = [v for v in _split_list(value) if v] if value not in ("", "[]") else []
         if not isinstance(value, list):
             raise ConfigError(f"{key} expects a list, got {value!r}: write {key}=a,b,c")
         return [_coerce(key, inner, v) for v in value]
@@ -292,6 +300,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
     return value
+
+
+def _split_list(value: str) -> list[str]:
+    """``a,b(x=1,y=2),c`` -> ['a', 'b(x=1,y=2)', 'c']: commas inside parentheses belong to the item."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(value):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    return items + [value[start:]]
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:

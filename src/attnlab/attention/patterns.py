@@ -491,10 +491,14 @@ def build_pattern(attn_cfg: AttentionConfig, layer_idx: int, n_layer: int, n_hea
 def check_patterns(a: AttentionConfig, m: ModelConfig) -> None:
     """Build every layer's pattern (raising on bad parameters) and check the rules that involve the context."""
     from .backends import select_backend  # late import: backends depend on this module
+    from .modifiers import check_modifiers, modifier_specs
 
     names = {layer_pattern_name(a, i) for i in range(m.n_layer)}
+    specs = modifier_specs(a, m)
     for i in range(m.n_layer):
-        select_backend(a.backend, build_pattern(a, i, m.n_layer, m.n_head), None, m.dropout)
+        pattern = build_pattern(a, i, m.n_layer, m.n_head)
+        check_modifiers(specs, pattern, m.n_head, i)
+        select_backend(a.backend, pattern, None, m.dropout, specs)
     if names & {"strided", "fixed"} and m.context % a.local_attn_ctx:
         raise ConfigError(f"attention.local_attn_ctx={a.local_attn_ctx} must divide model.context={m.context} "
                           f"(the context is a whole number of strides/chunks): choose a divisor of {m.context}")
