@@ -41,14 +41,18 @@ class Param:
     above: float | None = None  # exclusive lower bound (e.g. a cap > 0)
 
     def describe(self, name: str) -> str:
-        bounds = []
-        if self.above is not None:
-            bounds.append(f"> {self.above:g}")
-        if self.lo is not None:
-            bounds.append(f">= {self.lo:g}")
-        if self.hi is not None:
-            bounds.append(f"<= {self.hi:g}")
-        return f"{name} ({self.kind.__name__}{' ' + ' '.join(bounds) if bounds else ''}, default {self.default:g})"
+        """``cap (float > 0, default 50)``, ``buckets (int in [2, 1024], default 32)``."""
+        if self.lo is not None and self.hi is not None:
+            bounds = f" in [{_num(self.lo)}, {_num(self.hi)}]"
+        elif self.above is not None or self.lo is not None:
+            bounds = f" > {_num(self.above)}" if self.above is not None else f" >= {_num(self.lo)}"
+        else:
+            bounds = ""
+        return f"{name} ({self.kind.__name__}{bounds}, default {_num(self.default)})"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 class Modifier(nn.Module):
@@ -74,7 +78,7 @@ class Modifier(nn.Module):
     @property
     def spec(self) -> str:
         """The spec string that builds this modifier: ``name`` or ``name(key=value,...)``."""
-        items = ",".join(f"{k}={v:g}" for k, v in self.values.items() if v != self.params[k].default)
+        items = ",".join(f"{k}={_num(v)}" for k, v in self.values.items() if v != self.params[k].default)
         return f"{self.name}({items})" if items else self.name
 
     def extra_repr(self) -> str:
