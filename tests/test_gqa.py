@@ -129,7 +129,8 @@ def as_mha(gqa: GPT) -> GPT:
         for suffix in ("weight", "bias"):
             w = state[f"blocks.{i}.attn.qkv.{suffix}"]
             q, k, v = w.split((dq, dk, dv))
-            k, v = (x.view(gqa.cfg.n_kv_head, -1, *x.shape[1:]).repeat_interleave(group, 0).flatten(0, 1) for x in (k, v))
+            k, v = (x.view(gqa.cfg.n_kv_head, -1, *x.shape[1:]).repeat_interleave(group, 0).flatten(0, 1)
+                    for x in (k, v))
             state[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat([q, k, v])
     mha.load_state_dict(state)
     return mha
@@ -192,6 +193,21 @@ def test_query_heads_with_different_rules_in_one_group_keep_every_position():
     assert type(make_cache(Strided(4, "split", H), 1, H, 16, n_kv_head=1)) is AppendCache
 
 
+def test_attention_maps_see_the_grouped_modified_weights():
+    """The reference path of ``viz``/attention statistics runs GQA layers with modifiers as the model does."""
+    from attnlab.eval.attention_maps import capture_attention
+
+    model = model_for(dict(pattern="local", window=5, modifiers=["alibi", "softcap(cap=2)"]), position="none")
+    seq = torch.randint(50, (2, CONTEXT), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(seq)
+        with capture_attention(model, [1]) as captured:
+            got = model(seq)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    w = captured[1]
+    assert w.shape == (2, H, CONTEXT, CONTEXT) and torch.allclose(w.sum(-1), torch.ones(2, H, CONTEXT))
+
+
 def test_bad_n_kv_head_is_refused():
     with pytest.raises(ConfigError) as e:
         config.load(None, ["train.max_steps=1", "model.n_head=8", "model.d_model=64", "model.n_kv_head=3"])
@@ -223,7 +239,8 @@ def test_bench_generate_shows_the_four_times_smaller_cache(tmp_path, one_thread)
     cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
                       ["model.n_layer=1", "model.d_model=32", "model.n_head=8", "data.vocab_size=300"])
     rows = bench_generate(cfg, ["dense", "dense:n_kv_head=2", "local:window=8:n_kv_head=2", "local:window=8"], [16],
-                          prompt_len=4, window=4, repeats=1, recompute_max=0, out=tmp_path / "g.csv", log=lambda s: None)
+                          prompt_len=4, window=4, repeats=1, recompute_max=0, out=tmp_path / "g.csv",
+                          log=lambda s: None)
     mb = {r["spec"]: r["cache_mb"] for r in rows if r["mode"] == "cache"}
     assert mb["dense"] == 4 * mb["dense:n_kv_head=2"] and mb["local:window=8"] == 4 * mb["local:window=8:n_kv_head=2"]
     assert {r["params"] for r in rows if r["spec"] == "dense:n_kv_head=2"} == {"n_kv_head=2"}

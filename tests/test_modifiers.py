@@ -1,4 +1,4 @@
-"""Score modifiers: one definition, exact in the reference, blocksparse (forward and backward), flex and the KV caches."""
+"""Score modifiers: one definition, exact in the reference, blocksparse (forward and backward), flex and KV caches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnlab import config
-from attnlab.attention import Attention, Dense, Fixed, Linear, Local, SinkWindow, Strided, reference, select_backend
+from attnlab.attention import Attention, Dense, Fixed, Local, SinkWindow, Strided, reference, select_backend
 from attnlab.attention.blocksparse import blocksparse, plan
 from attnlab.attention.cache import make_cache
 from attnlab.attention.flex import flex, flex_available
@@ -78,7 +78,8 @@ def test_relative_buckets_are_t5s_causal_buckets():
     d = torch.tensor([0, 1, 15, 16, 17, 31, 32, 64, 127, 128, 1000, -5])
     got = relative_bucket(d, 32, 128).tolist()
     # T5 (unidirectional): exact below 16, then 16 + log(n/16)/log(128/16) * 16, capped at 31
-    want = [n if n < 16 else min(31, 16 + int(math.log(n / 16) / math.log(8) * 16)) for n in [max(x, 0) for x in d.tolist()]]
+    want = [n if n < 16 else min(31, 16 + int(math.log(n / 16) / math.log(8) * 16))
+            for n in [max(x, 0) for x in d.tolist()]]
     assert got == want == [0, 1, 15, 16, 16, 21, 21, 26, 31, 31, 31, 0]
 
 
@@ -318,13 +319,14 @@ def test_position_alibi_is_position_none_with_the_alibi_modifier():
 
 
 def test_relpos_is_a_trained_saved_parameter_of_the_layer():
-    model = model_for(dict(pattern="local", window=5, modifiers=["softcap(cap=5)", "relpos(buckets=8,max_distance=16)"]),
-                      "none", seed=3)
+    mods = ["softcap(cap=5)", "relpos(buckets=8,max_distance=16)"]
+    model = model_for(dict(pattern="local", window=5, modifiers=mods), "none", seed=3)
     names = [n for n, _ in model.named_parameters() if "modifier" in n]
     assert names == ["blocks.0.attn.core.modifier.items.1.bias", "blocks.1.attn.core.modifier.items.1.bias"]
     assert model.state_dict()[names[0]].shape == (8 * H,)
     # a bias, not a matrix: AdamW without decay, never Muon
-    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, config.OptimConfig(name="muon"), muon=True)}
+    groups = {g["name"]: {id(p) for p in g["params"]}
+              for g in param_groups(model, config.OptimConfig(name="muon"), muon=True)}
     assert all(id(p) in groups["no_decay"] for n, p in model.named_parameters() if "modifier" in n)
     seq = torch.randint(50, (2, 24), generator=torch.Generator().manual_seed(5))
     grads = []
@@ -345,7 +347,8 @@ def test_a_run_trains_saves_and_loads_its_learned_bias(tmp_path):
     from runkit import tiny_config, write_corpus
 
     cfg = tiny_config(write_corpus(tmp_path / "c.txt"), tmp_path / "data", tmp_path / "runs", "model.position=alibi",
-                      "attention.pattern=local", "attention.window=6", "attention.modifiers=relpos(buckets=8,max_distance=16)",
+                      "attention.pattern=local", "attention.window=6",
+                      "attention.modifiers=relpos(buckets=8,max_distance=16)",
                       "train.max_steps=2")
     assert cfg.attention.modifiers == ["relpos(buckets=8,max_distance=16)"]
     summary = train(cfg)
@@ -368,9 +371,11 @@ def test_bad_specs_are_refused_in_one_line():
     assert err("attention.modifiers=alibo") == \
         "attention.modifiers entry 'alibo' names unknown modifier 'alibo': use one of alibi, relpos, softcap"
     assert err("attention.modifiers=softcap(cp=3)") == \
-        "attention.modifiers entry 'softcap(cp=3)': softcap has no parameter 'cp'; its parameters are cap (float > 0, default 50)"
+        ("attention.modifiers entry 'softcap(cp=3)': softcap has no parameter 'cp'; "
+         "its parameters are cap (float > 0, default 50)")
     assert err("attention.modifiers=softcap(cap=-1)") == \
-        "attention.modifiers entry 'softcap(cap=-1)': cap='-1' is not allowed; softcap takes cap (float > 0, default 50)"
+        ("attention.modifiers entry 'softcap(cap=-1)': cap='-1' is not allowed; "
+         "softcap takes cap (float > 0, default 50)")
     assert err("attention.modifiers=relpos(buckets=2.5)") == (
         "attention.modifiers entry 'relpos(buckets=2.5)': buckets='2.5' is not allowed; relpos takes "
         "buckets (int in [2, 1024], default 32), max_distance (int in [2, 1048576], default 128)")
@@ -388,15 +393,18 @@ def test_linear_attention_and_sdpa_refuse_modifiers():
         "attention.modifiers=['alibi'] change softmax scores, but pattern 'linear' (layer 0) is linear attention, "
         "which has none: drop attention.modifiers or use a softmax pattern")
     assert err("model.position=alibi", "attention.pattern=linear").startswith("attention.modifiers=['alibi'] change")
-    assert "cannot apply score modifiers ['softcap(cap=30)']" in err("attention.backend=sdpa", "attention.modifiers=softcap(cap=30)")
+    assert "cannot apply score modifiers ['softcap(cap=30)']" in err("attention.backend=sdpa",
+                                                                     "attention.modifiers=softcap(cap=30)")
     with pytest.raises(ConfigError, match="pattern 'linear'"):
         Attention(AttentionConfig(pattern="linear", modifiers=["alibi"]), 0, 1, 2, 0.0)
 
 
 def test_specs_parse_from_the_command_line_and_yaml(tmp_path):
-    cfg = config.load(None, ["train.max_steps=1", "attention.modifiers=alibi,relpos(buckets=16,max_distance=64),softcap"])
+    cfg = config.load(None, ["train.max_steps=1",
+                             "attention.modifiers=alibi,relpos(buckets=16,max_distance=64),softcap"])
     assert cfg.attention.modifiers == ["alibi", "relpos(buckets=16,max_distance=64)", "softcap"]
-    assert [parse_spec(s)[1] for s in cfg.attention.modifiers] == [{}, {"buckets": 16, "max_distance": 64}, {"cap": 50.0}]
+    assert [parse_spec(s)[1] for s in cfg.attention.modifiers] == [{}, {"buckets": 16, "max_distance": 64},
+                                                                   {"cap": 50.0}]
     path = tmp_path / "c.yaml"
     path.write_text(config.dump(cfg))
     assert config.load(path).attention.modifiers == cfg.attention.modifiers

@@ -56,8 +56,9 @@ class DataConfig:
 class ModelConfig:
     n_layer: int = opt(4, lo=1, hi=256)
     n_head: int = opt(4, lo=1, hi=256)
-    n_kv_head: int | None = opt(None, lo=1, hi=256, help="key/value heads shared by groups of query heads (grouped-query "
-                                                        "attention; 1 = multi-query); must divide n_head (default n_head)")
+    n_kv_head: int | None = opt(None, lo=1, hi=256, help="key/value heads shared by groups of query heads "
+                                                        "(grouped-query attention; 1 = multi-query); must divide "
+                                                        "n_head (default n_head)")
     d_model: int = opt(128, lo=8, hi=65536)
     context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
@@ -90,8 +91,8 @@ class ModelConfig:
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}: choose d_model as a multiple of n_head")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: choose a divisor "
-                              f"of {self.n_head} (1 = multi-query attention) or leave n_kv_head unset")
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: "
+                              f"choose a divisor of {self.n_head} (1 = multi-query attention) or leave n_kv_head unset")
         head = self.d_model // self.n_head
         qk = self.qk_ratio * head
         if abs(qk - round(qk)) > 1e-6 or round(qk) < 1:
@@ -122,8 +123,8 @@ class AttentionConfig:
     layout: str | None = opt(None, help="block_layout: .npy boolean block layout [nb, nb] or [n_head, nb, nb]")
     layout_block: int = opt(64, lo=1, help="block_layout: tokens per layout block")
     feature_map: str = opt("elu1", choices=["elu1", "relu"], help="linear: the feature map phi")
-    modifiers: list[str] = opt([], help="score modifiers applied in order before the mask, e.g. alibi, softcap(cap=30), "
-                                        "relpos(buckets=32,max_distance=128)")
+    modifiers: list[str] = opt([], help="score modifiers applied in order before the mask, e.g. alibi, "
+                                        "softcap(cap=30), relpos(buckets=32,max_distance=128)")
 
 
 @dataclass

@@ -36,8 +36,10 @@ def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_star
     """The attention weights of the spec, ``[B, H, Tq, Tk]`` in fp32 (or wider): row i mixes the values of the keys.
 
     Softmax patterns: dense scores scaled by 1/sqrt(Dqk), the score ``modifier``
-    (if any) at the pairs' absolute positions, the pattern's dense mask, softmax in fp32; a query with no allowed key gets an all-zero row. Linear
-    patterns: the implicit weights phi(q_i).phi(k_j) / (sum_{j'<=i} phi(q_i).phi(k_j') + eps)
+    (if any) at the pairs' absolute positions, the pattern's dense mask, softmax
+    in fp32; a query with no allowed key gets an all-zero row. Keys with fewer
+    heads than q are shared by groups of query heads. Linear patterns: the
+    implicit weights phi(q_i).phi(k_j) / (sum_{j'<=i} phi(q_i).phi(k_j') + eps)
     over the causal keys (rows sum to 1 up to eps). Queries sit at positions
     ``q_start ..`` (default: the last ``Tq`` of the ``Tk`` positions), so rows can
     be computed a chunk at a time. Slow and O(Tq * Tk) memory on purpose.
@@ -174,7 +176,8 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
         device = torch.device(device)
     if name == "auto":
         for backend_name, spec in BACKENDS.items():
-            if spec.preferred(pattern, device) and (spec.dropout or dropout == 0.0) and (spec.modifiers or not modifiers):
+            if spec.preferred(pattern, device) and (spec.dropout or dropout == 0.0) \
+                    and (spec.modifiers or not modifiers):
                 return backend_name, spec.fn
         raise ConfigError(f"no attention backend can run pattern {pattern.name!r} on {device}")  # unreachable while reference exists
     spec = BACKENDS.get(name)

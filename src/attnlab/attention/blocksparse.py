@@ -201,7 +201,8 @@ def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float, mod=None, heads=
 
 
 def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> torch.Tensor:
-    """Gradient to the raw scores from ``ds`` (to the modified ones), adding the parameters' share to ``param_grads``."""
+    """Gradient to the raw scores from ``ds`` (the gradient to the modified ones); the parameters' share is
+    added to ``param_grads``."""
     with torch.enable_grad():
         leaf = raw.detach().requires_grad_()
         grads = torch.autograd.grad(mod.score(leaf, ch.qpos, ch.kpos, heads), (leaf, *params), ds, allow_unused=True)

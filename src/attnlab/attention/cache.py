@@ -149,7 +149,8 @@ class LayerCache:
 
     @classmethod
     def shares_heads(cls, pattern: Pattern, n_head: int, n_kv_head: int) -> bool:
-        """Whether this kind can store ``n_kv_head`` shared heads for ``pattern`` (default: its storage is head-free)."""
+        """Whether this kind can store ``n_kv_head`` shared heads for ``pattern`` (default: what it keeps is the
+        same for every head)."""
         return True
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -223,9 +224,10 @@ class AppendCache(LayerCache):
 
     def _parts(self, q, pos, shift_sinks):
         n = pos + 1
-        mask = None
-        keys = torch.arange(n, device=q.device)
-        if not self.pattern.is_dense_causal:  # block_layout (or a fallback): the pattern's own rule over the filled slots
+        mask = keys = None
+        if not self.pattern.is_dense_causal or self.modifier is not None:
+            keys = torch.arange(n, device=q.device)
+        if not self.pattern.is_dense_causal:  # block_layout or a fallback: the pattern's rule over the filled slots
             mask = self.pattern.allowed(torch.tensor(pos, device=q.device), keys[None, :], self.heads.to(q.device))[:, None, :]
         return [Part(q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask, keys, pos)]
 
@@ -334,10 +336,12 @@ class SinkWindowCache(LayerCache):
     def _parts(self, q, pos, shift_sinks):
         if shift_sinks is not None and self.sinks:
             self.slots.k[:, :, :self.sinks] = shift_sinks(self.sink_keys)
-        # Modifiers see the sinks from where the last query of a training sequence saw them, as RoPE does.
-        sink_from = pos if self.context is None else min(pos, self.context - 1)
-        q_pos = torch.where(torch.arange(len(self.pos)) < self.sinks, sink_from, pos)
-        return [Part(q, self.slots.k, self.slots.v, None if self.full else (self.pos >= 0).to(q.device), self.pos, q_pos)]
+        q_pos = None
+        if self.modifier is not None:  # the sinks are seen from where the last query of a training sequence saw them
+            sink_from = pos if self.context is None else min(pos, self.context - 1)
+            q_pos = torch.where(torch.arange(len(self.pos)) < self.sinks, sink_from, pos)
+        mask = None if self.full else (self.pos >= 0).to(q.device)
+        return [Part(q, self.slots.k, self.slots.v, mask, self.pos, q_pos)]
 
     def held(self):
         return [set(self.pos[self.pos >= 0].tolist()) for _ in range(self.n_head)]
@@ -401,8 +405,9 @@ class StridedCache(LayerCache):
         if not self.union:
             return [Part(q, K[:, :, r:pos + 1:l], V[:, :, r:pos + 1:l], None, torch.arange(r, pos + 1, l), pos)]
         near = max(0, pos - l + 1)  # the window; the residue class continues below it
+        far = slice(r, max(near, r), l)
         return [Part(q, K[:, :, near:pos + 1], V[:, :, near:pos + 1], None, torch.arange(near, pos + 1), pos),
-                Part(q, K[:, :, r:max(near, r):l], V[:, :, r:max(near, r):l], None, torch.arange(r, max(near, r), l), pos)]
+                Part(q, K[:, :, far], V[:, :, far], None, torch.arange(far.start, far.stop, l), pos)]
 
     def held(self):
         local = self.ring.held() if self.ring else set()

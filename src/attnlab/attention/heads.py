@@ -18,8 +18,3 @@ def expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
     if groups * x.shape[1] != n_head:
         raise ValueError(f"{x.shape[1]} key/value heads do not divide {n_head} query heads")
     return x.repeat_interleave(groups, dim=1)
-
-
-def expand_kv_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k and v with as many heads as q."""
-    return expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])

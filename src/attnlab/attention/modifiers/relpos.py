@@ -42,8 +42,8 @@ class RelativePositionBias(Modifier):
     def check(self):
         b, d = int(self.values["buckets"]), int(self.values["max_distance"])
         if d <= b // 2:
-            raise ConfigError(f"attention.modifiers entry 'relpos(buckets={b},max_distance={d})': max_distance must exceed "
-                              f"buckets/2 = {b // 2} (the exact buckets): raise max_distance or lower buckets")
+            raise ConfigError(f"attention.modifiers entry 'relpos(buckets={b},max_distance={d})': max_distance must "
+                              f"exceed buckets/2 = {b // 2} (the exact buckets): raise max_distance or lower buckets")
 
     def score(self, scores, q_idx, k_idx, head):
         bucket = relative_bucket(q_idx - k_idx, int(self.values["buckets"]), int(self.values["max_distance"]))

@@ -49,7 +49,8 @@ def _value(spec: str, cls: type[Modifier], key: str, raw: str) -> Any:
 
 
 def parse_spec(spec: str) -> tuple[type[Modifier], dict[str, Any]]:
-    """``'softcap(cap=30)'`` -> (the softcap class, {'cap': 30.0}), defaults filled in; one-line ConfigError otherwise."""
+    """``'softcap(cap=30)'`` -> (the softcap class, {'cap': 30.0}), defaults filled in; a one-line ConfigError
+    otherwise."""
     m = _SPEC.match(spec)
     if not m:
         raise ConfigError(f"{KEY} entry {spec!r} is not name or name(key=value,...): write e.g. softcap(cap=30)")
