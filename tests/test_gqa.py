@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnlab import config
 from attnlab.attention import BlockLayout, Dense, Fixed, Linear, Local, SinkWindow, Strided
@@ -173,24 +175,51 @@ def test_cached_decoding_equals_the_full_forward(name, kv, layout_file):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def _cache_bytes(name, kv, layout):
+    seq = torch.randint(50, (1, CONTEXT), generator=torch.Generator().manual_seed(2))
+    return cached_logits(model_for(MODEL_PATTERNS[name], kv, layout=layout), seq, prompt_len=5)[1].nbytes()
+
+
 @pytest.mark.parametrize("name", [n for n in MODEL_PATTERNS if n != "fixed-2-verts"])
 def test_caches_store_only_the_shared_heads(name, layout_file):
     """Same sequence, same positions: the cache of n_kv_head 2 holds exactly a quarter of the 8-head model's bytes."""
-    seq = torch.randint(50, (1, CONTEXT), generator=torch.Generator().manual_seed(2))
-    sizes = {}
-    for kv in (None, KV):
-        _, cache = cached_logits(model_for(MODEL_PATTERNS[name], kv, layout=layout_file), seq, prompt_len=5)
-        sizes[kv] = cache.nbytes()
-    assert sizes[None] == 4 * sizes[KV] > 0
+    assert _cache_bytes(name, None, layout_file) == 4 * _cache_bytes(name, KV, layout_file) > 0
 
 
-def test_query_heads_with_different_rules_in_one_group_keep_every_position():
-    """fixed with 2 summary sets gives neighbouring heads different columns: such groups fall back to the
-    append cache masked by the rule (still exact, see above); aligned groups keep the pattern's own cache."""
-    assert type(make_cache(Fixed(8, 2, 1, 2), 1, H, 16, n_kv_head=KV)) is AppendCache
-    assert type(make_cache(Fixed(8, 2, 1, 2), 1, H, 16, n_kv_head=H)) is FixedCache
+def test_a_group_of_heads_with_different_summary_columns_keeps_their_union(layout_file):
+    """fixed with 2 summary sets: neighbouring heads see different columns, so a shared head keeps both sets
+    (2c per chunk instead of c) and masks each query head to its own; still exact (see above)."""
+    per_key = 2 * 4 * 4  # k and v of one head of size 4, fp32
+    l, c, layers = 8, 2, 2
+    mha = layers * H * (l + c * (CONTEXT // l)) * per_key
+    gqa = layers * KV * (l + 2 * c * (CONTEXT // l)) * per_key
+    assert (_cache_bytes("fixed-2-verts", None, layout_file), _cache_bytes("fixed-2-verts", KV, layout_file)) == (mha, gqa)
+    assert type(make_cache(Fixed(8, 2, 1, 2), 1, H, 16, n_kv_head=KV)) is FixedCache
+
+
+def test_a_group_spanning_both_strided_halves_keeps_every_position():
+    """strided split with fewer key/value heads than halves: one shared head serves local and strided query
+    heads, so the layer keeps every position and masks with the rule (exact, see above)."""
     assert type(make_cache(Strided(4, "split", H), 1, H, 16, n_kv_head=KV)) is StridedCache  # halves are whole groups
     assert type(make_cache(Strided(4, "split", H), 1, H, 16, n_kv_head=1)) is AppendCache
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["dense", "local", "sink", "split", "union", "fixed"]), a=st.integers(1, 6),
+       kv=st.sampled_from([1, 2, 4, 8]), prompt_len=st.integers(1, 10), total=st.integers(11, 26), nv=st.sampled_from([1, 2]))
+def test_each_cache_step_with_shared_heads_equals_the_reference(kind, a, kv, prompt_len, total, nv):
+    pattern = {"dense": Dense(), "local": Local(a), "sink": SinkWindow(a // 2, a), "split": Strided(a, "split", H),
+               "union": Strided(a, "union", H), "fixed": Fixed(2 * a, a, 1, nv)}[kind]
+    g = torch.Generator().manual_seed(total)
+    q = torch.randn(2, H, total, D, generator=g)
+    k, v = (torch.randn(2, kv, total, D, generator=g) for _ in range(2))
+    cache = make_cache(pattern, 2, H, total, n_kv_head=kv)
+    cache.prefill(k[:, :, :prompt_len], v[:, :, :prompt_len])
+    for i in range(prompt_len, total):
+        out = cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], i)
+        want = plain_gqa(q[:, :, :i + 1], k[:, :, :i + 1], v[:, :, :i + 1], pattern)[:, :, -1:]
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert max(t.shape[1] for t in cache._tensors()) <= kv  # only the shared heads are stored
 
 
 def test_attention_maps_see_the_grouped_modified_weights():

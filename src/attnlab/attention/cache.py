@@ -424,24 +424,33 @@ class FixedCache(LayerCache):
     contiguous prefix (one fused attention call). When a chunk finishes, each head
     keeps its own c summary columns of it (heads of different ``num_verts`` groups
     keep different offsets, all keep c), moved down to where the chunk began.
+    A key/value head shared by query heads of different groups keeps the union
+    of their columns, and each query head is masked to its own.
     """
 
     def __init__(self, pattern: Fixed, batch, n_head, max_len, **kw):
         super().__init__(pattern, batch, n_head, max_len, **kw)
         l, H = pattern.local_attn_ctx, self.n_kv_head
-        # A key of an earlier chunk (query at l, key at offset o < l) is visible iff it is a summary column;
-        # a key/value head keeps those of its query heads (one rule per group: ``shares_heads``).
-        rule_heads = torch.arange(H)[:, None] * self.group
-        per_head = pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], rule_heads)  # [Hkv, l]
-        self.offsets = per_head.expand(H, l).nonzero()[:, 1].view(H, -1)  # [Hkv, c], the same c for every head
+        # A key of an earlier chunk (query at l, key at offset o < l) is visible iff it is a summary column.
+        per_query = self._visible(pattern, n_head).view(H, self.group, l)
+        kept = per_query.any(1)  # [Hkv, l]: the columns some query head of the group sees
+        self.offsets = kept.nonzero()[:, 1].view(H, -1)  # [Hkv, c'], the same c' for every key/value head
+        own = per_query.gather(2, self.offsets[:, None, :].expand(H, self.group, -1))  # [Hkv, group, c']
+        self.own = None if bool(own.all()) else own.reshape(n_head, 1, -1)  # each query head's own kept columns
         size = (max_len // l) * self.offsets.shape[1] + l
         self.slots = Slots(batch, H, size)
         self.positions = torch.full((H, 1, size), -1, dtype=torch.long)  # each slot's position, for modifiers
         self.n_summary = 0
 
+    @staticmethod
+    def _visible(pattern: Fixed, n_head: int) -> torch.Tensor:
+        l = pattern.local_attn_ctx
+        return pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], torch.arange(n_head)[:, None]).expand(n_head, l)
+
     @classmethod
     def shares_heads(cls, pattern, n_head, n_kv_head):
-        return _uniform_groups(pattern, n_head, n_kv_head)
+        kept = cls._visible(pattern, n_head).view(n_kv_head, n_head // n_kv_head, -1).any(1).sum(1)
+        return bool((kept == kept[0]).all())  # every key/value head keeps as many columns (one buffer)
 
     def prefill(self, k, v):
         l, P = self.pattern.local_attn_ctx, k.shape[2]
@@ -470,7 +479,12 @@ class FixedCache(LayerCache):
         self.slots.write(slice(end - 1, end), k, v)
         self.positions[:, :, end - 1] = pos
         self.length = pos + 1
-        out = attend_parts([Part(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], None,
+        mask = None
+        if self.own is not None and self.n_summary:  # shared columns: each query head reads only its own
+            chunks = self.n_summary // self.offsets.shape[1]
+            mask = torch.cat([self.own.repeat(1, 1, chunks), self.own.new_ones(self.n_head, 1, end - self.n_summary)], -1)
+            mask = mask.to(q.device)
+        out = attend_parts([Part(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], mask,
                                  self.positions[:, :, :end], pos)], self.modifier)
         if pos % l == l - 1:
             self._finish_chunk(pos - l + 1)
@@ -480,8 +494,9 @@ class FixedCache(LayerCache):
         l = self.pattern.local_attn_ctx
         done = self.length // l * l
         current = set(range(done, self.length))
-        return [current | {c0 + o for c0 in range(0, done, l) for o in self.offsets[h // self.group].tolist()}
-                for h in range(self.n_head)]
+        own = [self.offsets[h // self.group][self.own[h, 0] if self.own is not None else slice(None)].tolist()
+               for h in range(self.n_head)]
+        return [current | {c0 + o for c0 in range(0, done, l) for o in own[h]} for h in range(self.n_head)]
 
     def _tensors(self):
         return self.slots.tensors()
