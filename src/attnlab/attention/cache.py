@@ -34,9 +34,10 @@ relative scores. Inside the context this is exactly the full forward pass.
 Grouped-query attention: caches store only the ``n_kv_head`` shared key/value
 heads (memory divided by n_head / n_kv_head); a step attends with the query
 heads of each group as rows of one product, so nothing is expanded. Where the
-query heads of one group follow different rules (e.g. strided ``split`` with
-fewer key/value heads than halves), the layer keeps every position and masks
-with the rule instead (``AppendCache``).
+query heads of one group keep different keys, a ``fixed`` head keeps the union
+of its query heads' summary columns and masks each to its own; strided
+``split`` with a group spanning both halves keeps every position and masks with
+the rule instead (``AppendCache``).
 
 Score modifiers are applied to the kept keys with their absolute positions
 (each part carries them); a sink seen from ``min(i, context - 1)`` under

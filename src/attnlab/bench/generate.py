@@ -39,7 +39,7 @@ alive. Where ``clear_refs`` is not writable, ``peak_rss_mb`` is NaN.
 
 The model context of a row is the longest length unless its spec sets
 ``context=N``; a shorter context is allowed only for a model that can stream
-past it (``model.can_stream``: bounded caches with RoPE or no positions), e.g.
+past it (``model.can_stream``: bounded caches with RoPE, ALiBi or no positions), e.g.
 ``sink_window:sinks=4:window=256:context=1024`` generating 16x its context.
 A spec may also set ``n_kv_head=N`` (grouped-query attention: N key/value
 heads shared by the query heads, so the cache holds n_head / N times fewer
@@ -131,7 +131,7 @@ def _check_stream(model: GPT, spec: str, batch: int, longest: int) -> None:
     if model.context < longest and not model.can_stream(model.new_cache(batch, longest)):
         raise ConfigError(f"pattern spec {spec!r}: context={model.context} is below the longest length {longest}, but "
                           f"this model cannot decode past its context (only local, sink_window and linear with "
-                          f"model.position rope or none can): drop context= or raise it to {longest}")
+                          f"model.position rope, alibi or none can): drop context= or raise it to {longest}")
 
 
 @torch.no_grad()
