@@ -123,6 +123,30 @@ def test_blocksparse_equals_reference_outputs_and_gradients(mods, pattern):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_changing_the_future_never_changes_the_past(pattern):
+    q, k, v = (x.detach() for x in qkv(1, 48))
+    mod, t = modifier("all"), 29
+    before = blocksparse(q, k, v, PATTERNS[pattern], modifier=mod)
+    for x in (q, k, v):
+        x[:, :, t:] += torch.randn_like(x[:, :, t:])
+    after = blocksparse(q, k, v, PATTERNS[pattern], modifier=mod)
+    assert torch.equal(before[:, :, :t], after[:, :, :t]) and not torch.allclose(before[:, :, t:], after[:, :, t:])
+
+
+def test_dropout_backward_matches_its_forward_with_modifiers():
+    """Attention dropout and modifiers together: the recomputing backward is the forward's gradient (float64)."""
+    q, k, v = (x.detach().double().requires_grad_() for x in qkv(1, 12, 2, heads=2, kv_heads=2))
+    mod = build_modifiers(MODS["all"], 2)
+    torch.nn.init.normal_(mod.items[2].bias)
+
+    def fn(q, k, v):
+        torch.manual_seed(5)  # the kernel draws its dropout seed from the global generator
+        return blocksparse(q, k, v, Strided(4, "union", 2), dropout_p=0.3, training=True, modifier=mod)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
+
+
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(["dense", "local", "strided", "fixed", "sink"]), a=st.integers(1, 9), T=st.integers(1, 70),
        mods=st.sampled_from(list(MODS)), kv=st.sampled_from([1, 2, 4]))
