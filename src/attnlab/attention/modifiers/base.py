@@ -107,7 +107,6 @@ class ScoreModifiers(nn.Module):
     def __init__(self, modifiers: list[Modifier]):
         super().__init__()
         self.items = nn.ModuleList(modifiers)
-        self._score_mod = None  # flex's score_mod, made once so compiled kernels are reused
 
     def score(self, scores: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         for m in self.items:
@@ -115,10 +114,12 @@ class ScoreModifiers(nn.Module):
         return scores
 
     def score_mod(self) -> Callable:
-        """The modifiers as FlexAttention's ``score_mod(score, batch, head, q_idx, kv_idx)``."""
-        if self._score_mod is None:
-            self._score_mod = lambda score, b, h, q_idx, kv_idx: self.score(score, q_idx, kv_idx, h)
-        return self._score_mod
+        """The modifiers as FlexAttention's ``score_mod(score, batch, head, q_idx, kv_idx)`` (a bound method, so the
+        model stays picklable and copyable; layers with equal modifiers share one compiled kernel)."""
+        return self._flex_score
+
+    def _flex_score(self, score, b, h, q_idx, kv_idx):
+        return self.score(score, q_idx, kv_idx, h)
 
     @property
     def streams(self) -> bool:
