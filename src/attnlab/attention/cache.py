@@ -81,12 +81,11 @@ def attend_parts(parts: list[Part | tuple], modifier=None, heads: torch.Tensor |
     parts = [Part(*p) for p in parts]
     B, H, _, D = parts[0].q.shape
     group = H // parts[0].keys.shape[1]
-    if heads is None:
-        heads = torch.arange(H)
-    heads = heads.to(parts[0].q.device).view(-1, group, 1)  # [Hkv, group, 1]: broadcasts over [B,Hkv,group,S]
+    if modifier is not None:  # head indices shaped like the scores: [Hkv, group, 1] grouped, [H, 1, 1] otherwise
+        heads = (torch.arange(H) if heads is None else heads).to(parts[0].q.device).view(-1, group, 1)
     if group > 1:
         parts = [_grouped(p, group) for p in parts]
-    out = _attend(parts, modifier, heads if group > 1 else heads.view(H, 1, 1))
+    out = _attend(parts, modifier, heads)
     return out.reshape(B, H, 1, out.shape[-1]) if group > 1 else out
 
 
@@ -99,7 +98,7 @@ def _grouped(p: Part, group: int) -> Part:
     return p._replace(q=p.q.reshape(B, H // group, group, D), mask=mask)
 
 
-def _attend(parts: list[Part], modifier, heads: torch.Tensor) -> torch.Tensor:
+def _attend(parts: list[Part], modifier, heads: torch.Tensor | None) -> torch.Tensor:
     if len(parts) == 1 and parts[0].mask is None and modifier is None:  # one unmasked key set: PyTorch's fused kernel
         q, keys, values = parts[0][:3]
         return F.scaled_dot_product_attention(q, keys, values)
@@ -396,7 +395,7 @@ class StridedCache(LayerCache):
         h, outs, heads = self.n_local, [], torch.arange(self.n_head)
         if self.ring:
             outs.append(attend_parts([self.ring.part(q[:, :h], pos)], self.modifier, heads[:h]))
-        if self.all:
+        if self.all:  # the strided heads come after the local ones: their head indices start at h
             outs.append(attend_parts(self._strided_parts(q[:, h:], pos), self.modifier, heads[h:]))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
