@@ -187,10 +187,15 @@ cpu_flex = pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_availabl
 cuda_flex = pytest.mark.skipif(not flex_available("cuda")[0], reason="needs CUDA with Triton")
 
 
+# One compile each (seconds on CPU): full and partial tiles, per-head rules, per-head summary columns.
+FLEX_PATTERNS = {"local": Local(40), "strided_split": Strided(16, "split", H), "fixed": Fixed(32, 8, 1, 2)}
+
+
 @cpu_flex
-def test_flex_score_mod_equals_reference():
-    """All three modifiers as one score_mod, with grouped key/value heads (one compile: seconds on CPU)."""
-    pattern, mod = Local(40), modifier("all")
+@pytest.mark.parametrize("name", FLEX_PATTERNS)
+def test_flex_score_mod_equals_reference(name):
+    """All three modifiers as one score_mod, with grouped key/value heads (one compile per pattern on CPU)."""
+    pattern, mod = FLEX_PATTERNS[name], modifier("all")
     q, k, v = (x.detach() for x in qkv(1, 256, 16, kv_heads=2))
     with torch.no_grad():
         torch.testing.assert_close(flex(q, k, v, pattern, modifier=mod), reference(q, k, v, pattern, modifier=mod),
