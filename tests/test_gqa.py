@@ -175,6 +175,21 @@ def test_cached_decoding_equals_the_full_forward(name, kv, layout_file):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attn", [dict(pattern="local", window=3), dict(pattern="linear")], ids=["local", "linear"])
+def test_shared_head_caches_stream_past_the_context_exactly(attn):
+    small = GPT(ModelConfig(n_layer=2, n_head=H, n_kv_head=KV, d_model=32, context=8, position="rope"),
+                AttentionConfig(**attn), 50).eval()
+    big = GPT(ModelConfig(n_layer=2, n_head=H, n_kv_head=KV, d_model=32, context=40, position="rope"),
+              AttentionConfig(**attn), 50).eval()
+    big.load_state_dict(small.state_dict())
+    seq = torch.randint(50, (2, 40), generator=torch.Generator().manual_seed(2))
+    got, cache = cached_logits(small, seq, prompt_len=4)
+    assert small.can_stream(cache)
+    with torch.no_grad():
+        want = torch.stack([big(seq[:, :t + 1])[:, -1] for t in range(3, 40)], 1)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def _cache_bytes(name, kv, layout):
     seq = torch.randint(50, (1, CONTEXT), generator=torch.Generator().manual_seed(2))
     return cached_logits(model_for(MODEL_PATTERNS[name], kv, layout=layout), seq, prompt_len=5)[1].nbytes()
