@@ -231,7 +231,7 @@ def model_for(attn: dict, position="none", context=24, seed=0, **model) -> GPT:
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # a learned bias starts at zero: give it values that show
         for name, p in m.named_parameters():
-            if name.endswith("modifier.items.1.bias") or name.endswith("modifier.items.0.bias"):
+            if ".modifier." in name:
                 p.copy_(torch.randn(p.shape, generator=g))
     return m
 
