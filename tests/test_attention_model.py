@@ -68,7 +68,7 @@ def test_a_training_step_runs_the_configured_pattern_and_backend(tmp_path, monke
     summary = train(cfg)
     layers = summary["attention"]
     assert [(x["pattern"], x["backend"]) for x in layers] == [("local", "blocksparse")] * 3 + [("strided", "blocksparse")]
-    assert layers[0]["params"] == {"window": 6} and layers[3]["params"]["mode"] == "union"
+    assert layers[0]["params"] == {"window": 6} and layers[3]["params"]["strided_mode"] == "union"
     assert 0 < layers[0]["density"] < layers[3]["density"] < 1
     assert {p.name for p in seen} == {"local", "strided"}
     run = tmp_path / "runs" / "t"

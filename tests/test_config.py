@@ -30,7 +30,7 @@ def test_unknown_key_suggests_the_closest():
 
 
 def test_bad_values_name_the_allowed_range():
-    assert "use one of learned, sinusoidal, rope, none" in err("model.position=alibi")
+    assert "use one of learned, sinusoidal, rope, none, alibi" in err("model.position=xpos")
     assert "out of range: use a value in [0.0, 10.0]" in err("optim.lr=-1")
     assert "expects an integer" in err("model.n_layer=2.5")
     assert "expects true or false" in err("model.qk_norm=maybe")

@@ -15,7 +15,8 @@ from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.eval.inspection.pattern_viz import ascii_pattern, draw_pattern
 from attnlab.model.gpt import GPT
 from test_cache import cached_logits
-from zoo import CONTEXT, N_HEAD, SOFTMAX, ZOO, attention_kwargs, pattern
+from attnlab.attention.modifiers import MODIFIERS, build_modifiers, parse_spec
+from zoo import CONTEXT, MODIFIER_ZOO, N_HEAD, SOFTMAX, ZOO, attention_kwargs, pattern
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 LABELS = list(ZOO)
@@ -26,9 +27,53 @@ def qkv(T, seed=0, requires_grad=True, B=2, D=8):
     return [torch.randn(B, N_HEAD, T, D, generator=g).requires_grad_(requires_grad) for _ in range(3)]
 
 
-def test_every_registered_pattern_is_in_the_zoo():
+def test_every_registered_pattern_and_modifier_is_in_the_zoo():
     missing = set(PATTERNS) - {entry["pattern"] for entry in ZOO.values()}
     assert not missing, f"add parameter sets for {sorted(missing)} to tests/zoo.py"
+    missing = set(MODIFIERS) - {parse_spec(s)[0].name for specs in MODIFIER_ZOO.values() for s in specs}
+    assert not missing, f"add modifier specs for {sorted(missing)} to tests/zoo.py MODIFIER_ZOO"
+
+
+def random_modifier(name: str):
+    """The zoo's modifier with its learned parameters (if any) set to random values (they start at zero)."""
+    mod = build_modifiers(MODIFIER_ZOO[name], N_HEAD)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return mod
+
+
+@pytest.mark.parametrize("modifier", list(MODIFIER_ZOO))
+@pytest.mark.parametrize("label", SOFTMAX)
+def test_modified_blocksparse_equals_reference_outputs_and_gradients(label, modifier, tmp_path, one_thread):
+    p, mod = pattern(label, tmp_path), random_modifier(modifier)
+    q, k, v = qkv(37)
+    dout = torch.randn(2, N_HEAD, 37, 8, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fn in (reference, blocksparse):
+        out = fn(q, k, v, p, 0.0, False, modifier=mod)
+        results.append((out, *torch.autograd.grad(out, (q, k, v, *mod.parameters()), dout)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("modifier", list(MODIFIER_ZOO))
+@pytest.mark.parametrize("label", SOFTMAX)
+def test_modified_cache_equals_full_forward(label, modifier, tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=N_HEAD, d_model=32, context=CONTEXT, position="none")
+    attn = AttentionConfig(**attention_kwargs(label, tmp_path), modifiers=MODIFIER_ZOO[modifier])
+    model = GPT(cfg, attn, 50).eval()
+    with torch.no_grad():  # a learned bias starts at zero: give it values that matter
+        for name, p in model.named_parameters():
+            if ".modifier." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    seq = torch.randint(50, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
+    got = cached_logits(model, seq, prompt_len=3)
+    with torch.no_grad():
+        want = torch.stack([model(seq[:, :t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("label", LABELS)

@@ -33,6 +33,13 @@ ZOO: dict[str, dict] = {
 }
 SOFTMAX = [k for k in ZOO if k != "linear"]
 
+# Score modifiers, each composable with every softmax pattern above.
+MODIFIER_ZOO: dict[str, list[str]] = {
+    "alibi": ["alibi"],
+    "softcap": ["softcap(cap=2)"],
+    "relpos": ["relpos(buckets=8,max_distance=20)"],
+}
+
 
 def layout_file(folder: Path, context: int = 192, block: int = 4, n_head: int = N_HEAD) -> str:
     """A random per-head block layout covering ``context`` tokens (the diagonal kept, so no query is empty)."""

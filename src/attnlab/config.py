@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .attention.backends import select_backend
+from .attention.modifiers import check_modifiers, modifier_specs
 from .attention.patterns import PATTERNS, build_pattern, get_pattern, load_plugin, param_owners
 from .errors import ConfigError
 
@@ -60,11 +61,15 @@ class DataConfig:
 class ModelConfig:
     n_layer: int = opt(4, lo=1, hi=256)
     n_head: int = opt(4, lo=1, hi=256)
+    n_kv_head: int | None = opt(None, lo=1, hi=256, help="key/value heads shared by groups of query heads "
+                                                        "(grouped-query attention; 1 = multi-query); must divide "
+                                                        "n_head (default n_head)")
     d_model: int = opt(128, lo=8, hi=65536)
     context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
-    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "image", "image+learned"],
-                        help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added)")
+    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "alibi", "image", "image+learned"],
+                        help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added); "
+                             "alibi: no position embedding, the alibi score modifier in every layer")
     image_shape: list[int] = opt([], help="image positions: [height, width, channels] of one image (default: the dataset's)")
     norm: str = opt("layernorm", choices=["layernorm", "rmsnorm"])
     norm_position: str = opt("pre", choices=["pre", "post"])
@@ -90,6 +95,9 @@ class ModelConfig:
         """The rules that tie model fields together; ConfigError naming the keys to change."""
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}: choose d_model as a multiple of n_head")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: "
+                              f"choose a divisor of {self.n_head} (1 = multi-query attention) or leave n_kv_head unset")
         head = self.d_model // self.n_head
         qk = self.qk_ratio * head
         if abs(qk - round(qk)) > 1e-6 or round(qk) < 1:
@@ -121,12 +129,17 @@ class AttentionConfig:
     backend: str = opt("auto", choices=["auto", "reference", "sdpa", "blocksparse", "flex", "linear"])
     plugins: list[str] = opt([], help="Python files (or importable modules) that register more patterns or modifiers; "
                                       "each file is copied into the run directory")
+    modifiers: list[str] = opt([], help="score modifiers applied in order before the mask, e.g. alibi, "
+                                        "softcap(cap=30), relpos(buckets=32,max_distance=128); a layers entry may "
+                                        "set its own")
     params: dict = field(default_factory=dict, metadata={"flat": True})
 
     def __init__(self, pattern: str = "dense", schedule: list[str] | None = None, layers: list[dict] | None = None,
-                 backend: str = "auto", plugins: list[str] | None = None, params: dict | None = None, **flat: Any):
+                 backend: str = "auto", plugins: list[str] | None = None, modifiers: list[str] | None = None,
+                 params: dict | None = None, **flat: Any):
         self.pattern, self.backend = pattern, backend
         self.schedule, self.layers, self.plugins = list(schedule or []), [dict(x) for x in layers or []], list(plugins or [])
+        self.modifiers = list(modifiers or [])
         self.params = {**(params or {}), **flat}
 
     def __getattr__(self, name: str) -> Any:
@@ -144,10 +157,16 @@ class AttentionConfig:
         """Layer ``layer_idx``'s spec ``{"pattern": name, **params}`` and the config key that names it (for errors)."""
         if self.layers:
             i = layer_idx % len(self.layers)
-            return dict(self.layers[i]), f"attention.layers[{i}]"
+            return {k: v for k, v in self.layers[i].items() if k != "modifiers"}, f"attention.layers[{i}]"
         name = self.schedule[layer_idx % len(self.schedule)] if self.schedule else self.pattern
         cls = get_pattern(name, "attention.schedule" if self.schedule else "attention.pattern")
         return {"pattern": name, **{k: v for k, v in self.params.items() if k in cls.parameters()}}, "attention"
+
+    def layer_modifiers(self, layer_idx: int) -> list[str]:
+        """The score modifiers of layer ``layer_idx``: its ``layers`` entry's own, else ``modifiers``."""
+        if self.layers and "modifiers" in self.layers[layer_idx % len(self.layers)]:
+            return list(self.layers[layer_idx % len(self.layers)]["modifiers"])
+        return list(self.modifiers)
 
     def resolved_params(self) -> dict:
         """The flat parameters with the defaults of the patterns ``pattern``/``schedule`` name filled in."""
@@ -253,9 +272,11 @@ def check_attention(a: AttentionConfig, m: ModelConfig) -> None:
     for i in range(m.n_layer):
         pattern = build_pattern(a, i, m.n_layer, m.n_head, m.context)
         where = a.layer_spec(i)[1]
+        specs = modifier_specs(a, m, i)
         try:
             pattern.check(m.context)
-            select_backend(a.backend, pattern, None, m.dropout)
+            check_modifiers(specs, pattern, m.n_head, i)
+            select_backend(a.backend, pattern, None, m.dropout, specs)
         except ConfigError as e:
             raise ConfigError(str(e) if where == "attention" else f"{where}: {e}") from None
 
@@ -349,7 +370,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value not in ("", "[]") else []
+            value = [v for v in _split_list(value) if v] if value not in ("", "[]") else []
         if not isinstance(value, list):
             raise ConfigError(f"{key} expects a list, got {show(value)}: write {key}=a,b,c")
         return [_coerce(key, inner, v) for v in value]
@@ -383,6 +404,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key} contains a NUL character ({show(value)}): remove it")
         return str(value)
     return value
+
+
+def _split_list(value: str) -> list[str]:
+    """``a,b(x=1,y=2),c`` -> ['a', 'b(x=1,y=2)', 'c']: commas inside parentheses belong to the item."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(value):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    return items + [value[start:]]
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
@@ -428,6 +460,9 @@ def _coerce_layers(key: str, value: Any) -> list[dict]:
         spec = {"pattern": cls.name}
         for name, v in entry.items():
             if name == "pattern":
+                continue
+            if name == "modifiers":
+                spec["modifiers"] = _coerce(f"{where}.modifiers", list[str], v)
                 continue
             if name not in cls.parameters():
                 have = ", ".join(cls.parameters()) or "none"

@@ -1,12 +1,15 @@
 """Attention backends: functions that compute attention for a pattern.
 
 Every backend has the signature
-``fn(q, k, v, pattern, dropout_p, training) -> out`` with q, k ``[B, H, T, Dqk]``,
-v and out ``[B, H, T, Dv]`` (the head sizes may differ; scores scale by
-1/sqrt(Dqk)), and must agree with ``reference`` (the spec) on outputs and
-gradients. Backends register themselves with a ``supports(pattern, device)``
-predicate; ``select_backend`` picks the first supporting one in preference
-order for ``auto`` and refuses a forced backend that cannot run the pattern.
+``fn(q, k, v, pattern, dropout_p, training) -> out`` with q ``[B, H, T, Dqk]``,
+k ``[B, Hkv, T, Dqk]``, v ``[B, Hkv, T, Dv]`` and out ``[B, H, T, Dv]`` (the head
+sizes may differ; scores scale by 1/sqrt(Dqk); Hkv divides H: grouped-query
+attention, see ``heads``), and must agree with ``reference`` (the spec) on
+outputs and gradients. Backends registered with ``modifiers=True`` also take
+``modifier=`` (a ``ScoreModifiers``) and apply it to the scores before the mask.
+Backends register themselves with a ``supports(pattern, device)`` predicate;
+``select_backend`` picks the first supporting one in preference order for
+``auto`` and refuses a forced backend that cannot run the pattern.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .heads import expand_kv
 from .patterns import Pattern, _grid
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float, bool], torch.Tensor]
@@ -27,17 +31,21 @@ BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float, 
 _LINEAR_EPS = 1e-6
 
 
-def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_start: int | None = None) -> torch.Tensor:
+def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_start: int | None = None,
+                      modifier=None) -> torch.Tensor:
     """The attention weights of the spec, ``[B, H, Tq, Tk]`` in fp32 (or wider): row i mixes the values of the keys.
 
-    Softmax patterns: dense scores scaled by 1/sqrt(Dqk), the pattern's dense mask,
-    softmax in fp32; a query with no allowed key gets an all-zero row. Linear
-    patterns: the implicit weights phi(q_i).phi(k_j) / (sum_{j'<=i} phi(q_i).phi(k_j') + eps)
+    Softmax patterns: dense scores scaled by 1/sqrt(Dqk), the score ``modifier``
+    (if any) at the pairs' absolute positions, the pattern's dense mask, softmax
+    in fp32; a query with no allowed key gets an all-zero row. Keys with fewer
+    heads than q are shared by groups of query heads. Linear patterns: the
+    implicit weights phi(q_i).phi(k_j) / (sum_{j'<=i} phi(q_i).phi(k_j') + eps)
     over the causal keys (rows sum to 1 up to eps). Queries sit at positions
     ``q_start ..`` (default: the last ``Tq`` of the ``Tk`` positions), so rows can
     be computed a chunk at a time. Slow and O(Tq * Tk) memory on purpose.
     """
     H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    k = expand_kv(k, H)
     start = Tk - Tq if q_start is None else q_start
     qi, kj, h = _grid(start, Tq, Tk, H, q.device)
     mask = pattern.allowed(qi, kj, h).expand(H, Tq, Tk)  # the dense mask's rows, broadcasting over B
@@ -48,13 +56,15 @@ def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_star
         A = (fq @ fk.transpose(-2, -1)).masked_fill(~mask, 0.0)
         return A / (A.sum(-1, keepdim=True) + _LINEAR_EPS)
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[3] ** -0.5
+    if modifier is not None:
+        scores = modifier.score(scores, qi, kj, h)
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     # A query with no allowed key would softmax to NaN; define its weights (and output) as zero.
     return weights.masked_fill(~mask, 0.0)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-              dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+              dropout_p: float = 0.0, training: bool = False, modifier=None) -> torch.Tensor:
     """The spec: ``reference_weights`` (dense scores, the pattern's dense mask, softmax in fp32), dropout, @ v.
 
     Slow and O(T^2) memory on purpose: it is the obviously-correct version the
@@ -62,7 +72,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     positions (Tq == Tk in training), so a query-only suffix also works. Linear
     attention has no dropout (its backend never forms the weights).
     """
-    weights = reference_weights(q, k, pattern)
+    weights = reference_weights(q, k, pattern, modifier=modifier)
+    v = expand_kv(v, q.shape[1])
     if training and dropout_p > 0.0 and pattern.mechanism == "softmax":
         weights = F.dropout(weights, p=dropout_p)
     return (weights @ v.to(weights.dtype)).to(v.dtype)
@@ -73,7 +84,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
     """PyTorch's fused ``scaled_dot_product_attention`` with its built-in causal mask (no T x T mask)."""
     if not pattern.is_dense_causal:
         raise ConfigError(f"attention backend 'sdpa' runs only the dense causal pattern, not {pattern.name!r}: use backend=auto or reference")
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True)
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # shared key/value heads, never copied
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True, **gqa)
 
 
 # ------------------------------------------------------------------ registry
@@ -85,6 +97,7 @@ class BackendSpec:
     why_not: str  # completes "backend X cannot run pattern P: ..."
     preferred: Callable[[Pattern, torch.device | None], bool]  # ``auto`` picks it (e.g. flex: GPU only)
     dropout: bool  # applies attention dropout in training
+    modifiers: bool = False  # applies score modifiers (takes ``modifier=``)
 
 
 # Insertion order is the preference order for ``auto``.
@@ -92,11 +105,12 @@ BACKENDS: dict[str, BackendSpec] = {}
 
 
 def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torch.device | None], bool], why_not: str = "",
-                     preferred: Callable[[Pattern, torch.device | None], bool] | None = None, dropout: bool = True) -> None:
+                     preferred: Callable[[Pattern, torch.device | None], bool] | None = None, dropout: bool = True,
+                     modifiers: bool = False) -> None:
     """Add a backend; later registrations are less preferred by ``auto`` than earlier ones, except ``reference``,
     which is always last. ``preferred`` (default: ``supports``) narrows where ``auto`` picks it; ``dropout=False``
-    keeps it away from models with attention dropout."""
-    BACKENDS[name] = BackendSpec(fn, supports, why_not, preferred or supports, dropout)
+    keeps it away from models with attention dropout; ``modifiers=True`` says it applies score modifiers."""
+    BACKENDS[name] = BackendSpec(fn, supports, why_not, preferred or supports, dropout, modifiers)
     if "reference" in BACKENDS and name != "reference":
         BACKENDS["reference"] = BACKENDS.pop("reference")  # keep the slow spec as the last resort
 
@@ -107,10 +121,10 @@ def _softmax(pattern: Pattern) -> bool:
     return pattern.mechanism == "softmax"
 
 
-def _flex(q, k, v, pattern, dropout_p=0.0, training=False):
+def _flex(q, k, v, pattern, dropout_p=0.0, training=False, modifier=None):
     from .flex import flex
 
-    return flex(q, k, v, pattern, dropout_p, training)
+    return flex(q, k, v, pattern, dropout_p, training, modifier)
 
 
 def _flex_supports(pattern: Pattern, device: torch.device | None) -> bool:
@@ -128,10 +142,10 @@ def _flex_preferred(pattern: Pattern, device: torch.device | None) -> bool:
     return flex_available(device)[0]
 
 
-def _blocksparse(q, k, v, pattern, dropout_p=0.0, training=False):
+def _blocksparse(q, k, v, pattern, dropout_p=0.0, training=False, modifier=None):
     from .blocksparse import blocksparse
 
-    return blocksparse(q, k, v, pattern, dropout_p, training)
+    return blocksparse(q, k, v, pattern, dropout_p, training, modifier)
 
 
 def _linear(q, k, v, pattern, dropout_p=0.0, training=False):
@@ -143,18 +157,18 @@ def _linear(q, k, v, pattern, dropout_p=0.0, training=False):
 register_backend("sdpa", sdpa, lambda pattern, device: pattern.is_dense_causal,
                  "it only has the dense causal mask built in")
 register_backend("flex", _flex, _flex_supports, "it computes softmax attention on CUDA or CPU only",
-                 preferred=_flex_preferred, dropout=False)
+                 preferred=_flex_preferred, dropout=False, modifiers=True)
 register_backend("blocksparse", _blocksparse, lambda pattern, device: _softmax(pattern),
-                 "it computes softmax attention, not linear attention")
+                 "it computes softmax attention, not linear attention", modifiers=True)
 register_backend("linear", _linear, lambda pattern, device: pattern.mechanism == "linear",
                  "it computes linear attention only")
-register_backend("reference", reference, lambda pattern, device: True)
+register_backend("reference", reference, lambda pattern, device: True, modifiers=True)
 
 
 def select_backend(name: str, pattern: Pattern, device: torch.device | str | None = None,
-                   dropout: float = 0.0) -> tuple[str, BackendFn]:
+                   dropout: float = 0.0, modifiers: list[str] | None = None) -> tuple[str, BackendFn]:
     """Resolve ``name`` (``auto`` or a backend name) for ``pattern`` on ``device`` to ``(backend_name, fn)``,
-    for a model with attention ``dropout``.
+    for a model with attention ``dropout`` and score ``modifiers`` (their specs).
 
     ``device`` None means "not known yet": only device-independent choices are made.
     """
@@ -162,7 +176,8 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
         device = torch.device(device)
     if name == "auto":
         for backend_name, spec in BACKENDS.items():
-            if spec.preferred(pattern, device) and (spec.dropout or dropout == 0.0):
+            if spec.preferred(pattern, device) and (spec.dropout or dropout == 0.0) \
+                    and (spec.modifiers or not modifiers):
                 return backend_name, spec.fn
         raise ConfigError(f"no attention backend can run pattern {pattern.name!r} on {device}")  # unreachable while reference exists
     spec = BACKENDS.get(name)
@@ -174,4 +189,8 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
     if dropout > 0.0 and not spec.dropout:
         raise ConfigError(f"attention.backend={name!r} has no attention dropout but model.dropout={dropout}: "
                           f"use attention.backend=auto, blocksparse or reference, or model.dropout=0")
+    if modifiers and not spec.modifiers:
+        able = ", ".join(n for n, s in BACKENDS.items() if s.modifiers)
+        raise ConfigError(f"attention.backend={name!r} cannot apply score modifiers {list(modifiers)}: "
+                          f"use attention.backend=auto or one of {able}")
     return name, spec.fn

@@ -11,6 +11,12 @@ has T x T entries and peak memory is a few chunks above the inputs' size.
 Several components of one head (strided ``union``: the window in token order,
 the strided keys in the reordered order) are merged exactly through their
 log-sum-exps; their masks are disjoint by construction.
+
+Score modifiers are applied to each computed block with its pairs' original
+positions (kept in the plan), before the mask. Backward recomputes the
+modified scores and takes the modifier's gradient (to the raw scores and to
+its parameters, e.g. a learned bias) from autograd of its one definition, a
+chunk at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .heads import expand_kv
 from .patterns import Component, Pattern
 
 # Score entries per chunk per (batch, head): bounds the working memory of one step.
@@ -35,6 +42,8 @@ class _Chunk:
     masks: list[tuple[slice, torch.Tensor]]  # (key columns, [n, q_block, cols] True = may NOT attend) per run of
     # key-block slots that hold a masked pair (e.g. a band's first and diagonal blocks); full blocks need none
     empty_rows: bool  # some query (e.g. padding) attends no key: its softmax row must be zeroed
+    qpos: torch.Tensor  # [n, q_block, 1] original position of each query row (for score modifiers)
+    kpos: torch.Tensor  # [n, 1, m*block] original position of each gathered key column
 
 
 @dataclass
@@ -50,6 +59,7 @@ class _ComponentPlan:
 class _GroupPlan:
     heads: slice | list[int]  # a slice when contiguous: selecting them is then a view, not a copy
     components: list[_ComponentPlan]
+    head_idx: torch.Tensor  # [h, 1, 1, 1] the heads' indices, broadcasting over a block's scores (modifiers)
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,7 +70,8 @@ def plan(pattern: Pattern, T: int, n_head: int, device: torch.device) -> tuple[_
         comps = [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components]
         # Reordered or merged components copy their inputs: go one head at a time to keep those copies small.
         one_by_one = len(comps) > 1 or any(cp.order is not None for cp in comps)
-        groups += [_GroupPlan(_head_index(hs), comps) for hs in ([(h,) for h in g.heads] if one_by_one else [g.heads])]
+        groups += [_GroupPlan(_head_index(hs), comps, torch.tensor(hs, device=device).view(-1, 1, 1, 1))
+                   for hs in ([(h,) for h in g.heads] if one_by_one else [g.heads])]
     return tuple(groups)
 
 
@@ -98,7 +109,8 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
         mask = pattern.allowed(qpos, kpos, torch.tensor(head)) & valid.repeat_interleave(b, dim=1).view(n, 1, m * b) & (kpos < T)
         if comp.select is not None:
             mask = mask & comp.select(qpos, kpos)
-        chunks.append(_Chunk(q0, q1, kv.to(device), _mask_runs(mask, b, device), not bool(mask.any(-1).all())))
+        chunks.append(_Chunk(q0, q1, kv.to(device), _mask_runs(mask, b, device), not bool(mask.any(-1).all()),
+                             qpos.to(device), kpos.to(device)))
         q0 = q1
     return _ComponentPlan(b, r, length, None if order is None else order.to(device), chunks)
 
@@ -170,20 +182,44 @@ def _salt(group: int, component: int) -> int:
     return 1000 * (4 * group + component)
 
 
-def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
-    s = (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
+def _raw_scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
+    return (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
+
+
+def _masked(s: torch.Tensor, ch: _Chunk, raw, mod, heads) -> torch.Tensor:
+    """The raw scores, modified (a new tensor: ``raw`` stays for backward) and masked in place."""
+    if mod is not None:
+        s = mod.score(raw, ch.qpos, ch.kpos, heads)
     for cols, blocked in ch.masks:
         s[..., cols].masked_fill_(blocked, -math.inf)
     return s
 
 
-def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool):
+def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float, mod=None, heads=None) -> torch.Tensor:
+    raw = _raw_scores(q, k, ch, cp, scale)
+    return _masked(raw, ch, raw, mod, heads)
+
+
+def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> torch.Tensor:
+    """Gradient to the raw scores from ``ds`` (the gradient to the modified ones); the parameters' share is
+    added to ``param_grads``."""
+    with torch.enable_grad():
+        leaf = raw.detach().requires_grad_()
+        grads = torch.autograd.grad(mod.score(leaf, ch.qpos, ch.kpos, heads), (leaf, *params), ds, allow_unused=True)
+    for acc, g in zip(param_grads, grads[1:]):
+        if g is not None:
+            acc += g
+    return grads[0]
+
+
+def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool,
+                       mod=None, heads=None):
     """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1]."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
     out = v.new_empty(*q.shape[:3], v.shape[-1])
     lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
     for i, ch in enumerate(cp.chunks):
-        s = _scores(q, k, ch, cp, scale)
+        s = _scores(q, k, ch, cp, scale, mod, heads)
         if need_lse:
             _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
         prob = torch.softmax(s, dim=-1)
@@ -195,9 +231,11 @@ def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed
     return out, lse
 
 
-def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int):
+def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int,
+                        mod=None, heads=None, params=(), param_grads=()):
     """Gradients of one component, in its order. Alone (``lse`` None) its probabilities are its own softmax;
-    as one of several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out)."""
+    as one of several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out).
+    The modifier's parameter gradients are added to ``param_grads``."""
     q, k, v, dout = (_to_order(x, cp) for x in (q, k, v, dout))
     if lse is not None:
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
@@ -205,7 +243,8 @@ def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, scale: fl
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i, ch in enumerate(cp.chunks):
         kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
-        s = _scores(q, k, ch, cp, scale)
+        raw = _raw_scores(q, k, ch, cp, scale)
+        s = _masked(raw, ch, raw, mod, heads)
         prob = torch.softmax(s, dim=-1) if lse is None else s.sub_(_rows(lse, ch, cp)).exp_()
         if ch.empty_rows:
             prob.nan_to_num_(nan=0.0)
@@ -220,6 +259,8 @@ def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, scale: fl
             ds = torch._softmax_backward_data(dprob, prob, -1, prob.dtype)
         else:
             ds = prob.mul_(dprob.sub_(_rows(delta, ch, cp)))
+        if mod is not None:
+            ds = _modifier_backward(mod, params, param_grads, raw, ds, ch, heads)
         ds.mul_(scale)
         torch.matmul(ds, kc, out=_rows(dq, ch, cp))
         _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(q, ch, cp), cp.block)
@@ -258,33 +299,38 @@ def _assemble(shape: torch.Size, plans, per_group: list[torch.Tensor]) -> torch.
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plans, scale, p, seed):
+    def forward(ctx, q, k, v, plans, scale, p, seed, mod, *params):
         T = q.shape[2]
         outs, lses = [], {}  # merged log-sum-exp of groups with several components, for backward
         for g, gp in enumerate(plans):
             h, several = gp.heads, len(gp.components) > 1
             parts = []
             for c, cp in enumerate(gp.components):
-                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several)
+                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several,
+                                          mod, gp.head_idx)
                 parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
             if several:
                 o, lses[g] = _merge(parts)
             outs.append(o if several else parts[0][0])
         out = _assemble(q.shape[:3] + v.shape[3:], plans, outs)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses = plans, scale, p, seed, lses
+        ctx.save_for_backward(q, k, v, out)  # the modifier's parameters are read from ``mod`` itself
+        ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses, ctx.mod = plans, scale, p, seed, lses, mod
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
         dout = dout.contiguous()
-        plans = ctx.plans
+        plans, mod = ctx.plans, ctx.mod
+        params = () if mod is None else tuple(mod.parameters())
+        param_grads = [torch.zeros_like(x) for x in params]
+        mods = dict(mod=mod, params=params, param_grads=param_grads)
         cp0 = plans[0].components[0]
         if len(plans) == 1 and len(plans[0].components) == 1 and cp0.order is None and cp0.length == q.shape[2] \
                 and plans[0].heads == slice(0, q.shape[1]):  # the common case: the component's grads are the grads
-            return (*_backward_component(q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0)),
-                    None, None, None, None)
+            grads = _backward_component(q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0),
+                                        heads=plans[0].head_idx, **mods)
+            return (*grads, None, None, None, None, None, *param_grads)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g, gp in enumerate(plans):
             h = gp.heads
@@ -292,7 +338,7 @@ class _BlockSparse(torch.autograd.Function):
             delta = None if lse is None else (dout[:, h] * out[:, h]).sum(-1, keepdim=True)
             for c, cp in enumerate(gp.components):
                 grads = _backward_component(q[:, h], k[:, h], v[:, h], dout[:, h], lse, delta,
-                                            cp, ctx.scale, ctx.p, ctx.seed, _salt(g, c))
+                                            cp, ctx.scale, ctx.p, ctx.seed, _salt(g, c), heads=gp.head_idx, **mods)
                 for acc, grad in zip((dq, dk, dv), grads):
                     if isinstance(h, slice):
                         _add_from_order(acc[:, h], grad, cp)  # a view: accumulates in place
@@ -301,21 +347,25 @@ class _BlockSparse(torch.autograd.Function):
                         _add_from_order(part, grad, cp)
                         acc[:, h] = part
                 del grads
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, *param_grads
 
 
 @torch.compiler.disable  # a Python loop over cached plans: under train.compile it runs eagerly between graphs
 def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+                dropout_p: float = 0.0, training: bool = False, modifier=None) -> torch.Tensor:
     """Attention backend: ``pattern`` computed block by block, forward and backward, on any device.
 
     q, k [B,H,T,Dqk] and v [B,H,T,Dv] may differ in head size; scores are scaled by 1/sqrt(Dqk).
+    k and v may have fewer heads (grouped-query attention): they are expanded here, and autograd sums
+    their gradients back. ``modifier`` (score modifiers) changes each block's scores before the mask.
     """
     H, T, Dqk = q.shape[1:]
     p = dropout_p if training else 0.0
     seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0.0 else 0
     dtype = q.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    k, v = expand_kv(k, H), expand_kv(v, H)
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))  # the model hands in head-transposed views
-    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk ** -0.5, p, seed)
+    params = () if modifier is None else tuple(modifier.parameters())
+    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk ** -0.5, p, seed, modifier, *params)
     return out.to(dtype)

@@ -30,11 +30,23 @@ distances; the sinks are seen from position ``min(i, context - 1)``, i.e. as the
 last query of a training sequence saw them. ``GPT`` passes ``shift_sinks``, which
 rotates the s sink keys forward by i - (context - 1), the same thing for RoPE's
 relative scores. Inside the context this is exactly the full forward pass.
+
+Grouped-query attention: caches store only the ``n_kv_head`` shared key/value
+heads (memory divided by n_head / n_kv_head); a step attends with the query
+heads of each group as rows of one product, so nothing is expanded. Where the
+query heads of one group keep different keys, a ``fixed`` head keeps the union
+of its query heads' summary columns and masks each to its own; strided
+``split`` with a group spanning both halves keeps every position and masks with
+the rule instead (``AppendCache``).
+
+Score modifiers are applied to the kept keys with their absolute positions
+(each part carries them); a sink seen from ``min(i, context - 1)`` under
+streaming is seen from there by a translation-invariant modifier too.
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,34 +54,74 @@ import torch.nn.functional as F
 from .linear import LinearState, feature_map, linear_step
 from .patterns import Fixed, Pattern, Strided
 
-Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # (q, keys, values, mask or None)
 Rotation = Callable[[torch.Tensor], torch.Tensor]  # re-positions keys (RoPE), see SinkWindowCache
 
 
-def attend_parts(parts: list[Part]) -> torch.Tensor:
+class Part(NamedTuple):
+    """One key set a query attends to. ``mask`` broadcasts to [B,H,1,S] (True = usable slot); ``k_pos`` (broadcasting
+    to [Hkv,1,S]) and ``q_pos`` (a position, or one per slot) are absolute positions, for score modifiers."""
+
+    q: torch.Tensor  # [B, H, 1, Dqk]
+    keys: torch.Tensor  # [B, Hkv, S, Dqk]
+    values: torch.Tensor  # [B, Hkv, S, Dv]
+    mask: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None
+    q_pos: torch.Tensor | int | None = None
+
+
+def attend_parts(parts: list[Part | tuple], modifier=None, heads: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of one query over the union of several key sets: q [B,H,1,Dqk] -> [B,H,1,Dv].
 
     Each part's mask (broadcasting to [B,H,1,S]) marks usable slots. The parts
     share one running maximum, so the result equals a softmax over their
     concatenation. A query with no usable key gets 0, as in the reference.
+    Keys with fewer heads than q are shared by groups of query heads; ``modifier``
+    changes the scores of query heads ``heads`` (default 0..H-1) at the parts' positions.
     """
-    if len(parts) == 1 and parts[0][3] is None:  # one unmasked key set: PyTorch's fused kernel
-        q, keys, values, _ = parts[0]
+    parts = [Part(*p) for p in parts]
+    B, H, _, D = parts[0].q.shape
+    group = H // parts[0].keys.shape[1]
+    if modifier is not None:  # head indices shaped like the scores: [Hkv, group, 1] grouped, [H, 1, 1] otherwise
+        heads = (torch.arange(H) if heads is None else heads).to(parts[0].q.device).view(-1, group, 1)
+    if group > 1:
+        parts = [_grouped(p, group) for p in parts]
+    out = _attend(parts, modifier, heads)
+    return out.reshape(B, H, 1, out.shape[-1]) if group > 1 else out
+
+
+def _grouped(p: Part, group: int) -> Part:
+    """The query heads of each key/value head as ``group`` query rows: q [B,Hkv,group,D], masks to match."""
+    B, H, _, D = p.q.shape
+    mask = p.mask
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] == H:
+        mask = mask.reshape(*mask.shape[:-3], H // group, group, mask.shape[-1])
+    return p._replace(q=p.q.reshape(B, H // group, group, D), mask=mask)
+
+
+def _attend(parts: list[Part], modifier, heads: torch.Tensor | None) -> torch.Tensor:
+    if len(parts) == 1 and parts[0].mask is None and modifier is None:  # one unmasked key set: PyTorch's fused kernel
+        q, keys, values = parts[0][:3]
         return F.scaled_dot_product_attention(q, keys, values)
-    scale = parts[0][0].shape[-1] ** -0.5
+    scale = parts[0].q.shape[-1] ** -0.5
     scores = []
-    for q, keys, _, mask in parts:
-        s = (q.float() @ keys.float().transpose(-2, -1)) * scale
-        scores.append(s if mask is None else s.masked_fill(~mask, float("-inf")))
+    for p in parts:
+        s = (p.q.float() @ p.keys.float().transpose(-2, -1)) * scale
+        if modifier is not None and s.shape[-1]:
+            if p.k_pos is None:
+                raise ValueError("this KV cache gives no key positions, so it cannot apply score modifiers")
+            device = s.device
+            q_pos = torch.as_tensor(p.q_pos, device=device)
+            s = modifier.score(s, q_pos, p.k_pos.to(device), heads)
+        scores.append(s if p.mask is None else s.masked_fill(~p.mask, float("-inf")))
     top = torch.stack([s.amax(-1, keepdim=True) for s in scores if s.shape[-1]]).amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     num = den = 0
-    for s, (_, _, values, _) in zip(scores, parts):
+    for s, p in zip(scores, parts):
         if s.shape[-1]:
             e = torch.exp(s - top)
-            num = num + e @ values.float()
+            num = num + e @ p.values.float()
             den = den + e.sum(-1, keepdim=True)
-    return (num / torch.where(den > 0, den, torch.ones_like(den))).to(parts[0][2].dtype)
+    return (num / torch.where(den > 0, den, torch.ones_like(den))).to(parts[0].values.dtype)
 
 
 class LayerCache:
@@ -78,14 +130,28 @@ class LayerCache:
     ``prefill(k, v)`` takes the keys/values of positions 0..P-1 (the prompt, whose
     outputs the full forward pass computed); ``step(q, k, v, pos)`` adds position
     ``pos`` and returns its attention output. Buffers are allocated on first use
-    with the incoming dtype and device.
+    with the incoming dtype and device. Keys and values have ``n_kv_head`` heads
+    (default ``n_head``), shared by groups of query heads; ``modifier`` changes the
+    scores; ``context`` (the training context) places the sinks when streaming.
     """
 
     streams: ClassVar[bool] = False  # True when memory is bounded, so decoding may run past the context
 
-    def __init__(self, pattern: Pattern, batch: int, n_head: int, max_len: int):
+    def __init__(self, pattern: Pattern, batch: int, n_head: int, max_len: int, n_kv_head: int | None = None,
+                 modifier=None, context: int | None = None):
         self.pattern, self.batch, self.n_head, self.max_len = pattern, batch, n_head, max_len
+        self.n_kv_head = n_kv_head or n_head
+        self.group = n_head // self.n_kv_head  # query heads per key/value head
+        self.modifier, self.context = modifier, context
+        if modifier is not None and not modifier.streams:
+            self.streams = False  # an absolute-position modifier: past the context it would not be exact
         self.length = 0  # positions seen
+
+    @classmethod
+    def shares_heads(cls, pattern: Pattern, n_head: int, n_kv_head: int) -> bool:
+        """Whether this kind can store ``n_kv_head`` shared heads for ``pattern`` (default: what it keeps is the
+        same for every head)."""
+        return True
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
@@ -93,7 +159,7 @@ class LayerCache:
     def step(self, q, k, v, pos: int, shift_sinks: Rotation | None = None) -> torch.Tensor:
         self._write(k, v, pos)
         self.length = pos + 1
-        return attend_parts(self._parts(q, pos, shift_sinks))
+        return attend_parts(self._parts(q, pos, shift_sinks), self.modifier)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
@@ -113,8 +179,18 @@ class LayerCache:
         return []
 
 
+def _uniform_groups(pattern: Pattern, n_head: int, n_kv_head: int) -> bool:
+    """Every group of query heads sharing a key/value head lies inside one of the pattern's head groups (one rule)."""
+    group = n_head // n_kv_head
+    groups = pattern.head_groups(n_head)
+    if groups is None:  # no hand-made head groups: the heads cannot be told apart here
+        return False
+    owner = {h: i for i, g in enumerate(groups) for h in g.heads}
+    return all(len({owner[h] for h in range(g * group, (g + 1) * group)}) == 1 for g in range(n_kv_head))
+
+
 class Slots:
-    """Preallocated key/value slots [B, H, n, D], created on first write."""
+    """Preallocated key/value slots [B, H, n, D], created on first write (H: the stored key/value heads)."""
 
     def __init__(self, batch: int, n_head: int, n: int):
         self.shape = (batch, n_head, n)
@@ -136,10 +212,10 @@ class Slots:
 class AppendCache(LayerCache):
     """dense / block_layout: every position, appended in order; a step reads the filled prefix only."""
 
-    def __init__(self, pattern, batch, n_head, max_len):
-        super().__init__(pattern, batch, n_head, max_len)
-        self.slots = Slots(batch, n_head, max_len)
-        self.heads = torch.arange(n_head)[:, None]
+    def __init__(self, pattern, batch, n_head, max_len, **kw):
+        super().__init__(pattern, batch, n_head, max_len, **kw)
+        self.slots = Slots(batch, self.n_kv_head, max_len)
+        self.heads = torch.arange(n_head)[:, None]  # query heads: the rule may differ per head
 
     def prefill(self, k, v):
         P = k.shape[2]
@@ -151,11 +227,12 @@ class AppendCache(LayerCache):
 
     def _parts(self, q, pos, shift_sinks):
         n = pos + 1
-        mask = None
-        if not self.pattern.is_dense_causal:  # block_layout: the pattern's own rule over the filled slots
+        mask = keys = None
+        if not self.pattern.is_dense_causal or self.modifier is not None:
             keys = torch.arange(n, device=q.device)
+        if not self.pattern.is_dense_causal:  # block_layout or a fallback: the pattern's rule over the filled slots
             mask = self.pattern.allowed(torch.tensor(pos, device=q.device), keys[None, :], self.heads.to(q.device))[:, None, :]
-        return [(q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask)]
+        return [Part(q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask, keys, pos)]
 
     def held(self):
         return [set(range(self.length)) for _ in range(self.n_head)]
@@ -182,14 +259,14 @@ class Ring:
         self.pos[positions % self.size] = positions
         self.full = self.full or bool((self.pos >= 0).all())
 
-    def part(self, q) -> Part:
+    def part(self, q, q_pos: int | None = None) -> Part:
         """The filled slots; until the ring is full, empty slots are cut off or masked."""
         if self.full:
-            return (q, self.slots.k, self.slots.v, None)
+            return Part(q, self.slots.k, self.slots.v, None, self.pos, q_pos)
         filled = self.pos >= 0
         n = int(filled.nonzero().max()) + 1
         mask = None if bool(filled[:n].all()) else filled[:n].to(q.device)
-        return (q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask)
+        return Part(q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask, self.pos[:n], q_pos)
 
     def held(self) -> set[int]:
         return set(self.pos[self.pos >= 0].tolist())
@@ -205,10 +282,10 @@ class SinkWindowCache(LayerCache):
 
     streams = True
 
-    def __init__(self, pattern, batch, n_head, max_len):
-        super().__init__(pattern, batch, n_head, max_len)
+    def __init__(self, pattern, batch, n_head, max_len, **kw):
+        super().__init__(pattern, batch, n_head, max_len, **kw)
         self.sinks, self.window = pattern.sinks, min(pattern.window, max_len)
-        self.slots = Slots(batch, n_head, self.sinks + self.window)
+        self.slots = Slots(batch, self.n_kv_head, self.sinks + self.window)
         self.pos = torch.full((self.sinks + self.window,), -1, dtype=torch.long)
         self.full = False
         self.sink_keys = None  # the sinks as written (at their true positions), for re-positioning
@@ -236,7 +313,12 @@ class SinkWindowCache(LayerCache):
     def _parts(self, q, pos, shift_sinks):
         if shift_sinks is not None and self.sinks:
             self.slots.k[:, :, :self.sinks] = shift_sinks(self.sink_keys)
-        return [(q, self.slots.k, self.slots.v, None if self.full else (self.pos >= 0).to(q.device))]
+        q_pos = None
+        if self.modifier is not None:  # the sinks are seen from where the last query of a training sequence saw them
+            sink_from = pos if self.context is None else min(pos, self.context - 1)
+            q_pos = torch.where(torch.arange(len(self.pos)) < self.sinks, sink_from, pos)
+        mask = None if self.full else (self.pos >= 0).to(q.device)
+        return [Part(q, self.slots.k, self.slots.v, mask, self.pos, q_pos)]
 
     def held(self):
         return [set(self.pos[self.pos >= 0].tolist()) for _ in range(self.n_head)]
@@ -253,19 +335,24 @@ class StridedCache(LayerCache):
     last l positions and, beyond them, the residue class, merged in one softmax.
     """
 
-    def __init__(self, pattern: Strided, batch, n_head, max_len):
-        super().__init__(pattern, batch, n_head, max_len)
+    def __init__(self, pattern: Strided, batch, n_head, max_len, **kw):
+        super().__init__(pattern, batch, n_head, max_len, **kw)
         l, mode = pattern.local_attn_ctx, pattern.mode
         if mode == "split":
             self.n_local = pattern.n_head // 2
         else:
             self.n_local = n_head if (mode == "interleave" and pattern.part == "local") else 0
         self.union = mode == "union"
-        self.ring = Ring(batch, self.n_local, l) if self.n_local else None
-        self.all = Slots(batch, n_head - self.n_local, max_len) if self.n_local < n_head else None
+        self.kv_local = self.n_local // self.group  # key/value heads of the local query heads (whole groups)
+        self.ring = Ring(batch, self.kv_local, l) if self.n_local else None
+        self.all = Slots(batch, self.n_kv_head - self.kv_local, max_len) if self.n_local < n_head else None
+
+    @classmethod
+    def shares_heads(cls, pattern, n_head, n_kv_head):
+        return _uniform_groups(pattern, n_head, n_kv_head)
 
     def prefill(self, k, v):
-        P, h = k.shape[2], self.n_local
+        P, h = k.shape[2], self.kv_local
         if self.ring:
             self.ring.write(k[:, :h], v[:, :h], 0)
         if self.all:
@@ -273,7 +360,7 @@ class StridedCache(LayerCache):
         self.length = P
 
     def _write(self, k, v, pos):
-        h = self.n_local
+        h = self.kv_local
         if self.ring:
             self.ring.write(k[:, :h], v[:, :h], pos)
         if self.all:
@@ -282,21 +369,22 @@ class StridedCache(LayerCache):
     def step(self, q, k, v, pos, shift_sinks=None):
         self._write(k, v, pos)
         self.length = pos + 1
-        h, outs = self.n_local, []
+        h, outs, heads = self.n_local, [], torch.arange(self.n_head)
         if self.ring:
-            outs.append(attend_parts([self.ring.part(q[:, :h])]))
-        if self.all:
-            outs.append(attend_parts(self._strided_parts(q[:, h:], pos)))
+            outs.append(attend_parts([self.ring.part(q[:, :h], pos)], self.modifier, heads[:h]))
+        if self.all:  # the strided heads come after the local ones: their head indices start at h
+            outs.append(attend_parts(self._strided_parts(q[:, h:], pos), self.modifier, heads[h:]))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _strided_parts(self, q, pos) -> list[Part]:
         l, K, V = self.pattern.local_attn_ctx, self.all.k, self.all.v
         r = pos % l
         if not self.union:
-            return [(q, K[:, :, r:pos + 1:l], V[:, :, r:pos + 1:l], None)]
+            return [Part(q, K[:, :, r:pos + 1:l], V[:, :, r:pos + 1:l], None, torch.arange(r, pos + 1, l), pos)]
         near = max(0, pos - l + 1)  # the window; the residue class continues below it
-        return [(q, K[:, :, near:pos + 1], V[:, :, near:pos + 1], None),
-                (q, K[:, :, r:max(near, r):l], V[:, :, r:max(near, r):l], None)]
+        far = slice(r, max(near, r), l)
+        return [Part(q, K[:, :, near:pos + 1], V[:, :, near:pos + 1], None, torch.arange(near, pos + 1), pos),
+                Part(q, K[:, :, far], V[:, :, far], None, torch.arange(far.start, far.stop, l), pos)]
 
     def held(self):
         local = self.ring.held() if self.ring else set()
@@ -313,51 +401,79 @@ class FixedCache(LayerCache):
     contiguous prefix (one fused attention call). When a chunk finishes, each head
     keeps its own c summary columns of it (heads of different ``num_verts`` groups
     keep different offsets, all keep c), moved down to where the chunk began.
+    A key/value head shared by query heads of different groups keeps the union
+    of their columns, and each query head is masked to its own.
     """
 
-    def __init__(self, pattern: Fixed, batch, n_head, max_len):
-        super().__init__(pattern, batch, n_head, max_len)
-        l = pattern.local_attn_ctx
+    def __init__(self, pattern: Fixed, batch, n_head, max_len, **kw):
+        super().__init__(pattern, batch, n_head, max_len, **kw)
+        l, H = pattern.local_attn_ctx, self.n_kv_head
         # A key of an earlier chunk (query at l, key at offset o < l) is visible iff it is a summary column.
-        per_head = pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], torch.arange(n_head)[:, None])  # [H, l]
-        self.offsets = per_head.expand(n_head, l).nonzero()[:, 1].view(n_head, -1)  # [H, c], the same c for every head
-        self.slots = Slots(batch, n_head, (max_len // l) * self.offsets.shape[1] + l)
+        per_query = self._visible(pattern, n_head).view(H, self.group, l)
+        kept = per_query.any(1)  # [Hkv, l]: the columns some query head of the group sees
+        self.offsets = kept.nonzero()[:, 1].view(H, -1)  # [Hkv, c'], the same c' for every key/value head
+        own = per_query.gather(2, self.offsets[:, None, :].expand(H, self.group, -1))  # [Hkv, group, c']
+        self.own = None if bool(own.all()) else own.reshape(n_head, 1, -1)  # each query head's own kept columns
+        size = (max_len // l) * self.offsets.shape[1] + l
+        self.slots = Slots(batch, H, size)
+        self.positions = torch.full((H, 1, size), -1, dtype=torch.long)  # each slot's position, for modifiers
         self.n_summary = 0
+
+    @staticmethod
+    def _visible(pattern: Fixed, n_head: int) -> torch.Tensor:
+        l = pattern.local_attn_ctx
+        return pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], torch.arange(n_head)[:, None]).expand(n_head, l)
+
+    @classmethod
+    def shares_heads(cls, pattern, n_head, n_kv_head):
+        kept = cls._visible(pattern, n_head).view(n_kv_head, n_head // n_kv_head, -1).any(1).sum(1)
+        return bool((kept == kept[0]).all())  # every key/value head keeps as many columns (one buffer)
 
     def prefill(self, k, v):
         l, P = self.pattern.local_attn_ctx, k.shape[2]
         for c0 in range(0, P, l):
             n = min(l, P - c0)
             self.slots.write(slice(self.n_summary, self.n_summary + n), k[:, :, c0:c0 + n], v[:, :, c0:c0 + n])
+            self.positions[:, :, self.n_summary:self.n_summary + n] = torch.arange(c0, c0 + n)
             if n == l:
-                self._finish_chunk()
+                self._finish_chunk(c0)
         self.length = P
 
-    def _finish_chunk(self) -> None:
-        """Keep only the just-finished chunk's summary columns."""
+    def _finish_chunk(self, start: int) -> None:
+        """Keep only the just-finished chunk's (it began at position ``start``) summary columns."""
         l, (B, H, _, D), c = self.pattern.local_attn_ctx, self.slots.k.shape, self.offsets.shape[1]
         chunk = slice(self.n_summary, self.n_summary + l)
         index = self.offsets.to(self.slots.k.device)[None, :, :, None]
         k = self.slots.k[:, :, chunk].gather(2, index.expand(B, H, c, D))
         v = self.slots.v[:, :, chunk].gather(2, index.expand(B, H, c, self.slots.v.shape[-1]))
         self.slots.write(slice(self.n_summary, self.n_summary + c), k, v)
+        self.positions[:, 0, self.n_summary:self.n_summary + c] = start + self.offsets
         self.n_summary += c
 
     def step(self, q, k, v, pos, shift_sinks=None):
         l = self.pattern.local_attn_ctx
         end = self.n_summary + pos % l + 1
         self.slots.write(slice(end - 1, end), k, v)
+        self.positions[:, :, end - 1] = pos
         self.length = pos + 1
-        out = attend_parts([(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], None)])
+        mask = None
+        if self.own is not None and self.n_summary:  # shared columns: each query head reads only its own
+            chunks = self.n_summary // self.offsets.shape[1]
+            mask = torch.cat([self.own.repeat(1, 1, chunks), self.own.new_ones(self.n_head, 1, end - self.n_summary)], -1)
+            mask = mask.to(q.device)
+        out = attend_parts([Part(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], mask,
+                                 self.positions[:, :, :end], pos)], self.modifier)
         if pos % l == l - 1:
-            self._finish_chunk()
+            self._finish_chunk(pos - l + 1)
         return out
 
     def held(self):
         l = self.pattern.local_attn_ctx
         done = self.length // l * l
         current = set(range(done, self.length))
-        return [current | {c0 + o for c0 in range(0, done, l) for o in self.offsets[h].tolist()} for h in range(self.n_head)]
+        own = [self.offsets[h // self.group][self.own[h, 0] if self.own is not None else slice(None)].tolist()
+               for h in range(self.n_head)]
+        return [current | {c0 + o for c0 in range(0, done, l) for o in own[h]} for h in range(self.n_head)]
 
     def _tensors(self):
         return self.slots.tensors()
@@ -368,9 +484,9 @@ class LinearCache(LayerCache):
 
     streams = True
 
-    def __init__(self, pattern, batch, n_head, max_len):
-        super().__init__(pattern, batch, n_head, max_len)
-        self.state: LinearState | None = None
+    def __init__(self, pattern, batch, n_head, max_len, **kw):
+        super().__init__(pattern, batch, n_head, max_len, **kw)
+        self.state: LinearState | None = None  # per key/value head: the state depends on keys and values only
 
     def prefill(self, k, v):
         phi = feature_map(self.pattern.feature_map)
@@ -380,10 +496,24 @@ class LinearCache(LayerCache):
 
     def step(self, q, k, v, pos, shift_sinks=None):
         if self.state is None:
-            self.state = LinearState.zeros(self.batch, self.n_head, k.shape[-1], v.shape[-1], k.device)
-        out, self.state = linear_step(q, k, v, self.state, self.pattern.feature_map)
+            self.state = LinearState.zeros(self.batch, self.n_kv_head, k.shape[-1], v.shape[-1], k.device)
+        if self.group == 1:
+            out, self.state = linear_step(q, k, v, self.state, self.pattern.feature_map)
+        else:
+            out = self._grouped_step(q, k, v)
         self.length = pos + 1
         return out
+
+    def _grouped_step(self, q, k, v, eps: float = 1e-6) -> torch.Tensor:
+        """``linear_step`` for one position with shared key/value heads: one state per group of query heads."""
+        phi = feature_map(self.pattern.feature_map)
+        fk, vw = phi(k.float()), v.float()
+        self.state = LinearState(self.state.s + fk.transpose(-2, -1) @ vw, self.state.z + fk.sum(-2))
+        B, H, _, D = q.shape
+        fq = phi(q.float()).reshape(B, self.n_kv_head, self.group, D)  # the group's query heads as rows
+        num = fq @ self.state.s
+        den = (fq * self.state.z[:, :, None, :]).sum(-1, keepdim=True)
+        return (num / (den + eps)).reshape(B, H, 1, -1).to(q.dtype)
 
     def held(self):
         return [set() for _ in range(self.n_head)]
@@ -398,12 +528,12 @@ class GenericCache(LayerCache):
     positions, so memory is bounded (and decoding streams past the context if the rule depends on i - j
     only); without, every position, appended."""
 
-    def __init__(self, pattern, batch, n_head, max_len):
-        super().__init__(pattern, batch, n_head, max_len)
+    def __init__(self, pattern, batch, n_head, max_len, **kw):
+        super().__init__(pattern, batch, n_head, max_len, **kw)
         reach = pattern.reach()
-        self.ring = Ring(batch, n_head, min(reach + 1, max_len) if reach is not None else max_len)
-        self.streams = cache_streams(pattern)
-        self.heads = torch.arange(n_head)[:, None]
+        self.ring = Ring(batch, self.n_kv_head, min(reach + 1, max_len) if reach is not None else max_len)
+        self.streams = cache_streams(pattern) and (self.modifier is None or self.modifier.streams)
+        self.heads = torch.arange(n_head)[:, None]  # query heads: the rule may differ per head
 
     def prefill(self, k, v):
         self.ring.write(k, v, 0)
@@ -415,7 +545,7 @@ class GenericCache(LayerCache):
     def _parts(self, q, pos, shift_sinks):
         held = self.ring.pos.to(q.device)
         mask = self.pattern.allowed(torch.tensor(pos, device=q.device), held[None, :], self.heads.to(q.device)) & (held >= 0)
-        return [(q, self.ring.slots.k, self.ring.slots.v, mask[:, None, :])]
+        return [Part(q, self.ring.slots.k, self.ring.slots.v, mask[:, None, :], self.ring.pos, pos)]
 
     def held(self):
         return [self.ring.held() for _ in range(self.n_head)]
@@ -429,7 +559,7 @@ class LocalCache(GenericCache):
     the window, so a step reads the ring without a mask."""
 
     def _parts(self, q, pos, shift_sinks):
-        return [self.ring.part(q)]
+        return [self.ring.part(q, pos)]
 
 
 # ------------------------------------------------------------------ registry
@@ -466,9 +596,14 @@ def cache_streams(pattern: Pattern) -> bool:
     return kind.streams
 
 
-def make_cache(pattern: Pattern, batch: int, n_head: int, max_len: int) -> LayerCache:
-    """An empty cache for one layer of ``pattern`` (see ``cache_kind``)."""
-    return cache_kind(pattern)(pattern, batch, n_head, max_len)
+def make_cache(pattern: Pattern, batch: int, n_head: int, max_len: int, *, n_kv_head: int | None = None,
+               modifier=None, context: int | None = None) -> LayerCache:
+    """An empty cache for one layer of ``pattern`` (see ``cache_kind``), storing ``n_kv_head`` key/value heads and
+    applying the score ``modifier`` (see ``LayerCache``)."""
+    kind = cache_kind(pattern)
+    if n_kv_head and n_kv_head < n_head and not kind.shares_heads(pattern, n_head, n_kv_head):
+        kind = AppendCache  # the query heads of a group differ in what they keep: keep all, mask with the rule
+    return kind(pattern, batch, n_head, max_len, n_kv_head=n_kv_head, modifier=modifier, context=context)
 
 
 class ModelCache:
@@ -490,4 +625,5 @@ class ModelCache:
         return sum(c.nbytes() for c in self.layers)
 
 
-__all__ = ["attend_parts", "LayerCache", "GenericCache", "ModelCache", "cache_kind", "cache_streams", "make_cache", "CACHES"]
+__all__ = ["attend_parts", "Part", "LayerCache", "GenericCache", "ModelCache", "cache_kind", "cache_streams",
+           "make_cache", "CACHES"]

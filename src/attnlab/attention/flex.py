@@ -6,6 +6,8 @@ the kernel which 128 x 128 tiles to visit is built from ``pattern.block_layout``
 pair is allowed are "full" (no mask_mod call), the other active tiles "partial".
 Sequences are padded to a multiple of 128, so all lengths within a tile share
 one compiled kernel and one BlockMask (causality keeps the padding unseen).
+Score modifiers are the kernel's ``score_mod``; shared key/value heads
+(grouped-query attention) use flex's ``enable_gqa``.
 """
 
 from __future__ import annotations
@@ -122,8 +124,9 @@ def block_mask(pattern: Pattern, T: int, H: int, device: torch.device | str) -> 
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-         dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Attention backend: compiled FlexAttention with the pattern's cached BlockMask (no T x T tensor)."""
+         dropout_p: float = 0.0, training: bool = False, modifier=None) -> torch.Tensor:
+    """Attention backend: compiled FlexAttention with the pattern's cached BlockMask (no T x T tensor),
+    ``modifier`` (score modifiers) as its ``score_mod``; k and v may have fewer heads than q."""
     if pattern.mechanism != "softmax":
         raise ConfigError(f"attention.backend=flex cannot run {pattern.mechanism} attention ({pattern.name!r}): "
                           f"use attention.backend=auto, linear or reference")
@@ -141,5 +144,8 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
     pad = -T % BLOCK
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    out = _compiled()(q, k, v, block_mask=block_mask(pattern, T + pad, H, q.device))
+    extra = {} if modifier is None else {"score_mod": modifier.score_mod()}
+    if k.shape[1] != H:
+        extra["enable_gqa"] = True
+    out = _compiled()(q, k, v, block_mask=block_mask(pattern, T + pad, H, q.device), **extra)
     return out[:, :, :T] if pad else out

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .heads import expand_kv
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu1": lambda x: F.elu(x) + 1,  # the paper's choice: strictly positive, so the denominator never vanishes
@@ -164,6 +165,7 @@ def linear_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
     apply attention dropout to (regularise elsewhere, e.g. residual dropout).
     """
     chunk = getattr(pattern, "chunk", DEFAULT_CHUNK)
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])  # grouped-query: shared heads, expanded to compute
     if not torch.is_grad_enabled() or not any(x.requires_grad for x in (q, k, v)):
         return linear_chunked(q, k, v, pattern.feature_map, chunk=chunk)
     return _HeadByHead.apply(q, k, v, pattern.feature_map, chunk)

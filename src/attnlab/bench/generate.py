@@ -39,8 +39,12 @@ alive. Where ``clear_refs`` is not writable, ``peak_rss_mb`` is NaN.
 
 The model context of a row is the longest length unless its spec sets
 ``context=N``; a shorter context is allowed only for a model that can stream
-past it (``model.can_stream``: bounded caches with RoPE or no positions), e.g.
+past it (``model.can_stream``: bounded caches with RoPE, ALiBi or no positions), e.g.
 ``sink_window:sinks=4:window=256:context=1024`` generating 16x its context.
+A spec may also set ``n_kv_head=N`` (grouped-query attention: N key/value
+heads shared by the query heads, so the cache holds n_head / N times fewer
+bytes), e.g. ``dense dense:n_kv_head=2`` compares both in one run; any
+``model.KEY=value`` works the same way.
 
 Results: the CSV (``COLUMNS``, written as rows are measured), ``machine.json``,
 ``results.json`` beside the CSV (rows, settings, skipped rows and the
@@ -84,12 +88,16 @@ MEMORY_METHOD = ("gc.collect; malloc_trim(0); write 5 to /proc/self/clear_refs (
 
 # ------------------------------------------------------------------ settings
 
+MODEL_KEYS = ("context", "n_kv_head")  # spec keys that set the model, not the attention
+
+
 def row_config(base: Config, spec: str, context: int) -> Config:
     """A copy of ``base`` whose every layer uses the pattern of ``spec`` (``name:key=value:...``, attention keys
-    plus ``context=N``) with model context ``context`` unless the spec sets one; validated."""
+    plus ``context=N``, ``n_kv_head=N`` or ``model.KEY=value``) with model context ``context`` unless the spec
+    sets one; validated."""
     cfg = copy.deepcopy(base)
     set_key(cfg, "model.context", context)
-    apply_pattern_spec(cfg, spec, aliases={"context": "model.context"})
+    apply_pattern_spec(cfg, spec, aliases={key: f"model.{key}" for key in MODEL_KEYS})
     try:
         return cfg.validate()
     except ConfigError as e:
@@ -109,7 +117,7 @@ def _check_stream(model: GPT, spec: str, batch: int, longest: int) -> None:
     if model.context < longest and not model.can_stream(model.new_cache(batch, longest)):
         raise ConfigError(f"pattern spec {spec!r}: context={model.context} is below the longest length {longest}, but "
                           f"this model cannot decode past its context (only local, sink_window and linear with "
-                          f"model.position rope or none can): drop context= or raise it to {longest}")
+                          f"model.position rope, alibi or none can): drop context= or raise it to {longest}")
 
 
 @torch.no_grad()
@@ -191,8 +199,11 @@ def recompute_pass(model: GPT, idx: torch.Tensor, repeats: int) -> dict:
 
 def _row(spec: str, model: GPT, length: int, mode: str, batch: int, m: dict, speedup: float | None = None) -> dict:
     ms = m["ms_per_token"]
+    params = _params(model.blocks[0].attn.core.pattern)
+    if model.cfg.n_kv_head not in (None, model.cfg.n_head):  # grouped-query rows must not read as the MHA rows
+        params = ";".join(p for p in (params, f"n_kv_head={model.cfg.n_kv_head}") if p)
     return {"spec": spec, "pattern": model.blocks[0].attn.core.pattern.name,
-            "params": _params(model.blocks[0].attn.core.pattern), "context": model.context, "length": length,
+            "params": params, "context": model.context, "length": length,
             "mode": mode, "ms_per_token": round(ms, 4),
             "ms_per_token_p10": None if "ms_per_token_p10" not in m else round(m["ms_per_token_p10"], 4),
             "tokens_per_s": round(batch * 1e3 / ms, 2),
@@ -370,6 +381,7 @@ def bench_generate(cfg: Config, patterns: Sequence[str], lengths: Sequence[int],
         m = cfg.model
         settings = dict(patterns=list(configs), lengths=lengths, prompt_len=prompt_len, window=window, batch=batch,
                         repeats=repeats, recompute_max=recompute_max, seed=seed, n_layer=m.n_layer, n_head=m.n_head,
+                        n_kv_head=m.n_kv_head or m.n_head,
                         d_model=m.d_model, position=m.position, vocab_size=vocab, threads=torch.get_num_threads())
         _write_side_files(out, Path(plot) if plot else out.with_suffix(".png"), rows, skipped, tg, settings)
     elif plot:
@@ -384,7 +396,8 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("overrides", nargs="*", help="config overrides before --patterns, e.g. model.n_layer=2")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"model size preset (default {DEFAULT_CONFIG})")
     p.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS), metavar="SPEC",
-                   help="name or name:key=value:..., plus context=N for a streaming model, e.g. dense local:window=256 "
+                   help="name or name:key=value:..., plus context=N for a streaming model and n_kv_head=N for "
+                        "grouped-query attention, e.g. dense dense:n_kv_head=2 local:window=256 "
                         "sink_window:sinks=4:window=256:context=1024 (default: "
                         + " ".join(DEFAULT_PATTERNS) + ")")
     p.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated lengths (default {DEFAULT_LENGTHS})")

@@ -130,7 +130,7 @@ def build_positional(position: str, context: int, d_model: int, rope_dim: int,
         return SinusoidalPositionalEmbedding(context, d_model)
     if position == "rope":
         return Rotary(rope_dim, context)
-    if position == "none":
+    if position in ("none", "alibi"):  # alibi positions live in the attention scores (a score modifier)
         return None
     raise ValueError(f"unknown position encoding {position!r}")
 

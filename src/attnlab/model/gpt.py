@@ -21,13 +21,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import Attention
 from ..attention.cache import LayerCache, ModelCache, cache_streams, make_cache
+from ..attention.modifiers import modifier_specs
 from ..config import AttentionConfig, ModelConfig
 from ..errors import ConfigError
 from .embeddings import Rotary, apply_rotary, build_positional
 
 RopeCache = tuple[torch.Tensor, torch.Tensor] | None
-# Encodings that let a bounded cache decode past the training context: relative (RoPE) or none.
-STREAMING_POSITIONS = ("rope", "none")
+# Encodings that let a bounded cache decode past the training context: relative (RoPE, ALiBi) or none.
+STREAMING_POSITIONS = ("rope", "none", "alibi")
 # Child et al. 2019, section 6: weights N(0, 0.125 / sqrt(fan_in)), embeddings N(0, 0.125 / sqrt(d * n_emb)).
 SPARSE_TRANSFORMER_GAIN = 0.125
 
@@ -66,24 +67,31 @@ def qk_head_size(cfg: ModelConfig) -> int:
     return round(cfg.qk_ratio * (cfg.d_model // cfg.n_head))
 
 
+def kv_heads(cfg: ModelConfig) -> int:
+    """Key/value heads: ``model.n_kv_head`` (grouped-query attention), default one per query head."""
+    return cfg.n_kv_head or cfg.n_head
+
+
 class SelfAttention(nn.Module):
     """Fused qkv projection, optional QK-norm and RoPE, the attention interface, output projection.
 
-    Queries and keys may be narrower than values (``model.qk_ratio``): the fused
-    projection is d -> 2*dqk + d, so one Linear (and one parameter name) serves every ratio.
+    Queries and keys may be narrower than values (``model.qk_ratio``), and keys and
+    values may have fewer heads than queries (``model.n_kv_head``): the fused
+    projection is d -> dqk * (1 + n_kv_head/n_head) + d * n_kv_head/n_head, so one
+    Linear (and one parameter name) serves every ratio.
     """
 
     def __init__(self, cfg: ModelConfig, attn_cfg: AttentionConfig, layer_idx: int):
         super().__init__()
-        d, self.n_head = cfg.d_model, cfg.n_head
+        d, self.n_head, self.n_kv_head = cfg.d_model, cfg.n_head, kv_heads(cfg)
         self.qk_head, self.v_head = qk_head_size(cfg), d // cfg.n_head
         dqk = self.qk_head * cfg.n_head
-        self.sizes = (dqk, dqk, d)
-        self.qkv = nn.Linear(d, 2 * dqk + d, bias=cfg.bias)
+        self.sizes = (dqk, self.qk_head * self.n_kv_head, self.v_head * self.n_kv_head)
+        self.qkv = nn.Linear(d, sum(self.sizes), bias=cfg.bias)
         self.proj = nn.Linear(d, d, bias=cfg.bias)
         self.q_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
         self.k_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
-        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout)
+        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout, modifier_specs(attn_cfg, cfg, layer_idx))
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,
@@ -93,8 +101,8 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(self.sizes, dim=2)
         q = q.view(B, T, self.n_head, self.qk_head).transpose(1, 2)  # [B, H, T, Dqk]
-        k = k.view(B, T, self.n_head, self.qk_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.v_head).transpose(1, 2)  # [B, H, T, Dv]
+        k = k.view(B, T, self.n_kv_head, self.qk_head).transpose(1, 2)  # [B, Hkv, T, Dqk]
+        v = v.view(B, T, self.n_kv_head, self.v_head).transpose(1, 2)  # [B, Hkv, T, Dv]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -296,13 +304,15 @@ class GPT(nn.Module):
         streams = self.cfg.position in STREAMING_POSITIONS
         layers = []
         for block in self.blocks:
-            pattern = block.attn.core.pattern
-            limit = max_len if streams and cache_streams(pattern) else min(max_len, self.context)
-            layers.append(make_cache(pattern, batch, self.cfg.n_head, limit))
+            core = block.attn.core
+            limit = max_len if streams and cache_streams(core.pattern) else min(max_len, self.context)
+            layers.append(make_cache(core.pattern, batch, self.cfg.n_head, limit, n_kv_head=block.attn.n_kv_head,
+                                     modifier=core.modifier, context=self.context))
         return ModelCache(layers, self.context)
 
     def can_stream(self, cache: ModelCache | None) -> bool:
-        """Whether decoding with ``cache`` may go past the training context: bounded caches and RoPE or no positions."""
+        """Whether decoding with ``cache`` may go past the training context: bounded caches, relative (RoPE, ALiBi)
+        or no positions, and score modifiers that are relative or position-free."""
         return cache is not None and cache.streams and self.cfg.position in STREAMING_POSITIONS
 
     # ------------------------------------------------------------ reporting
@@ -334,6 +344,7 @@ class GPT(nn.Module):
             "mlp_hidden": mlp_hidden(self.cfg),
             "qk_head_size": qk_head_size(self.cfg),
             "v_head_size": self.cfg.d_model // self.cfg.n_head,
+            "n_kv_head": kv_heads(self.cfg),
             "checkpoint_activations": self.cfg.checkpoint_activations,
             "attention": [block.attn.core.describe(self.context) for block in self.blocks],
         }

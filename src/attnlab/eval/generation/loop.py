@@ -3,7 +3,7 @@
 The prompt fills the caches in one forward pass; each new token is then one
 cached step (``GPT.forward(tok, cache=...)``), equal to a full forward pass over
 the whole prefix. Past the training context, models whose caches are bounded
-(local, sink_window, linear with RoPE or no positions) keep streaming; any
+(local, sink_window, linear with RoPE, ALiBi or no positions) keep streaming; any
 other model falls back to recomputing the last ``context`` tokens per step, as
 uncached generation does. Randomness comes only from the explicit generator, so
 a seed reproduces a sample exactly.

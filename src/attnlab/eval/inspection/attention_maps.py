@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...attention.backends import reference_weights
+from ...attention.heads import expand_kv
 from ...errors import UserError
 from .viz_inputs import check_out_dir, encode_text, token_label, token_texts
 
@@ -87,11 +88,12 @@ def _reference_forward(core, layer: int, keep: bool, captured: dict, on_layer: L
         if core.training and core.dropout > 0:
             raise ValueError("capture_attention needs the model in eval mode (model.eval()): the reference path applies no dropout")
         B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        k, v = expand_kv(k, H), expand_kv(v, H)  # shared key/value heads (grouped-query): one per query head
         rows = max(1, chunk_elements // max(1, B * H * Tk))
         outs, kept = [], []
         for s in range(0, Tq, rows):
             qc = q[:, :, s:s + rows]
-            w = reference_weights(qc, k, core.pattern, q_start=Tk - Tq + s)
+            w = reference_weights(qc, k, core.pattern, q_start=Tk - Tq + s, modifier=core.modifier)
             outs.append((w @ v.to(w.dtype)).to(v.dtype))
             if on_layer is not None:
                 on_layer(LayerAttention(layer, qc, k, v, w, Tk - Tq + s, s == 0))
