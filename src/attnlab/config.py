@@ -59,6 +59,9 @@ class ModelConfig:
     d_model: int = opt(128, lo=8, hi=65536)
     context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
+    attn_dropout: float | None = opt(None, lo=0.0, hi=0.9, help="dropout on the attention weights; None (the default): "
+                                     "model.dropout, which applies to the residual outputs and embeddings. 0 lets GPUs run "
+                                     "sparse patterns through FlexAttention, which has no attention dropout")
     position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "image", "image+learned"],
                         help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added)")
     image_shape: list[int] = opt([], help="image positions: [height, width, channels] of one image (default: the dataset's)")

@@ -490,11 +490,11 @@ def build_pattern(attn_cfg: AttentionConfig, layer_idx: int, n_layer: int, n_hea
 
 def check_patterns(a: AttentionConfig, m: ModelConfig) -> None:
     """Build every layer's pattern (raising on bad parameters) and check the rules that involve the context."""
-    from .backends import select_backend  # late import: backends depend on this module
+    from .backends import attention_dropout, select_backend  # late import: backends depend on this module
 
     names = {layer_pattern_name(a, i) for i in range(m.n_layer)}
     for i in range(m.n_layer):
-        select_backend(a.backend, build_pattern(a, i, m.n_layer, m.n_head), None, m.dropout)
+        select_backend(a.backend, build_pattern(a, i, m.n_layer, m.n_head), None, attention_dropout(m))
     if names & {"strided", "fixed"} and m.context % a.local_attn_ctx:
         raise ConfigError(f"attention.local_attn_ctx={a.local_attn_ctx} must divide model.context={m.context} "
                           f"(the context is a whole number of strides/chunks): choose a divisor of {m.context}")

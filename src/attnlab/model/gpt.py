@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import Attention
+from ..attention.backends import attention_dropout
 from ..attention.cache import CACHES, LayerCache, ModelCache, make_cache
 from ..config import AttentionConfig, ModelConfig
 from ..errors import ConfigError
@@ -82,7 +83,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d, d, bias=cfg.bias)
         self.q_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
         self.k_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
-        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout)
+        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, attention_dropout(cfg))
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,

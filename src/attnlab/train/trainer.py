@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
+from ..attention.backends import attention_dropout
 from ..config import Config
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
@@ -460,7 +461,8 @@ class Trainer:
             "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
             "final_train_loss": p.last_loss, "stop_reason": reason,
             "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
-            "attention": self.model.describe()["attention"],
+            "attention": self.model.describe()["attention"],  # each layer's pattern and the backend that ran it
+            "attn_dropout": attention_dropout(self.cfg.model),
         }
         if not self.image:
             summary.update(eval_context=self.cfg.model.context, eval_stride=self.cfg.train.eval_stride or self.cfg.model.context)
