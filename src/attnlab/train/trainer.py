@@ -34,7 +34,7 @@ from ..eval.curves import plot_curves
 from ..eval.metrics import Score, image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
 from . import checkpoint as ckpt
-from . import distributed, runtime
+from . import distributed, flops, runtime
 from .logs import EventLog, check_loggers
 from .optim import build_optimizer, build_scheduler
 
@@ -180,6 +180,10 @@ class Trainer:
                                          rank=rank, world_size=world)
         self.model = GPT(cfg.model, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
+        # MFU in training_step events where the GPU's bf16 peak is known (every rank's GPU counts).
+        peak = flops.device_peak_tflops(self.device)
+        self.peak_tflops = peak * self.dist.world_size if peak else None
+        self.flops_per_token = flops.flops_per_token(self.model, cfg.model.context) if peak else None
         # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
         self.parallel = distributed.wrap(self.model, self.dist, cfg.train.parallel, self.device)
         self.forward = torch.compile(self.parallel) if cfg.train.compile else self.parallel
@@ -380,7 +384,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 if p.step % cfg.logging.log_every == 0 or p.step == 1:
                     log.log("training_step", step=p.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / dt,
-                            epoch=self.batches.epoch_float, tokens=p.tokens)
+                            epoch=self.batches.epoch_float, tokens=p.tokens, **self._mfu(tokens_per_step / dt))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
                 if self.eval_every and p.step % self.eval_every == 0:
@@ -395,6 +399,12 @@ class Trainer:
                     raise KeyboardInterrupt
         bar.close()
         return reason
+
+    def _mfu(self, tokens_per_second: float) -> dict:
+        """{"mfu": fraction of the bf16 peak} on a GPU whose peak is known, else {} (see train.flops)."""
+        if self.flops_per_token is None:
+            return {}
+        return {"mfu": round(flops.mfu(self.flops_per_token, tokens_per_second, self.peak_tflops), 5)}
 
     def _diverged(self, log: EventLog, loss: float) -> None:
         step = self.progress.step + 1
