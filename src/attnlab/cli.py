@@ -137,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     vs.add_argument("--out", required=True, help="PNG file")
     vs.add_argument("--force", action="store_true", help="replace an existing --out file")
 
+    from .bench import gpu_check
+    gpu_check.add_parser(sub)
+
     rp = sub.add_parser("report", help="compare runs: curves, final metrics, seed statistics, patterns, samples (HTML + Markdown)")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories created by `attnlab train`")
     rp.add_argument("--out", required=True, help="folder for index.html (self-contained), report.md and its PNGs")
@@ -381,8 +384,13 @@ def cmd_sweep(a) -> None:
                                      f"{summary['sweep']}/runs.json and logs/, then finish them with --resume")
 
 
+def cmd_gpu_check(a) -> None:
+    from .bench import gpu_check
+    gpu_check.run(a)
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench,
-            "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep}
+            "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep, "gpu-check": cmd_gpu_check}
 
 
 def main(argv: list[str] | None = None) -> int:

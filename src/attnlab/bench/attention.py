@@ -71,6 +71,7 @@ BASELINE = "sdpa_causal"
 REFERENCE_MAX_T = 4096
 # Counting T^2 pairs for the density takes a noticeable time from about here.
 _SLOW_DENSITY_T = 16384
+_DENSITY_ROWS = 1024  # query rows per chunk when counting a density on a GPU
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before the pass",
@@ -220,6 +221,24 @@ def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup:
     return statistics.median(times), peak_mb(run, device), base_ms
 
 
+def pattern_density(pattern: Pattern, T: int, heads: int, device: torch.device) -> float:
+    """``pattern.density`` (allowed pairs / causal pairs), counted on the benchmark's device: a GPU counts the
+    32k x 32k pairs of every head in a moment, where the CPU takes minutes."""
+    if device.type == "cpu" or pattern.is_dense_causal:
+        return pattern.density(T, heads)
+    return count_density(pattern, T, heads, device)
+
+
+def count_density(pattern: Pattern, T: int, heads: int, device: torch.device | str) -> float:
+    """Allowed pairs / causal pairs of ``pattern``, counted in chunks of query rows on ``device``."""
+    k, h = torch.arange(T, device=device).view(1, 1, T), torch.arange(heads, device=device).view(heads, 1, 1)
+    allowed = 0
+    for start in range(0, T, _DENSITY_ROWS):
+        q = torch.arange(start, min(T, start + _DENSITY_ROWS), device=device).view(1, -1, 1)
+        allowed += int(pattern.allowed(q, k, h).expand(heads, q.shape[1], T).sum())
+    return allowed / (heads * T * (T + 1) / 2)
+
+
 def _params(pattern: Pattern) -> str:
     from ..eval.viz import format_params
 
@@ -311,9 +330,9 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
                     finally:
                         q.grad = k.grad = v.grad = None
                     if id(pattern) not in density:
-                        if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal:
+                        if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal and device.type == "cpu":
                             log(f"  density of {spec} at T={T}: counting T^2 pairs, this may take a while")
-                        density[id(pattern)] = pattern.density(T, heads)
+                        density[id(pattern)] = pattern_density(pattern, T, heads, device)
                     row = {"device": device.type, "pattern": pattern.name, "params": _params(pattern), "backend": label,
                            "seq_len": T, "pass": pass_, "median_ms": round(ms, 4), "peak_mb": round(mb, 3),
                            "density": round(density[id(pattern)], 6)}
