@@ -195,3 +195,9 @@ def test_install_keeps_torch_and_installs_only_what_is_missing(network):
     else:
         assert report["installed"] == [] and report["still_missing"] == ["yaml", "hypothesis"]
         assert report["pip"] == "ERROR: No matching distribution found"
+
+
+def test_install_from_a_folder_of_wheels():
+    pip = FakePip({"torch", *deps.PACKAGES} - {"pytest"}, network=True)
+    deps.install_missing("/src/attnlab", wheels="/wheels", find=pip.find, run=pip.run, log=lambda msg: None)
+    assert pip.commands[1] == ["install", "--no-index", "--find-links", "/wheels", "pytest>=7"]

@@ -45,9 +45,12 @@ def missing(find: Callable = importlib.util.find_spec) -> list[str]:
     return [name for name in PACKAGES if find(name) is None]
 
 
-def install_missing(root: str | Path, *, find: Callable = importlib.util.find_spec,
+def install_missing(root: str | Path, *, wheels: str | Path | None = None, find: Callable = importlib.util.find_spec,
                     run: Callable = subprocess.run, log: Callable[[str], None] = print) -> dict:
     """Install attnlab from ``root`` (no dependencies) and the missing ``PACKAGES``; returns what happened.
+
+    ``wheels``: a folder of wheels (``pip download -d DIR ...`` on a machine with a network) to install
+    from instead of the package index, for machines without one.
 
     The report: ``torch`` (its version or None), ``attnlab`` ("installed" or why not: the tree still
     runs from ``root/src`` on PYTHONPATH), ``missing_before``, ``installed``, ``still_missing`` and
@@ -66,7 +69,8 @@ def install_missing(root: str | Path, *, find: Callable = importlib.util.find_sp
     report["missing_before"] = before
     if before:
         log(f"installing what is missing: {', '.join(PACKAGES[n] for n in before)}")
-        ok, line = _pip(["install", *(PACKAGES[n] for n in before)], run)
+        source = ["--no-index", "--find-links", str(wheels)] if wheels else []
+        ok, line = _pip(["install", *source, *(PACKAGES[n] for n in before)], run)
         if not ok:
             report["pip"] = line
         report["still_missing"] = missing(find)
@@ -84,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnlab.deps", description=__doc__.splitlines()[0])
     p.add_argument("--root", default=str(Path(__file__).resolve().parents[2]), help="the attnlab checkout")
     p.add_argument("--report", help="write the report here as JSON")
+    p.add_argument("--wheels", help="install from this folder of wheels instead of the package index (no network)")
     a = p.parse_args(argv)
-    report = install_missing(a.root)
+    report = install_missing(a.root, wheels=a.wheels or None)
     if report["torch"] is None:
         print("attnlab: error: torch is not installed: install the machine's PyTorch build first "
               "(https://pytorch.org/get-started/locally/), then rerun", file=sys.stderr)
