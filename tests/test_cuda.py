@@ -90,8 +90,19 @@ CACHE_PATTERNS = {
     "strided-interleave": dict(pattern="strided", local_attn_ctx=4, strided_mode="interleave"),
     "fixed": dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2),
     "sink_window": dict(pattern="sink_window", sinks=2, window=5), "linear": dict(pattern="linear"),
+    "block_layout": dict(pattern="block_layout", layout_block=4),
 }
 CONTEXT, VOCAB = 24, 50
+
+
+@pytest.fixture(scope="module")
+def layout_file(tmp_path_factory):
+    import numpy as np
+
+    layout = np.random.default_rng(0).random((4, CONTEXT // 4, CONTEXT // 4)) < 0.5  # one random layout per head
+    path = tmp_path_factory.mktemp("layout") / "layout.npy"
+    np.save(path, layout)
+    return str(path)
 
 
 def cuda_model(attn: dict, position: str = "rope", context: int = CONTEXT, **model) -> GPT:
@@ -114,8 +125,9 @@ def cached_logits(model: GPT, seq: torch.Tensor, prompt_len: int) -> torch.Tenso
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
 @pytest.mark.parametrize("name", list(CACHE_PATTERNS))
-def test_cached_decoding_on_cuda_equals_the_full_forward(name, position):
-    model = cuda_model(CACHE_PATTERNS[name], position)
+def test_cached_decoding_on_cuda_equals_the_full_forward(name, position, layout_file):
+    attn = dict(CACHE_PATTERNS[name], **({"layout": layout_file} if name == "block_layout" else {}))
+    model = cuda_model(attn, position)
     seq = torch.randint(VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(1)).cuda()
     got = cached_logits(model, seq, prompt_len=3)
     with torch.no_grad():
