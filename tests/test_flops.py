@@ -46,7 +46,8 @@ def test_peak_override_and_no_peak_on_cpu(monkeypatch):
 
 def test_training_events_carry_mfu_where_the_peak_is_known(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt")
-    cfg = lambda name: tiny_config(corpus, tmp_path / "data", tmp_path / "runs", "train.max_steps=2", name=name)  # noqa: E731
+    def cfg(name):
+        return tiny_config(corpus, tmp_path / "data", tmp_path / "runs", "train.max_steps=2", name=name)
     train(cfg("cpu"))
     assert all("mfu" not in e for e in read_events(tmp_path / "runs" / "cpu", "training_step"))
     monkeypatch.setattr(flops, "device_peak_tflops", lambda device: 0.001)  # a 1 GFLOPS "GPU"

@@ -20,6 +20,13 @@ from attnlab.bench.gpu_stages import STAGES, attention_targets, parse_pytest
 from attnlab.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 VERDICT = re.compile(r"^\[([a-z0-9-]+)\] (ok|failed|skipped|timed out): (.+)$")
 FILES = {  # what each stage must leave in its folder
     "cuda-tests": ["pytest.txt", "junit.xml", "tables.md", "result.json", "log.txt"],
@@ -88,7 +95,7 @@ def test_machine_json_has_the_versions(dry):
 
 
 def test_attention_table_is_measured_against_sdpa_and_ideal(dry):
-    rows = list(csv.DictReader(open(dry["out"] / "attention" / "attention.csv")))
+    rows = read_csv(dry["out"] / "attention" / "attention.csv")
     assert {(r["pattern"], r["backend"]) for r in rows} == {("dense", "sdpa_causal"), ("dense", "auto(sdpa)"),
                                                             ("local", "blocksparse"), ("strided", "blocksparse")}
     assert {int(r["seq_len"]) for r in rows} == {128, 256} and {r["pass"] for r in rows} == {"fwd", "fwdbwd"}
@@ -99,10 +106,10 @@ def test_attention_table_is_measured_against_sdpa_and_ideal(dry):
 
 
 def test_train_and_generate_rows(dry):
-    train = list(csv.DictReader(open(dry["out"] / "train" / "train.csv")))
+    train = read_csv(dry["out"] / "train" / "train.csv")
     assert [(r["shape"], r["compile"]) for r in train] == [("mainrun", "off"), ("mainrun", "eager"), ("gpt2-small", "off")]
     assert all(r["mfu"] == "" for r in train)  # no peak for a CPU
-    gen = list(csv.DictReader(open(dry["out"] / "generate" / "generate.csv")))
+    gen = read_csv(dry["out"] / "generate" / "generate.csv")
     modes = {(r["spec"].split(":")[0], r["length"], r["mode"]) for r in gen}
     assert ("sink_window", "64", "cache+compile") in modes and ("dense", "128", "recompute") in modes
     assert len([r for r in gen if r["mode"] == "cache"]) == 6
@@ -214,3 +221,18 @@ def test_attention_targets_name_the_worst_row():
         "- local through flex >= 0.6 of its ideal speed-up at T >= 8k (fwd+bwd): worst 0.65 at T=16384: met",
         "- strided through flex >= 0.6 of its ideal speed-up at T >= 8k (fwd+bwd): worst 0.40 at T=8192: NOT met"]
     assert attention_targets(table, dry=True) == "not judged in a dry run (CPU, tiny sizes)"
+
+
+def test_a_failing_stage_says_why_and_the_command_exits_1(tmp_path):
+    broken = plan(True)
+    broken["attention"]["passes"] = ["sideways"]
+    result = run_stage("attention", tmp_path / "attention", broken, cap=60)
+    assert result["status"] == "failed"
+    assert result["detail"] == "ConfigError: unknown pass 'sideways': use --passes fwd, fwdbwd or fwd,fwdbwd"
+    assert "Traceback" in (tmp_path / "attention" / "log.txt").read_text()  # the whole story stays in the log
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "attnlab", "gpu-check", "--dry-run", "--out", str(tmp_path / "cli"),
+                           "--stages", "attention", "--cap", "attention=0.5"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 1 and "[attention] timed out: stopped at its 0.5 s cap" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("attnlab: error: 1 stage(s) did not pass (attention): see")

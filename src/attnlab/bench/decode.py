@@ -128,7 +128,9 @@ def bench_decode(cfg: Config, specs: Sequence[str], lengths: Sequence[int], *, w
     for spec in compile_specs:
         model = build(cfg, spec, lengths[-1], device)
         compiled = torch.compile(model, mode=compile_mode, backend=compile_backend)
-        step = lambda tok, c, f=compiled: f(tok, cache=c, last_only=True)  # noqa: E731
+        def step(tok, c, f=compiled):
+            return f(tok, cache=c, last_only=True)
+
         ms, mb, warm_s = decode_ms(model, lengths[0], window, device, step=step, warm=compile_warm)
         emit(_row(spec, model, lengths[0], "cache+compile", ms, mb, compile_s=warm_s))
         del model, compiled

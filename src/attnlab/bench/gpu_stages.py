@@ -430,23 +430,20 @@ def generate(stage: Stage) -> tuple[str, str]:
 
     p, rows = stage.p, []
     cfg = config.load(REPO / "configs" / "quickstart.yaml", p["overrides"])
-    f = open(stage.folder / "generate.csv", "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
+    with open(stage.folder / "generate.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
 
-    def on_row(row: dict) -> None:
-        rows.append(row)
-        writer.writerow(row)
-        f.flush()
-        stage.log(json.dumps(row))
-        generate_tables(stage, rows, flatness(rows))
+        def on_row(row: dict) -> None:  # written as soon as measured: a stage cut short keeps its rows
+            rows.append(row)
+            writer.writerow(row)
+            f.flush()
+            stage.log(json.dumps(row))
+            generate_tables(stage, rows, flatness(rows))
 
-    try:
         bench_decode(cfg, p["specs"], p["lengths"], window=p["window"], repeats=p["repeats"], device=stage.device,
                      compile_specs=p["compile_specs"], compile_mode=p["compile_mode"],
                      compile_backend=p["compile_backend"], on_row=on_row)
-    finally:
-        f.close()
     flat = flatness(rows)
     return "ok", "; ".join(f"{t['spec']} {t['from']}->{t['to']}: x{t['ratio']:.2f}" for t in flat) or f"{len(rows)} rows"
 
@@ -485,7 +482,7 @@ def main(argv: list[str]) -> int:
     stage = Stage(name, folder, plan, time.monotonic() + plan["caps"][name] - 2.0)
     try:
         status, detail = STAGES[name](stage)
-    except Exception as e:  # noqa: BLE001 - one stage's failure is its verdict, not the check's end
+    except Exception as e:
         traceback.print_exc()
         status, detail = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     (folder / "result.json").write_text(json.dumps({"status": status, "detail": detail}) + "\n")
