@@ -99,6 +99,8 @@ def test_attention_table_is_measured_against_sdpa_and_ideal(dry):
     assert {(r["pattern"], r["backend"]) for r in rows} == {("dense", "sdpa_causal"), ("dense", "auto(sdpa)"),
                                                             ("local", "blocksparse"), ("strided", "blocksparse")}
     assert {int(r["seq_len"]) for r in rows} == {128, 256} and {r["pass"] for r in rows} == {"fwd", "fwdbwd"}
+    tables = (dry["out"] / "attention" / "tables.md").read_text()  # sdpa refuses sparse patterns: listed, not fatal
+    assert "| local:window=32 | sdpa | 128 | fwd | attention.backend='sdpa' cannot run pattern 'local'" in tables
     for r in rows:
         assert float(r["ideal_speedup"]) == pytest.approx(1 / float(r["density"]))
         if r["backend"] != "sdpa_causal":

@@ -272,14 +272,14 @@ def _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, dev
 
 def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends: list[str], passes=PASSES,
                     repeats: int = 5, batch: int = 1, heads: int = 4, head_dim: int = 64, dtype="float32",
-                    device="cpu", out: str | Path | None = None, *, warmup: int = 2, plot: str | Path | None = None,
+                    device="cpu", out: str | Path | None = None, *, warmup: int = 2, plot: str | Path | bool | None = None,
                     log: Callable[[str], None] = print) -> list[dict]:
     """Measure every (pattern, backend, seq_len, pass) that can run; returns the CSV rows as dicts.
 
     ``patterns`` are spec strings (``local:window=256``) or Pattern objects;
     ``backends`` are registered names, ``auto``, ``flex`` or ``sdpa_causal``
     (the baseline, always measured once per length). With ``out`` the CSV,
-    ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``) are written.
+    ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``; ``plot=False``: none) are written.
     """
     dtype, device = _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device)
     if device.type == "cpu":
@@ -348,7 +348,8 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
     ups = speedups(rows)
     log(format_speedups(ups, seq_lens))
     if out is not None:
-        _write_side_files(out, Path(plot) if plot else out.with_suffix(".png"), rows, skipped, ups, device,
+        plot_path = None if plot is False else Path(plot) if plot else out.with_suffix(".png")
+        _write_side_files(out, plot_path, rows, skipped, ups, device,
                           dict(patterns=[s for s, _ in specs], seq_lens=list(seq_lens), backends=list(backends),
                                passes=list(passes), repeats=repeats, warmup=warmup, batch=batch, heads=heads,
                                head_dim=head_dim, dtype=str(dtype)[6:], device=device.type))
@@ -450,7 +451,7 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _write_side_files(out: Path, plot: Path, rows, skipped, ups, device, settings) -> None:
+def _write_side_files(out: Path, plot: Path | None, rows, skipped, ups, device, settings) -> None:
     info = machine_info(device)
     (out.parent / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
     summary = {"settings": settings, "memory_method": MEMORY_METHOD[device.type],
@@ -460,5 +461,6 @@ def _write_side_files(out: Path, plot: Path, rows, skipped, ups, device, setting
                "skipped": skipped, "speedups": ups, "machine": info, "argv": sys.argv}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     s = settings
-    plot_attention(rows, plot, f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
-                               f"{s['dtype']}, on {info['device_name']}")
+    if plot is not None:
+        plot_attention(rows, plot, f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
+                                   f"{s['dtype']}, on {info['device_name']}")

@@ -96,7 +96,7 @@ def _dry_plan() -> dict:
     return {
         "cuda-tests": {"workers": 1, "paths": ["tests/test_cuda.py"]},
         "attention": {"seq_lens": [128, 256], "patterns": ["local:window=32", "strided:local_attn_ctx=16"],
-                      "backends": ["blocksparse"], "passes": ["fwd", "fwdbwd"], "repeats": 2, "warmup": 1,
+                      "backends": ["blocksparse", "sdpa"], "passes": ["fwd", "fwdbwd"], "repeats": 2, "warmup": 1,
                       "batch": 1, "heads": 2, "head_dim": 16, "dtype": "float32"},
         "train": {"shapes": {"gpt2-small": tiny + ["model.n_layer=2", "optim.name=adamw"], "mainrun": tiny},
                   "steps": 2, "warmup": 1, "compile": {"gpt2-small": [None, "eager"], "mainrun": [None]}},

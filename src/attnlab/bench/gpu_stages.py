@@ -202,18 +202,20 @@ def cuda_tests(stage: Stage) -> tuple[str, str]:
 def attention(stage: Stage) -> tuple[str, str]:
     from .attention import BASELINE, bench_attention, plot_attention
 
-    p, rows = stage.p, []
+    p, rows, skipped = stage.p, [], []
     common = dict(repeats=p["repeats"], warmup=p["warmup"], batch=p["batch"], heads=p["heads"], head_dim=p["head_dim"],
                   dtype=p["dtype"], device=stage.device, log=stage.log)
     for T in p["seq_lens"]:
         for group, patterns, backends in (("dense", ["dense"], ["auto"]), ("sparse", p["patterns"], p["backends"])):
-            got = bench_attention(patterns, [T], backends, p["passes"], out=stage.folder / "raw" / f"{group}-{T}.csv",
-                                  **common)
+            raw = stage.folder / "raw" / f"{group}-{T}.csv"
+            got = bench_attention(patterns, [T], backends, p["passes"], out=raw, plot=False, **common)  # one plot at the end
             rows += [r for r in got if group == "dense" or r["backend"] != BASELINE]  # one baseline per length
-        attention_tables(stage, rows)  # after every length: a stage cut short keeps the lengths it finished
+            skipped += json.loads(raw.with_suffix(".json").read_text())["skipped"]  # rows a backend could not run
+        attention_tables(stage, rows, skipped)  # after every length: a stage cut short keeps the lengths it finished
     plot_attention(rows, stage.folder / "attention.png",
                    f"attention, batch {p['batch']} x heads {p['heads']} x head_dim {p['head_dim']}, {p['dtype']}")
-    return "ok", f"{len(rows)} rows, T={','.join(map(str, p['seq_lens']))}; see attention.csv"
+    return "ok", (f"{len(rows)} rows, T={','.join(map(str, p['seq_lens']))}"
+                  + (f", {len(skipped)} not measured (see the summary)" if skipped else "") + "; see attention.csv")
 
 
 def attention_rows(rows: list[dict]) -> list[dict]:
@@ -231,7 +233,7 @@ def attention_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def attention_tables(stage: Stage, rows: list[dict]) -> None:
+def attention_tables(stage: Stage, rows: list[dict], skipped: list[dict]) -> None:
     import csv
 
     table = attention_rows(rows)
@@ -248,6 +250,10 @@ def attention_tables(stage: Stage, rows: list[dict]) -> None:
                 md_table(["pattern", "params", "backend", "T", "pass", "ms", "density", "ideal", "measured", "of ideal"],
                          [[r["pattern"], r["params"], r["backend"], r["seq_len"], r["pass"], r["median_ms"], r["density"],
                            r["ideal_speedup"], r["speedup"], r["of_ideal"]] for r in sparse]))
+    if skipped:
+        stage.table("not measured (the backend refused or failed)",
+                    md_table(["pattern", "backend", "T", "pass", "reason"],
+                             [[r["pattern"], r["backend"], r["seq_len"], r["pass"], r["reason"]] for r in skipped]))
     stage.table("targets", attention_targets(table, stage.dry))
 
 
