@@ -173,8 +173,8 @@ def cuda_tests(stage: Stage) -> tuple[str, str]:
     tests = REPO / "tests"
     if not (tests / "test_cuda.py").is_file():
         return "skipped", f"no tests at {tests}: run the check from a checkout of attnlab"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", *(str(REPO / t) for t in stage.p["paths"]), "-v", "-rfEs", "-o", "addopts=",
-           "-p", "no:randomly", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", *(str(REPO / t) for t in stage.p["paths"]), "-v", "-rfEs",
+           "-o", "addopts=", "-p", "no:randomly", "-p", "no:cacheprovider", "--continue-on-collection-errors",
            f"--junitxml={stage.folder / 'junit.xml'}"]
     workers = stage.p["workers"]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
@@ -190,6 +190,8 @@ def cuda_tests(stage: Stage) -> tuple[str, str]:
     skipped_why = "; all skipped: needs CUDA" if counts and set(counts) == {"skipped"} else ""
     if timed_out:
         return "timed out", f"{said} before the cap (see pytest.txt)"
+    if rc == 0 and skipped_why and not stage.dry:
+        return "failed", f"{said}: no CUDA test ran on this GPU machine (see pytest.txt for the skip reasons)"
     if rc == 0:
         return "ok", said + skipped_why
     if rc == 5:
