@@ -238,3 +238,9 @@ def test_a_failing_stage_says_why_and_the_command_exits_1(tmp_path):
                           cwd=REPO, timeout=120)
     assert proc.returncode == 1 and "[attention] timed out: stopped at its 0.5 s cap" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith("attnlab: error: 1 stage(s) did not pass (attention): see")
+
+
+def test_markdown_cells():
+    from attnlab.bench.gpu_stages import md_table
+    assert md_table(["a", "b", "c"], [[20544.3, 0.0001352, None], [1.5, "x|y", float("nan")]]).splitlines() == [
+        "| a | b | c |", "|---|---|---|", "| 20,544 | 0.0001352 | - |", "| 1.5 | x\\|y | - |"]

@@ -44,7 +44,7 @@ def md_table(header: list[str], rows: list[list]) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
         return str(v).replace("|", "\\|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
