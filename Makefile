@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(shell (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/
 PIP_TORCH_ARGS ?=
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test bench mainrun clean browser
+.PHONY: setup demo test bench mainrun clean browser gpu-check
 
 setup: $(STAMP)
 
@@ -41,6 +41,23 @@ bench: $(STAMP)
 
 mainrun: $(STAMP)
 	$(BIN)/attnlab train configs/mainrun.yaml
+
+# On a CUDA machine: install attnlab next to the machine's own torch (never replacing it; only the
+# missing pure-Python packages, and none without a network), then prove every GPU path and record
+# the numbers in benchmarks/gpu-<device>/ (about 9 minutes on one H200; see docs/gpu.md).
+# DRY=1: the same stages on CPU with tiny sizes, in .venv. GPU_CHECK_ARGS: more flags (--stages, --cap, ...).
+# GPU_WHEELS=DIR: install the missing packages from a folder of wheels (machines without a network).
+GPU_PYTHON ?= python3
+GPU_WHEELS ?=
+GPU_INSTALL_REPORT := .gpu-check-install.json
+ifdef DRY
+gpu-check: $(STAMP)
+	$(BIN)/attnlab gpu-check --dry-run $(GPU_CHECK_ARGS)
+else
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) -m attnlab.deps --report $(GPU_INSTALL_REPORT) $(if $(GPU_WHEELS),--wheels $(GPU_WHEELS))
+	PYTHONPATH=src $(GPU_PYTHON) -m attnlab gpu-check --install-report $(GPU_INSTALL_REPORT) $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

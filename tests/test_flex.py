@@ -107,7 +107,7 @@ def test_cpu_training_is_refused():
 
 def test_dropout_in_training_is_refused():
     q, k, v = qkv(256)
-    with pytest.raises(ConfigError, match="blocksparse or reference, or model.dropout=0"):
+    with pytest.raises(ConfigError, match="blocksparse or reference, or model.attn_dropout=0"):
         flex(q, k, v, Dense(), dropout_p=0.1, training=True)
 
 

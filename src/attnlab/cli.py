@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("patterns", help="list the registered attention patterns with their parameters")
     pa.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
                     help="also list the patterns a plugin file (or module) registers (repeatable)")
+    from .bench import gpu_check
+    gpu_check.add_parser(sub)
 
     rp = sub.add_parser("report", help="compare runs: curves, final metrics, seed statistics, patterns, samples (HTML + Markdown)")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories created by `attnlab train`")
@@ -523,8 +525,13 @@ def cmd_patterns(a) -> None:
     print(listing())
 
 
-COMMANDS = {"patterns": cmd_patterns, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench,
-            "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep}
+def cmd_gpu_check(a) -> None:
+    from .bench import gpu_check
+    gpu_check.run(a)
+
+
+COMMANDS = {"patterns": cmd_patterns, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
+            "bench": cmd_bench, "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep, "gpu-check": cmd_gpu_check}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

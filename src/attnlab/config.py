@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .attention.backends import select_backend
+from .attention.backends import attention_dropout, select_backend
 from .attention.modifiers import check_modifiers, modifier_specs
 from .attention.patterns import PATTERNS, build_pattern, get_pattern, load_plugin, param_owners
 from .errors import ConfigError
@@ -67,6 +67,9 @@ class ModelConfig:
     d_model: int = opt(128, lo=8, hi=65536)
     context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
+    attn_dropout: float | None = opt(None, lo=0.0, hi=0.9, help="dropout on the attention weights; None (the default): "
+                                     "model.dropout, which applies to the residual outputs and embeddings. 0 lets GPUs run "
+                                     "sparse patterns through FlexAttention, which has no attention dropout")
     position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "alibi", "image", "image+learned"],
                         help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added); "
                              "alibi: no position embedding, the alibi score modifier in every layer")
@@ -276,7 +279,7 @@ def check_attention(a: AttentionConfig, m: ModelConfig) -> None:
         try:
             pattern.check(m.context)
             check_modifiers(specs, pattern, m.n_head, i)
-            select_backend(a.backend, pattern, None, m.dropout, specs)
+            select_backend(a.backend, pattern, None, attention_dropout(m), specs)
         except ConfigError as e:
             raise ConfigError(str(e) if where == "attention" else f"{where}: {e}") from None
 

@@ -187,10 +187,19 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
         reason = f" ({spec.why_not})" if spec.why_not else ""
         raise ConfigError(f"attention.backend={name!r} cannot run pattern {pattern.name!r}{reason}: use attention.backend=auto or reference")
     if dropout > 0.0 and not spec.dropout:
-        raise ConfigError(f"attention.backend={name!r} has no attention dropout but model.dropout={dropout}: "
-                          f"use attention.backend=auto, blocksparse or reference, or model.dropout=0")
+        raise ConfigError(f"attention.backend={name!r} has no attention dropout but the model's is {dropout} "
+                          f"(model.attn_dropout, or model.dropout where it is unset): use attention.backend=auto, "
+                          f"blocksparse or reference, or model.attn_dropout=0")
     if modifiers and not spec.modifiers:
         able = ", ".join(n for n, s in BACKENDS.items() if s.modifiers)
         raise ConfigError(f"attention.backend={name!r} cannot apply score modifiers {list(modifiers)}: "
                           f"use attention.backend=auto or one of {able}")
     return name, spec.fn
+
+
+def attention_dropout(model_cfg) -> float:
+    """The dropout on the attention weights: ``model.attn_dropout``, or ``model.dropout`` where it is None.
+
+    None is the default, so configs written before ``attn_dropout`` existed keep their attention dropout.
+    """
+    return model_cfg.dropout if model_cfg.attn_dropout is None else model_cfg.attn_dropout

@@ -132,7 +132,7 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                           f"use attention.backend=auto, linear or reference")
     if training and dropout_p > 0.0:
         raise ConfigError("attention.backend=flex has no attention dropout: use attention.backend=blocksparse "
-                          "or reference, or model.dropout=0")
+                          "or reference, or model.attn_dropout=0")
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ConfigError("attention.backend=flex runs on CPU for inference only: "
                           "use attention.backend=blocksparse (or auto) for training")

@@ -72,6 +72,7 @@ BASELINE = "sdpa_causal"
 REFERENCE_MAX_T = 4096
 # Counting T^2 pairs for the density takes a noticeable time from about here.
 _SLOW_DENSITY_T = 16384
+_DENSITY_ROWS = 1024  # query rows per chunk when counting a density on a GPU
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before the pass",
@@ -214,6 +215,24 @@ def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup:
     return statistics.median(times), peak_mb(run, device), base_ms
 
 
+def pattern_density(pattern: Pattern, T: int, heads: int, device: torch.device) -> float:
+    """``pattern.density`` (allowed pairs / causal pairs), counted on the benchmark's device: a GPU counts the
+    32k x 32k pairs of every head in a moment, where the CPU takes minutes."""
+    if device.type == "cpu" or pattern.is_dense_causal:
+        return pattern.density(T, heads)
+    return count_density(pattern, T, heads, device)
+
+
+def count_density(pattern: Pattern, T: int, heads: int, device: torch.device | str) -> float:
+    """Allowed pairs / causal pairs of ``pattern``, counted in chunks of query rows on ``device``."""
+    k, h = torch.arange(T, device=device).view(1, 1, T), torch.arange(heads, device=device).view(heads, 1, 1)
+    allowed = 0
+    for start in range(0, T, _DENSITY_ROWS):
+        q = torch.arange(start, min(T, start + _DENSITY_ROWS), device=device).view(1, -1, 1)
+        allowed += int(pattern.allowed(q, k, h).expand(heads, q.shape[1], T).sum())
+    return allowed / (heads * T * (T + 1) / 2)
+
+
 def _params(pattern: Pattern) -> str:
     from ..eval.inspection.pattern_viz import format_params
 
@@ -247,14 +266,14 @@ def _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, dev
 
 def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends: list[str], passes=PASSES,
                     repeats: int = 5, batch: int = 1, heads: int = 4, head_dim: int = 64, dtype="float32",
-                    device="cpu", out: str | Path | None = None, *, warmup: int = 2, plot: str | Path | None = None,
+                    device="cpu", out: str | Path | None = None, *, warmup: int = 2, plot: str | Path | bool | None = None,
                     log: Callable[[str], None] = print) -> list[dict]:
     """Measure every (pattern, backend, seq_len, pass) that can run; returns the CSV rows as dicts.
 
     ``patterns`` are spec strings (``local:window=256``) or Pattern objects;
     ``backends`` are registered names, ``auto``, ``flex`` or ``sdpa_causal``
     (the baseline, always measured once per length). With ``out`` the CSV,
-    ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``) are written.
+    ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``; ``plot=False``: none) are written.
     """
     dtype, device = _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device)
     known = {"auto", "flex", BASELINE, *BACKENDS}
@@ -301,9 +320,9 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
                     finally:
                         q.grad = k.grad = v.grad = None
                     if id(pattern) not in density:
-                        if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal:
+                        if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal and device.type == "cpu":
                             log(f"  density of {spec} at T={T}: counting T^2 pairs, this may take a while")
-                        density[id(pattern)] = pattern.density(T, heads)
+                        density[id(pattern)] = pattern_density(pattern, T, heads, device)
                     row = {"device": device.type, "pattern": pattern.name, "params": _params(pattern), "backend": label,
                            "seq_len": T, "pass": pass_, "median_ms": round(ms, 4), "peak_mb": round(mb, 3),
                            "density": round(density[id(pattern)], 6)}
@@ -319,7 +338,8 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
     ups = speedups(rows)
     log(format_speedups(ups, seq_lens))
     if out is not None:
-        _write_side_files(out, Path(plot) if plot else out.with_suffix(".png"), rows, skipped, ups, device,
+        plot_path = None if plot is False else Path(plot) if plot else out.with_suffix(".png")
+        _write_side_files(out, plot_path, rows, skipped, ups, device,
                           dict(patterns=[s for s, _ in specs], seq_lens=list(seq_lens), backends=list(backends),
                                passes=list(passes), repeats=repeats, warmup=warmup, batch=batch, heads=heads,
                                head_dim=head_dim, dtype=str(dtype)[6:], device=device.type))
@@ -421,7 +441,7 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _write_side_files(out: Path, plot: Path, rows, skipped, ups, device, settings) -> None:
+def _write_side_files(out: Path, plot: Path | None, rows, skipped, ups, device, settings) -> None:
     info = machine_info(device)
     (out.parent / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
     summary = {"settings": settings, "memory_method": MEMORY_METHOD[device.type],
@@ -431,5 +451,6 @@ def _write_side_files(out: Path, plot: Path, rows, skipped, ups, device, setting
                "skipped": skipped, "speedups": ups, "machine": info, "argv": sys.argv}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     s = settings
-    plot_attention(rows, plot, f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
-                               f"{s['dtype']}, on {info['device_name']}")
+    if plot is not None:
+        plot_attention(rows, plot, f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
+                                   f"{s['dtype']}, on {info['device_name']}")

@@ -41,23 +41,37 @@ def build(impl: str, cfg):
     return NanoGPT(_vocab(cfg), m.context, m.d_model, m.n_layer, m.n_head, m.dropout)
 
 
-def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False) -> dict:
-    """Run in the child process: time `steps` training steps after `warmup`."""
+def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False, compile: str | None = None) -> dict:
+    """Run in the child process: time `steps` training steps after `warmup`.
+
+    As ``attnlab train`` runs them: under autocast where ``cfg.train.dtype`` asks for it (auto: bf16 on
+    GPUs that have it), and through ``torch.compile(backend=compile)`` when ``compile`` names a backend.
+    """
+    import contextlib
+
     from ..train.optim import build_optimizer
-    from ..train.runtime import keep_freed_memory, peak_memory_mb, pick_device
+    from ..train.runtime import keep_freed_memory, peak_memory_mb, pick_device, pick_dtype
     torch.manual_seed(0)
     device = pick_device(cfg.train.device)
     if impl == "attnlab" and device.type == "cpu" and not plain_runtime:
         keep_freed_memory()  # what `attnlab train` does on CPU; the baseline runs as plain PyTorch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model = build(impl, cfg).to(device).train()
+    if impl == "attnlab":
+        model.resolve_backends(device)
     opt = build_optimizer(model, cfg.optim)
+    forward = torch.compile(model, backend=compile) if compile else model
+    amp = pick_dtype(cfg.train.dtype, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     B, T, V = cfg.train.batch_size, cfg.model.context, _vocab(cfg)
     x = torch.randint(0, V, (B, T + 1), device=device)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.view(-1, V), x[:, 1:].reshape(-1))
+        with autocast():
+            logits = forward(x[:, :-1])
+            loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or 1.0)
         opt.step()

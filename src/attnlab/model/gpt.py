@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import Attention
+from ..attention.backends import attention_dropout
 from ..attention.cache import LayerCache, ModelCache, cache_streams, make_cache
 from ..attention.modifiers import modifier_specs
 from ..config import AttentionConfig, ModelConfig
@@ -91,7 +92,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d, d, bias=cfg.bias)
         self.q_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
         self.k_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
-        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, cfg.dropout, modifier_specs(attn_cfg, cfg, layer_idx))
+        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, attention_dropout(cfg),
+                              modifier_specs(attn_cfg, cfg, layer_idx))
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,

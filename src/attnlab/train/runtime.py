@@ -109,7 +109,7 @@ def git_sha() -> str | None:
 
 def git_dirty() -> bool | None:
     """True when attnlab's tracked source differs from the commit (the SHA alone does not reproduce the run)."""
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", "src")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ":/src")  # :/ = from the top, not this folder
     return None if status is None else bool(status)
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .. import config as config_mod
 from .. import folders, identity, jsonout
+from ..attention.backends import attention_dropout
 from ..config import Config, ModelConfig
 from ..data import store
 from ..data.batches import BatchIterator, ImageBatches
@@ -38,7 +39,7 @@ from ..eval.metrics.scoring import Score, image_metrics, score_images, score_tok
 from ..model.gpt import GPT
 from ..plugins import copy_plugins, load_run_plugins
 from . import checkpoint as ckpt
-from . import distributed, runtime
+from . import distributed, flops, runtime
 from .logs import EventLog, check_loggers
 from .memory import check_fits
 from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
@@ -259,6 +260,10 @@ class Trainer:
         check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
+        # MFU in training_step events where the GPU's bf16 peak is known (every rank's GPU counts).
+        peak = flops.device_peak_tflops(self.device)
+        self.peak_tflops = peak * self.dist.world_size if peak else None
+        self.flops_per_token = flops.flops_per_token(self.model, cfg.model.context) if peak else None
         # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
         self.parallel = distributed.wrap(self.model, self.dist, cfg.train.parallel, self.device)
         self.forward = torch.compile(self.parallel) if cfg.train.compile else self.parallel
@@ -469,7 +474,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 if p.step % cfg.logging.log_every == 0 or p.step == 1:
                     log.log("training_step", step=p.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / dt,
-                            epoch=self.batches.epoch_float, tokens=p.tokens)
+                            epoch=self.batches.epoch_float, tokens=p.tokens, **self._mfu(tokens_per_step / dt))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
                 if self.eval_every and p.step % self.eval_every == 0:
@@ -484,6 +489,12 @@ class Trainer:
                     raise Interrupted(f"checkpoint {path} saved: continue with attnlab train --resume {self.run_dir}")
         bar.close()
         return reason
+
+    def _mfu(self, tokens_per_second: float) -> dict:
+        """{"mfu": fraction of the bf16 peak} on a GPU whose peak is known, else {} (see train.flops)."""
+        if self.flops_per_token is None:
+            return {}
+        return {"mfu": round(flops.mfu(self.flops_per_token, tokens_per_second, self.peak_tflops), 5)}
 
     def _diverged(self, log: EventLog, loss: float, tensor: str | None = None) -> None:
         """The loss (or, with ``tensor``, a weight or optimizer tensor after a step) became NaN/inf."""
@@ -566,7 +577,8 @@ class Trainer:
             "final_train_loss": p.last_loss, "stop_reason": reason, "schedule_follows": self.clock.follows,
             "planned_steps": self.clock.total_steps, "final_lr": self.scheduler.get_last_lr()[0],
             "train_seconds": p.train_seconds,
-            "attention": self.model.describe()["attention"],
+            "attention": self.model.describe()["attention"],  # each layer's pattern and the backend that ran it
+            "attn_dropout": attention_dropout(self.cfg.model),
         }
         if not self.image:
             summary.update(eval_context=self.cfg.model.context, eval_stride=self.cfg.train.eval_stride or self.cfg.model.context)
