@@ -1,2 +1,18 @@
-"""attnlab: a bench for GPT-style transformers with pluggable attention."""
+"""attnlab: a bench for GPT-style transformers with pluggable attention.
+
+``attnlab.load(run_dir)`` and ``attnlab.train(config, **overrides)`` are the Python API (``attnlab.api``);
+they are imported on first use, so ``import attnlab`` stays light (no torch).
+"""
 __version__ = "0.1.0"
+
+__all__ = ["load", "train", "Run", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("load", "Run"):
+        from . import api
+        return getattr(api, name)
+    if name == "train":  # the training subpackage, callable as attnlab.api.train
+        from . import train
+        return train
+    raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

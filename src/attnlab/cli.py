@@ -207,16 +207,14 @@ def cmd_eval(a) -> None:
 
 
 def _eval_text(run, a) -> dict:
-    from .eval.metrics.scoring import score_tokens, text_metrics
+    from .api import evaluate_split
     context = a.context or run.cfg.model.context
     if not 1 <= context <= run.cfg.model.context:
         raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
     stride = a.stride or min(run.cfg.train.eval_stride or context, context)
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
-    score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
-                         batch_size=a.batch_size, device=run.device, progress=True)
-    m = text_metrics(score, run.dataset.meta["splits"][a.split])
+    m = evaluate_split(run, a.split, context=context, stride=stride, batch_size=a.batch_size, progress=True)
     return {"context": context, "stride": stride,
             f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
             f"{a.split}_perplexity": m["perplexity"], f"mainrun_{a.split}_loss (mainrun-compatible: nats/char)": m["mainrun_loss"],
@@ -224,16 +222,12 @@ def _eval_text(run, a) -> dict:
 
 
 def _eval_images(run, a) -> dict:
-    from .data.image_format import SOS
-    from .eval.metrics.scoring import image_metrics, score_images
+    from .api import evaluate_split
     if a.context or a.stride:
         raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
-    n = run.cfg.model.context
-    score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=SOS,
-                         batch_size=a.batch_size, device=run.device, progress=True)
-    m = image_metrics(score, n)
+    m = evaluate_split(run, a.split, batch_size=a.batch_size, progress=True)
     return {f"{a.split}_bits_per_dim": m["bits_per_dim"], f"{a.split}_nats_per_image": m["nats_per_image"],
-            "images_scored": m["images"], "dims_per_image": n}
+            "images_scored": m["images"], "dims_per_image": m["dims_per_image"]}
 
 
 def cmd_sample(a) -> None:
