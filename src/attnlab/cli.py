@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
 
+    ex = sub.add_parser("export", help="write a run in another framework's format (hf: a transformers folder)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, choices=["hf"], help="hf: GPT-2, Llama or Mistral for transformers")
+    ex.add_argument("--out", required=True, help="the folder to write (missing or empty)")
+    ex.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
+    ex.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+
     be = sub.add_parser("bench", help="benchmarks")
     bsub = be.add_subparsers(dest="bench", required=True)
     bt = bsub.add_parser("train", help="training tokens/s and peak memory, attnlab vs a plain nanoGPT-style model")
@@ -386,6 +393,11 @@ def cmd_sweep(a) -> None:
                                      f"{summary['sweep']}/runs.json and logs/, then finish them with --resume")
 
 
+def cmd_export(a) -> None:
+    from .export.hf import export_hf
+    print(json.dumps(export_hf(a.run_dir, a.out, checkpoint=a.checkpoint, force=a.force)))
+
+
 def cmd_patterns(a) -> None:
     from .attention.patterns import listing, load_plugin
     for ref in a.plugin:
@@ -394,7 +406,7 @@ def cmd_patterns(a) -> None:
 
 
 COMMANDS = {"patterns": cmd_patterns, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "bench": cmd_bench,
-            "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep}
+            "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
