@@ -61,16 +61,16 @@ class Target:
 def plan(model: GPT, cfg: Config) -> Target:
     """The transformers architecture computing exactly what ``model`` computes, or ExportError naming the key."""
     m = cfg.model
+    if m.position not in ("learned", "rope"):
+        raise _refuse(f"model.position={m.position} has no counterpart", "GPT-2 needs model.position=learned, Llama rope")
     _check_unknown_fields(m)
     _check_shared(m)
     window = _attention_window(model, cfg)
     if m.position == "learned":
         _check_gpt2(model, m, window)
         return Target("gpt2", None)
-    if m.position == "rope":
-        _check_llama(m, window)
-        return Target("mistral" if window is not None else "llama", window)
-    raise _refuse(f"model.position={m.position} has no counterpart", "GPT-2 needs model.position=learned, Llama rope")
+    _check_llama(m, window)
+    return Target("mistral" if window is not None else "llama", window)
 
 
 def _check_unknown_fields(m: ModelConfig) -> None:
@@ -101,7 +101,7 @@ def _attention_window(model: GPT, cfg: Config) -> int | None:
     for i, block in enumerate(model.blocks):
         core = block.attn.core
         if getattr(core, "modifier", None) is not None:
-            raise _refuse(f"layer {i} modifies its attention scores", "remove attention.modifiers")
+            raise _refuse(f"layer {i} modifies its attention scores", "export a model without score modifiers")
         pattern = core.pattern
         if type(pattern) is Dense:
             windows.add(None)
