@@ -38,14 +38,15 @@ def trained(root, name, tokenizer="bpe", **overrides):
     return attnlab.load(root / "runs" / name), root / f"hf-{name}", info
 
 
-def assert_same_logits(run, folder, text=TEXT, **load_kw):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, **load_kw)
-    ids = run.encode(text)
-    with torch.no_grad():
-        theirs = hf(torch.tensor([ids])).logits[0]
+def assert_same_logits(run, folder, text=TEXT):
+    """transformers' logits equal attnlab's within 1e-4, with its eager and its SDPA attention."""
     ours = run.logits(text)
-    assert theirs.shape == ours.shape
-    assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (theirs - ours).abs().max()
+    for attn in ("eager", "sdpa"):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn)
+        with torch.no_grad():
+            theirs = hf(torch.tensor([run.encode(text)])).logits[0]
+        assert theirs.shape == ours.shape
+        assert torch.allclose(theirs, ours, atol=1e-4, rtol=0), (attn, (theirs - ours).abs().max())
     return hf
 
 
@@ -85,14 +86,19 @@ def test_grouped_query_llama_maps_its_key_value_heads(root):
     assert (hf.config.num_attention_heads, hf.config.num_key_value_heads) == (4, 2)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_local_attention_on_every_layer_loads_as_mistral_sliding_window(root, attn):
+def test_local_attention_on_every_layer_loads_as_mistral_sliding_window(root):
     window = 4
-    run, folder, info = trained(root, f"mistral-{attn}", **LLAMA, **{"model.bias": False, "attention.pattern": "local",
-                                                                      "attention.window": window})
+    run, folder, info = trained(root, "mistral", **LLAMA, **{"model.bias": False, "attention.pattern": "local",
+                                                             "attention.window": window})
     assert info["sliding_window"] == window and len(run.encode(TEXT)) > 2 * window  # the window matters here
-    hf = assert_same_logits(run, folder, attn_implementation=attn)
+    hf = assert_same_logits(run, folder)
     assert type(hf).__name__ == "MistralForCausalLM" and hf.config.sliding_window == window
+    for other in (window - 1, window + 1):  # an off-by-one window would show: the comparison can tell
+        c = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**c, "sliding_window": other}))
+        off = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            assert (off(torch.tensor([run.encode(TEXT)])).logits[0] - run.logits(TEXT)).abs().max() > 1e-3
 
 
 def test_generation_in_transformers_follows_attnlabs_greedy_sample(root):

@@ -12,7 +12,7 @@ def __getattr__(name: str):
     if name in ("load", "Run"):
         from . import api
         return getattr(api, name)
-    if name == "train":  # the training subpackage, callable as attnlab.api.train
-        from . import train
-        return train
+    if name == "train":  # the training subpackage, callable: attnlab.train(config, **overrides)
+        import importlib  # not `from . import train`: that asks this module for `train` again
+        return importlib.import_module(f"{__name__}.train")
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")
