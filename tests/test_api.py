@@ -94,6 +94,8 @@ def test_generate_equals_attnlab_sample_and_is_seeded(trained, capsys):
     assert shell == text + "\n" and text.startswith("the")
     assert run.generate("the", 20, seed=3, top_k=20) == text
     assert run.generate("the", 20, seed=4, temperature=1.0) != run.generate("the", 20, seed=5, temperature=1.0)
+    stopped = cli_out(capsys, "sample", run_dir, "--prompt", "the", "--max-new-tokens", 30, "--seed", 3, "--stop", "e ")
+    assert stopped == run.generate("the", 30, seed=3, stop="e ") + "\n" == run.generate("the", 30, seed=3, stop=["e "]) + "\n"
     two = cli_out(capsys, "sample", run_dir, "--prompt", "a", "--max-new-tokens", 10, "--num-samples", 2, "--seed", 1)
     texts = run.generate("a", 10, num_samples=2, seed=1)
     assert two == "".join(f"--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts))
@@ -140,3 +142,18 @@ def test_import_attnlab_is_light_and_exposes_the_api():
     assert callable(attnlab.train) and attnlab.train.trainer.train  # the function and the subpackage
     with pytest.raises(AttributeError):
         attnlab.nothing_here
+
+
+def test_image_runs_evaluate_in_bits_per_dim_as_attnlab_eval(tmp_path, capsys, one_thread):
+    from runkit import digits_config
+    cfg = digits_config(tmp_path)
+    summary = attnlab.train(cfg)
+    run = attnlab.load(tmp_path / "runs" / "digits")
+    shell = json.loads(cli_out(capsys, "eval", run.dir, "--split", "test").strip().splitlines()[-1])
+    m = run.evaluate("test", batch_size=7)
+    assert m["bits_per_dim"] == shell["test_bits_per_dim"] == summary["test_bits_per_dim"]
+    assert (m["images"], m["dims_per_image"]) == (shell["images_scored"], 64) and run.tokenizer is None
+    with pytest.raises(UserError, match="models images: generate is for text runs"):
+        run.generate("x")
+    with pytest.raises(UserError, match="context and stride apply to text"):
+        run.evaluate("test", stride=4)

@@ -136,7 +136,7 @@ class Run:
         return self.loaded.checkpoint
 
     def generate(self, prompt: str = "", max_new_tokens: int = 200, *, seed: int = 0, num_samples: int = 1,
-                 stop: Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True,
+                 stop: str | Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True,
                  **sampling: Any) -> str | list[str]:
         """The prompt and its continuation, as `attnlab sample` prints it (a list of ``num_samples`` texts if > 1).
 
@@ -150,7 +150,7 @@ class Run:
             raise UserError("generate() needs num_samples >= 1 and max_new_tokens >= 0")
         texts, _ = sample_text(self.model, tokenizer, prompt, max_new_tokens, num_samples=num_samples,
                                sampling=SamplingConfig(**{**SAMPLE_DEFAULTS, **sampling}), seed=seed,
-                               stops=list(stop), stop_at_eos=stop_at_eos, use_cache=use_cache, device=self.device)
+                               stops=[stop] if isinstance(stop, str) else list(stop), stop_at_eos=stop_at_eos, use_cache=use_cache, device=self.device)
         return texts[0] if num_samples == 1 else texts
 
     def evaluate(self, split: str | None = None, *, text: str | Sequence[str] | None = None,

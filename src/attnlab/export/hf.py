@@ -160,8 +160,9 @@ def _gpt2_activation(model: GPT) -> str:
 # ------------------------------------------------------------------ config.json
 
 def _common_config(model: GPT, cfg: Config, eos_id: int) -> dict:
+    dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")  # the checkpoint's, kept as it is
     return {"vocab_size": model.vocab_size, "bos_token_id": eos_id, "eos_token_id": eos_id,
-            "tie_word_embeddings": bool(model.tied), "torch_dtype": "float32", "dtype": "float32",
+            "tie_word_embeddings": bool(model.tied), "torch_dtype": dtype, "dtype": dtype,
             "attnlab_version": __version__}
 
 
