@@ -11,8 +11,8 @@ from runkit import tiny_config, write_corpus
 
 import attnlab
 from attnlab import api, cli
-from attnlab.train import launch
 from attnlab.errors import ConfigError, DataError, UserError
+from attnlab.train import launch
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,8 @@ def test_import_attnlab_is_light_and_exposes_the_api():
     assert out.stdout.split() == ["False", "True", "False", "True"], out.stderr
     assert attnlab.load is api.load and attnlab.Run is api.Run
     assert callable(attnlab.train) and attnlab.train.trainer.train  # the function and the subpackage
-    with pytest.raises(AttributeError):
-        attnlab.nothing_here
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        _ = attnlab.nothing_here
 
 
 def test_image_runs_evaluate_in_bits_per_dim_as_attnlab_eval(tmp_path, capsys, one_thread):

@@ -72,7 +72,7 @@ def test_gpt2_shaped_run_loads_as_gpt2_with_equal_logits(root, name, overrides, 
 
 
 def test_llama_shaped_run_loads_as_llama_with_equal_logits(root):
-    run, folder, info = trained(root, "llama", **LLAMA)
+    run, folder, _ = trained(root, "llama", **LLAMA)
     hf = assert_same_logits(run, folder)
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.attention_bias and hf.config.mlp_bias
     assert hf.config.rms_norm_eps == torch.finfo(torch.float32).eps
@@ -189,8 +189,8 @@ def test_cli_refuses_a_strided_run_in_one_line_and_writes_nothing(root, capsys):
     out = root / "hf-strided"
     assert cli.main(["export", str(root / "runs" / "strided"), "--format", "hf", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["attnlab: error: cannot export to Hugging Face: attention.pattern=strided (layer 0) has no counterpart; "
-                   "only dense attention, or local attention on every layer (as Mistral's sliding window), maps"]
+    assert err == [("attnlab: error: cannot export to Hugging Face: attention.pattern=strided (layer 0) has no counterpart; "
+                    "only dense attention, or local attention on every layer (as Mistral's sliding window), maps")]
     assert not out.exists() and not list(root.glob(".hf-strided*"))
 
 

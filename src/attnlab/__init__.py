@@ -5,7 +5,7 @@ they are imported on first use, so ``import attnlab`` stays light (no torch).
 """
 __version__ = "0.1.0"
 
-__all__ = ["load", "train", "Run", "__version__"]
+__all__ = ["Run", "__version__", "load", "train"]
 
 
 def __getattr__(name: str):

@@ -355,4 +355,4 @@ def _write_folder(out: Path, files: dict[str, str], weights: dict[str, torch.Ten
         raise
 
 
-__all__ = ["ExportError", "Target", "export_hf", "plan", "gpt2_weights", "llama_weights", "tokenizer_files"]
+__all__ = ["ExportError", "Target", "export_hf", "gpt2_weights", "llama_weights", "plan", "tokenizer_files"]
