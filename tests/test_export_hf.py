@@ -209,3 +209,11 @@ def test_out_folder_is_never_overwritten_without_force_and_force_replaces_only_e
     assert (other / "n.txt").read_text() == "keep"
     assert cli.main(["export", str(run.dir), "--format", "hf", "--out", str(root / "hf-cli")]) == 0
     assert json.loads(capsys.readouterr().out)["architecture"] == "GPT2LMHeadModel"
+
+
+def test_image_runs_are_refused(tmp_path):
+    from runkit import digits_config
+    attnlab.train(digits_config(tmp_path, "model.position=learned"))
+    with pytest.raises(ExportError, match=r"models images \(data.source=digits"):
+        export_hf(tmp_path / "runs" / "digits", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -309,7 +309,7 @@ def export_hf(run_dir: str | Path, out: str | Path, *, checkpoint: str | Path | 
     _check_target(out, force)
     run = load_run(run_dir, checkpoint, device="cpu")
     if run.dataset.kind == "image" or run.dataset.tokenizer is None:
-        raise _refuse(f"model.position={run.cfg.model.position} on an image dataset (bytes of pixels)",
+        raise _refuse(f"{run.dir} models images (data.source={run.cfg.data.source}: bytes of pixels, no tokenizer)",
                       "only text runs export")
     target = plan(run.model, run.cfg)
     eos = run.dataset.tokenizer.eos_id
