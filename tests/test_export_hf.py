@@ -4,6 +4,7 @@ configurations without an exact counterpart are refused in one line naming the k
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from runkit import tiny_config, write_corpus
@@ -60,13 +61,15 @@ def assert_same_tokens(run, folder, text=TEXT):
 
 @pytest.mark.parametrize("name, overrides, activation", [
     ("gpt2", {}, "gelu"),
-    ("gpt2-relu-untied-nobias", {"model.mlp": "relu", "model.tie_weights": False, "model.bias": False}, "relu"),
+    ("gpt2-relu-untied-nobias", {"model.mlp": "relu", "model.tie_weights": False, "model.bias": False,
+                                 "model.mlp_ratio": 2.5}, "relu"),
 ])
 def test_gpt2_shaped_run_loads_as_gpt2_with_equal_logits(root, name, overrides, activation):
     run, folder, info = trained(root, name, **overrides)
     assert info["architecture"] == "GPT2LMHeadModel"
     hf = assert_same_logits(run, folder)
     assert type(hf).__name__ == "GPT2LMHeadModel" and hf.config.activation_function == activation
+    assert hf.config.n_inner == run.model.blocks[0].mlp.fc.out_features
     assert hf.config.tie_word_embeddings == run.model.tied
     assert_same_tokens(run, folder)
 
@@ -145,6 +148,7 @@ LLAMA_ARGS = [f"{k}={v}" for k, v in LLAMA.items()]
     (["attention.pattern=sink_window", "attention.window=4"], "attention.pattern=sink_window"),
     (["attention.pattern=linear"], "attention.pattern=linear"),
     (["model.position=sinusoidal"], "model.position=sinusoidal has no counterpart"),
+    (["model.position=image", "model.image_shape=4,4,1"], "model.position=image has no counterpart"),
     (["model.position=none"], "model.position=none"),
     (["model.qk_ratio=0.5"], "model.qk_ratio=0.5"),
     (["model.qk_norm=true"], "model.qk_norm=true"),
@@ -162,6 +166,14 @@ def test_configurations_without_an_exact_counterpart_are_refused_by_key(override
     with pytest.raises(ExportError, match="^cannot export to Hugging Face: ") as e:
         plan(model, cfg)
     assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_block_layouts_are_refused(tmp_path):
+    np.save(tmp_path / "layout.npy", np.tril(np.ones((4, 4), dtype=bool)))
+    model, cfg = model_for("attention.pattern=block_layout", f"attention.layout={tmp_path / 'layout.npy'}",
+                           "attention.layout_block=4")
+    with pytest.raises(ExportError, match=r"attention.pattern=block_layout \(layer 0\) has no counterpart"):
+        plan(model, cfg)
 
 
 def test_score_modifiers_are_refused():
