@@ -72,13 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
 
-    ex = sub.add_parser("export", help="write a run in another framework's format (hf: a transformers folder)")
-    ex.add_argument("run_dir")
-    ex.add_argument("--format", required=True, choices=["hf"], help="hf: GPT-2, Llama or Mistral for transformers")
-    ex.add_argument("--out", required=True, help="the folder to write (missing or empty)")
-    ex.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
-    ex.add_argument("--force", action="store_true", help="replace an earlier export in --out")
-
     be = sub.add_parser("bench", help="benchmarks")
     bsub = be.add_subparsers(dest="bench", required=True)
     bt = bsub.add_parser("train", help="training tokens/s and peak memory, attnlab vs a plain nanoGPT-style model")
@@ -164,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-report", action="store_true", help="skip the report of the finished runs")
     sw.add_argument("--to-wandb", metavar="FILE", help="write the sweep as a wandb sweep config (for `wandb sweep FILE`) and stop")
     sw.add_argument("--one", action="store_true", help="train one run of the sweep from key=value choices (what wandb agents call)")
+    _export_parser(sub)
     return p
 
 
@@ -214,14 +208,16 @@ def cmd_eval(a) -> None:
 
 
 def _eval_text(run, a) -> dict:
-    from .api import evaluate_split
+    from .eval.metrics.scoring import score_tokens, text_metrics
     context = a.context or run.cfg.model.context
     if not 1 <= context <= run.cfg.model.context:
         raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
     stride = a.stride or min(run.cfg.train.eval_stride or context, context)
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
-    m = evaluate_split(run, a.split, context=context, stride=stride, batch_size=a.batch_size, progress=True)
+    score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
+                         batch_size=a.batch_size, device=run.device, progress=True)
+    m = text_metrics(score, run.dataset.meta["splits"][a.split])
     return {"context": context, "stride": stride,
             f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
             f"{a.split}_perplexity": m["perplexity"], f"mainrun_{a.split}_loss (mainrun-compatible: nats/char)": m["mainrun_loss"],
@@ -229,12 +225,16 @@ def _eval_text(run, a) -> dict:
 
 
 def _eval_images(run, a) -> dict:
-    from .api import evaluate_split
+    from .data.image_format import SOS
+    from .eval.metrics.scoring import image_metrics, score_images
     if a.context or a.stride:
         raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
-    m = evaluate_split(run, a.split, batch_size=a.batch_size, progress=True)
+    n = run.cfg.model.context
+    score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=SOS,
+                         batch_size=a.batch_size, device=run.device, progress=True)
+    m = image_metrics(score, n)
     return {f"{a.split}_bits_per_dim": m["bits_per_dim"], f"{a.split}_nats_per_image": m["nats_per_image"],
-            "images_scored": m["images"], "dims_per_image": m["dims_per_image"]}
+            "images_scored": m["images"], "dims_per_image": n}
 
 
 def cmd_sample(a) -> None:
@@ -393,9 +393,20 @@ def cmd_sweep(a) -> None:
                                      f"{summary['sweep']}/runs.json and logs/, then finish them with --resume")
 
 
+def _export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="write a run in another framework's format (hf: a transformers folder)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, choices=["hf"], help="hf: GPT-2, Llama or Mistral for transformers")
+    ex.add_argument("--out", required=True, help="the folder to write (missing or empty)")
+    ex.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
+    ex.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    ex.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir)")
+
+
 def cmd_export(a) -> None:
     from .export.hf import export_hf
-    print(json.dumps(export_hf(a.run_dir, a.out, checkpoint=a.checkpoint, force=a.force)))
+    where = {"data_dir": a.data_dir} if a.data_dir else {}
+    print(json.dumps(export_hf(a.run_dir, a.out, checkpoint=a.checkpoint, force=a.force, **where)))
 
 
 def cmd_patterns(a) -> None:

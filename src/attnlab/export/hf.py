@@ -303,11 +303,14 @@ def tokenizer_files(tokenizer, context: int) -> dict[str, str]:
 
 # ------------------------------------------------------------------ the folder
 
-def export_hf(run_dir: str | Path, out: str | Path, *, checkpoint: str | Path | None = None, force: bool = False) -> dict:
-    """Write ``out``: config.json, model.safetensors, generation_config.json and the tokenizer files."""
+def export_hf(run_dir: str | Path, out: str | Path, *, checkpoint: str | Path | None = None, force: bool = False,
+              **load_options) -> dict:
+    """Write ``out``: config.json, model.safetensors, generation_config.json and the tokenizer files.
+
+    ``load_options`` go to ``runs.load_run`` (such as where the run's dataset is now)."""
     out = Path(out)
     _check_target(out, force)
-    run = load_run(run_dir, checkpoint, device="cpu")
+    run = load_run(run_dir, checkpoint, device="cpu", **load_options)
     if run.dataset.kind == "image" or run.dataset.tokenizer is None:
         raise _refuse(f"{run.dir} models images (data.source={run.cfg.data.source}: bytes of pixels, no tokenizer)",
                       "only text runs export")
