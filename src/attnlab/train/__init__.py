@@ -10,6 +10,7 @@ import types
 
 class _CallableModule(types.ModuleType):
     def __call__(self, *args, **kwargs):
+        """attnlab.train(config=None, *, force=False, **overrides) -> summary.json's content (see ``launch.train``)."""
         from .launch import train
         return train(*args, **kwargs)
 
