@@ -34,7 +34,7 @@ SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
 SAMPLE_DEFAULTS = {"temperature": 0.8}  # `attnlab sample`'s defaults where they differ from SamplingConfig's
 
 
-# ------------------------------------------------------------------ evaluation (shared with `attnlab eval`)
+# ------------------------------------------------------------------ evaluation: what `attnlab eval` computes
 
 def eval_window(run: LoadedRun, context: int | None = None, stride: int | None = None) -> tuple[int, int]:
     """The evaluation window and stride: the model's context and the run's train.eval_stride unless given."""
@@ -50,7 +50,7 @@ def eval_window(run: LoadedRun, context: int | None = None, stride: int | None =
 
 def evaluate_split(run: LoadedRun, split: str = "val", *, context: int | None = None, stride: int | None = None,
                    batch_size: int = 32, progress: bool = False) -> dict:
-    """Every token (text) or image of a split scored once: the metrics `attnlab eval` prints."""
+    """Every token (text) or image of a split scored once, with `attnlab eval`'s defaults: the numbers it prints."""
     run.dataset.split_info(split)  # a DataError naming the splits there are
     if run.dataset.kind == "image":
         if context is not None or stride is not None:
