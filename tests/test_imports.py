@@ -20,9 +20,13 @@ import pytest
 import attnlab
 
 PACKAGE_DIR = Path(attnlab.__file__).parent
-# Cycles tolerated for now, each as the late import that closes it, with why (none today).
+# Cycles tolerated, each as the late import that closes it, with why.
 # Any other cycle fails test_no_import_cycles.
-KNOWN_CYCLES: dict[str, set[tuple[str, str]]] = {}
+KNOWN_CYCLES: dict[str, set[tuple[str, str]]] = {
+    # attnlab.train(config) is the Python API's train: the package is callable and its __call__ imports the
+    # trainer when called. Importing attnlab.train (or any module in it) never imports the trainer.
+    "the callable attnlab.train package": {("attnlab.train", "attnlab.train.launch")},
+}
 
 
 def module_name(path: Path) -> str:

@@ -170,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-report", action="store_true", help="skip the report of the finished runs")
     sw.add_argument("--to-wandb", metavar="FILE", help="write the sweep as a wandb sweep config (for `wandb sweep FILE`) and stop")
     sw.add_argument("--one", action="store_true", help="train one run of the sweep from key=value choices (what wandb agents call)")
+    _export_parser(sub)
     return p
 
 
@@ -518,6 +519,22 @@ def cmd_sweep(a) -> None:
                                      f"{summary['sweep']}/runs.json and logs/, then finish them with --resume")
 
 
+def _export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="write a run in another framework's format (hf: a transformers folder)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, choices=["hf"], help="hf: GPT-2, Llama or Mistral for transformers")
+    ex.add_argument("--out", required=True, help="the folder to write (missing or empty)")
+    ex.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
+    ex.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    ex.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir)")
+
+
+def cmd_export(a) -> None:
+    from .export.hf import export_hf
+    where = {"data_dir": a.data_dir} if a.data_dir else {}
+    print(json.dumps(export_hf(a.run_dir, a.out, checkpoint=a.checkpoint, force=a.force, **where)))
+
+
 def cmd_patterns(a) -> None:
     from .attention.patterns import listing, load_plugin
     for ref in a.plugin:
@@ -531,7 +548,8 @@ def cmd_gpu_check(a) -> None:
 
 
 COMMANDS = {"patterns": cmd_patterns, "prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-            "bench": cmd_bench, "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep, "gpu-check": cmd_gpu_check}
+            "bench": cmd_bench, "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep, "gpu-check": cmd_gpu_check,
+            "export": cmd_export}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -1,0 +1,194 @@
+"""The Python API: open a trained run and use it, or train one.
+
+    import attnlab
+    run = attnlab.load("runs/nb")
+    run.generate("def ", 100, temperature=0.7, top_k=40)   # what `attnlab sample` prints
+    run.evaluate(split="val")                               # what `attnlab eval` prints
+    run.logits("def f():")                                  # [T, vocab]
+    attnlab.train("configs/quickstart.yaml", name="nb", **{"train.max_steps": 50})
+
+Every method is a thin layer over the functions the command line calls
+(``runs.load_run``, ``sample_text``, ``score_tokens`` / ``score_images``), so
+the numbers and samples are the command line's exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from .errors import ConfigError, UserError
+from .eval.generation.filters import SamplingConfig
+from .eval.generation.loop import sample_text
+from .eval.metrics.scoring import image_metrics, score_images, score_tokens, text_metrics
+from .runs import LoadedRun, load_run
+from .train.launch import train  # noqa: F401  (attnlab.api.train: the Python API's train)
+
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+SAMPLE_DEFAULTS = {"temperature": 0.8}  # `attnlab sample`'s defaults where they differ from SamplingConfig's
+
+
+# ------------------------------------------------------------------ evaluation: what `attnlab eval` computes
+
+def eval_window(run: LoadedRun, context: int | None = None, stride: int | None = None) -> tuple[int, int]:
+    """The evaluation window and stride: the model's context and the run's train.eval_stride unless given."""
+    n_ctx = run.cfg.model.context
+    context = n_ctx if context is None else context
+    if not 1 <= context <= n_ctx:
+        raise UserError(f"context={context} is outside [1, {n_ctx}] (the model's context): pick a smaller window")
+    stride = min(run.cfg.train.eval_stride or context, context) if stride is None else stride
+    if not 1 <= stride <= context:
+        raise UserError(f"stride={stride} is outside [1, {context}]: use a stride no larger than the context")
+    return context, stride
+
+
+def evaluate_split(run: LoadedRun, split: str = "val", *, context: int | None = None, stride: int | None = None,
+                   batch_size: int = 32, progress: bool = False) -> dict:
+    """Every token (text) or image of a split scored once, with `attnlab eval`'s defaults: the numbers it prints."""
+    run.dataset.split_info(split)  # a DataError naming the splits there are
+    if run.dataset.kind == "image":
+        if context is not None or stride is not None:
+            raise UserError("context and stride apply to text; an image is always scored whole from its start token")
+        return _image_split(run, split, batch_size, progress)
+    context, stride = eval_window(run, context, stride)
+    score = score_tokens(run.model, run.dataset.tokens(split), context=context, stride=stride,
+                         batch_size=batch_size, device=run.device, progress=progress)
+    return {"split": split, "context": context, "stride": stride,
+            **text_metrics(score, run.dataset.meta["splits"][split])}
+
+
+def _image_split(run: LoadedRun, split: str, batch_size: int, progress: bool) -> dict:
+    from .data.image_format import SOS
+    n = run.cfg.model.context
+    score = score_images(run.model, run.dataset.tokens(split), tokens_per_image=n, sos=SOS,
+                         batch_size=batch_size, device=run.device, progress=progress)
+    return {"split": split, **image_metrics(score, n), "dims_per_image": n}
+
+
+def evaluate_text(run: LoadedRun, text: str | Sequence[str], *, context: int | None = None,
+                  stride: int | None = None, batch_size: int = 32) -> dict:
+    """The metrics of documents given as text, laid out as a prepared split is: ``<eos> doc <eos> doc <eos>``.
+
+    A split holding exactly these documents gets the same numbers from ``evaluate_split``.
+    """
+    tokenizer = _text_tokenizer(run, "evaluate(text=...)")
+    docs = [text] if isinstance(text, str) else list(text)
+    if not docs or not all(isinstance(d, str) and d for d in docs):
+        raise UserError("evaluate(text=...) takes a non-empty string or a list of non-empty strings")
+    ids = [tokenizer.eos_id]
+    for doc_ids in tokenizer.encode_batch(docs):
+        ids += [*doc_ids, tokenizer.eos_id]
+    context, stride = eval_window(run, context, stride)
+    score = score_tokens(run.model, np.asarray(ids, dtype=np.int64), context=context, stride=stride,
+                         batch_size=batch_size, device=run.device)
+    meta = {"bytes": sum(len(d.encode("utf-8")) for d in docs), "chars": sum(len(d) for d in docs)}
+    return {"documents": len(docs), "context": context, "stride": stride, **text_metrics(score, meta)}
+
+
+def _text_tokenizer(run: LoadedRun, what: str):
+    if run.dataset.kind == "image" or run.dataset.tokenizer is None:
+        raise UserError(f"{run.dir} models images: {what} is for text runs (use evaluate(split=...) "
+                        "or attnlab.eval.sample_images)")
+    return run.dataset.tokenizer
+
+
+# ------------------------------------------------------------------ a loaded run
+
+class Run:
+    """A trained run opened for use: ``model``, ``tokenizer``, ``config`` and the methods below."""
+
+    def __init__(self, loaded: LoadedRun):
+        self.loaded = loaded
+
+    @property
+    def dir(self) -> Path:
+        return self.loaded.dir
+
+    @property
+    def config(self) -> config_mod.Config:
+        return self.loaded.cfg
+
+    @property
+    def model(self):
+        """The ``attnlab.model.GPT`` in eval mode on ``device``: ``model(ids [B, T]) -> logits [B, T, vocab]``."""
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        """The run's tokenizer (``encode``, ``decode``, ``eos_id``, ``vocab_size``); None for image runs."""
+        return self.loaded.dataset.tokenizer
+
+    @property
+    def dataset(self):
+        return self.loaded.dataset
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.loaded.checkpoint
+
+    def generate(self, prompt: str = "", max_new_tokens: int = 200, *, seed: int = 0, num_samples: int = 1,
+                 stop: str | Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True,
+                 **sampling: Any) -> str | list[str]:
+        """The prompt and its continuation, as `attnlab sample` prints it (a list of ``num_samples`` texts if > 1).
+
+        ``sampling``: temperature (default 0.8, 0 = greedy), top_k, top_p, typical_p, min_p, repetition_penalty.
+        """
+        tokenizer = _text_tokenizer(self.loaded, "generate")
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise ConfigError(f"generate() got an unknown sampling setting {unknown[0]!r}: use {', '.join(SAMPLING_KEYS)}")
+        if num_samples < 1 or max_new_tokens < 0:
+            raise UserError("generate() needs num_samples >= 1 and max_new_tokens >= 0")
+        texts, _ = sample_text(self.model, tokenizer, prompt, max_new_tokens, num_samples=num_samples,
+                               sampling=SamplingConfig(**{**SAMPLE_DEFAULTS, **sampling}), seed=seed,
+                               stops=[stop] if isinstance(stop, str) else list(stop), stop_at_eos=stop_at_eos, use_cache=use_cache, device=self.device)
+        return texts[0] if num_samples == 1 else texts
+
+    def evaluate(self, split: str | None = None, *, text: str | Sequence[str] | None = None,
+                 context: int | None = None, stride: int | None = None, batch_size: int = 32,
+                 progress: bool = False) -> dict:
+        """Bits per byte (text) or per dimension (images), nats per token, perplexity, over a whole split
+        (default ``val``: the numbers `attnlab eval` prints) or over ``text`` (a string or a list of documents)."""
+        if text is not None:
+            if split is not None:
+                raise UserError("evaluate() takes a split or text=..., not both")
+            return evaluate_text(self.loaded, text, context=context, stride=stride, batch_size=batch_size)
+        return evaluate_split(self.loaded, split or "val", context=context, stride=stride,
+                              batch_size=batch_size, progress=progress)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` read as a document: ``<eos>`` (a document's start, as in training), then the text."""
+        tokenizer = _text_tokenizer(self.loaded, "encode")
+        return [tokenizer.eos_id, *tokenizer.encode(text)]
+
+    @torch.no_grad()
+    def logits(self, text: str | Sequence[int]) -> torch.Tensor:
+        """Next-token logits [T, vocab] (float32, on ``device``): row t predicts token t + 1.
+
+        A string is read as a document (``encode``: ``<eos>`` first, so row 0 predicts its first token);
+        a list of ids is fed as given.
+        """
+        ids = self.encode(text) if isinstance(text, str) else [int(i) for i in text]
+        if not 1 <= len(ids) <= self.model.context:
+            raise UserError(f"logits() got {len(ids)} tokens: the model reads 1 to {self.model.context} "
+                            "(its context); shorten the text")
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.model(x)[0].float()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r}, checkpoint={self.checkpoint.name!r}, device={str(self.device)!r})"
+
+
+def load(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto", **options: Any) -> Run:
+    """Open a run directory from its latest complete checkpoint (or ``checkpoint``) on ``device``."""
+    return Run(load_run(run_dir, checkpoint, device, **options))
