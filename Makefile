@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(shell (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/
 PIP_TORCH_ARGS ?=
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test bench mainrun clean browser gpu-check
+.PHONY: setup demo test lint bench mainrun clean browser gpu-check
 
 setup: $(STAMP)
 
@@ -25,8 +25,14 @@ demo: $(STAMP)
 	$(BIN)/attnlab eval runs/$(RUN_NAME)
 	$(BIN)/attnlab sample runs/$(RUN_NAME) --prompt "def " --max-new-tokens 300 --temperature 0.7 --top-k 40 --seed 0
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -n 2 --durations=15
+
+# Style and types: ruff (lint + format, settings in pyproject.toml) and mypy on the attention package and config.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
+	$(BIN)/mypy
 
 # The report test opens a page in headless Chromium (Debian's package). Install it where we may
 # (root + apt); elsewhere that one test skips and says why.

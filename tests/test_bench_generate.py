@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from attnlab import config
-from attnlab.bench.attention import cpu_peak_supported
+from attnlab.bench.measure import cpu_peak_supported
 from attnlab.bench.generate import COLUMNS, add_parser, bench_generate, row_config, run
 from attnlab.errors import ConfigError
 

@@ -19,13 +19,14 @@ import typing
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from .attention.backends import attention_dropout, select_backend
 from .attention.modifiers import check_modifiers, modifier_specs
-from .attention.patterns import PATTERNS, build_pattern, get_pattern, load_plugin, param_owners
+from .attention.patterns import PATTERNS, Pattern, build_pattern, get_pattern, load_plugin, param_owners
 from .errors import ConfigError
 
 
@@ -436,7 +437,7 @@ def _all_keys() -> list[str]:
     return keys + [f"attention.{p}" for p in param_owners()]
 
 
-def _coerce_param(key: str, pattern_cls: type, name: str, value: Any) -> Any:
+def _coerce_param(key: str, pattern_cls: type[Pattern], name: str, value: Any) -> Any:
     """A pattern parameter's value, converted to its declared type and checked against its range."""
     f = pattern_cls.parameters()[name]
     value = _coerce(key, _hints(pattern_cls)[name], value)
@@ -500,7 +501,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
         if parts[1] in param_owners():
             cfg.attention.params[parts[1]] = _coerce_param(key, param_owners()[parts[1]][0], parts[1], value)
             return
-    obj = cfg
+    obj: Any = cfg
     for i, part in enumerate(parts):
         fields_ = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("flat")}
         if part not in fields_:
@@ -585,7 +586,7 @@ def parse_override(arg: str) -> tuple[str, Any]:
     return key.strip(), value.strip()
 
 
-def _load_plugins(d: dict, overrides: list[str]) -> None:
+def _load_plugins(d: dict, overrides: Sequence[str]) -> None:
     """Import ``attention.plugins`` first, so the keys of the patterns they register are known."""
     plugins = list((d.get("attention") or {}).get("plugins") or []) if isinstance(d.get("attention"), dict) else []
     for arg in overrides:
@@ -620,7 +621,7 @@ def apply_pattern_spec(cfg: Config, spec: str, aliases: dict[str, str] | None = 
         raise ConfigError(f"pattern spec {spec!r}: {e} (write name or name:key=value:..., e.g. local:window=256)") from None
 
 
-def from_dict(d: dict, overrides: list[str] = ()) -> Config:
+def from_dict(d: dict, overrides: Sequence[str] = ()) -> Config:
     _load_plugins(d or {}, overrides)
     cfg = Config()
     for k, v in (d or {}).items():
@@ -650,7 +651,7 @@ def _settings_from_dataset(cfg: Config) -> None:
             set_key(cfg, f"data.{f.name}", prepared[f.name])
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML preset (or defaults when path is None) and apply overrides."""
     d = {}
     if path is not None:

@@ -52,7 +52,7 @@ def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_star
     if pattern.mechanism == "linear":
         from .linear import _features
 
-        fq, fk, _ = _features(q, k, k[..., :0], pattern.feature_map)  # no values: only their dtype would matter
+        fq, fk, _ = _features(q, k, k[..., :0], getattr(pattern, "feature_map"))  # no values: only their dtype matters
         A = (fq @ fk.transpose(-2, -1)).masked_fill(~mask, 0.0)
         return A / (A.sum(-1, keepdim=True) + _LINEAR_EPS)
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[3] ** -0.5
@@ -84,8 +84,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
     """PyTorch's fused ``scaled_dot_product_attention`` with its built-in causal mask (no T x T mask)."""
     if not pattern.is_dense_causal:
         raise ConfigError(f"attention backend 'sdpa' runs only the dense causal pattern, not {pattern.name!r}: use backend=auto or reference")
-    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # shared key/value heads, never copied
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True, **gqa)
+    p = dropout_p if training else 0.0
+    if k.shape[1] != q.shape[1]:  # shared key/value heads, never copied
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
 
 
 # ------------------------------------------------------------------ registry
@@ -180,21 +182,21 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
                     and (spec.modifiers or not modifiers):
                 return backend_name, spec.fn
         raise ConfigError(f"no attention backend can run pattern {pattern.name!r} on {device}")  # unreachable while reference exists
-    spec = BACKENDS.get(name)
-    if spec is None:
+    chosen = BACKENDS.get(name)
+    if chosen is None:
         raise ConfigError(f"attention.backend={name!r} is unknown: use auto or one of {', '.join(BACKENDS)}")
-    if not spec.supports(pattern, device):
-        reason = f" ({spec.why_not})" if spec.why_not else ""
+    if not chosen.supports(pattern, device):
+        reason = f" ({chosen.why_not})" if chosen.why_not else ""
         raise ConfigError(f"attention.backend={name!r} cannot run pattern {pattern.name!r}{reason}: use attention.backend=auto or reference")
-    if dropout > 0.0 and not spec.dropout:
+    if dropout > 0.0 and not chosen.dropout:
         raise ConfigError(f"attention.backend={name!r} has no attention dropout but the model's is {dropout} "
                           f"(model.attn_dropout, or model.dropout where it is unset): use attention.backend=auto, "
                           f"blocksparse or reference, or model.attn_dropout=0")
-    if modifiers and not spec.modifiers:
+    if modifiers and not chosen.modifiers:
         able = ", ".join(n for n, s in BACKENDS.items() if s.modifiers)
         raise ConfigError(f"attention.backend={name!r} cannot apply score modifiers {list(modifiers)}: "
                           f"use attention.backend=auto or one of {able}")
-    return name, spec.fn
+    return name, chosen.fn
 
 
 def attention_dropout(model_cfg) -> float:

@@ -220,7 +220,7 @@ def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed
     lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
     for i, ch in enumerate(cp.chunks):
         s = _scores(q, k, ch, cp, scale, mod, heads)
-        if need_lse:
+        if lse is not None:
             _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
         prob = torch.softmax(s, dim=-1)
         if ch.empty_rows:  # a query with no key: all -inf gives NaN; its output is defined as 0
@@ -283,7 +283,9 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor
     """Exact softmax over the union of disjoint key sets from each part's (out, lse)."""
     lse = torch.stack([l for _, l in parts]).logsumexp(0)
     safe = torch.where(lse.isinf(), 0.0, lse)
-    out = sum(o * (l - safe).exp() for o, l in parts)
+    out = parts[0][0] * (parts[0][1] - safe).exp()
+    for o, l in parts[1:]:
+        out = out + o * (l - safe).exp()
     return out, lse
 
 

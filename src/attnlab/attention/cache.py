@@ -46,13 +46,14 @@ streaming is seen from there by a translation-invariant modifier too.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, NamedTuple
+from collections.abc import Sequence
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .linear import LinearState, feature_map, linear_step
-from .patterns import Fixed, Pattern, Strided
+from .patterns import Fixed, Linear, Pattern, Strided
 
 Rotation = Callable[[torch.Tensor], torch.Tensor]  # re-positions keys (RoPE), see SinkWindowCache
 
@@ -69,7 +70,7 @@ class Part(NamedTuple):
     q_pos: torch.Tensor | int | None = None
 
 
-def attend_parts(parts: list[Part | tuple], modifier=None, heads: torch.Tensor | None = None) -> torch.Tensor:
+def attend_parts(parts: Sequence[Part | tuple], modifier=None, heads: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of one query over the union of several key sets: q [B,H,1,Dqk] -> [B,H,1,Dv].
 
     Each part's mask (broadcasting to [B,H,1,S]) marks usable slots. The parts
@@ -78,14 +79,14 @@ def attend_parts(parts: list[Part | tuple], modifier=None, heads: torch.Tensor |
     Keys with fewer heads than q are shared by groups of query heads; ``modifier``
     changes the scores of query heads ``heads`` (default 0..H-1) at the parts' positions.
     """
-    parts = [Part(*p) for p in parts]
-    B, H, _, D = parts[0].q.shape
-    group = H // parts[0].keys.shape[1]
+    sets = [Part(*p) for p in parts]
+    B, H, _, D = sets[0].q.shape
+    group = H // sets[0].keys.shape[1]
     if modifier is not None:  # head indices shaped like the scores: [Hkv, group, 1] grouped, [H, 1, 1] otherwise
-        heads = (torch.arange(H) if heads is None else heads).to(parts[0].q.device).view(-1, group, 1)
+        heads = (torch.arange(H) if heads is None else heads).to(sets[0].q.device).view(-1, group, 1)
     if group > 1:
-        parts = [_grouped(p, group) for p in parts]
-    out = _attend(parts, modifier, heads)
+        sets = [_grouped(p, group) for p in sets]
+    out = _attend(sets, modifier, heads)
     return out.reshape(B, H, 1, out.shape[-1]) if group > 1 else out
 
 
@@ -115,7 +116,7 @@ def _attend(parts: list[Part], modifier, heads: torch.Tensor | None) -> torch.Te
         scores.append(s if p.mask is None else s.masked_fill(~p.mask, float("-inf")))
     top = torch.stack([s.amax(-1, keepdim=True) for s in scores if s.shape[-1]]).amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    num = den = 0
+    num = den = torch.zeros((), device=top.device)
     for s, p in zip(scores, parts):
         if s.shape[-1]:
             e = torch.exp(s - top)
@@ -135,7 +136,7 @@ class LayerCache:
     scores; ``context`` (the training context) places the sinks when streaming.
     """
 
-    streams: ClassVar[bool] = False  # True when memory is bounded, so decoding may run past the context
+    streams: bool = False  # True when memory is bounded, so decoding may run past the context
 
     def __init__(self, pattern: Pattern, batch: int, n_head: int, max_len: int, n_kv_head: int | None = None,
                  modifier=None, context: int | None = None):
@@ -192,19 +193,25 @@ def _uniform_groups(pattern: Pattern, n_head: int, n_kv_head: int) -> bool:
 class Slots:
     """Preallocated key/value slots [B, H, n, D], created on first write (H: the stored key/value heads)."""
 
+    k: torch.Tensor  # [B, H, n, Dqk] and [B, H, n, Dv], allocated by the first write (its dtype and device)
+    v: torch.Tensor
+
     def __init__(self, batch: int, n_head: int, n: int):
         self.shape = (batch, n_head, n)
-        self.k = self.v = None
+
+    @property
+    def allocated(self) -> bool:
+        return hasattr(self, "k")
 
     def write(self, index, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.k is None:
+        if not self.allocated:
             self.k = k.new_zeros(*self.shape, k.shape[-1])
             self.v = v.new_zeros(*self.shape, v.shape[-1])
         self.k[:, :, index] = k
         self.v[:, :, index] = v
 
     def tensors(self) -> list[torch.Tensor]:
-        return [] if self.k is None else [self.k, self.v]
+        return [self.k, self.v] if self.allocated else []
 
 
 # ------------------------------------------------------------------ the caches
@@ -335,6 +342,8 @@ class StridedCache(LayerCache):
     last l positions and, beyond them, the residue class, merged in one softmax.
     """
 
+    pattern: Strided
+
     def __init__(self, pattern: Strided, batch, n_head, max_len, **kw):
         super().__init__(pattern, batch, n_head, max_len, **kw)
         l, mode = pattern.local_attn_ctx, pattern.mode
@@ -377,6 +386,7 @@ class StridedCache(LayerCache):
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _strided_parts(self, q, pos) -> list[Part]:
+        assert self.all is not None  # called for the strided heads only
         l, K, V = self.pattern.local_attn_ctx, self.all.k, self.all.v
         r = pos % l
         if not self.union:
@@ -404,6 +414,8 @@ class FixedCache(LayerCache):
     A key/value head shared by query heads of different groups keeps the union
     of their columns, and each query head is masked to its own.
     """
+
+    pattern: Fixed
 
     def __init__(self, pattern: Fixed, batch, n_head, max_len, **kw):
         super().__init__(pattern, batch, n_head, max_len, **kw)
@@ -482,6 +494,8 @@ class FixedCache(LayerCache):
 class LinearCache(LayerCache):
     """linear: the recurrent state ``(S, z)``; constant memory, one ``linear_step`` per token."""
 
+    pattern: Linear
+
     streams = True
 
     def __init__(self, pattern, batch, n_head, max_len, **kw):
@@ -508,6 +522,7 @@ class LinearCache(LayerCache):
         """``linear_step`` for one position with shared key/value heads: one state per group of query heads."""
         phi = feature_map(self.pattern.feature_map)
         fk, vw = phi(k.float()), v.float()
+        assert self.state is not None  # step() starts it
         self.state = LinearState(self.state.s + fk.transpose(-2, -1) @ vw, self.state.z + fk.sum(-2))
         B, H, _, D = q.shape
         fq = phi(q.float()).reshape(B, self.n_kv_head, self.group, D)  # the group's query heads as rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import select_backend
+from .backends import BackendFn, select_backend
 from .modifiers import ScoreModifiers, build_modifiers, check_modifiers, join_specs
 from .patterns import Pattern, build_pattern
 
@@ -42,7 +42,9 @@ class Attention(nn.Module):
         self.requested = attn_cfg.backend
         # reject impossible choices before any device exists
         select_backend(self.requested, self.pattern, None, dropout, self.specs)
-        self.backend, self._fn, self._device_type = None, None, None
+        self.backend: str | None = None
+        self._fn: BackendFn | None = None
+        self._device_type: str | None = None
 
     def resolve(self, device: torch.device | str) -> str:
         """Pick the backend for ``device`` (ConfigError if a forced one cannot run there); returns its name."""
@@ -52,8 +54,9 @@ class Attention(nn.Module):
         return self.backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.device.type != self._device_type:
+        if q.device.type != self._device_type or self._fn is None:
             self.resolve(q.device)
+        assert self._fn is not None
         return self._fn(q, k, v, self.pattern, self.dropout, self.training, **self._mod_kw)
 
     def describe(self, T: int) -> dict:

@@ -47,15 +47,13 @@ rows, speed-ups) and a log-log plot.
 from __future__ import annotations
 
 import csv
-import ctypes
-import gc
 import json
 import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +62,7 @@ from ..attention.backends import BACKENDS, select_backend
 from ..attention.patterns import Dense, Pattern, build_pattern
 from ..config import Config, apply_pattern_spec
 from ..errors import ConfigError, UserError
+from .measure import cpu_peak_supported, machine_info, params_label, peak_mb
 
 COLUMNS = ("device", "pattern", "params", "backend", "seq_len", "pass", "median_ms", "peak_mb", "density")
 PASSES = ("fwd", "fwdbwd")
@@ -127,53 +126,6 @@ def resolve(backend: str, pattern: Pattern, T: int, pass_: str, device: torch.de
     return (f"auto({name})" if backend == "auto" else name), fn
 
 
-# ------------------------------------------------------------------ memory
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def cpu_peak_supported() -> bool:
-    """Whether this process can reset its peak RSS (Linux /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status_kb("VmHWM")
-        return True
-    except OSError:
-        return False
-
-
-def peak_mb(run: Callable[[], None], device: torch.device) -> float:
-    """MB the call ``run()`` adds at its peak above what was allocated/resident just before (see module doc)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        torch.cuda.synchronize(device)
-        return max(0.0, (torch.cuda.max_memory_allocated(device) - base) / 2**20)
-    if not cpu_peak_supported():
-        return math.nan
-    _malloc_trim()
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    run()
-    return max(0.0, (_status_kb("VmHWM") - before) / 1024)
-
-
 # ------------------------------------------------------------------ measuring
 
 def _pass(fn, q, k, v, pattern, pass_, grad) -> Callable[[], None]:
@@ -231,12 +183,6 @@ def count_density(pattern: Pattern, T: int, heads: int, device: torch.device | s
         q = torch.arange(start, min(T, start + _DENSITY_ROWS), device=device).view(1, -1, 1)
         allowed += int(pattern.allowed(q, k, h).expand(heads, q.shape[1], T).sum())
     return allowed / (heads * T * (T + 1) / 2)
-
-
-def _params(pattern: Pattern) -> str:
-    from ..eval.inspection.pattern_viz import format_params
-
-    return format_params(pattern.params())
 
 
 def _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device) -> tuple[torch.dtype, torch.device]:
@@ -323,7 +269,7 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
                         if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal and device.type == "cpu":
                             log(f"  density of {spec} at T={T}: counting T^2 pairs, this may take a while")
                         density[id(pattern)] = pattern_density(pattern, T, heads, device)
-                    row = {"device": device.type, "pattern": pattern.name, "params": _params(pattern), "backend": label,
+                    row = {"device": device.type, "pattern": pattern.name, "params": params_label(pattern), "backend": label,
                            "seq_len": T, "pass": pass_, "median_ms": round(ms, 4), "peak_mb": round(mb, 3),
                            "density": round(density[id(pattern)], 6)}
                     rows.append(row if base_ms is None else {**row, "baseline_ms": round(base_ms, 4)})
@@ -429,16 +375,6 @@ def plot_attention(rows: list[dict], path: str | Path, title: str = "") -> None:
     fig.tight_layout(rect=(0, legend_h / (4.0 + legend_h), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-
-
-def machine_info(device: torch.device) -> dict:
-    """bench.train's machine description plus the benchmarked device."""
-    from .train import machine
-
-    info = machine()
-    info["device"] = device.type
-    info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"]
-    return info
 
 
 def _write_side_files(out: Path, plot: Path | None, rows, skipped, ups, device, settings) -> None:

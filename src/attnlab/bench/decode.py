@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..config import Config
 from ..model.gpt import GPT
-from .attention import _params
 from .generate import row_config
+from .measure import params_label
 from .train import _vocab
 
 COLUMNS = ("spec", "pattern", "params", "backend", "length", "mode", "ms_per_token", "tokens_per_s", "cache_mb",
@@ -97,7 +97,7 @@ def recompute_ms(model: GPT, length: int, repeats: int, device: torch.device, se
 def _row(spec: str, model: GPT, length: int, mode: str, ms: float, cache_mb: float | None = None,
          speedup: float | None = None, compile_s: float | None = None) -> dict:
     core = model.blocks[0].attn.core
-    return {"spec": spec, "pattern": core.pattern.name, "params": _params(core.pattern), "backend": core.backend,
+    return {"spec": spec, "pattern": core.pattern.name, "params": params_label(core.pattern), "backend": core.backend,
             "length": length, "mode": mode, "ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 1),
             "cache_mb": None if cache_mb is None else round(cache_mb, 3),
             "speedup": None if speedup is None else round(speedup, 2),

@@ -57,21 +57,21 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import gc
 import json
 import math
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from ..config import Config, apply_pattern_spec, set_key
 from ..errors import ConfigError
 from ..model.gpt import GPT
-from .attention import _malloc_trim, _params, _status_kb, cpu_peak_supported, machine_info, parse_int_list
+from .attention import parse_int_list
+from .measure import cpu_peak_supported, machine_info, params_label, reset_peak_rss, rss_mb
 from .train import _vocab
 
 COLUMNS = ("pattern", "params", "context", "length", "mode", "ms_per_token", "ms_per_token_p10", "tokens_per_s",
@@ -145,34 +145,12 @@ def _check(lengths: Sequence[int], prompt_len: int, window: int, batch: int, rep
 
 # ------------------------------------------------------------------ memory
 
-def _reset_peak_rss() -> bool:
-    """Return freed heap to the OS and restart the peak RSS from the current RSS, so a pass's peak is its own.
-
-    ``cpu_peak_supported`` probes by writing 5 to /proc/self/clear_refs, which is the reset itself;
-    False where that is not possible.
-    """
-    gc.collect()
-    _malloc_trim()
-    return cpu_peak_supported()
-
-
-def _rss(peak_ok: bool) -> dict:
-    """Peak RSS since the last reset and current RSS, in MB (NaN where unavailable)."""
-    def mb(field: str) -> float:
-        try:
-            return _status_kb(field) / 1024
-        except OSError:
-            return math.nan
-    rss = mb("VmRSS")  # first: the peak read after it cannot be below it
-    return {"peak_rss_mb": mb("VmHWM") if peak_ok else math.nan, "rss_mb": rss}
-
-
 # ------------------------------------------------------------------ measuring
 
 @torch.no_grad()
 def cached_pass(model: GPT, prompt: torch.Tensor, length: int, window: int) -> dict:
     """Generate up to ``length`` positions with a cache sized for them; time, cache bytes and RSS at ``length``."""
-    peak_ok = _reset_peak_rss()
+    peak_ok = reset_peak_rss()
     cache = model.new_cache(prompt.size(0), length)
     logits = model(prompt, cache=cache, last_only=True)
     times = []
@@ -182,24 +160,24 @@ def cached_pass(model: GPT, prompt: torch.Tensor, length: int, window: int) -> d
         times.append((time.perf_counter() - t0) * 1e3)
     last = times[-window:]
     return {"ms_per_token": statistics.median(last), "ms_per_token_p10": statistics.quantiles(last, n=10)[0],
-            "cache_mb": cache.nbytes() / 2**20, **_rss(peak_ok)}
+            "cache_mb": cache.nbytes() / 2**20, **rss_mb(peak_ok)}
 
 
 @torch.no_grad()
 def recompute_pass(model: GPT, idx: torch.Tensor, repeats: int) -> dict:
     """The uncached baseline: median of ``repeats`` full forwards over the last ``context`` tokens (+ argmax)."""
-    peak_ok = _reset_peak_rss()
+    peak_ok = reset_peak_rss()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         model(idx[:, -model.context:], last_only=True).argmax(-1)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms_per_token": statistics.median(times), **_rss(peak_ok)}
+    return {"ms_per_token": statistics.median(times), **rss_mb(peak_ok)}
 
 
 def _row(spec: str, model: GPT, length: int, mode: str, batch: int, m: dict, speedup: float | None = None) -> dict:
     ms = m["ms_per_token"]
-    params = _params(model.blocks[0].attn.core.pattern)
+    params = params_label(model.blocks[0].attn.core.pattern)
     if model.cfg.n_kv_head not in (None, model.cfg.n_head):  # grouped-query rows must not read as the MHA rows
         params = ";".join(p for p in (params, f"n_kv_head={model.cfg.n_kv_head}") if p)
     return {"spec": spec, "pattern": model.blocks[0].attn.core.pattern.name,

@@ -28,9 +28,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[3]  # src/attnlab/bench/ -> the checkout
 MAINRUN_TARGET, MAINRUN_TOLERANCE = 1.753, 0.03  # the organisers' baseline, in the challenge's own number

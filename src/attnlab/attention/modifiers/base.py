@@ -21,7 +21,7 @@ the training context exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, cast
 
 import torch
 from torch import nn
@@ -44,8 +44,10 @@ class Param:
         """``cap (float > 0, default 50)``, ``buckets (int in [2, 1024], default 32)``."""
         if self.lo is not None and self.hi is not None:
             bounds = f" in [{_num(self.lo)}, {_num(self.hi)}]"
-        elif self.above is not None or self.lo is not None:
-            bounds = f" > {_num(self.above)}" if self.above is not None else f" >= {_num(self.lo)}"
+        elif self.above is not None:
+            bounds = f" > {_num(self.above)}"
+        elif self.lo is not None:
+            bounds = f" >= {_num(self.lo)}"
         else:
             bounds = ""
         return f"{name} ({self.kind.__name__}{bounds}, default {_num(self.default)})"
@@ -109,9 +111,13 @@ class ScoreModifiers(nn.Module):
         self.items = nn.ModuleList(modifiers)
 
     def score(self, scores: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        for m in self.items:
+        for m in self.modifiers:
             scores = m.score(scores, q_idx, k_idx, head)
         return scores
+
+    @property
+    def modifiers(self) -> list[Modifier]:
+        return [cast(Modifier, m) for m in self.items]
 
     def score_mod(self) -> Callable:
         """The modifiers as FlexAttention's ``score_mod(score, batch, head, q_idx, kv_idx)`` (a bound method, so the
@@ -124,11 +130,11 @@ class ScoreModifiers(nn.Module):
     @property
     def streams(self) -> bool:
         """Decoding past the training context stays exact: every modifier is relative or position-free."""
-        return all(m.translation_invariant or m.position_free for m in self.items)
+        return all(m.translation_invariant or m.position_free for m in self.modifiers)
 
     @property
     def specs(self) -> list[str]:
-        return [m.spec for m in self.items]
+        return [m.spec for m in self.modifiers]
 
     def __len__(self) -> int:
         return len(self.items)

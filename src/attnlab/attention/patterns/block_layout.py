@@ -34,7 +34,8 @@ class BlockLayout(Pattern):
     layout: str | None = param(None, help=".npy boolean block layout [nb, nb] or [n_head, nb, nb]")
     layout_block: int = param(64, lo=1, help="tokens per layout block")
     sha256: str = field(default="")
-    blocks: torch.Tensor = field(default=None, compare=False, repr=False)
+    # [H or 1, nb, nb]; the default, one block visible everywhere, is only a placeholder: create() loads the file
+    blocks: torch.Tensor = field(default_factory=lambda: torch.ones(1, 1, 1, dtype=torch.bool), compare=False, repr=False)
 
     def __post_init__(self):
         if not self.sha256:  # identity (equality, hashing, plan caches) follows the layout's contents

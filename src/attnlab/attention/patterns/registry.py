@@ -105,6 +105,8 @@ def _exec_file(ref: str, path: Path) -> str:
     if name in sys.modules:
         return sha
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"attention.plugins: {ref!r} cannot be loaded as a Python module: give a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and typing resolve the module by name
     try:
