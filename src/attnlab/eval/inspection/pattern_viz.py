@@ -5,6 +5,7 @@
 dense boolean mask ``[H, N, N]`` (True = the query may attend to the key).
 ``ascii_pattern`` gives the same picture as text, for tests and docs::
 
+    >>> from attnlab.attention.patterns import Local
     >>> print(ascii_pattern(Local(window=2), 4))
     x...
     xx..
