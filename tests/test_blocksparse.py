@@ -172,5 +172,5 @@ def test_auto_avoids_flex_when_the_model_has_attention_dropout(monkeypatch):
     cfg = AttentionConfig(pattern="local", window=4)
     assert Attention(cfg, 0, 1, 2, dropout=0.0).resolve("cpu") == "flex"
     assert Attention(cfg, 0, 1, 2, dropout=0.1).resolve("cpu") == "blocksparse"
-    with pytest.raises(ConfigError, match="backend='flex' has no attention dropout but model.dropout=0.1"):
+    with pytest.raises(ConfigError, match="backend='flex' has no attention dropout but the model's is 0.1"):
         Attention(AttentionConfig(pattern="local", window=4, backend="flex"), 0, 1, 2, dropout=0.1)

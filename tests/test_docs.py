@@ -114,7 +114,7 @@ def test_readme_shell_commands_match_the_python_example():
 def test_make_targets_named_in_the_readme_exist():
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     assert {"demo", "test", "bench"} <= targets
-    named = set(re.findall(r"\bmake (\w+)", README.read_text(encoding="utf-8")))
+    named = set(re.findall(r"\bmake ([\w-]+)", README.read_text(encoding="utf-8")))
     assert named <= targets, named - targets
 
 
@@ -128,6 +128,13 @@ def test_patterns_page_python_example_runs(tmp_path, monkeypatch, one_thread):
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/patterns.md[{i}]", "exec"), {})
     assert (tmp_path / "fixed.png").stat().st_size > 0
+
+
+def test_the_plugin_shown_on_the_patterns_page_is_the_tested_example():
+    """The page shows the plugin (``py`` block, not run: registering it twice would clash); it must be the file."""
+    shown = re.findall(r"^```py\n(.*?)^```", (DOCS / "patterns.md").read_text(encoding="utf-8"), re.S | re.M)
+    example = (ROOT / "examples" / "dilated_window.py").read_text(encoding="utf-8")
+    assert shown and all(line in example.splitlines() for line in shown[0].splitlines())
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
