@@ -13,6 +13,7 @@ from .errors import ConfigError, UserError
 PREPARE_FLAGS = {  # --flag -> data.<key>
     "path": str, "format": str, "field": str, "categories": str, "max_docs": int, "max_bytes": int,
     "tokenizer": str, "vocab_size": int, "val_frac": float, "seed": int,
+    "split": str, "config": str, "tokenizer_file": str,  # hf: sources, existing tokenizer files
 }
 
 
@@ -22,10 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="turn a text source into an on-disk token dataset")
-    pr.add_argument("source", help="python-stdlib, hn-titles, shakespeare, arxiv-abstracts, or a local file/folder")
+    pr.add_argument("source", help="python-stdlib, hn-titles, shakespeare, arxiv-abstracts, hf:NAME, or a local file/folder")
     pr.add_argument("--out", required=True, help="output dataset folder")
     for name, tp in PREPARE_FLAGS.items():
         pr.add_argument("--" + name.replace("_", "-"), dest=name, type=tp)
+    pr.add_argument("--export-hf", metavar="DIR", help="also write each split's documents as a Hugging Face dataset (load_from_disk)")
     pr.add_argument("--force", action="store_true", help="replace an existing dataset folder")
     pr.add_argument("overrides", nargs="*", help="more data.key=value settings")
 
@@ -171,8 +173,8 @@ def cmd_prepare(a) -> None:
     for arg in a.overrides:
         key, value = parse_override(arg)
         set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
-    meta = store.prepare(cfg.data, a.out, force=a.force)
-    print(json.dumps({"out": a.out, "vocab_size": meta["vocab_size"],
+    meta = store.prepare(cfg.data, a.out, force=a.force, export_hf=a.export_hf)
+    print(json.dumps({"out": a.out, **({"export_hf": a.export_hf} if a.export_hf else {}), "vocab_size": meta["vocab_size"],
                       **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()},
                       **{f"{k}_bytes": v["bytes"] for k, v in meta["splits"].items()}}))
 

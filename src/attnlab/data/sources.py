@@ -42,6 +42,8 @@ from ..errors import DataError
 from ..files import file_digests
 
 NAMED_SOURCES = ("python-stdlib", "hn-titles", "shakespeare", "arxiv-abstracts")
+HF_PREFIX = "hf:"  # hf:NAME = any Hugging Face dataset (hub name or local save_to_disk/parquet path)
+ARXIV_META = ("id", "categories", "authors", "update_date", "doi")  # kept per document for --export-hf
 FORMATS = ("text", "lines", "jsonl", "csv", "tsv", "parquet", "arxiv")
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -63,6 +65,7 @@ _EXT_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": 
 class Documents:
     docs: list[str]                            # one string per document, deterministic order
     info: dict = field(default_factory=dict)   # provenance for meta.json
+    meta: list[dict] | None = None             # per-document fields (arXiv id, categories, ...) for --export-hf
 
 
 def load_documents(cfg: DataConfig) -> Documents:
@@ -71,6 +74,9 @@ def load_documents(cfg: DataConfig) -> Documents:
                "shakespeare": _shakespeare, "arxiv-abstracts": _arxiv_abstracts}
     if cfg.source in loaders:
         result = loaders[cfg.source](cfg)
+    elif cfg.source.startswith(HF_PREFIX):
+        from .hf_source import load_hf  # `datasets` is an optional dependency
+        result = load_hf(cfg)
     else:
         result = _local(cfg)
     return _finish(result, cfg)
@@ -80,6 +86,7 @@ def _finish(result: Documents, cfg: DataConfig) -> Documents:
     """Strip NULs, drop empty documents, record counts; 0 documents is an error."""
     docs = [d.replace("\x00", "") if "\x00" in d else d for d in result.docs]
     n_empty = sum(1 for d in docs if not d)
+    meta = None if result.meta is None else [m for d, m in zip(docs, result.meta, strict=True) if d]
     docs = [d for d in docs if d]
     if not docs:
         where = f" in {result.info['path']}" if result.info.get("path") else ""
@@ -91,7 +98,7 @@ def _finish(result: Documents, cfg: DataConfig) -> Documents:
     info = {"name": cfg.source, **result.info, "documents": len(docs), "documents_sha256": digest.hexdigest()}
     if n_empty:
         info["empty_documents_dropped"] = n_empty
-    return Documents(docs, info)
+    return Documents(docs, info, meta)
 
 
 # ------------------------------------------------------------------ file I/O
@@ -147,12 +154,16 @@ def _local(cfg: DataConfig) -> Documents:
         raise DataError(f"data source {cfg.source!r} is neither a named source ({', '.join(NAMED_SOURCES)}) "
                         f"nor an existing file or folder: fix data.source")
     fmt = infer_format(path) if cfg.format == "auto" else cfg.format
-    docs, info = read_path(path, fmt, cfg.field or "text", cfg.categories)
-    return Documents(docs, {"kind": "local", "format": fmt, **info})
+    metas = [] if fmt == "arxiv" else None
+    docs, info = read_path(path, fmt, cfg.field or "text", cfg.categories, metas)
+    return Documents(docs, {"kind": "local", "format": fmt, **info}, metas)
 
 
-def read_path(path: Path, fmt: str, field_: str = "text", categories: Iterable[str] = ()) -> tuple[list[str], dict]:
-    """Documents of a file or a folder (its files, sorted by relative path) in format `fmt`."""
+def read_path(path: Path, fmt: str, field_: str = "text", categories: Iterable[str] = (),
+              metas: list | None = None) -> tuple[list[str], dict]:
+    """Documents of a file or a folder (its files, sorted by relative path) in format `fmt`.
+
+    ``metas``, a list, receives each arXiv document's metadata (format ``arxiv`` only)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data.format {fmt!r}: use one of auto, {', '.join(FORMATS)}")
     if not path.exists():
@@ -166,7 +177,7 @@ def read_path(path: Path, fmt: str, field_: str = "text", categories: Iterable[s
         stored = _read_raw(f)
         rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
         digest.update(rel.encode() + b"\0" + stored + b"\0")
-        docs += _parse_file(f, _gunzip(stored, f), fmt, field_, list(categories))
+        docs += _parse_file(f, _gunzip(stored, f), fmt, field_, list(categories), metas)
     info = {"path": str(path.resolve()), "sha256": digest.hexdigest()}
     if path.is_dir():
         info["files"] = len(files)
@@ -182,7 +193,7 @@ def _folder_files(root: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _parse_file(path: Path, data: bytes, fmt: str, field_: str, categories: list[str]) -> list[str]:
+def _parse_file(path: Path, data: bytes, fmt: str, field_: str, categories: list[str], metas: list | None = None) -> list[str]:
     if fmt == "parquet":
         return _parquet(path, data, field_)
     text = _decode(data, path)
@@ -194,7 +205,7 @@ def _parse_file(path: Path, data: bytes, fmt: str, field_: str, categories: list
         return _jsonl_field(_jsonl(text, path), field_, path)
     if fmt in ("csv", "tsv"):
         return _csv(text, path, field_, fmt)
-    return _arxiv_docs(_jsonl(text, path), categories, path)
+    return _arxiv_docs(_jsonl(text, path), categories, path, metas)
 
 
 def _lines(text: str) -> list[str]:
@@ -342,18 +353,21 @@ def _shakespeare(cfg: DataConfig) -> Documents:
 # --------------------------------------------------------- arxiv-abstracts
 
 def _arxiv_abstracts(cfg: DataConfig) -> Documents:
+    metas: list | None = []
     if cfg.path:
         path = _existing(cfg.path, "arxiv-abstracts", "arxiv-metadata-oai-snapshot.json")
         fmt = "arxiv" if cfg.format == "auto" else cfg.format
-        docs, info = read_path(path, fmt, cfg.field or "abstract", cfg.categories)
+        metas = metas if fmt == "arxiv" else None
+        docs, info = read_path(path, fmt, cfg.field or "abstract", cfg.categories, metas)
     else:
         records, info = _hub_records("arxiv-abstracts", ARXIV_HUB, "arxiv-metadata-oai-snapshot.json (JSON lines)")
-        docs = _arxiv_docs(records, cfg.categories, Path(ARXIV_HUB))
+        docs = _arxiv_docs(records, cfg.categories, Path(ARXIV_HUB), metas)
     info["categories_filter"] = list(cfg.categories)
-    return Documents(docs, {"kind": "arxiv-abstracts", **info})
+    return Documents(docs, {"kind": "arxiv-abstracts", **info}, metas)
 
 
-def _arxiv_docs(records: Iterable[dict], categories: list[str], path: Path) -> list[str]:
+def _arxiv_docs(records: Iterable[dict], categories: list[str], path: Path, metas: list | None = None) -> list[str]:
+    """Title + newline + abstract per record; ``metas`` (a list) also receives its ARXIV_META fields."""
     docs = []
     for rec in records:
         missing = [k for k in ("title", "abstract") if k not in rec]
@@ -363,7 +377,18 @@ def _arxiv_docs(records: Iterable[dict], categories: list[str], path: Path) -> l
             continue
         title = " ".join((rec["title"] or "").split())
         docs.append(title + "\n" + (rec["abstract"] or "").strip())
+        if metas is not None:
+            metas.append({k: _meta_text(rec[k]) for k in ARXIV_META if k in rec})
     return docs
+
+
+def _meta_text(value) -> str | None:
+    """A metadata value as text: lists (the hub's categories) joined by spaces, as in the arXiv snapshot."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
 
 
 def _category_match(cats, filters: list[str]) -> bool:

@@ -35,10 +35,10 @@ from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
-from . import image_sources
+from . import hf_export, image_sources
 from .image_format import from_sequence
 from .sources import load_documents
-from .text import EOS, Tokenizer, load_tokenizer, token_dtype, train_tokenizer
+from .text import EOS, Tokenizer, load_tokenizer, token_dtype, tokenizer_from_file, train_tokenizer
 
 FORMAT_VERSION = 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -86,10 +86,19 @@ class Dataset:
 
 # -------------------------------------------------------------- prepare
 
+# Keys added after the format was fixed: recorded only when set, so older datasets (and their default
+# data/<name>-<hash> folders) still match configs that leave them at their defaults.
+LATER_KEYS = ("split", "config", "tokenizer_file", "task", "digits", "eval_digits", "eval_problems", "reverse_answer")
+
+
 def config_record(cfg: DataConfig) -> dict:
     """The data config as recorded in meta.json (``dir`` is where, not what)."""
     d = dataclasses.asdict(cfg)
     d.pop("dir", None)
+    defaults = dataclasses.asdict(DataConfig())
+    for k in LATER_KEYS:
+        if k in d and d[k] == defaults[k]:
+            d.pop(k)
     return d
 
 
@@ -104,22 +113,26 @@ def is_prepared_for(dir, cfg: DataConfig) -> bool:
 
 def select_documents(docs: list[str], cfg: DataConfig) -> list[str]:
     """Seeded shuffle, then the max_docs / max_bytes caps (keeping the shuffled prefix)."""
-    order = np.random.default_rng(cfg.seed).permutation(len(docs))
-    docs = [docs[i] for i in order]
+    return [docs[i] for i in select_indices(docs, cfg)]
+
+
+def select_indices(docs: list[str], cfg: DataConfig) -> list[int]:
+    """The indices of ``select_documents``'s result (so per-document metadata can follow the documents)."""
+    order = np.random.default_rng(cfg.seed).permutation(len(docs)).tolist()
     if cfg.max_docs is not None:
-        docs = docs[: cfg.max_docs]
+        order = order[: cfg.max_docs]
     if cfg.max_bytes is not None:
         total, keep = 0, 0
-        for d in docs:
-            total += len(d.encode("utf-8"))
+        for i in order:
+            total += len(docs[i].encode("utf-8"))
             if total > cfg.max_bytes:
                 break
             keep += 1
-        if keep == 0 and docs:
+        if keep == 0 and order:
             raise DataError(f"data.max_bytes={cfg.max_bytes} is smaller than the first (shuffled) document "
-                            f"({len(docs[0].encode('utf-8'))} bytes): raise data.max_bytes")
-        docs = docs[:keep]
-    return docs
+                            f"({len(docs[order[0]].encode('utf-8'))} bytes): raise data.max_bytes")
+        order = order[:keep]
+    return order
 
 
 def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
@@ -137,15 +150,23 @@ def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
     return splits
 
 
-def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True) -> dict:
-    """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta."""
+def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, export_hf=None) -> dict:
+    """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta.
+
+    ``export_hf``: also write each split's documents as a Hugging Face dataset folder there."""
     out = Path(out_dir)
     _check_target(out, force)
+    if export_hf is not None:
+        if cfg.source in image_sources.IMAGE_SOURCES:
+            raise DataError(f"--export-hf writes text documents; {cfg.source} holds images: drop --export-hf")
+        hf_export.check_export_target(export_hf, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write = image_sources.write_dataset if cfg.source in image_sources.IMAGE_SOURCES else _write_text
-        body = write(cfg, tmp, progress)
+        if cfg.source in image_sources.IMAGE_SOURCES:
+            body = image_sources.write_dataset(cfg, tmp, progress)
+        else:
+            body = _write_text(cfg, tmp, progress, export_hf)
         meta = {
             "format_version": FORMAT_VERSION,
             "attnlab_version": __version__,
@@ -163,20 +184,29 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
     return meta
 
 
-def _write_text(cfg: DataConfig, tmp: Path, progress: bool) -> dict:
+def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> dict:
     """Load, shuffle and split the documents, train the tokenizer on train, write the splits; meta entries."""
     documents = load_documents(cfg)
-    splits = split_documents(select_documents(documents.docs, cfg), cfg.val_frac)
-    tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
+    split_idx = split_documents(select_indices(documents.docs, cfg), cfg.val_frac)  # lists of document indices
+    splits = {name: [documents.docs[i] for i in idx] for name, idx in split_idx.items()}
+    if cfg.tokenizer_file:
+        tok = tokenizer_from_file(cfg.tokenizer_file, cfg.tokenizer)
+    else:
+        tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
     split_meta = {name: _write_split(tmp / f"{name}.bin", name, docs, tok, progress) for name, docs in splits.items()}
     tok.save(tmp / "tokenizer.json")
+    if export_hf is not None:
+        hf_export.export_splits(export_hf, documents.docs, documents.meta, split_idx)
+    tok_meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"}
+    if cfg.tokenizer_file:
+        tok_meta.update(from_file=str(Path(cfg.tokenizer_file).resolve()), eos_token=tok.eos_token)
     return {
         "kind": "text",
         "source": documents.info,
-        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"},
+        "tokenizer": tok_meta,
         "vocab_size": tok.vocab_size,
         "dtype": tok.dtype.name,
-        "document_separator": EOS,
+        "document_separator": getattr(tok, "eos_token", EOS),
         "documents_selected": sum(len(d) for d in splits.values()),
         "splits": split_meta,
     }
