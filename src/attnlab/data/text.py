@@ -204,7 +204,7 @@ def tokenizer_from_file(path, kind: str = "bpe") -> BPETokenizer:
                         "set data.tokenizer=bpe (or drop data.tokenizer_file)")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"data.tokenizer_file {path!r} does not exist: pass a Hugging Face tokenizer.json")
+        raise DataError(f"data.tokenizer_file {str(path)!r} does not exist: pass a Hugging Face tokenizer.json")
     try:
         hf = HFTokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises plain Exception on bad content
