@@ -200,6 +200,8 @@ def cmd_train(a) -> None:
 def cmd_eval(a) -> None:
     from .runs import load_run
     run = load_run(a.run_dir, a.checkpoint, a.device)
+    if run.dataset.kind == "task":
+        return _eval_task(run, a)
     splits = run.dataset.meta["splits"]
     if a.split not in splits:
         raise UserError(f"split {a.split!r} not in {run.dataset.dir}: use one of {', '.join(splits)}")
@@ -223,6 +225,17 @@ def _eval_text(run, a) -> dict:
             f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
             f"{a.split}_perplexity": m["perplexity"], f"mainrun_{a.split}_loss (mainrun-compatible: nats/char)": m["mainrun_loss"],
             "tokens_scored": m["tokens"], "bytes": m["bytes"]}
+
+
+def _eval_task(run, a) -> None:
+    """An arithmetic run: the exact-match accuracy table on the held-out problems, then the numbers as JSON."""
+    from .eval.metrics.accuracy import accuracy_table, task_metrics
+    if a.split != "val" or a.context or a.stride:
+        raise UserError(f"{run.dir} is an arithmetic run: it is evaluated on its held-out problems (drop --split/--context/--stride)")
+    m = task_metrics(run.model, run.dataset.task, device=run.device, batch_size=max(a.batch_size, 256))
+    print(accuracy_table(m, run.dataset.task))
+    print(json.dumps({"run": str(run.dir), "checkpoint": str(run.checkpoint), "task": run.dataset.task.describe(),
+                      **{f"val_{k}": v for k, v in m.items() if k != "partial"}}))
 
 
 def _eval_images(run, a) -> dict:
@@ -249,6 +262,12 @@ def cmd_sample(a) -> None:
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty)
     run = load_run(a.run_dir, a.checkpoint, a.device)
+    if run.dataset.kind == "task":  # problems and the model's greedy answers
+        from .eval.generation.task_samples import pick_problems, sample_lines
+        n = 8 if a.num_samples == 1 else a.num_samples  # a handful of problems unless asked for more
+        problems = pick_problems(run.dataset.task, n, a.seed, a.prompt)
+        print("\n".join(sample_lines(run.model, run.dataset.task, problems, run.device)))
+        return
     if run.dataset.kind == "image" or a.images or a.complete:
         return _sample_images(run, a, sampling)
     stream = (lambda text: print(text, end="", flush=True)) if a.stream else None
