@@ -3,7 +3,8 @@
 An answer is correct when the model, given ``<eos>`` + the problem (``123+45=``),
 greedily writes exactly the answer's digits and then ``<eos>`` (KV-cached
 decoding, ``eval/generation/loop.generate``). ``loss`` is the mean NLL (nats)
-of the answer tokens, the quantity training minimises.
+of the answer tokens, the quantity training minimises, on the held-out problems
+of the training lengths.
 """
 
 from __future__ import annotations
@@ -78,13 +79,21 @@ def answer_loss(model, task, problems, *, device, batch_size: int = 256, autocas
 
 
 def task_metrics(model, task, *, device, batch_size: int = 256, autocast_dtype=None) -> dict:
-    """loss, accuracy (all held-out problems) and accuracy_dN per operand length N."""
+    """loss, accuracy (all held-out problems) and accuracy_dN per operand length N.
+
+    ``loss`` is over the held-out problems of the training lengths (what early stopping and sweeps compare);
+    ``loss_longer`` over the longer ones, where there are any."""
     problems = task.held_out()
     predictions = solve(model, task, problems, device=device, batch_size=batch_size)
     per = accuracy_by_digits(problems, predictions)
-    return {"loss": answer_loss(model, task, problems, device=device, batch_size=batch_size, autocast_dtype=autocast_dtype),
-            "accuracy": exact_match(predictions, [p.answer for p in problems]),
-            **{f"accuracy_d{d}": acc for d, acc in per.items()}, "problems": len(problems), "partial": False}
+    seen = [p for p in problems if p.digits <= task.digits]
+    longer = [p for p in problems if p.digits > task.digits]
+    loss = lambda ps: answer_loss(model, task, ps, device=device, batch_size=batch_size,  # noqa: E731
+                                  autocast_dtype=autocast_dtype)
+    out = {"loss": loss(seen or problems), **({"loss_longer": loss(longer)} if seen and longer else {}),
+           "accuracy": exact_match(predictions, [p.answer for p in problems]),
+           **{f"accuracy_d{d}": acc for d, acc in per.items()}, "problems": len(problems), "partial": False}
+    return out
 
 
 def accuracy_table(metrics: dict, task) -> str:
