@@ -230,9 +230,53 @@ def test_train_eval_sample_an_addition_run(tmp_path, capsys, one_thread):
     assert "is not a addition problem" in capsys.readouterr().err
 
 
+def test_prepare_of_a_task_says_there_is_nothing_to_prepare(tmp_path, capsys):
+    assert cli.main(["prepare", "addition", "--out", str(tmp_path / "d")]) == 3
+    assert "generated while training, so there is nothing to prepare" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_sample_lines_of_a_reversed_task():
+    from attnlab.eval.generation.task_samples import pick_problems, sample_lines
+    t = task(digits=2, eval_digits=[2], reverse_answer=True)
+    problems = pick_problems(t, 3, seed=0)
+    assert len(problems) == 3 and set(problems) <= set(t.held_out())
+    lines = sample_lines(Oracle(t, lambda a, b: a == problems[0].a), t, problems, device=torch.device("cpu"))
+    p = problems[0]
+    assert lines[0].split() == [f"{p.prompt}{bump(p.answer)}", "wrong", "(answer", f"{p.answer}),", p.answer[::-1], "reversed"]
+    assert lines[1].split()[1:] == ["ok,", problems[1].answer[::-1], "reversed"]
+
+
 def test_task_dataset_is_a_val_stream_of_held_out_problems():
     ds = TaskDataset.from_config(DataConfig(source="addition", digits=1, eval_digits=[1]))
     t = ds.task
     text = t.tokenizer.decode(ds.tokens("val"))
     assert text == "<eos>" + "".join(p.prompt + p.answer + "<eos>" for p in t.held_out())
     assert ds.meta["splits"]["val"]["problems"] == 25 and ds.vocab_size == 16
+
+
+def test_interrupted_and_resumed_addition_run_equals_uninterrupted(tmp_path, monkeypatch, one_thread):
+    from attnlab.train import trainer as trainer_mod
+    from attnlab.train.logs import read_events
+
+    def cfg(name):
+        return config.load(None, ["data.source=addition", "data.digits=2", "data.eval_digits=1,3", "data.eval_problems=10",
+                                  "model.context=13", "model.n_layer=1", "model.n_head=2", "model.d_model=16",
+                                  "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=3",
+                                  "train.eval_every=3", "logging.progress=false", "logging.log_every=1",
+                                  f"out_dir={tmp_path}", f"name={name}"])
+    full = trainer_mod.train(cfg("full"))
+    real_step = trainer_mod.Trainer.train_step
+
+    def crashing_step(self):
+        if self.progress.step == 4:
+            raise RuntimeError("simulated crash")
+        return real_step(self)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer_mod.train(cfg("crash"))
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    resumed = trainer_mod.train(resume=tmp_path / "crash")
+    loss = lambda name: {e["step"]: e["loss"] for e in read_events(tmp_path / name, "training_step")}  # noqa: E731
+    assert loss("full") == loss("crash") and len(loss("full")) == 6
+    assert resumed["val_loss"] == full["val_loss"] and resumed["val_accuracy"] == full["val_accuracy"]

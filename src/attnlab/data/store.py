@@ -35,7 +35,7 @@ from .. import __version__
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
-from . import hf_export, image_sources
+from . import hf_export, image_sources, tasks
 from .image_format import from_sequence
 from .sources import load_documents
 from .text import EOS, Tokenizer, load_tokenizer, token_dtype, tokenizer_from_file, train_tokenizer
@@ -155,6 +155,9 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
 
     ``export_hf``: also write each split's documents as a Hugging Face dataset folder there."""
     out = Path(out_dir)
+    if tasks.is_task(cfg):
+        raise DataError(f"{cfg.source} problems are generated while training, so there is nothing to prepare: "
+                        f"train with data.source={cfg.source}")
     _check_target(out, force)
     if export_hf is not None:
         if cfg.source in image_sources.IMAGE_SOURCES:

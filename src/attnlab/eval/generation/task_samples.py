@@ -25,11 +25,14 @@ def pick_problems(task, n: int, seed: int, prompt: str = ""):
 
 
 def sample_lines(model, task, problems, device) -> list[str]:
-    """``123+45=168   ok`` or ``123+45=169   wrong (answer 168)``; reversed answers as the model writes them."""
+    """``123+45=168   ok`` or ``123+45=169   wrong (answer 168)``; reversed answers as the model writes them
+    (``123+45=861   ok, 168 reversed``)."""
     answers = solve(model, task, problems, device=device)
     width = max(len(p.prompt) + max(len(a), len(p.answer)) for p, a in zip(problems, answers)) + 3
     lines = []
     for p, a in zip(problems, answers):
         verdict = "ok" if a == p.answer else f"wrong (answer {p.answer})"
+        if task.reverse:  # the answer as a number, for reading
+            verdict += f", {p.answer[::-1]} reversed"
         lines.append(f"{p.prompt}{a}".ljust(width) + verdict)
     return lines
