@@ -87,11 +87,11 @@ def _load_hub(datasets, source: str, name: str, split: str, config: str | None):
 def _rows(ds, field_: str, source: str) -> tuple[list[str], list[dict]]:
     """The text column as documents; the other scalar columns as each document's metadata."""
     keep = [c for c, feature in ds.features.items() if c != field_ and _is_scalar_feature(feature)]
-    texts = ds[field_]
+    texts = list(ds[field_])  # plain lists: indexing a `datasets` column row by row is slow
     bad = next((v for v in texts if not isinstance(v, (str, type(None)))), None)
     if bad is not None:
         raise DataError(f"{source}: column {field_!r} holds {type(bad).__name__}, not text: choose a text column with data.field")
-    columns = {c: ds[c] for c in keep}
+    columns = {c: list(ds[c]) for c in keep}
     docs, metas = [], []
     for i, text in enumerate(texts):
         if text is None:
