@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,7 +25,6 @@ from attnlab.attention import (
 )
 from attnlab.config import AttentionConfig
 from attnlab.errors import ConfigError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +92,7 @@ def test_allowed_broadcasts_and_uses_head():
 
 def test_pattern_is_frozen_and_describes_itself():
     p = Local(4)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.window = 5  # frozen: a pattern is a value
     assert p.params() == {"window": 4}
     assert Dense().params() == {} and Dense().is_dense_causal and not p.is_dense_causal
@@ -117,7 +117,7 @@ def test_sdpa_matches_reference_outputs_and_gradients(B, H, T, Dh, seed):
     out, grads = _out_and_grads(sdpa, q, k, v, Dense())
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     for g, rg, name in zip(grads, ref_grads, "qkv"):
-        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_reference_matches_a_hand_computation():

@@ -102,7 +102,7 @@ def test_existing_run_dir_is_not_overwritten(trained):
 def test_resume_with_changed_config(trained):
     tmp, common = trained
     p = run("train", "name=a", "train.max_steps=3", *common, "model.n_layer=2", "--resume", tmp / "runs" / "a")
-    assert_one_line_error(p, 4, "changed config", "model.n_layer")
+    assert_one_line_error(p, 2, "--resume takes no overrides (model.n_layer=2 given)")
 
 
 def test_checkpoint_from_other_model_shape(trained):

@@ -78,3 +78,66 @@ def test_yaml_1_1_words_stay_strings(tmp_path):
     p.write_text("logging:\n  wandb: off\n  progress: false\ntrain:\n  max_steps: 3\n")
     assert config.load(p).logging.wandb == "off" and config.load(p).logging.progress is False
     assert config.load(None, BASE + ["logging.wandb=off"]).logging.wandb == "off"
+
+
+# ------------------------------------------------------- hostile YAML files
+
+def load_err(tmp_path, text: str | bytes, *overrides) -> str:
+    p = tmp_path / "cfg.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    with pytest.raises(ConfigError) as e:
+        config.load(p, BASE + list(overrides))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    text = "model:\n  n_layer: 2\ntrain:\n  max_steps: 5\nmodel:\n  n_layer: 8\n"
+    msg = load_err(tmp_path, text)
+    assert "'model'" in msg and "lines 1 and 5" in msg and "keep one" in msg
+    msg = load_err(tmp_path, "model:\n  n_layer: 2\n  n_head: 2\n  n_layer: 4\n")
+    assert "'model.n_layer'" in msg and "lines 2 and 4" in msg
+
+
+def test_sweep_files_refuse_duplicate_keys_too(tmp_path):
+    import yaml
+    with pytest.raises(yaml.YAMLError, match=r"'a' appears twice \(lines 1 and 2\)"):
+        yaml.load("a: 1\na: 2\n", Loader=config._Loader)
+
+
+def test_a_binary_config_file_is_one_line(tmp_path):
+    msg = load_err(tmp_path, b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00garbage")
+    assert "not a UTF-8 text file" in msg
+
+
+def test_a_nul_character_in_a_name_is_refused(tmp_path):
+    msg = load_err(tmp_path, 'name: "run\\0x"\n')
+    assert "name contains a NUL character" in msg
+    with pytest.raises(ConfigError, match="data.dir contains a NUL character"):
+        config.load(None, BASE + ["data.dir=a\0b"])
+
+
+def bomb(levels: int = 9, width: int = 9) -> str:
+    """A value whose YAML aliases expand to width**levels strings."""
+    rows = [f"&l0 [{', '.join(['xxxxxxxxxx'] * width)}]"]
+    rows += [f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "[" + ", ".join(rows) + "]"
+
+
+@pytest.mark.parametrize("key", ["name", "data.categories", "model.n_layer"])
+def test_an_alias_bomb_gives_a_short_message_and_no_memory_blowup(tmp_path, key):
+    import resource
+    import time
+    section, _, leaf = key.rpartition(".")
+    text = f"{section}:\n  {leaf}: {bomb()}\n" if section else f"{leaf}: {bomb()}\n"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    msg = load_err(tmp_path, text)
+    assert time.perf_counter() - t0 < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no expansion in memory
+    assert len(msg) < 600 and key in msg and "aliases" in msg
+
+
+def test_long_values_are_cut_in_messages():
+    msg = err("model.position=" + "x" * 100_000)
+    assert len(msg) < 600 and "xxx..." in msg

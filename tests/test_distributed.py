@@ -258,9 +258,9 @@ def test_auto_resume_starts_then_resumes_and_refuses_other_runs(tmp_path, corpus
     with pytest.raises(UserError, match="--auto-resume .* drop --resume/--force"):
         train(cfg(), auto_resume=True, force=True)
     first = train(cfg(), auto_resume=True)  # nothing there: starts
-    again = train(cfg(), auto_resume=True)  # complete checkpoint at step 2: resumes, nothing left to train
-    assert first["steps"] == again["steps"] == 2
-    assert [e["step"] for e in read_events(tmp_path / "runs" / "t", "run_resumed")] == [2]
+    again = train(cfg(), auto_resume=True)  # complete checkpoint at step 2: resumes, finds the run finished
+    assert first["steps"] == again["steps"] == 2 and again == first
+    assert read_events(tmp_path / "runs" / "t", "run_resumed") == []  # a finished run is left as it was
     with pytest.raises(CheckpointError, match=r"changed config \(optim.lr"):
         train(cfg("optim.lr=1e-4"), auto_resume=True)
 

@@ -135,7 +135,7 @@ def without(graph: dict[str, set[str]], edges: set[tuple[str, str]]) -> dict[str
 def test_graph_reader_resolves_relative_late_and_package_imports():
     graph = import_graph()
     assert "attnlab.data.image_format" in graph["attnlab.data.store"]           # from .image_format import ...
-    assert "attnlab.data.store" in graph["attnlab.runs"]                        # from .data import store
+    assert "attnlab.train.checkpoint" in graph["attnlab.runs"]                  # from .train import checkpoint, late
     assert "attnlab.eval.metrics.scoring" in graph["attnlab.eval.inspection.attention_stats"]  # late import, ../
     assert "attnlab.eval" in graph["attnlab.train.trainer"]                     # a package's __init__ runs too
     assert "attnlab.eval" not in graph["attnlab.eval.generation.loop"]          # but not the importer's own

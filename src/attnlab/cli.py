@@ -7,8 +7,9 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
-from .errors import ConfigError, UserError
+from .errors import CheckpointError, ConfigError, Interrupted, UserError
 
 PREPARE_FLAGS = {  # --flag -> data.<key>
     "path": str, "format": str, "field": str, "categories": str, "max_docs": int, "max_bytes": int,
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
+    ev.add_argument("--context-sweep", metavar="N,N,...", help="text: bits/byte at each window length, also past the "
+                    "training context where positions extrapolate (RoPE, none); writes CSV + plot into --out")
+    ev.add_argument("--out", help="--context-sweep: folder for context-sweep.csv and context-sweep.png")
+    ev.add_argument("--force", action="store_true", help="--context-sweep: write into a non-empty --out folder")
 
     sa = sub.add_parser("sample", help="generate text from a trained run (KV-cached, batched, streamed)")
     sa.add_argument("run_dir")
@@ -70,9 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--keep-rows", type=int, help="--complete: image rows kept (default half the height)")
     sa.add_argument("--batch-size", type=int, default=16, help="image runs: images generated together")
     sa.add_argument("--out", help="image runs: the PNG to write")
+    sa.add_argument("--force", action="store_true", help="replace an existing --out file")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
+    sa.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
 
     be = sub.add_parser("bench", help="benchmarks")
     bsub = be.add_subparsers(dest="bench", required=True)
@@ -114,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     vp.add_argument("--save-mask", metavar="FILE.npy", help="also save the boolean mask [heads, N, N] (True = may attend) with numpy.save")
     vp.add_argument("--layer", type=int, default=0, help="layer index (patterns can differ per layer)")
     vp.add_argument("--layers", type=int, default=1, help="number of layers")
+    vp.add_argument("--force", action="store_true", help="replace existing --out / --save-mask files")
     vl = vsub.add_parser("logit-lens", help="text runs: each layer's prediction (final norm + unembedding of its residual)")
     vl.add_argument("run_dir")
     vl.add_argument("--text", required=True, help="input text, at most the model's context in tokens")
@@ -122,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     vl.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     vl.add_argument("--device", default="auto")
     vl.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    vl.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
     va = vsub.add_parser("attention", help="a trained run's attention weights: heat maps per layer (text) or a query pixel's attention over an image")
     va.add_argument("run_dir")
     va.add_argument("--text", help="text runs: the input, at most the model's context in tokens")
@@ -132,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     va.add_argument("--heads", help="heads to draw, e.g. 0,1 (default: all)")
     va.add_argument("--out", required=True, help="folder for layerNN.png, weights.npy [layers, heads, T, T] and attention.json")
     va.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    va.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record")
     va.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     va.add_argument("--device", default="auto")
     vs = vsub.add_parser("stats", help="a run's attention statistics (entropy, sink mass, distance, q/k/v norms) against step")
@@ -163,43 +174,98 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(a) -> None:
-    from .config import Config, set_key, parse_override
+    from .config import Config, parse_override, set_key
     from .data import store
     cfg = Config()
     set_key(cfg, "data.source", a.source)
-    for name in PREPARE_FLAGS:
-        if getattr(a, name) is not None:
-            set_key(cfg, f"data.{name}", getattr(a, name))
-    for arg in a.overrides:
-        key, value = parse_override(arg)
-        set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
-    meta = store.prepare(cfg.data, a.out, force=a.force, export_hf=a.export_hf)
+    try:
+        for name in PREPARE_FLAGS:
+            if getattr(a, name) is not None:
+                set_key(cfg, f"data.{name}", getattr(a, name))
+        for arg in a.overrides:
+            key, value = parse_override(arg)
+            set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
+        meta = store.prepare(cfg.data, a.out, force=a.force, export_hf=a.export_hf)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # the dataset is written in a temporary folder and moved into place at the end
+        raise Interrupted(f"{a.out} was not written (nothing was changed)") from None
+    except UserError as e:  # speak of the flags the user typed, not of the config keys behind them
+        raise type(e)(_as_flags(str(e), [n for n in PREPARE_FLAGS if getattr(a, n) is not None])) from None
     print(json.dumps({"out": a.out, **({"export_hf": a.export_hf} if a.export_hf else {}), "vocab_size": meta["vocab_size"],
                       **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()},
                       **{f"{k}_bytes": v["bytes"] for k, v in meta["splits"].items()}}))
 
 
+def _as_flags(message: str, flags: list[str]) -> str:
+    """``data.path='x'`` / ``data.path=x`` -> ``--path 'x'`` / ``--path x`` for the given prepare flags."""
+    import re
+    for name in flags:
+        message = re.sub(rf"\bdata\.{name}(=| )", lambda m: f"--{name.replace('_', '-')} ", message)
+    return message
+
+
 def cmd_train(a) -> None:
+    from pathlib import Path
+
     from . import config
+    from .runs import check_resume_overrides
     from .train.runtime import tune_allocator
     from .train.trainer import train
+    args = ([a.config] if a.config is not None else []) + a.overrides  # in any order among the flags
+    files, overrides = [x for x in args if "=" not in x], [x for x in args if "=" in x]
+    if len(files) > 1:
+        raise ConfigError(f"attnlab train takes one config file, got {' and '.join(files)}: "
+                          "pass one preset plus key=value overrides")
     cfg = None
-    if a.config is not None and "=" in a.config:  # no preset, only overrides
-        a.overrides.insert(0, a.config)
-        a.config = None
-    if a.resume is None or a.config or a.overrides:
-        if a.resume is None and a.config is None and not a.overrides:
+    data_dir = None
+    if a.resume is not None:  # data.dir=DIR says where the run's dataset is now (checked against its record)
+        data_dir = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "data.dir"), None)
+        overrides = [o for o in overrides if o.split("=", 1)[0].strip() != "data.dir"]
+        check_resume_overrides(Path(a.resume), overrides)
+    if a.resume is None or files:
+        if a.resume is None and not args:
             raise ConfigError("attnlab train needs a config: attnlab train configs/quickstart.yaml (or --resume RUN_DIR)")
-        cfg = config.load(a.config, a.overrides)
+        cfg = config.load(files[0] if files else None, overrides)
+    run_dir = Path(a.resume) if a.resume is not None else Path(cfg.out_dir) / cfg.name
     tune_allocator()
-    summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume)
+    try:
+        summary = train(cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume, data_dir=data_dir)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # before training started or after it stopped
+        raise Interrupted(_train_interrupted(run_dir)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the summary: print it once
         print(json.dumps(summary))
 
 
+def _check_device(name: str) -> None:
+    import torch
+    try:
+        torch.device(name if name != "auto" else "cpu")
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def _check_counts(a, *flags: str, lo: int = 1) -> None:
+    """Refuse --flag values below `lo` (None = not given) instead of replacing them with a default."""
+    for flag in flags:
+        value = getattr(a, flag)
+        if value is not None and value < lo:
+            raise UserError(f"--{flag.replace('_', '-')} {value} is not allowed: use a whole number >= {lo}")
+def _train_interrupted(run_dir) -> str:
+    from .train.checkpoint import latest_checkpoint
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return f"no checkpoint of {run_dir} was saved, so there is nothing to resume"
+    return f"the latest checkpoint is {latest}: continue with attnlab train --resume {run_dir}"
+
+
 def cmd_eval(a) -> None:
     from .runs import load_run
-    run = load_run(a.run_dir, a.checkpoint, a.device)
+    _check_device(a.device)
+    _check_counts(a, "context", "stride", "batch_size")
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
     if run.dataset.kind == "task":
         return _eval_task(run, a)
     splits = run.dataset.meta["splits"]
@@ -207,19 +273,32 @@ def cmd_eval(a) -> None:
         raise UserError(f"split {a.split!r} not in {run.dataset.dir}: use one of {', '.join(splits)}")
     out = {"run": str(run.dir), "checkpoint": str(run.checkpoint), "split": a.split}
     out.update(_eval_images(run, a) if run.dataset.kind == "image" else _eval_text(run, a))
+    _refuse_non_finite(run, a.split, out)
     print(json.dumps(out))
+
+
+def _refuse_non_finite(run, split: str, metrics: dict) -> None:
+    """Weights that are finite but overflow give a NaN/inf loss: an error, never a number in the output."""
+    import math
+    bad = next((k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad:
+        raise CheckpointError(f"the loss is not finite on {split} ({bad} = {metrics[bad]}) with checkpoint {run.checkpoint}: "
+                              f"its weights overflow (the training diverged); use an earlier checkpoint (--checkpoint) "
+                              f"or retrain with a lower optim.lr")
 
 
 def _eval_text(run, a) -> dict:
     from .eval.metrics.scoring import score_tokens, text_metrics
-    context = a.context or run.cfg.model.context
-    if not 1 <= context <= run.cfg.model.context:
-        raise UserError(f"--context {context} is outside [1, {run.cfg.model.context}] (the model's context): pick a smaller window")
-    stride = a.stride or min(run.cfg.train.eval_stride or context, context)
+    if a.context_sweep:
+        return _context_sweep(run, a)
+    context = a.context if a.context is not None else run.cfg.model.context
+    _check_window(run, context, "--context")
+    stride = a.stride if a.stride is not None else min(run.cfg.train.eval_stride or context, context)
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
-    score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
-                         batch_size=a.batch_size, device=run.device, progress=True)
+    with run.model.longer_windows(context):
+        score = score_tokens(run.model, run.dataset.tokens(a.split), context=context, stride=stride,
+                             batch_size=a.batch_size, device=run.device, progress=True)
     m = text_metrics(score, run.dataset.meta["splits"][a.split])
     return {"context": context, "stride": stride,
             f"{a.split}_bits_per_byte": m["bits_per_byte"], f"{a.split}_nats_per_token": m["nats_per_token"],
@@ -227,11 +306,39 @@ def _eval_text(run, a) -> dict:
             "tokens_scored": m["tokens"], "bytes": m["bytes"]}
 
 
+def _check_window(run, n: int, flag: str) -> None:
+    """An evaluation window: at least 1 token, and past the training context only where positions extrapolate."""
+    trained = run.cfg.model.context
+    if n < 1:
+        raise UserError(f"{flag} {n} must be >= 1 (tokens per evaluation window)")
+    refusal = run.model.extrapolation_refusal() if n > trained else None
+    if refusal:
+        raise UserError(f"{flag} {n} exceeds the training context {trained} and {refusal}: use a window <= {trained}")
+
+
+def _context_sweep(run, a) -> dict:
+    from .eval.metrics.context_sweep import context_sweep, write_context_sweep
+    from .eval.inspection.viz_inputs import check_out_dir
+    try:
+        contexts = sorted({int(x) for x in a.context_sweep.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--context-sweep {a.context_sweep!r} is not a list of integers: write e.g. 256,512,1024") from None
+    if not contexts or a.context is not None or a.stride is not None or not a.out:
+        raise UserError("--context-sweep takes window lengths (e.g. 256,512,1024) and --out DIR, without --context/--stride")
+    for n in contexts:
+        _check_window(run, n, "--context-sweep")
+    out = Path(a.out)
+    check_out_dir(out, a.force)
+    rows = context_sweep(run, a.split, contexts, batch_size=a.batch_size, progress=True)
+    files = write_context_sweep(rows, out, f"{run.dir.name}: {a.split} bits/byte against window length")
+    return {"context_sweep": rows, **files}
+
+
 def _eval_task(run, a) -> None:
     """An arithmetic run: the exact-match accuracy table on the held-out problems, then the numbers as JSON."""
     from .eval.metrics.accuracy import accuracy_table, task_metrics
-    if a.split != "val" or a.context or a.stride:
-        raise UserError(f"{run.dir} is an arithmetic run: it is evaluated on its held-out problems (drop --split/--context/--stride)")
+    if a.split != "val" or a.context or a.stride or a.context_sweep:
+        raise UserError(f"{run.dir} is an arithmetic run: it is evaluated on its held-out problems (drop --split/--context/--stride/--context-sweep)")
     m = task_metrics(run.model, run.dataset.task, device=run.device, batch_size=max(a.batch_size, 256))
     print(accuracy_table(m, run.dataset.task))
     print(json.dumps({"run": str(run.dir), "checkpoint": str(run.checkpoint), "task": run.dataset.task.describe(),
@@ -241,8 +348,8 @@ def _eval_task(run, a) -> None:
 def _eval_images(run, a) -> dict:
     from .data.image_format import SOS
     from .eval.metrics.scoring import image_metrics, score_images
-    if a.context or a.stride:
-        raise UserError("--context and --stride apply to text; an image is always scored whole from its start token")
+    if a.context is not None or a.stride is not None or a.context_sweep:
+        raise UserError("--context, --stride and --context-sweep apply to text; an image is always scored whole from its start token")
     n = run.cfg.model.context
     score = score_images(run.model, run.dataset.tokens(a.split), tokens_per_image=n, sos=SOS,
                          batch_size=a.batch_size, device=run.device, progress=True)
@@ -257,11 +364,13 @@ def cmd_sample(a) -> None:
     from .runs import load_run
     if a.num_samples < 1 or a.max_new_tokens < 0:
         raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    _check_device(a.device)
+    _check_counts(a, "batch_size", "images", "complete")
     if a.stream and a.num_samples > 1:
         raise UserError("--stream prints one sample as it is generated: use --num-samples 1 (or drop --stream)")
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty)
-    run = load_run(a.run_dir, a.checkpoint, a.device)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
     if run.dataset.kind == "task":  # problems and the model's greedy answers
         from .eval.generation.task_samples import pick_problems, sample_lines
         n = 8 if a.num_samples == 1 else a.num_samples  # a handful of problems unless asked for more
@@ -299,6 +408,7 @@ def _sample_images(run, a, sampling) -> None:
         raise UserError(f"{run.dir} models text: --images/--complete are for image runs (drop them to sample text)")
     if bool(a.images) == bool(a.complete) or not a.out:
         raise UserError("an image run samples pictures: pass --images N --out grid.png, or --complete K --out completions.png")
+    _check_new_file(a.out, a.force)
     shape = tuple(run.model.cfg.image_shape)
     t0 = time.perf_counter()
     common = dict(sampling=sampling, seed=a.seed, batch_size=a.batch_size, device=run.device, progress=True)
@@ -312,6 +422,12 @@ def _sample_images(run, a, sampling) -> None:
         path = save_completion_grid(originals, completions, a.out, keep_rows=a.keep_rows)
         n = len(originals)
     print(json.dumps({"out": str(path), "images": n, "shape": list(shape), "seconds": round(time.perf_counter() - t0, 2)}))
+
+
+def _check_new_file(path: str | None, force: bool, flag: str = "--out") -> None:
+    """An output file is replaced only with --force (like report and the other viz commands)."""
+    if path and os.path.lexists(path) and not force:
+        raise UserError(f"{flag} {path} already exists: choose another {flag} or pass --force to replace it")
 
 
 def _peak_rss_mb() -> float | None:
@@ -332,6 +448,8 @@ def cmd_bench(a) -> None:
         return generate.run(a)
     from . import config
     from .bench import bench_train
+    _check_counts(a, "steps", "repeats")
+    _check_counts(a, "warmup", lo=0)
     cfg = config.load(a.config, a.overrides)
     bench_train(cfg, steps=a.steps, warmup=a.warmup, repeats=a.repeats, out=a.out, baseline=not a.no_baseline,
                 plain_runtime=a.plain_runtime)
@@ -350,6 +468,8 @@ def cmd_bench_attention(a) -> None:
 def cmd_viz_pattern(a) -> None:
     from .eval.inspection.pattern_viz import draw_pattern, format_params, pattern_from_overrides, save_mask
     pattern = pattern_from_overrides(a.overrides, a.heads, a.layer, a.layers)
+    _check_new_file(a.out, a.force)
+    _check_new_file(a.save_mask, a.force, "--save-mask")
     fig = draw_pattern(pattern, a.seq_len, a.heads, a.out, subtitle=f"layer {a.layer} of {a.layers}" if a.layers > 1 else "")
     if a.save_mask:
         save_mask(pattern, a.seq_len, a.heads, a.save_mask)
@@ -359,14 +479,18 @@ def cmd_viz_pattern(a) -> None:
 
 def cmd_viz_logit_lens(a) -> None:
     from .eval.inspection.logit_lens import logit_lens_report
-    info = logit_lens_report(a.run_dir, a.text, a.out, top_k=a.top_k, checkpoint=a.checkpoint, device=a.device, force=a.force)
+    from .runs import load_run
+    if a.top_k < 1:  # before the run is loaded
+        raise UserError(f"--top-k {a.top_k} must be >= 1")
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    info = logit_lens_report(run, a.text, a.out, top_k=a.top_k, force=a.force)
     print(json.dumps(info, ensure_ascii=False))
 
 
 def cmd_viz_attention(a) -> None:
     from .eval.inspection.attention_maps import write_attention_maps
     from .runs import load_run
-    run = load_run(a.run_dir, a.checkpoint, a.device)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
     info = write_attention_maps(run, a.out, text=a.text, image=a.image, split=a.split, pixel=a.pixel,
                                 layers=a.layers, heads=a.heads, force=a.force)
     print(json.dumps({k: v for k, v in info.items() if k not in ("labels", "token_ids")}, ensure_ascii=False))
@@ -424,8 +548,26 @@ COMMANDS = {"patterns": cmd_patterns, "prepare": cmd_prepare, "train": cmd_train
             "viz": cmd_viz, "report": cmd_report, "sweep": cmd_sweep}
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line, accepting key=value overrides anywhere among the flags.
+
+    argparse stops filling a positional list at the first flag; what it leaves
+    over is added to the command's overrides (argparse's intermixed parsing
+    does the same but cannot handle subcommands).
+    """
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    target = "overrides" if hasattr(args, "overrides") else "choices" if hasattr(args, "choices") else None
+    strays = [x for x in extra if target is None or x.startswith("-")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        setattr(args, target, list(getattr(args, target)) + extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         COMMANDS[args.command](args)
     except UserError as e:
@@ -433,12 +575,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"attnlab: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
         if args.command != "sweep":  # a sweep names its own --resume line
-            print("attnlab: interrupted (a checkpoint was saved if training had started: continue with --resume RUN_DIR)",
-                  file=sys.stderr)
+            print(f"attnlab: interrupted: {e}" if str(e) else "attnlab: interrupted", file=sys.stderr)
         return 130
     return 0
 

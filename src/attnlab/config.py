@@ -13,8 +13,10 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import types
 import typing
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,9 +146,11 @@ class AttentionConfig:
         if name.startswith("_") or name == "params":
             raise AttributeError(name)
         params = self.resolved_params()
-        if name not in params:
-            raise AttributeError(f"AttentionConfig has no field or pattern parameter {name!r}")
-        return params[name]
+        if name in params:
+            return params[name]
+        if name in param_owners():  # a parameter of a pattern this config does not use: unset
+            return None
+        raise AttributeError(f"AttentionConfig has no field or pattern parameter {name!r}")
 
     def layer_spec(self, layer_idx: int) -> tuple[dict, str]:
         """Layer ``layer_idx``'s spec ``{"pattern": name, **params}`` and the config key that names it (for errors)."""
@@ -238,6 +242,8 @@ class Config:
             raise ConfigError(f"model.image_shape={m.image_shape} is not [height, width, channels]: set e.g. model.image_shape=32,32,3 "
                               "(or leave it empty to take the dataset's)")
         t = self.train
+        if t.epochs is not None and t.epochs <= 0:
+            raise ConfigError(f"train.epochs={t.epochs} trains no step: use train.epochs > 0 (e.g. 0.5 for half a pass)")
         if t.epochs is None and t.max_steps is None and t.time_budget_s is None:
             raise ConfigError("no stopping rule: set train.epochs, train.max_steps or train.time_budget_s")
         if t.eval_stride is not None and t.eval_stride > m.context:
@@ -245,7 +251,7 @@ class Config:
         if self.optim.beta2 >= 1.0 or self.optim.beta1 >= 1.0:
             raise ConfigError("optim.beta1 and optim.beta2 must be < 1: use e.g. beta1=0.9 beta2=0.95")
         check_attention(self.attention, m)
-        if self.name in ("", ".", "..") or "/" in self.name:
+        if self.name in ("", ".", "..") or "/" in self.name or not self.name.isprintable():  # control characters too
             raise ConfigError(f"name={self.name!r} is not a valid run name: use letters, digits, '-' or '_'")
         return self
 
@@ -267,6 +273,41 @@ def check_attention(a: AttentionConfig, m: ModelConfig) -> None:
 
 
 # ---------------------------------------------------------------- validation
+
+SHOW_LIMIT = 200  # characters of a value quoted in a message
+MAX_VALUE_ITEMS = 100_000  # items a value may expand to through YAML aliases
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = SHOW_LIMIT
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
+_repr.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """repr() of a value for a one-line message, at most about SHOW_LIMIT characters, however large the value."""
+    text = _repr.repr(value)
+    return text if len(text) <= SHOW_LIMIT else text[:SHOW_LIMIT] + "..."
+
+
+def _count_items(value: Any, limit: int) -> int:
+    """Items in a nested list/dict value as written out (aliases expanded), counting stops past `limit`.
+
+    A YAML alias reuses one Python object, so a few lines can stand for billions of
+    items; counts are memoised per object and never expand anything."""
+    memo: dict[int, int] = {}
+
+    def count(v) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        if id(v) not in memo:
+            memo[id(v)] = 0  # a recursive alias counts as nothing more
+            total = 1
+            for item in (v.values() if isinstance(v, dict) else v):
+                total += count(item)
+                if total > limit:
+                    break
+            memo[id(v)] = total
+        return memo[id(v)]
+    return count(value)
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -291,10 +332,10 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> None:
         return
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
-        raise ConfigError(f"{key}={value!r} is not allowed: use {_allowed(f)}")
+        raise ConfigError(f"{key}={show(value)} is not allowed: use {_allowed(f)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value) or (m.get("lo") is not None and value < m["lo"]) or (m.get("hi") is not None and value > m["hi"]):
-            raise ConfigError(f"{key}={value!r} is out of range: use {_allowed(f)}")
+            raise ConfigError(f"{key}={show(value)} is out of range: use {_allowed(f)}")
 
 
 def validate(cfg: Config) -> None:
@@ -322,34 +363,36 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if value not in ("", "[]") else []
         if not isinstance(value, list):
-            raise ConfigError(f"{key} expects a list, got {value!r}: write {key}=a,b,c")
+            raise ConfigError(f"{key} expects a list, got {show(value)}: write {key}=a,b,c")
         return [_coerce(key, inner, v) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{key} expects true or false, got {value!r}")
+        raise ConfigError(f"{key} expects true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key} expects an integer, got {value!r}")
+            raise ConfigError(f"{key} expects an integer, got {show(value)}")
         try:
             f = float(value)
             if f != int(f):
                 raise ValueError
             return int(f)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key} expects an integer, got {value!r}") from None
+            raise ConfigError(f"{key} expects an integer, got {show(value)}") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key} expects a number, got {value!r}")
+            raise ConfigError(f"{key} expects a number, got {show(value)}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key} expects a number, got {value!r}") from None
+            raise ConfigError(f"{key} expects a number, got {show(value)}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key} expects a string, got {value!r}")
+            raise ConfigError(f"{key} expects a string, got {show(value)}")
+        if "\x00" in str(value):  # no path or name may hold one (the OS refuses them)
+            raise ConfigError(f"{key} contains a NUL character ({show(value)}): remove it")
         return str(value)
     return value
 
@@ -357,7 +400,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 def _unknown(key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}?" if close else "valid keys: " + ", ".join(valid)
-    return ConfigError(f"unknown config key {key!r}: {hint}")
+    return ConfigError(f"unknown config key {show(key)}: {hint}")
 
 
 def _all_keys() -> list[str]:
@@ -406,6 +449,21 @@ def _coerce_layers(key: str, value: Any) -> list[dict]:
     return layers
 
 
+_EXPLICIT: dict[int, set[str]] = {}  # id(section) -> field names set on it; kept out of the dataclass fields
+
+
+def explicit_keys(section) -> set[str]:
+    """The field names of a config section that were set by a file or an override (not left at their default)."""
+    return set(_EXPLICIT.get(id(section), ()))
+
+
+def _mark_explicit(section, name: str) -> None:
+    if id(section) not in _EXPLICIT:
+        _EXPLICIT[id(section)] = set()
+        weakref.finalize(section, _EXPLICIT.pop, id(section), None)  # ids are reused once the section is gone
+    _EXPLICIT[id(section)].add(name)
+
+
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set a dotted key (``model.n_layer``) with type coercion; unknown keys raise."""
     parts = key.split(".")
@@ -430,20 +488,59 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
                 for k, v in value.items():
                     set_key(cfg, f"{key}.{k}", v)
                 return
+            if _count_items(value, MAX_VALUE_ITEMS) > MAX_VALUE_ITEMS:  # before coercion copies it
+                raise ConfigError(f"{key} holds a value of more than {MAX_VALUE_ITEMS:,} items once its YAML aliases "
+                                  f"are expanded ({show(value)}): write the value out plainly")
             value = _coerce(key, _hints(type(obj))[part], value)
             _check_value(key, f, value)
             if key == "attention.plugins":
                 for ref in value:  # their patterns' keys become known
                     load_plugin(ref)
             setattr(obj, part, value)
+            _mark_explicit(obj, part)
             return
         if not dataclasses.is_dataclass(sub):
             raise _unknown(key, _all_keys())
         obj = sub
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (YAML would silently keep the last one)."""
+
+    def __init__(self, key: str, first_line: int, second_line: int, mark):
+        self.key, self.lines = key, (first_line, second_line)
+        super().__init__(None, None, f"{show(key)} appears twice (lines {first_line} and {second_line}): keep one of them",
+                         mark)
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans: only true/false, so `wandb: off` stays the string 'off'."""
+    """Safe YAML with 1.2 booleans (only true/false, so `wandb: off` stays the string 'off') and no duplicate keys."""
+
+    def construct_document(self, node):
+        _check_duplicates(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_duplicates(node, path: str, seen: set[int]) -> None:
+    """Refuse a key given twice in one mapping, naming its dotted path; each node is visited once (aliases)."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<":
+                dotted = f"{path}.{key}" if path else key
+                if key in lines:
+                    raise DuplicateKeyError(dotted, lines[key], key_node.start_mark.line + 1, key_node.start_mark)
+                lines[key] = key_node.start_mark.line + 1
+                _check_duplicates(value_node, dotted, seen)
+            else:
+                _check_duplicates(value_node, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{i}]", seen)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -504,7 +601,27 @@ def from_dict(d: dict, overrides: list[str] = ()) -> Config:
         set_key(cfg, str(k), v)
     for arg in overrides:
         set_key(cfg, *parse_override(arg))
+    _settings_from_dataset(cfg)
     return cfg.validate()
+
+
+def _settings_from_dataset(cfg: Config) -> None:
+    """With data.dir naming a prepared dataset, the data.* keys not given come from its meta.json.
+
+    So ``data.dir`` alone reuses a dataset; keys given that differ are refused when it is opened."""
+    if not cfg.data.dir:
+        return
+    import json
+    try:
+        prepared = json.loads((Path(cfg.data.dir) / "meta.json").read_text(encoding="utf-8")).get("data_config")
+    except (OSError, ValueError, AttributeError):
+        return  # not prepared yet (or unreadable: opening it says why)
+    if not isinstance(prepared, dict):
+        return
+    given = explicit_keys(cfg.data) | {"dir"}
+    for f in dataclasses.fields(DataConfig):
+        if f.name in prepared and f.name not in given:
+            set_key(cfg, f"data.{f.name}", prepared[f.name])
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -514,13 +631,27 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found: pass a YAML file such as configs/quickstart.yaml")
-        try:
-            d = yaml.load(p.read_text(), Loader=_Loader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax") from None
+        d = _read_yaml(p)
         if not isinstance(d, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections: see configs/quickstart.yaml")
     return from_dict(d, overrides)
+
+
+def _read_yaml(p: Path) -> Any:
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not a UTF-8 text file (byte {e.start}): pass a YAML file "
+                          "such as configs/quickstart.yaml") from None
+    try:
+        return yaml.load(text, Loader=_Loader) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"config file {str(p)!r} has the key {show(e.key)} twice (lines {e.lines[0]} and "
+                          f"{e.lines[1]}): keep one of them") from None
+    except yaml.YAMLError as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        first = first if len(first) <= SHOW_LIMIT else first[:SHOW_LIMIT] + "..."
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML ({first}): fix its syntax") from None
 
 
 def to_dict(cfg: Config) -> dict:

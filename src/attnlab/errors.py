@@ -31,3 +31,13 @@ class TrainingDiverged(UserError):
     """The loss became non-finite; the last good checkpoint is kept."""
 
     exit_code = 5
+
+
+class InUse(UserError):
+    """Another process holds the lock on a run directory, dataset or sweep folder."""
+
+    exit_code = 6
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with a message saying what was kept (the CLI prints it and exits 130)."""

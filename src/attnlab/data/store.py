@@ -18,20 +18,20 @@ as concatenated byte tokens (vocabulary 256, no separator) plus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, folders
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
@@ -45,6 +45,7 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 SPLITS = ("train", "val", "test")
 ENCODE_CHUNK_DOCS = 512      # documents per encode_batch call
 ENCODE_CHUNK_CHARS = 4 << 20  # ... or fewer, to bound memory on long documents
+ID_CHECK_CHUNK = 1 << 24      # tokens read at a time when checking the id range
 
 
 @dataclass
@@ -150,21 +151,47 @@ def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
     return splits
 
 
-def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, export_hf=None) -> dict:
+def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, wait: bool = False,
+            export_hf=None) -> dict:
     """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta.
 
-    ``export_hf``: also write each split's documents as a Hugging Face dataset folder there."""
+    The folder is locked while it is written (another process preparing it
+    makes this one fail, or with ``wait`` wait and reuse its dataset when that
+    was prepared from the same config); ``force`` replaces only an attnlab dataset.
+    ``export_hf``: also write each split's documents as a Hugging Face dataset folder there.
+    """
     out = Path(out_dir)
     if tasks.is_task(cfg):
         raise DataError(f"{cfg.source} problems are generated while training, so there is nothing to prepare: "
                         f"train with data.source={cfg.source}")
-    _check_target(out, force)
     if export_hf is not None:
         if cfg.source in image_sources.IMAGE_SOURCES:
             raise DataError(f"--export-hf writes text documents; {cfg.source} holds images: drop --export-hf")
         hf_export.check_export_target(export_hf, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _check_not_prepared(cfg)
+    folders.refuse_working_directory(out, "dataset folder", "pass a new folder, e.g. --out data/NAME", DataError)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    folders.make_parent(out, "dataset folder", DataError)
+    try:
+        with folders.locked(out, "dataset folder", wait=wait, error=DataError):
+            if wait and is_prepared_for(out, cfg):
+                return json.loads((out / "meta.json").read_text(encoding="utf-8"))
+            folders.check_target(out, "dataset", force, "choose another --out")
+            with folders.sigterm_as_interrupt():
+                return _prepare_locked(cfg, out, progress, export_hf)
+    except BaseException:
+        for folder in created:  # the folders made for the dataset, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _prepare_locked(cfg: DataConfig, out: Path, progress: bool, export_hf=None) -> dict:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise folders.cannot_write(out.parent, e, "choose a writable --out", DataError) from None
     try:
         if cfg.source in image_sources.IMAGE_SOURCES:
             body = image_sources.write_dataset(cfg, tmp, progress)
@@ -180,11 +207,26 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
             **body,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
+        folders.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def is_prepared_dataset(path) -> bool:
+    """A folder that `prepare` wrote (its meta.json beside train.bin)."""
+    p = Path(path)
+    return (p / "meta.json").is_file() and (p / "train.bin").is_file()
+
+
+def _check_not_prepared(cfg: DataConfig) -> None:
+    """A prepared folder given as the raw source: say where it belongs instead of reading its .bin files as text."""
+    for key in ("path", "source"):
+        value = getattr(cfg, key)
+        if value and is_prepared_dataset(Path(value).expanduser()):
+            raise DataError(f"data.{key}={value!r} is a prepared dataset: use data.dir={value} "
+                            "(data.source and data.path name the raw text or images)")
 
 
 def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> dict:
@@ -200,7 +242,8 @@ def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> d
     tok.save(tmp / "tokenizer.json")
     if export_hf is not None:
         hf_export.export_splits(export_hf, documents.docs, documents.meta, split_idx)
-    tok_meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json"}
+    tok_meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
+                "sha256": file_sha256(tmp / "tokenizer.json")}
     if cfg.tokenizer_file:
         tok_meta.update(from_file=str(Path(cfg.tokenizer_file).resolve()), eos_token=tok.eos_token)
     return {
@@ -213,30 +256,6 @@ def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> d
         "documents_selected": sum(len(d) for d in splits.values()),
         "splits": split_meta,
     }
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} exists and is not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DataError(f"{out} already exists: choose another --out or pass --force")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one is removed only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)  # put the previous dataset back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _chunks(docs: list[str]):
@@ -301,9 +320,14 @@ def load(dir, *, verify: bool = True) -> Dataset:
         _check_split(d, name, info, dtype, verify)
         if meta.get("kind") == "image":
             _check_labels(d, name, info, int(meta["tokens_per_image"]), verify)
+        _check_ids(d / info.get("file", f"{name}.bin"), int(info["tokens"]), dtype, meta["vocab_size"], d)
     if meta.get("kind") == "image":
         return Dataset(d, meta, None)
-    tok = load_tokenizer(d / meta.get("tokenizer", {}).get("file", "tokenizer.json"))
+    tok_info = meta.get("tokenizer") or {}
+    tok_path = _local_file(d, tok_info.get("file", "tokenizer.json"), "the tokenizer")
+    if verify and tok_info.get("sha256") and tok_path.is_file() and file_sha256(tok_path) != tok_info["sha256"]:
+        raise DataError(f"{tok_path} does not match meta.json (sha256 differs): the tokenizer was changed; {_fix(d)}")
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size != meta["vocab_size"]:
         raise DataError(f"{d / 'tokenizer.json'} has {tok.vocab_size} tokens but meta.json says {meta['vocab_size']}: "
                         f"the files do not belong together; {_fix(d)}")
@@ -322,11 +346,56 @@ def _read_meta(meta_path: Path, d: Path) -> dict:
     if not isinstance(meta, dict) or any(k not in meta for k in required) or not isinstance(meta["splits"], dict):
         raise DataError(f"{meta_path} lacks required entries ({', '.join(required)}): {_fix(d)}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{meta_path} has format_version {meta['format_version']!r}, this attnlab reads {FORMAT_VERSION}: "
-                        f"{_fix(d)}")
+        raise DataError(f"{meta_path} has format_version {_show(meta['format_version'])}, this attnlab reads "
+                        f"{FORMAT_VERSION}: {_fix(d)}")
+    _check_structure(meta, meta_path, d)
     if "train" not in meta["splits"]:
         raise DataError(f"{meta_path} lists no train split: {_fix(d)}")
     return meta
+
+
+def _show(value) -> str:
+    from ..config import show
+    return show(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_structure(meta: dict, meta_path: Path, d: Path) -> None:
+    """The types load() relies on, so a tampered meta.json is one line, not a traceback deep inside."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{meta_path} is damaged: {what}; {_fix(d)}")
+    if not _count(meta["vocab_size"]) or meta["vocab_size"] < 1:
+        raise bad(f"vocab_size {_show(meta['vocab_size'])} is not a positive integer")
+    if not isinstance(meta["dtype"], str):
+        raise bad(f"dtype {_show(meta['dtype'])} is not a name")
+    for name, info in meta["splits"].items():
+        if not isinstance(info, dict):
+            raise bad(f"the {name} split is not an object ({_show(info)})")
+        for key, ok, kind in (("tokens", _count, "a count"), ("file", lambda v: isinstance(v, str), "a file name"),
+                              ("sha256", lambda v: isinstance(v, str), "a hex digest")):
+            if key not in info and key != "file":
+                raise bad(f"the {name} split has no {key!r}")
+            if key in info and not ok(info[key]):
+                raise bad(f"the {name} split's {key!r} {_show(info[key])} is not {kind}")
+        for key in ("file", "labels_file"):
+            if key in info:
+                _local_file(d, info[key], f"the {name} split")
+    tok = meta.get("tokenizer") or {}  # image datasets have none
+    if not isinstance(tok, dict):
+        raise bad(f"tokenizer {_show(tok)} is not an object")
+    if "file" in tok:
+        _local_file(d, tok["file"], "the tokenizer")
+
+
+def _local_file(d: Path, name, what: str) -> Path:
+    """`d / name` for a plain file name from meta.json; anything that could leave the folder is refused."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\x00" in name:
+        raise DataError(f"{d / 'meta.json'} names a file outside the dataset folder for {what} ({_show(name)}): "
+                        f"only plain file names inside {d} are read; {_fix(d)}")
+    return d / name
 
 
 def _meta_dtype(meta: dict, meta_path: Path, d: Path) -> np.dtype:
@@ -340,7 +409,7 @@ def _meta_dtype(meta: dict, meta_path: Path, d: Path) -> np.dtype:
 
 
 def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) -> None:
-    path = d / info.get("file", f"{name}.bin")
+    path = _local_file(d, info.get("file", f"{name}.bin"), f"the {name} split")
     if not path.is_file():
         raise DataError(f"{path} is missing (meta.json lists the {name} split): {_fix(d)}")
     size, expected = path.stat().st_size, int(info["tokens"]) * dtype.itemsize
@@ -351,12 +420,27 @@ def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) 
         raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
 
 
+def _check_ids(path: Path, n_tokens: int, dtype: np.dtype, vocab_size: int, d: Path) -> None:
+    """Every token id < vocab_size (an id beyond it would crash training at the step that reads it), chunk by chunk."""
+    if not n_tokens:
+        return
+    ids = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+    for start in range(0, n_tokens, ID_CHECK_CHUNK):
+        chunk = ids[start:start + ID_CHECK_CHUNK]
+        top = int(chunk.max())
+        if top >= vocab_size:
+            where = start + int(np.argmax(chunk >= vocab_size))
+            raise DataError(f"{path} holds token id {top} (first bad one at position {where}) but the dataset's "
+                            f"vocab_size {vocab_size} allows ids 0..{vocab_size - 1}: the file is corrupted; {_fix(d)}")
+    del ids
+
+
 def _check_labels(d: Path, name: str, info: dict, tokens_per_image: int, verify: bool) -> None:
     """An image split: whole images, a labels file with one int16 label per image, and (with `verify`) its sha256."""
     if info["tokens"] != info["images"] * tokens_per_image:
         raise DataError(f"meta.json says the {name} split has {info['tokens']} tokens, not {info['images']} images x "
                         f"{tokens_per_image}: the dataset is corrupted; {_fix(d)}")
-    path = d / info.get("labels_file", f"{name}.labels.npy")
+    path = _local_file(d, info.get("labels_file", f"{name}.labels.npy"), f"the {name} split's labels")
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:

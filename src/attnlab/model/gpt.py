@@ -11,6 +11,7 @@ nanoGPT block op for op (fused qkv, one view/transpose per tensor, SDPA).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -162,6 +163,7 @@ class GPT(nn.Module):
                               "dataset (its shape is taken from there) or set e.g. model.image_shape=32,32,3")
         self.cfg, self.attn_cfg, self.vocab_size = cfg, attn_cfg, vocab_size
         self.context = cfg.context
+        self.max_len = cfg.context  # longest full forward; longer_windows() raises it for evaluation past the context
 
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = build_positional(cfg.position, cfg.context, cfg.d_model, qk_head_size(cfg), cfg.image_shape)
@@ -260,10 +262,31 @@ class GPT(nn.Module):
             x = self.norm_f(x)
         return self.lm_head(x)
 
+    def extrapolation_refusal(self) -> str | None:
+        """Why this model cannot run a window longer than its training context (None: it can).
+
+        Relative (RoPE) or no positions give every longer window a defined meaning; a learned, sinusoidal
+        or image position table has nothing to give past the length it was trained on."""
+        if self.cfg.position in STREAMING_POSITIONS:
+            return None
+        return (f"model.position={self.cfg.position} has no positions past the training context "
+                f"{self.context} (only rope and none extrapolate)")
+
+    @contextlib.contextmanager
+    def longer_windows(self, n: int):
+        """Within the block, full forwards may take up to ``n`` tokens (ValueError if the model cannot)."""
+        if n > self.context and self.extrapolation_refusal():
+            raise ValueError(self.extrapolation_refusal())
+        old, self.max_len = self.max_len, max(n, self.context)
+        try:
+            yield self
+        finally:
+            self.max_len = old
+
     def _check_length(self, start: int, T: int, cache: ModelCache | None) -> None:
         if start and T != 1:
             raise ValueError(f"a filled KV cache takes one token per call, got {T}")
-        if start + T > self.context and not (start and self.can_stream(cache)):
+        if start + T > self.max_len and not (start and self.can_stream(cache)):
             raise ValueError(f"sequence length {start + T} exceeds the model context {self.context}: feed at most {self.context} tokens")
 
     # ------------------------------------------------------------ decoding

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -11,13 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from .. import config as config_mod
+from .. import folders
 from ..errors import UserError
 from .spec import RunSpec, Sweep, expand
 
@@ -39,6 +40,13 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, resume: bool = False
     if resume and force:
         raise UserError("--resume and --force exclude each other: --resume finishes a sweep, --force replaces it")
     specs = expand(sweep)
+    folders.make_parent(sweep.folder, "sweep folder", UserError)
+    with folders.locked(sweep.folder, "sweep folder", error=UserError):  # one sweep process per folder
+        return _run_locked(sweep, specs, parallel, resume, force, report, echo)
+
+
+def _run_locked(sweep: Sweep, specs: list[RunSpec], parallel: int, resume: bool, force: bool, report: bool,
+                echo: Callable[[str], None]) -> dict:
     previous = _check_folder(sweep, resume=resume, force=force)
     _prepare_datasets(specs)  # before any run: parallel runs must not race to write the same dataset folder
     if force and sweep.folder.exists():
@@ -151,7 +159,7 @@ def _execute(sweep: Sweep, specs: list[RunSpec], records: list[dict], parallel: 
     threads, total, running = run_threads(sweep, parallel), len(queue), []
     _write_runs(sweep, records)
     try:
-        with _sigterm_as_interrupt():
+        with folders.sigterm_as_interrupt():  # SIGTERM stops the sweep like Ctrl-C: its runs checkpoint and stop
             _loop(sweep, queue, running, parallel, threads, total, echo, records)
     except KeyboardInterrupt:
         _stop(sweep, running)  # each run saves a checkpoint at its next step boundary; --resume continues it
@@ -173,22 +181,6 @@ def _loop(sweep: Sweep, queue: list, running: list[_Job], parallel: int, threads
             echo(f"attnlab sweep: [{done}/{total}] {_describe(job.record, sweep.metric)}")
             _write_runs(sweep, records)
         time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM stops the sweep like Ctrl-C (its runs checkpoint and stop) instead of orphaning them."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        old = None
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 def _start(sweep: Sweep, spec: RunSpec, rec: dict, threads: int | None) -> _Job:

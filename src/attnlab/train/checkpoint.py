@@ -22,10 +22,16 @@ wait at a barrier until the checkpoint is complete).
 
 Loading never runs code: ``torch.load(weights_only=True)`` and safetensors,
 after checking both files against the sha256 in ``COMPLETE``.
+
+A checkpoint holds only finite weights and optimizer state (``NonFiniteState``
+otherwise, and nothing is written); a save that runs out of disk space or
+past the file-size limit removes its temporary folder and says how much room
+it needs, leaving the previous checkpoint as the latest.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -55,6 +61,10 @@ _FALLBACK = "delete that folder to fall back to the run's previous checkpoint, o
 
 def _on_stage(stage: str) -> None:
     """Called between the steps of a save; tests replace it to kill the process at each stage."""
+
+
+class NonFiniteState(CheckpointError):
+    """Weights or optimizer state hold NaN/inf: such a checkpoint is never written."""
 
 
 # ------------------------------------------------------------ atomic files
@@ -154,9 +164,11 @@ def _read_marker(ckpt: Path) -> dict | None:
     try:
         marker = json.loads((ckpt / MARKER).read_text())
         files = marker["files"]
-        int(marker["step"]), int(marker.get("format", FORMAT))
-        for name in (WEIGHTS, STATE):
-            int(files[name]["bytes"]), str(files[name]["sha256"])
+        numbers = [marker["step"], marker.get("format", FORMAT)] + [files[n]["bytes"] for n in (WEIGHTS, STATE)]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+            raise TypeError("a number of the marker is not an integer")  # e.g. "format": "1"
+        if not all(isinstance(files[n]["sha256"], str) for n in (WEIGHTS, STATE)):
+            raise TypeError("a digest of the marker is not a string")
         return marker
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -276,11 +288,6 @@ def _full_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None) -> 
     return {**weights, **{name: weights[target] for name, target in _aliases(model.state_dict()).items()}}
 
 
-def _save_weights(model: nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
-    tensors, aliases = _dedupe(_full_weights(model, weights))
-    safetensors.torch.save_file(tensors, str(path), metadata={_ALIASES_KEY: json.dumps(aliases)})
-
-
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
         aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
@@ -318,14 +325,37 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict,
     ``weights`` replaces ``model.state_dict()`` when the module holds only a shard (FSDP2's gathered full copy).
     """
     state = _plain(state)
+    tensors, aliases = _dedupe(_full_weights(model, weights))
     root = _ckpt_root(run_dir)
+    final = root / _step_name(step)
+    bad = first_non_finite(tensors) or first_non_finite(state.get("optimizer"), "optimizer")
+    if bad:
+        raise NonFiniteState(f"checkpoint {final} not written: {bad} is not finite")
     root.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(root)
-    final = root / _step_name(step)
+    need = _bytes_needed(tensors, state)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise CheckpointError(_no_room(final, need, free, errno.ENOSPC))
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    try:
+        _write_files(tmp, step, tensors, aliases, state)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = _space_errno(e)
+        if code is None:
+            raise
+        raise CheckpointError(_no_room(final, need, shutil.disk_usage(root).free, code)) from None
+    _move_into_place(tmp, final)
+    _on_stage("done")
+    return final
+
+
+def _write_files(tmp: Path, step: int, tensors: dict[str, torch.Tensor], aliases: dict[str, str], state: dict) -> None:
     tmp.mkdir()
     _on_stage("tmp_created")
-    _save_weights(model, tmp / WEIGHTS, weights)
+    safetensors.torch.save_file(tensors, str(tmp / WEIGHTS), metadata={_ALIASES_KEY: json.dumps(aliases)})
+    _chmod_like_umask(tmp / WEIGHTS)  # safetensors creates it 0600; every other file of a run follows the umask
     _on_stage("weights_written")
     torch.save(state, tmp / STATE)
     _on_stage("state_written")
@@ -336,9 +366,82 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict,
     atomic_write_text(tmp / MARKER, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
     _on_stage("marker_written")
-    _move_into_place(tmp, final)
-    _on_stage("done")
-    return final
+
+
+def _chmod_like_umask(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+# ------------------------------------------------------------ finite numbers and room on disk
+
+def first_non_finite(tree, where: str = "") -> str | None:
+    """The name of the first floating-point tensor or number in ``tree`` holding NaN/inf, else None."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            return where or "a tensor"
+        return None
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for k, v in items:
+        found = first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
+def check_finite(ckpt: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN/inf (from an older attnlab, or written by other tools)."""
+    bad = first_non_finite(weights)
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt} holds weights that are not finite ({bad}): the training diverged "
+                              f"before it was saved; use an earlier checkpoint (--checkpoint) or retrain")
+
+
+def _bytes_needed(tensors: dict[str, torch.Tensor], state: dict) -> int:
+    """About the size of the checkpoint's files: its tensors' bytes plus room for headers and small values."""
+    def size(tree) -> int:
+        if isinstance(tree, torch.Tensor):
+            return tree.numel() * tree.element_size()
+        if isinstance(tree, dict):
+            return sum(size(v) for v in tree.values())
+        if isinstance(tree, (list, tuple)):
+            return sum(size(v) for v in tree)
+        return 0
+    return size(tensors) + size(state) + (1 << 16)
+
+
+def _space_errno(e: BaseException) -> int | None:
+    """ENOSPC/EFBIG/EDQUOT behind a failed write (safetensors and torch report them in their messages), else None."""
+    codes = [errno.ENOSPC, errno.EFBIG] + ([errno.EDQUOT] if hasattr(errno, "EDQUOT") else [])
+    if isinstance(e, OSError):
+        return e.errno if e.errno in codes else None
+    text = str(e)
+    for code in codes:
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return code
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _no_room(final: Path, need: int, free: int, code: int) -> str:
+    run_dir = final.parent.parent
+    if code == errno.EFBIG:
+        why = f"it needs about {_mb(need)}, more than this process may write to one file (ulimit -f; {_mb(free)} free)"
+        fix = "raise the limit (ulimit -f unlimited)"
+    else:
+        why = f"it needs about {_mb(need)} and {final.parent} has {_mb(free)} free"
+        fix = "free some disk space"
+    return (f"cannot write checkpoint {final}: {why}; the previous checkpoint is kept: {fix}, "
+            f"then continue with attnlab train --resume {run_dir}")
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -419,6 +522,17 @@ def check_matches(ckpt: Path, weights: dict[str, torch.Tensor], model: nn.Module
         raise CheckpointError(f"checkpoint {ckpt} was made for a different model ({problem}): {_config_hint(ckpt)}")
 
 
+def _load_problem(e: Exception) -> str:
+    """What made a load fail, in one line; torch's weights_only refusal is reduced to the object it refused
+    (its advice to load with weights_only=False would run the file's code: never follow it)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"a {refused.group(1)} object" if refused else "objects"
+        return f"state.pt holds {what}, not the plain tensors and numbers attnlab writes"
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
 def load_checkpoint(path_or_run_dir, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, state) of a checkpoint folder, or of a run directory's newest complete checkpoint.
 
@@ -431,8 +545,7 @@ def load_checkpoint(path_or_run_dir, model: nn.Module | None = None) -> tuple[di
         weights = _load_weights(ckpt / WEIGHTS)
         state = torch.load(ckpt / STATE, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any parse failure means an unusable file
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"checkpoint {ckpt} cannot be read safely ({first}): "
+        raise CheckpointError(f"checkpoint {ckpt} cannot be read safely ({_load_problem(e)}): "
                               f"{_FALLBACK}") from None
     if model is not None:
         check_matches(ckpt, weights, model)

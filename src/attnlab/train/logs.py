@@ -8,21 +8,11 @@ validation steps and the per-layer, per-head attention statistics (``sink_scalar
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
-
-
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf; keep the fact visible
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
+from .. import jsonout
+from ..errors import CheckpointError, ConfigError
 
 
 class EventLog:
@@ -35,8 +25,8 @@ class EventLog:
     def log(self, event: str, **fields) -> None:
         if not self.enabled:
             return
-        record = {"event": event, "time": time.time(), **_jsonable(fields)}
-        self._file.write(json.dumps(record) + "\n")
+        record = {"event": event, "time": time.time(), **fields}
+        self._file.write(jsonout.dumps(record) + "\n")  # NaN/inf become null, with null_reasons
         self._file.flush()
         scalars = sink_scalars(event, fields) if self._sinks else {}
         if scalars:
@@ -73,7 +63,16 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    data = path.read_bytes()
+    lines = data.splitlines()
+    for i, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if i == len(lines) and not data.endswith(b"\n"):
+                continue  # a line cut by a crash inside a character
+            raise CheckpointError(f"{path} line {i} is not valid UTF-8 (byte {e.start}): the run's log was altered or "
+                                  "damaged; restore it or delete that line") from None
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -182,7 +184,29 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
 # ------------------------------------------------------------ schedules
 
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+@dataclass(frozen=True)
+class RunClock:
+    """How far a run has come, as a fraction in [0, 1]: of its planned steps, of its time budget (training
+    seconds only), or, with both, whichever is further along, so the schedule ends annealed whichever
+    stops the run first. ``seconds`` reads the run's training seconds so far."""
+
+    total_steps: int | None
+    budget_s: float | None
+    seconds: Callable[[], float]
+
+    @property
+    def follows(self) -> str:
+        if self.budget_s is None:
+            return "steps"
+        return "time_budget" if self.total_steps is None else "steps_or_time_budget"
+
+    def fraction(self, step: int) -> float:
+        by_steps = step / self.total_steps if self.total_steps else 0.0
+        by_time = self.seconds() / self.budget_s if self.budget_s else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int, done: float | None = None) -> float:
     """Multiplier of the base lr for optimizer step ``step`` (0-based).
 
     Warm-up: ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``,
@@ -199,6 +223,8 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
         return (step + 1) / (warmup + 1)
     if cfg.schedule == "constant":
         return 1.0
+    if done is not None:
+        return _by_fraction(done, cfg, warmup / total_steps if total_steps < UNPLANNED else 0.0)
     if step >= total_steps:
         return cfg.min_lr_frac
     if cfg.schedule == "wsd":
@@ -215,21 +241,42 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     raise ConfigError(f"optim.schedule={cfg.schedule!r} is not allowed: use one of cosine, linear, wsd, constant")
 
 
+# total_steps at or above this means "no planned number of steps" (a run stopped by its time budget alone).
+UNPLANNED = 10**12
+
+
+def _by_fraction(done: float, cfg: OptimConfig, start: float) -> float:
+    """The decay after warm-up driven by the run's fraction ``done`` (``RunClock``): 1 at ``start`` (where
+    warm-up ends), ``min_lr_frac`` at 1; ``wsd`` decays over the last ``decay_frac`` of the run."""
+    if done >= 1.0:
+        return cfg.min_lr_frac
+    if cfg.schedule == "wsd":
+        start = max(start, 1.0 - cfg.decay_frac)
+        if done < start:
+            return 1.0
+    progress = min(1.0, max(0.0, (done - start) / (1.0 - start))) if start < 1.0 else 1.0
+    if cfg.schedule == "cosine":
+        return _towards_min(0.5 * (1.0 - math.cos(math.pi * progress)), cfg.min_lr_frac)
+    return _towards_min(progress, cfg.min_lr_frac)
+
+
 def _towards_min(decayed: float, min_frac: float) -> float:
     """1 at decayed=0, min_frac at decayed=1; clamped so float rounding never leaves [min_frac, 1]."""
     return min(1.0, max(min_frac, 1.0 - (1.0 - min_frac) * decayed))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR applying ``lr_factor``; call ``scheduler.step()`` after each ``optimizer.step()``.
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    clock: RunClock | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR applying ``lr_factor``; call ``scheduler.step()`` after each ``optimizer.step()`` (and, with a
+    budget ``clock``, after the step's seconds are counted, so the lr follows the budget used).
 
     The lambda is a plain function, so the scheduler's state_dict holds only
     numbers (it loads with ``torch.load(weights_only=True)``).
     """
     lr_factor(0, cfg, total_steps)  # validate before touching the optimizer's lrs
+    by_budget = clock is not None and clock.budget_s is not None
 
     def factor(step: int) -> float:
-        return lr_factor(step, cfg, total_steps)
+        return lr_factor(step, cfg, total_steps, clock.fraction(step) if by_budget else None)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

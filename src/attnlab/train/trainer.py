@@ -12,13 +12,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,12 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
+from .. import folders, identity, jsonout
 from ..config import Config, ModelConfig
 from ..data import store, tasks
 from ..data.batches import BatchIterator, ImageBatches
 from ..data.image_format import IMAGE_VOCAB, SOS
 from ..data.image_sources import IMAGE_SOURCES
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged, UserError
+from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged, UserError
 from ..eval.inspection.attention_stats import attention_stats_event
 from ..eval.metrics.curves import plot_curves
 from ..eval.metrics.scoring import Score, image_metrics, score_images, score_tokens, text_metrics
@@ -40,8 +40,8 @@ from ..plugins import copy_plugins, load_run_plugins
 from . import checkpoint as ckpt
 from . import distributed, runtime
 from .logs import EventLog, check_loggers
-from .optim import build_optimizer, build_scheduler
-
+from .memory import check_fits
+from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
 
 # ------------------------------------------------------------------ data
 
@@ -57,25 +57,61 @@ def default_data_dir(data_cfg) -> Path:
 
 
 def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
-    """The prepared dataset for this config, preparing it on first use (a generated task: nothing on disk)."""
+    """The prepared dataset for this config, preparing it on first use (a generated task: nothing on disk).
+
+    A dataset that exists already supplies the data.* settings the config left
+    unset (``config.load`` fills them in from its meta.json, so ``data.dir``
+    alone suffices); settings given that differ are refused."""
     if tasks.is_task(data_cfg):
         return tasks.TaskDataset.from_config(data_cfg)
     path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
     if not (path / "meta.json").exists():
-        store.prepare(data_cfg, path, progress=progress)
+        store.prepare(data_cfg, path, progress=progress, wait=True)  # a run preparing it too: wait, reuse
     ds = store.load(path)
     _check_data_config(ds, data_cfg, path)
     return ds
 
 
+RESUME_DATA_HINT = "data.dir=DIR after --resume RUN_DIR"
+
+
+def open_run_dataset(run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, hint: str,
+                     progress: bool = True) -> store.Dataset:
+    """A run's dataset, checked against the one it recorded (identity.json).
+
+    It is looked for at ``data_dir`` (the user's pointer to a copy), else in the
+    absolute folder that identity.json recorded (runs without one: data.dir or
+    the default folder). A missing dataset is rebuilt from the recorded settings
+    only when ``rebuild`` (resume), never for eval or sample.
+    """
+    if tasks.is_task(data_cfg):  # generated problems: nothing recorded on disk to find or check
+        return tasks.TaskDataset.from_config(data_cfg)
+    recorded = identity.recorded_dataset(run_dir)
+    path = Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
+    rebuilt = None
+    if not (path / "meta.json").exists():
+        if not rebuild:
+            raise identity.missing_dataset(run_dir, path, hint)
+        settings = identity.rebuild_config(run_dir, data_cfg)
+        store.prepare(settings, path, progress=progress)
+        rebuilt = settings.source
+    ds = store.load(path)
+    if recorded is None:  # a run from before identity.json: its settings are all there is to compare
+        _check_data_config(ds, data_cfg, path)
+    identity.check_dataset(run_dir, ds, hint, rebuilt_from=rebuilt)
+    return ds
+
+
 def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
     want, have = store.config_record(data_cfg), ds.meta.get("data_config", {})
+    explicit = config_mod.explicit_keys(data_cfg)
     # The location of a local copy does not change the data; its hash (in meta) does.
-    differ = [k for k in want if k != "path" and k in have and have[k] != want[k]]
+    keys = [k for k in sorted(want) if k != "path" and k in have]
+    differ = [k for k in keys if k in explicit and have[k] != want[k]]
     if differ:
-        k = differ[0]
-        raise DataError(f"{path} was prepared with data.{k}={have[k]!r} but the config says {want[k]!r}: "
-                        f"set data.dir to another folder (or match the data.* settings)")
+        listed = lambda d: ", ".join(f"data.{k}={d[k]!r}" for k in differ)
+        raise DataError(f"{path} was prepared with {listed(have)} but the config says {listed(want)}: drop these keys "
+                        f"(data.dir alone takes the dataset's settings) or set data.dir to another folder")
 
 
 def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]:
@@ -99,28 +135,36 @@ def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]
     return IMAGE_VOCAB, dataclasses.replace(m, image_shape=shape)
 
 
-def create_run_dir(cfg: Config, force: bool) -> Path:
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise CheckpointError(f"run directory {run_dir} already exists: choose another name (name=...), "
-                                  f"continue it with --resume {run_dir}, or pass --force to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
+# ------------------------------------------------------------------ run directory
 
 def load_run_config(run_dir: Path) -> Config:
+    """The run's config.yaml (checked against identity.json), reading the block layout from the run's own copy."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `attnlab train` created")
+    identity.check_config_file(run_dir)
     load_run_plugins(run_dir)  # the run's own copies, before its config names their patterns
-    return config_mod.load(path)
+    return config_mod.load(path, identity.layout_overrides(run_dir))
+
+
+def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> Config:
+    """A config given on resume in the form the run saved it (a copy): where the data is and which copy of the
+    block layout is read are not what the run is."""
+    data = dataclasses.replace(cfg.data, dir=saved.data.dir)
+    attention = cfg.attention
+    if attention.layout != saved.attention.layout and identity.layout_overrides(run_dir):  # the run reads its copy
+        if not identity.same_layout(run_dir, attention.layout):
+            raise CheckpointError(f"--resume {run_dir} with attention.layout={attention.layout}: its content differs "
+                                  f"from the run's copy {saved.attention.layout}: resume without config/overrides, or "
+                                  "start a new run with another name")
+        attention = dataclasses.replace(attention, layout=saved.attention.layout)
+    return dataclasses.replace(cfg, data=data, attention=attention)
 
 
 def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
     saved = load_run_config(run_dir)
     if cfg is not None:
+        cfg = _as_saved(run_dir, saved, cfg)
         if not cfg.model.image_shape and saved.model.image_shape:  # older runs saved the shape taken from the dataset
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_shape=saved.model.image_shape))
         changed = config_mod.diff(saved, cfg)
@@ -150,6 +194,9 @@ class Progress:
 
 # ------------------------------------------------------------------ the trainer
 
+step_timer = time.perf_counter  # times each step (train_seconds, the budget); tests replace it with a fake clock
+
+
 def _built_in_setup():
     """A Trainer attribute that ``setup()`` assigns: not an __init__ argument, left out of repr and ==."""
     return field(init=False, repr=False, compare=False)
@@ -161,6 +208,8 @@ class Trainer:
     run_dir: Path
     argv: list[str] = field(default_factory=list)
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's rank under torchrun
+    data_dir: str | Path | None = None  # resume: a copy of the run's dataset to use instead of its data.dir
+    resuming: bool = False  # the run directory exists: its dataset is the one it recorded
 
     # Built by setup(), from the config and the dataset; everything else reads these.
     device: torch.device = _built_in_setup()
@@ -178,6 +227,7 @@ class Trainer:
     steps_per_epoch: int = _built_in_setup()
     total_steps: int = _built_in_setup()
     scheduler: torch.optim.lr_scheduler.LambdaLR = _built_in_setup()
+    clock: RunClock = _built_in_setup()                                    # what the lr schedule follows
     scaler: torch.amp.GradScaler | None = _built_in_setup()               # float16 autocast only
     eval_every: int | None = _built_in_setup()
     progress: Progress = _built_in_setup()                                # what a checkpoint restores
@@ -193,7 +243,12 @@ class Trainer:
         self.amp_dtype = runtime.pick_dtype(cfg.train.dtype, self.device)
         runtime.seed_everything(cfg.train.seed)
         with distributed.main_first(self.dist):  # one rank prepares the dataset on disk
-            self.ds = open_dataset(cfg.data, progress=cfg.logging.progress and self.dist.is_main)
+            progress = cfg.logging.progress and self.dist.is_main
+            if not self.resuming:
+                self.ds = open_dataset(cfg.data, progress=progress)
+            else:  # resuming: the run's own dataset, checked against its record
+                self.ds = open_run_dataset(self.run_dir, cfg.data, data_dir=self.data_dir, rebuild=True,
+                                           hint=RESUME_DATA_HINT, progress=progress)
         vocab, model_cfg = fit_model_to_data(cfg, self.ds)
         self.image = self.ds.kind == "image"
         self.task = self.ds.task if self.ds.kind == "task" else None
@@ -211,6 +266,7 @@ class Trainer:
         else:
             self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed,
                                          rank=rank, world_size=world)
+        check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
         # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
@@ -219,10 +275,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.steps_per_epoch = max(1, self.batches.steps_per_epoch // cfg.train.grad_accum)
         self.total_steps = self._total_steps()
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.progress = Progress()
+        self.clock = RunClock(self.total_steps if self.total_steps < UNPLANNED else None, cfg.train.time_budget_s,
+                              lambda: self.progress.train_seconds)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.clock)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.eval_every = self._eval_every()
-        self.progress = Progress()
         self.saved_step = None
 
     def _total_steps(self) -> int:
@@ -232,12 +290,7 @@ class Trainer:
             candidates.append(t.max_steps)
         if t.epochs is not None:
             candidates.append(max(1, math.ceil(t.epochs * self.batches.steps_per_epoch / t.grad_accum)))
-        if not candidates:
-            if self.cfg.optim.schedule != "constant":
-                raise ConfigError("train.time_budget_s alone cannot place the lr schedule: also set train.max_steps "
-                                  "or train.epochs (or use optim.schedule=constant)")
-            candidates.append(10**12)
-        return min(candidates)
+        return min(candidates) if candidates else UNPLANNED  # a budget alone: the schedule follows the clock
 
     def _eval_every(self) -> int | None:
         t = self.cfg.train
@@ -261,15 +314,16 @@ class Trainer:
                 tokenizer=self.ds.meta["tokenizer"], splits=self.ds.meta["splits"], source=self.ds.meta.get("source"))
         # The model as built: its config completed from the dataset (image shape), which config.yaml leaves as given.
         log.log("model_configured", model=dataclasses.asdict(self.model.cfg), attention=config_mod.to_dict(cfg)["attention"])
-        log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+        log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch,
+                total_steps=self.clock.total_steps, schedule_follows=self.clock.follows)
 
-    def write_meta(self) -> None:
+    def meta_text(self) -> str:
         meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), "git_dirty": runtime.git_dirty(),
                 **runtime.device_info(self.device),
                 "seed": self.cfg.train.seed, "argv": self.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if self.dist.enabled:
             meta["distributed"] = {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
-        ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2))
+        return json.dumps(meta, indent=2)
 
     # ---------------------------------------------------------- checkpoints
 
@@ -277,6 +331,7 @@ class Trainer:
         if self.saved_step == self.progress.step:
             return ckpt.latest_checkpoint(self.run_dir)
         weights, optimizer = distributed.full_state(self.model, self.optimizer)  # FSDP: every rank gathers
+        self._check_finite(log, weights, optimizer)
         if self.dist.is_main:  # the full state, in the single-process format (any rank count can resume it)
             state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                      "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
@@ -289,6 +344,16 @@ class Trainer:
         distributed.barrier(self.dist)  # no rank goes on before the checkpoint is complete
         self.saved_step = self.progress.step
         return ckpt.latest_checkpoint(self.run_dir)
+
+    def _check_finite(self, log: EventLog, weights: dict | None, optimizer: dict) -> None:
+        """Stop like a diverged loss if weights or optimizer state hold NaN/inf: such a checkpoint is never saved."""
+        bad = None
+        if self.dist.is_main:
+            bad = ckpt.first_non_finite(weights or self.model.state_dict()) or ckpt.first_non_finite(optimizer, "optimizer")
+        if self.dist.enabled:  # every rank stops, not only the one that looked
+            bad = bad or ("a tensor" if distributed.all_reduce_sum(self.dist, [float(bad is not None)])[0] else None)
+        if bad:
+            self._diverged(log, self.progress.last_loss, tensor=bad)
 
     def restore(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
@@ -342,7 +407,6 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total.item()
 
@@ -401,21 +465,22 @@ class Trainer:
 
     def fit(self, log: EventLog) -> str:
         cfg, p = self.cfg, self.progress
-        bar = tqdm(total=self.total_steps if self.total_steps < 10**12 else None, initial=p.step,
+        bar = tqdm(total=self.total_steps if self.total_steps < UNPLANNED else None, initial=p.step,
                    disable=not (cfg.logging.progress and self.dist.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
         reason = self.should_stop()
         with _deferred_interrupts() as interrupted:
             while reason is None:
-                t0 = time.perf_counter()
+                t0 = step_timer()
                 loss = self.train_step()
                 # Ranks agree on the loss (global mean), step time and interrupts, so they stop together.
-                loss, dt, stop_now = distributed.agree(self.dist, loss, time.perf_counter() - t0, interrupted())
+                loss, dt, stop_now = distributed.agree(self.dist, loss, step_timer() - t0, interrupted())
                 if not math.isfinite(loss):
                     self._diverged(log, loss)
                 p.step += 1
                 p.tokens += tokens_per_step
                 p.train_seconds += dt
+                self.scheduler.step()  # after the step's seconds are counted: a budget schedule reads them
                 p.last_loss = loss
                 lr = self.scheduler.get_last_lr()[0]
                 if p.step % cfg.logging.log_every == 0 or p.step == 1:
@@ -432,16 +497,18 @@ class Trainer:
                     bar.close()
                     path = self.save(log)
                     log.log("training_interrupted", step=p.step, checkpoint=str(path))
-                    raise KeyboardInterrupt
+                    raise Interrupted(f"checkpoint {path} saved: continue with attnlab train --resume {self.run_dir}")
         bar.close()
         return reason
 
-    def _diverged(self, log: EventLog, loss: float) -> None:
-        step = self.progress.step + 1
+    def _diverged(self, log: EventLog, loss: float, tensor: str | None = None) -> None:
+        """The loss (or, with ``tensor``, a weight or optimizer tensor after a step) became NaN/inf."""
+        step = self.progress.step + (0 if tensor else 1)
         last = ckpt.latest_checkpoint(self.run_dir)
-        log.log("training_diverged", step=step, loss=loss, last_checkpoint=str(last) if last else None)
+        log.log("training_diverged", step=step, loss=loss, tensor=tensor, last_checkpoint=str(last) if last else None)
         kept = f"kept the last good checkpoint {last}" if last else "no checkpoint was saved yet"
-        raise TrainingDiverged(f"loss became {loss} at step {step} ({kept}): lower optim.lr, enable optim.grad_clip "
+        what = f"weights are not finite at step {step} ({tensor}; {kept})" if tensor else f"loss became {loss} at step {step} ({kept})"
+        raise TrainingDiverged(f"{what}: lower optim.lr, enable optim.grad_clip "
                                f"or use train.dtype=float32, then start a new run")
 
     def _split_summary(self, split: str, m: dict) -> dict:
@@ -498,8 +565,13 @@ class Trainer:
                 **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, **extra)
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
-        p = self.progress
+        p, final_start = self.progress, time.time()
         self.save(log)
+        planned = self.clock.total_steps
+        if reason == "time_budget" and planned is not None and p.step < planned and self.dist.is_main:
+            print(f"attnlab: warning: train.time_budget_s={self.cfg.train.time_budget_s:g} ended the run at step {p.step} "
+                  f"of {planned} planned (the lr schedule followed the budget and is annealed); a faster or quieter "
+                  f"machine trains further", file=sys.stderr)
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
         self._log_eval(log, val, final=True)
@@ -509,8 +581,9 @@ class Trainer:
             "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,
             "peak_memory_mb": runtime.peak_memory_mb(self.device), "params": self.model.num_params(),
             "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
-            "final_train_loss": p.last_loss, "stop_reason": reason,
-            "train_seconds": p.train_seconds, "wall_seconds": time.time() - wall_start,
+            "final_train_loss": p.last_loss, "stop_reason": reason, "schedule_follows": self.clock.follows,
+            "planned_steps": self.clock.total_steps, "final_lr": self.scheduler.get_last_lr()[0],
+            "train_seconds": p.train_seconds,
             "attention": self.model.describe()["attention"],
         }
         if not self.image:
@@ -520,6 +593,10 @@ class Trainer:
         self.write_samples(log)
         if self.dist.is_main:
             log.log("plot_written", path=str(plot_curves(self.run_dir, self.image)))
+        now = time.time()  # the whole command, final evaluation, samples and plot included
+        summary.update(final_seconds=now - final_start, wall_seconds=now - wall_start)
+        summary = jsonout.finite(summary, {"final_train_loss": "no training step ran"})
+        if self.dist.is_main:
             ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         log.log("summary", **summary)
         return summary
@@ -559,42 +636,82 @@ def auto_resume_target(cfg: Config) -> tuple[Path | None, bool]:
 
 
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, force: bool = False,
-          argv: list[str] | None = None, auto_resume: bool = False) -> dict:
+          argv: list[str] | None = None, auto_resume: bool = False, data_dir: str | Path | None = None) -> dict:
     """Run (or resume) training and return summary.json's content.
 
     Under torchrun every rank calls this (each returns the summary); rank 0
-    alone writes the run directory. ``auto_resume`` continues out_dir/name from
-    its newest complete checkpoint if it has one, else starts it, so that
+    alone writes the run directory, holding its lock from before the first
+    check to the end. ``auto_resume`` continues out_dir/name from its newest
+    complete checkpoint if it has one, else starts it, so that
     ``torchrun --max-restarts`` can re-run the same command after a failure.
+    ``data_dir`` (resume) points at a copy of the run's dataset; it must match the run's record.
     """
     wall_start = time.time()
-    if auto_resume:
-        if resume is not None or force or cfg is None:
-            raise UserError("--auto-resume takes a config and picks start or resume itself: "
-                            "drop --resume/--force (or drop --auto-resume)")
-        resume, force = auto_resume_target(cfg)
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = check_resume_config(run_dir, cfg)
-    else:
-        cfg.validate()
-        run_dir = None
-    dist = distributed.from_env()
-    trainer = Trainer(cfg, run_dir, argv or [], dist)
-    trainer.setup()  # data and model errors surface before anything is written
+    if auto_resume and (resume is not None or force or cfg is None):
+        raise UserError("--auto-resume takes a config and picks start or resume itself: "
+                        "drop --resume/--force (or drop --auto-resume)")
     if resume is None:
-        trainer.run_dir = run_dir = Path(cfg.out_dir) / cfg.name
-        if dist.is_main:
-            create_run_dir(cfg, force)
-            config_mod.save(cfg, run_dir / "config.yaml")
-            copy_plugins(cfg.attention.plugins, run_dir)
-            trainer.write_meta()
-        distributed.barrier(dist)  # the run directory exists before any rank uses it
+        cfg.validate()
+        run_dir = Path(cfg.out_dir) / cfg.name
     else:
+        run_dir = Path(resume)
+        folders.check_run_dir(run_dir)
+        if data_dir is None and cfg is not None and cfg.data.dir:  # the config's data.dir points at the data
+            data_dir = cfg.data.dir
+    dist = distributed.from_env()
+    made = dist.is_main and resume is None and _make_out_dir(run_dir.parent)  # it holds the lock file
+    try:
+        with folders.locked(run_dir) if dist.is_main else contextlib.nullcontext():
+            return _train_locked(cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start,
+                                 data_dir)
+    finally:
+        if made:  # refused before the run existed: leave no empty out_dir behind
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()
+
+
+def _make_out_dir(out_dir: Path) -> bool:
+    """Create out_dir if needed; whether it was created."""
+    if out_dir.is_dir():
+        return False
+    try:
+        out_dir.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise folders.cannot_write(out_dir, e, "choose a writable out_dir") from None
+    return True
+
+
+def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, auto_resume: bool,
+                  argv: list[str], dist: distributed.Dist, wall_start: float, data_dir: str | Path | None) -> dict:
+    if auto_resume:
+        target, force = auto_resume_target(cfg)
+        resume = target is not None
+    if resume:
+        cfg = check_resume_config(run_dir, cfg)
+        if dist.is_main:
+            for d in (run_dir, run_dir / "checkpoints"):
+                if d.is_dir():
+                    folders.check_writable(d, "make the run directory writable, or copy it somewhere writable and resume the copy")
+    elif dist.is_main:
+        folders.check_target(run_dir, "run", force, "choose another name (name=...)", f", continue it with --resume {run_dir}")
+    trainer = Trainer(cfg, run_dir, argv, dist, data_dir, resuming=resume)
+    trainer.setup()  # data and model errors surface before anything is written
+    if resume:
         trainer.restore()
+        if trainer.should_stop() and trainer._exists(run_dir / "summary.json"):
+            distributed.shutdown(dist)
+            return json.loads((run_dir / "summary.json").read_text())  # finished: nothing to add
+    else:
+        if dist.is_main:
+            folders.create_run_dir(run_dir, {"config.yaml": config_mod.dump(cfg), "meta.json": trainer.meta_text()})
+            copy_plugins(cfg.attention.plugins, run_dir)
+            identity.record(run_dir, cfg, trainer.ds)
+        distributed.barrier(dist)  # the run directory exists before any rank uses it
     log = EventLog(run_dir, cfg, enabled=dist.is_main)
     try:
-        trainer.log_start(log, resumed=resume is not None)
+        trainer.log_start(log, resumed=resume)
         reason = trainer.fit(log)
         summary = trainer.finish(log, reason, wall_start)
     finally:

@@ -102,8 +102,12 @@ def load_layout(path: str | None, n_head: int) -> tuple[torch.Tensor, str]:
         raise ConfigError(f"attention.layout={path!r} not found: pass a .npy file saved with numpy.save")
     try:
         arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise ConfigError(f"attention.layout={path!r} is not a plain .npy array ({e}): save it with numpy.save(path, bool_array)") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens .npz (zip) archives as a lazy dict of arrays
+        arr.close()
+        raise ConfigError(f"attention.layout={path!r} is an .npz archive, not a .npy array: save one array with "
+                          "numpy.save(path, bool_array)")
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1] != arr.shape[2] or arr.shape[0] not in (1, n_head):

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from ...errors import CheckpointError
 from .filters import SamplingConfig, StopStrings, next_token
 
 # A stop test sees the sequences so far [B, T] and returns the rows that are finished [B].
@@ -44,6 +45,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, sampling: Samp
         idx, logits = prompt, decoder.start()
         finished = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
         for step in tqdm(range(max_new_tokens), desc="sampling", unit="tok", disable=not progress, leave=False):
+            _check_finite(logits)
             if banned.numel():
                 logits = logits.index_fill(-1, banned, float("-inf"))
             nxt = next_token(logits, sampling, idx, generator)
@@ -61,6 +63,14 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, sampling: Samp
     finally:
         model.train(was_training)
     return idx
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    """Sampling from NaN/inf logits would crash deep in torch.multinomial: say what it means instead."""
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError("the model's predictions are not finite (NaN or infinite logits): its weights come from a "
+                              "run that diverged; sample an earlier checkpoint (--checkpoint) or retrain with a lower "
+                              "optim.lr")
 
 
 class _Decoder:

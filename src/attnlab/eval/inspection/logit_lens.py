@@ -213,15 +213,13 @@ def _encode_text(run, text: str) -> torch.Tensor:
     return encode_text(run, text)
 
 
-def logit_lens_report(run_dir: str | Path, text: str, out: str | Path, *, top_k: int = 5,
-                      checkpoint: str | Path | None = None, device: str = "auto", force: bool = False) -> dict:
-    """``attnlab viz logit-lens``: write lens.png, lens.md and lens.csv into ``out``; returns what was written."""
-    from ...runs import load_run
+def logit_lens_report(run, text: str, out: str | Path, *, top_k: int = 5, force: bool = False) -> dict:
+    """``attnlab viz logit-lens`` for a loaded run (``runs.load_run``): write lens.png, lens.md and lens.csv
+    into ``out``; returns what was written."""
     out = Path(out)
     check_out_dir(out, force)
     if top_k < 1:
         raise UserError(f"--top-k {top_k} must be >= 1")
-    run = load_run(run_dir, checkpoint, device)
     ids = _encode_text(run, text)
     result = logit_lens(run.model, ids)
     tok = run.dataset.tokenizer

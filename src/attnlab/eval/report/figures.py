@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import config as config_mod
 from ..inspection.pattern_viz import draw_pattern, pattern_from_overrides
 from .run_data import RunData
 from .stats import Group
@@ -88,7 +89,7 @@ class PatternPicture:
 
 def _pattern_key(run: RunData) -> str:
     cfg = run.cfg
-    return json.dumps([cfg.model.n_head, cfg.model.n_layer, cfg.model.context, vars(cfg.attention)], sort_keys=True, default=str)
+    return json.dumps([cfg.model.n_head, cfg.model.n_layer, cfg.model.context, config_mod.to_dict(cfg)["attention"]], sort_keys=True, default=str)
 
 
 def pattern_pictures(runs: list[RunData], scratch: Path) -> list[PatternPicture]:
@@ -104,7 +105,7 @@ def pattern_pictures(runs: list[RunData], scratch: Path) -> list[PatternPicture]
     for i, members in enumerate(by_key.values()):
         cfg = members[0].cfg
         h, n_layer = cfg.model.n_head, cfg.model.n_layer
-        attn = {f"attention.{k}": v for k, v in vars(cfg.attention).items()}
+        attn = {f"attention.{k}": v for k, v in config_mod.to_dict(cfg)["attention"].items()}
         layers = [pattern_from_overrides(attn, h, layer, n_layer) for layer in range(n_layer)]
         per_layer = len({(p.name, repr(p.params())) for p in layers}) > 1
         seq_len = min(cfg.model.context, PATTERN_MAX_LEN)

@@ -89,7 +89,7 @@ def attention_label(run: RunData) -> str:
     keys a pattern ignores (a dense run's window) do not make configs look different."""
     from ..inspection.pattern_viz import format_params, pattern_from_overrides
     cfg = run.cfg
-    attn = {f"attention.{k}": v for k, v in vars(cfg.attention).items()}
+    attn = {f"attention.{k}": v for k, v in config_mod.to_dict(cfg)["attention"].items()}
     pattern = pattern_from_overrides(attn, cfg.model.n_head, 0, cfg.model.n_layer)
     params = format_params({k: v for k, v in pattern.params().items() if k != "n_head"}).replace(";", ", ")
     return f"{pattern.name}({params})" if params else pattern.name
