@@ -188,7 +188,7 @@ class TaskDataset:
     kind = "task"
 
     @classmethod
-    def from_config(cls, cfg: DataConfig) -> "TaskDataset":
+    def from_config(cls, cfg: DataConfig) -> TaskDataset:
         task = ArithmeticTask(cfg)
         tok = task.tokenizer
         meta = {"kind": "task", "source": task.describe(), "vocab_size": tok.vocab_size,

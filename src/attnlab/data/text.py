@@ -197,7 +197,8 @@ def tokenizer_from_file(path, kind: str = "bpe") -> BPETokenizer:
     The vocabulary is the file's; its end-of-text token (one of EOS_TOKENS) separates documents, or
     ``<eos>`` is added when it has none. Truncation and padding settings are dropped: documents are
     encoded whole."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
 
     if kind != "bpe":
         raise DataError(f"data.tokenizer_file replaces the trained BPE tokenizer, but data.tokenizer={kind}: "
