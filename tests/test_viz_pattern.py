@@ -200,3 +200,11 @@ def test_unknown_picture_format(tmp_path, capsys):
 def test_draw_pattern_refuses_huge(tmp_path):
     with pytest.raises(ConfigError, match="8192"):
         draw_pattern(Dense(), 8193, 1, tmp_path / "x.png")
+
+
+def test_overrides_from_a_loaded_attention_config():
+    """vars(AttentionConfig) keeps pattern parameters in `params`: they count as flat attention.* keys."""
+    from attnlab import config
+    a = config.load(None, ["attention.pattern=local", "attention.window=4", "train.max_steps=1"]).attention
+    p = pattern_from_overrides({f"attention.{k}": v for k, v in vars(a).items()}, 2)
+    assert p.name == "local" and p.params()["window"] == 4

@@ -14,6 +14,7 @@ from .errors import CheckpointError, ConfigError, Interrupted, UserError
 PREPARE_FLAGS = {  # --flag -> data.<key>
     "path": str, "format": str, "field": str, "categories": str, "max_docs": int, "max_bytes": int,
     "tokenizer": str, "vocab_size": int, "val_frac": float, "seed": int,
+    "split": str, "config": str, "tokenizer_file": str,  # hf: sources, existing tokenizer files
 }
 
 
@@ -23,10 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="turn a text source into an on-disk token dataset")
-    pr.add_argument("source", help="python-stdlib, hn-titles, shakespeare, arxiv-abstracts, or a local file/folder")
+    pr.add_argument("source", help="python-stdlib, hn-titles, shakespeare, arxiv-abstracts, hf:NAME, or a local file/folder")
     pr.add_argument("--out", required=True, help="output dataset folder")
     for name, tp in PREPARE_FLAGS.items():
         pr.add_argument("--" + name.replace("_", "-"), dest=name, type=tp)
+    pr.add_argument("--export-hf", metavar="DIR", help="also write each split's documents as a Hugging Face dataset (load_from_disk)")
     pr.add_argument("--force", action="store_true", help="replace an existing dataset folder")
     pr.add_argument("overrides", nargs="*", help="more data.key=value settings")
 
@@ -186,14 +188,14 @@ def cmd_prepare(a) -> None:
         for arg in a.overrides:
             key, value = parse_override(arg)
             set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
-        meta = store.prepare(cfg.data, a.out, force=a.force)
+        meta = store.prepare(cfg.data, a.out, force=a.force, export_hf=a.export_hf)
     except Interrupted:
         raise
     except KeyboardInterrupt:  # the dataset is written in a temporary folder and moved into place at the end
         raise Interrupted(f"{a.out} was not written (nothing was changed)") from None
     except UserError as e:  # speak of the flags the user typed, not of the config keys behind them
         raise type(e)(_as_flags(str(e), [n for n in PREPARE_FLAGS if getattr(a, n) is not None])) from None
-    print(json.dumps({"out": a.out, "vocab_size": meta["vocab_size"],
+    print(json.dumps({"out": a.out, **({"export_hf": a.export_hf} if a.export_hf else {}), "vocab_size": meta["vocab_size"],
                       **{f"{k}_tokens": v["tokens"] for k, v in meta["splits"].items()},
                       **{f"{k}_bytes": v["bytes"] for k, v in meta["splits"].items()}}))
 
@@ -267,6 +269,8 @@ def cmd_eval(a) -> None:
     _check_device(a.device)
     _check_counts(a, "context", "stride", "batch_size")
     run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    if run.dataset.kind == "task":
+        return _eval_task(run, a)
     splits = run.dataset.meta["splits"]
     if a.split not in splits:
         raise UserError(f"split {a.split!r} not in {run.dataset.dir}: use one of {', '.join(splits)}")
@@ -333,6 +337,17 @@ def _context_sweep(run, a) -> dict:
     return {"context_sweep": rows, **files}
 
 
+def _eval_task(run, a) -> None:
+    """An arithmetic run: the exact-match accuracy table on the held-out problems, then the numbers as JSON."""
+    from .eval.metrics.accuracy import accuracy_table, task_metrics
+    if a.split != "val" or a.context or a.stride or a.context_sweep:
+        raise UserError(f"{run.dir} is an arithmetic run: it is evaluated on its held-out problems (drop --split/--context/--stride/--context-sweep)")
+    m = task_metrics(run.model, run.dataset.task, device=run.device, batch_size=max(a.batch_size, 256))
+    print(accuracy_table(m, run.dataset.task))
+    print(json.dumps({"run": str(run.dir), "checkpoint": str(run.checkpoint), "task": run.dataset.task.describe(),
+                      **{f"val_{k}": v for k, v in m.items() if k != "partial"}}))
+
+
 def _eval_images(run, a) -> dict:
     from .data.image_format import SOS
     from .eval.metrics.scoring import image_metrics, score_images
@@ -359,6 +374,12 @@ def cmd_sample(a) -> None:
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty)
     run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    if run.dataset.kind == "task":  # problems and the model's greedy answers
+        from .eval.generation.task_samples import pick_problems, sample_lines
+        n = 8 if a.num_samples == 1 else a.num_samples  # a handful of problems unless asked for more
+        problems = pick_problems(run.dataset.task, n, a.seed, a.prompt)
+        print("\n".join(sample_lines(run.model, run.dataset.task, problems, run.device)))
+        return
     if run.dataset.kind == "image" or a.images or a.complete:
         return _sample_images(run, a, sampling)
     stream = (lambda text: print(text, end="", flush=True)) if a.stream else None

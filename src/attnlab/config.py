@@ -41,7 +41,9 @@ def opt(default, *, choices=None, lo=None, hi=None, help=""):
 @dataclass
 class DataConfig:
     source: str = opt("python-stdlib", help="named source (python-stdlib, hn-titles, shakespeare, arxiv-abstracts; "
-                                            "images: cifar10, digits, image-folder, imagenet-downsampled) or a local file")
+                                            "images: cifar10, digits, image-folder, imagenet-downsampled; arithmetic: "
+                                            "addition, subtraction, multiplication), hf:NAME (a Hugging Face dataset "
+                                            "or a local save_to_disk/parquet path) or a local file")
     path: str | None = opt(None, help="local copy of a named download source")
     format: str = opt("auto", choices=["auto", "text", "lines", "jsonl", "csv", "tsv", "parquet", "arxiv"])
     field: str | None = opt(None, help="JSONL field / CSV column / parquet column holding the text")
@@ -56,6 +58,16 @@ class DataConfig:
     image_size: int | None = opt(None, choices=[8, 16, 32, 64], help="images: resize/downsample to S x S (default: the source's size)")
     classes: list[str] = opt([], help="images: keep only these classes (names or label numbers)")
     max_test: int | None = opt(None, lo=1, help="images: keep only the first N test images (a faster, labelled subset)")
+    split: str | None = opt(None, help="hf: sources: the split to read (default train)")
+    config: str | None = opt(None, help="hf: sources: the dataset configuration (subset) name")
+    tokenizer_file: str | None = opt(None, help="an existing Hugging Face tokenizer.json used instead of training one "
+                                                "(data.tokenizer=bpe; the vocabulary size comes from the file)")
+    task: str | None = opt(None, choices=["addition", "subtraction", "multiplication"],
+                           help="arithmetic sources: the operation (default: the source's name)")
+    digits: int = opt(3, lo=1, hi=30, help="arithmetic: training operands have 1..digits digits")
+    eval_digits: list[int] = opt([], help="arithmetic: operand lengths of the held-out problems (default 1..digits+2)")
+    eval_problems: int = opt(100, lo=1, hi=100000, help="arithmetic: held-out problems per operand length")
+    reverse_answer: bool = opt(False, help="arithmetic: write the answer's digits least significant first")
 
 
 @dataclass

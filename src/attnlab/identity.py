@@ -34,6 +34,8 @@ LAYOUT_COPY = "attention_layout.npy"
 
 def dataset_record(ds: store.Dataset) -> dict:
     """Where the dataset is and the sha256 of every file it is made of (from its verified meta.json)."""
+    if ds.kind == "task":  # generated problems: no folder, no files; the settings say it all
+        return {"dir": None, "kind": "task", "vocab_size": ds.vocab_size, "files": {}, "task": ds.meta["source"]}
     files = {}
     for name, info in ds.meta["splits"].items():
         files[info.get("file", f"{name}.bin")] = info.get("sha256")

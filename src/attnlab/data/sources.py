@@ -13,7 +13,9 @@ meta.json. Named sources:
   ``gfissore/arxiv-abstracts-2021``, or ``data.path`` = a snapshot such as
   ``arxiv-metadata-oai-snapshot.json``); document = title + newline + abstract.
 
-Anything else is a local file or folder read with ``data.format``.
+``hf:NAME`` is any Hugging Face dataset (``load_hf``): a hub name or a local
+``save_to_disk`` folder / parquet files. Anything else is a local file or
+folder read with ``data.format``.
 The only text normalisation is removing NUL characters: NUL is the
 document separator of the byte tokenizer.
 """
@@ -42,6 +44,8 @@ from ..errors import DataError
 from ..files import file_digests
 
 NAMED_SOURCES = ("python-stdlib", "hn-titles", "shakespeare", "arxiv-abstracts")
+HF_PREFIX = "hf:"  # hf:NAME = any Hugging Face dataset (hub name or local save_to_disk/parquet path)
+ARXIV_META = ("id", "categories", "authors", "update_date", "doi")  # kept per document for --export-hf
 FORMATS = ("text", "lines", "jsonl", "csv", "tsv", "parquet", "arxiv")
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -63,6 +67,7 @@ _EXT_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": 
 class Documents:
     docs: list[str]                            # one string per document, deterministic order
     info: dict = field(default_factory=dict)   # provenance for meta.json
+    meta: list[dict] | None = None             # per-document fields (arXiv id, categories, ...) for --export-hf
 
 
 def load_documents(cfg: DataConfig) -> Documents:
@@ -71,6 +76,8 @@ def load_documents(cfg: DataConfig) -> Documents:
                "shakespeare": _shakespeare, "arxiv-abstracts": _arxiv_abstracts}
     if cfg.source in loaders:
         result = loaders[cfg.source](cfg)
+    elif cfg.source.startswith(HF_PREFIX):
+        result = load_hf(cfg)
     else:
         result = _local(cfg)
     return _finish(result, cfg)
@@ -80,6 +87,7 @@ def _finish(result: Documents, cfg: DataConfig) -> Documents:
     """Strip NULs, drop empty documents, record counts; 0 documents is an error."""
     docs = [d.replace("\x00", "") if "\x00" in d else d for d in result.docs]
     n_empty = sum(1 for d in docs if not d)
+    meta = None if result.meta is None else [m for d, m in zip(docs, result.meta, strict=True) if d]
     docs = [d for d in docs if d]
     if not docs:
         where = f" in {result.info['path']}" if result.info.get("path") else ""
@@ -91,7 +99,7 @@ def _finish(result: Documents, cfg: DataConfig) -> Documents:
     info = {"name": cfg.source, **result.info, "documents": len(docs), "documents_sha256": digest.hexdigest()}
     if n_empty:
         info["empty_documents_dropped"] = n_empty
-    return Documents(docs, info)
+    return Documents(docs, info, meta)
 
 
 # ------------------------------------------------------------------ file I/O
@@ -147,12 +155,16 @@ def _local(cfg: DataConfig) -> Documents:
         raise DataError(f"data source {cfg.source!r} is neither a named source ({', '.join(NAMED_SOURCES)}) "
                         f"nor an existing file or folder: fix data.source")
     fmt = infer_format(path) if cfg.format == "auto" else cfg.format
-    docs, info = read_path(path, fmt, cfg.field or "text", cfg.categories)
-    return Documents(docs, {"kind": "local", "format": fmt, **info})
+    metas = [] if fmt == "arxiv" else None
+    docs, info = read_path(path, fmt, cfg.field or "text", cfg.categories, metas)
+    return Documents(docs, {"kind": "local", "format": fmt, **info}, metas)
 
 
-def read_path(path: Path, fmt: str, field_: str = "text", categories: Iterable[str] = ()) -> tuple[list[str], dict]:
-    """Documents of a file or a folder (its files, sorted by relative path) in format `fmt`."""
+def read_path(path: Path, fmt: str, field_: str = "text", categories: Iterable[str] = (),
+              metas: list | None = None) -> tuple[list[str], dict]:
+    """Documents of a file or a folder (its files, sorted by relative path) in format `fmt`.
+
+    ``metas``, a list, receives each arXiv document's metadata (format ``arxiv`` only)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data.format {fmt!r}: use one of auto, {', '.join(FORMATS)}")
     if not path.exists():
@@ -166,7 +178,7 @@ def read_path(path: Path, fmt: str, field_: str = "text", categories: Iterable[s
         stored = _read_raw(f)
         rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
         digest.update(rel.encode() + b"\0" + stored + b"\0")
-        docs += _parse_file(f, _gunzip(stored, f), fmt, field_, list(categories))
+        docs += _parse_file(f, _gunzip(stored, f), fmt, field_, list(categories), metas)
     info = {"path": str(path.resolve()), "sha256": digest.hexdigest()}
     if path.is_dir():
         info["files"] = len(files)
@@ -182,7 +194,7 @@ def _folder_files(root: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _parse_file(path: Path, data: bytes, fmt: str, field_: str, categories: list[str]) -> list[str]:
+def _parse_file(path: Path, data: bytes, fmt: str, field_: str, categories: list[str], metas: list | None = None) -> list[str]:
     if fmt == "parquet":
         return _parquet(path, data, field_)
     text = _decode(data, path)
@@ -194,7 +206,7 @@ def _parse_file(path: Path, data: bytes, fmt: str, field_: str, categories: list
         return _jsonl_field(_jsonl(text, path), field_, path)
     if fmt in ("csv", "tsv"):
         return _csv(text, path, field_, fmt)
-    return _arxiv_docs(_jsonl(text, path), categories, path)
+    return _arxiv_docs(_jsonl(text, path), categories, path, metas)
 
 
 def _lines(text: str) -> list[str]:
@@ -342,18 +354,21 @@ def _shakespeare(cfg: DataConfig) -> Documents:
 # --------------------------------------------------------- arxiv-abstracts
 
 def _arxiv_abstracts(cfg: DataConfig) -> Documents:
+    metas: list | None = []
     if cfg.path:
         path = _existing(cfg.path, "arxiv-abstracts", "arxiv-metadata-oai-snapshot.json")
         fmt = "arxiv" if cfg.format == "auto" else cfg.format
-        docs, info = read_path(path, fmt, cfg.field or "abstract", cfg.categories)
+        metas = metas if fmt == "arxiv" else None
+        docs, info = read_path(path, fmt, cfg.field or "abstract", cfg.categories, metas)
     else:
         records, info = _hub_records("arxiv-abstracts", ARXIV_HUB, "arxiv-metadata-oai-snapshot.json (JSON lines)")
-        docs = _arxiv_docs(records, cfg.categories, Path(ARXIV_HUB))
+        docs = _arxiv_docs(records, cfg.categories, Path(ARXIV_HUB), metas)
     info["categories_filter"] = list(cfg.categories)
-    return Documents(docs, {"kind": "arxiv-abstracts", **info})
+    return Documents(docs, {"kind": "arxiv-abstracts", **info}, metas)
 
 
-def _arxiv_docs(records: Iterable[dict], categories: list[str], path: Path) -> list[str]:
+def _arxiv_docs(records: Iterable[dict], categories: list[str], path: Path, metas: list | None = None) -> list[str]:
+    """Title + newline + abstract per record; ``metas`` (a list) also receives its ARXIV_META fields."""
     docs = []
     for rec in records:
         missing = [k for k in ("title", "abstract") if k not in rec]
@@ -363,7 +378,18 @@ def _arxiv_docs(records: Iterable[dict], categories: list[str], path: Path) -> l
             continue
         title = " ".join((rec["title"] or "").split())
         docs.append(title + "\n" + (rec["abstract"] or "").strip())
+        if metas is not None:
+            metas.append({k: _meta_text(rec[k]) for k in ARXIV_META if k in rec})
     return docs
+
+
+def _meta_text(value) -> str | None:
+    """A metadata value as text: lists (the hub's categories) joined by spaces, as in the arXiv snapshot."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
 
 
 def _category_match(cats, filters: list[str]) -> bool:
@@ -465,3 +491,97 @@ def _hub_column(source: str, name: str, field_: str, example: str) -> tuple[list
 def _hub_records(source: str, name: str, example: str) -> tuple[Iterator[dict], dict]:
     ds = _load_hub(source, name, example)
     return iter(ds), _hub_info(ds, name)
+
+
+# ------------------------------------------------------------------ hf:NAME
+# Any Hugging Face dataset, through `datasets`: a hub name (data.config, data.split), or a local copy:
+# a folder written by Dataset/DatasetDict.save_to_disk, a parquet file, or a folder of parquet files
+# (data.path names a local copy of a hub dataset). data.field is the text column (default `text`);
+# the other scalar columns travel with each document as its metadata (for --export-hf).
+
+HF_EXAMPLE = "a local copy (a save_to_disk folder or parquet files)"
+
+
+def load_hf(cfg: DataConfig) -> Documents:
+    name = cfg.source[len(HF_PREFIX):]
+    if not name:
+        raise DataError("data.source='hf:' names no dataset: use hf:NAME (a hub dataset) or hf:/path/to/folder")
+    datasets = _import_datasets(cfg.source)
+    local = Path(cfg.path or name).expanduser()
+    if (cfg.path or name.startswith(("/", ".", "~"))) and not local.exists():
+        raise DataError(f"{local} (for {cfg.source}) does not exist: pass an existing path, or data.path=/path/to/{HF_EXAMPLE}")
+    split = cfg.split or "train"
+    if local.exists():
+        ds, origin = _hf_load_local(datasets, local, split, cfg.config), {"path": str(local.resolve())}
+    else:
+        ds, origin = _hf_load_hub(datasets, cfg.source, name, split, cfg.config), {"hub_dataset": name}
+    field_ = cfg.field or "text"
+    if field_ not in ds.column_names:
+        raise _missing_field(Path(cfg.source), field_, ds.column_names)
+    docs, metas = _hf_rows(ds, field_, cfg.source)
+    info = {"kind": "hf", **origin, "split": split, "config": cfg.config, "field": field_, "rows": len(ds),
+            "fingerprint": getattr(ds, "_fingerprint", None)}
+    return Documents(docs, info, metas)
+
+
+def _import_datasets(source: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source} needs the `datasets` package: pip install 'attnlab[data]'") from None
+    return datasets
+
+
+def _hf_load_local(datasets, path: Path, split: str, config: str | None):
+    """A save_to_disk folder (Dataset or DatasetDict), parquet file(s), or any folder `datasets` can read."""
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            return _pick_split(ds, split, path) if isinstance(ds, datasets.DatasetDict) else ds
+        parquet = sorted(path.rglob("*.parquet")) if path.is_dir() else [path] if path.suffix == ".parquet" else []
+        if parquet:
+            return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
+        return datasets.load_dataset(str(path), config, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable folders
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise DataError(f"{path} is not a readable Hugging Face dataset ({reason}): pass a save_to_disk folder "
+                        "or parquet files") from None
+
+
+def _pick_split(dd, split: str, path: Path):
+    if split not in dd:
+        raise DataError(f"{path} has no split {split!r}: set data.split to one of {', '.join(dd)}")
+    return dd[split]
+
+
+def _hf_load_hub(datasets, source: str, name: str, split: str, config: str | None):
+    try:
+        _probe_hub()
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline: ConnectionError, OSError, hub errors...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise DataError(f"cannot load {source} from the Hugging Face hub (no network or no such dataset: {reason}): "
+                        f"pass data.path=/path/to/{HF_EXAMPLE}") from None
+
+
+def _hf_rows(ds, field_: str, source: str) -> tuple[list[str], list[dict]]:
+    """The text column as documents; the other scalar columns as each document's metadata."""
+    keep = [c for c, feature in ds.features.items() if c != field_ and _is_scalar_feature(feature)]
+    texts = list(ds[field_])  # plain lists: indexing a `datasets` column row by row is slow
+    bad = next((v for v in texts if not isinstance(v, (str, type(None)))), None)
+    if bad is not None:
+        raise DataError(f"{source}: column {field_!r} holds {type(bad).__name__}, not text: choose a text column with data.field")
+    columns = {c: list(ds[c]) for c in keep}
+    docs, metas = [], []
+    for i, text in enumerate(texts):
+        if text is None:
+            continue
+        docs.append(text)
+        metas.append({c: columns[c][i] for c in keep})
+    return docs, metas
+
+
+def _is_scalar_feature(feature) -> bool:
+    return type(feature).__name__ == "Value"

@@ -35,10 +35,10 @@ from .. import __version__, folders
 from ..config import DataConfig
 from ..errors import DataError
 from ..files import file_sha256
-from . import image_sources
+from . import hf_export, image_sources, tasks
 from .image_format import from_sequence
 from .sources import load_documents
-from .text import EOS, Tokenizer, load_tokenizer, token_dtype, train_tokenizer
+from .text import EOS, Tokenizer, load_tokenizer, token_dtype, tokenizer_from_file, train_tokenizer
 
 FORMAT_VERSION = 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -87,10 +87,19 @@ class Dataset:
 
 # -------------------------------------------------------------- prepare
 
+# Keys added after the format was fixed: recorded only when set, so older datasets (and their default
+# data/<name>-<hash> folders) still match configs that leave them at their defaults.
+LATER_KEYS = ("split", "config", "tokenizer_file", "task", "digits", "eval_digits", "eval_problems", "reverse_answer")
+
+
 def config_record(cfg: DataConfig) -> dict:
     """The data config as recorded in meta.json (``dir`` is where, not what)."""
     d = dataclasses.asdict(cfg)
     d.pop("dir", None)
+    defaults = dataclasses.asdict(DataConfig())
+    for k in LATER_KEYS:
+        if k in d and d[k] == defaults[k]:
+            d.pop(k)
     return d
 
 
@@ -105,22 +114,26 @@ def is_prepared_for(dir, cfg: DataConfig) -> bool:
 
 def select_documents(docs: list[str], cfg: DataConfig) -> list[str]:
     """Seeded shuffle, then the max_docs / max_bytes caps (keeping the shuffled prefix)."""
-    order = np.random.default_rng(cfg.seed).permutation(len(docs))
-    docs = [docs[i] for i in order]
+    return [docs[i] for i in select_indices(docs, cfg)]
+
+
+def select_indices(docs: list[str], cfg: DataConfig) -> list[int]:
+    """The indices of ``select_documents``'s result (so per-document metadata can follow the documents)."""
+    order = np.random.default_rng(cfg.seed).permutation(len(docs)).tolist()
     if cfg.max_docs is not None:
-        docs = docs[: cfg.max_docs]
+        order = order[: cfg.max_docs]
     if cfg.max_bytes is not None:
         total, keep = 0, 0
-        for d in docs:
-            total += len(d.encode("utf-8"))
+        for i in order:
+            total += len(docs[i].encode("utf-8"))
             if total > cfg.max_bytes:
                 break
             keep += 1
-        if keep == 0 and docs:
+        if keep == 0 and order:
             raise DataError(f"data.max_bytes={cfg.max_bytes} is smaller than the first (shuffled) document "
-                            f"({len(docs[0].encode('utf-8'))} bytes): raise data.max_bytes")
-        docs = docs[:keep]
-    return docs
+                            f"({len(docs[order[0]].encode('utf-8'))} bytes): raise data.max_bytes")
+        order = order[:keep]
+    return order
 
 
 def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
@@ -138,14 +151,23 @@ def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
     return splits
 
 
-def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, wait: bool = False) -> dict:
+def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, wait: bool = False,
+            export_hf=None) -> dict:
     """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta.
 
     The folder is locked while it is written (another process preparing it
     makes this one fail, or with ``wait`` wait and reuse its dataset when that
     was prepared from the same config); ``force`` replaces only an attnlab dataset.
+    ``export_hf``: also write each split's documents as a Hugging Face dataset folder there.
     """
     out = Path(out_dir)
+    if tasks.is_task(cfg):
+        raise DataError(f"{cfg.source} problems are generated while training, so there is nothing to prepare: "
+                        f"train with data.source={cfg.source}")
+    if export_hf is not None:
+        if cfg.source in image_sources.IMAGE_SOURCES:
+            raise DataError(f"--export-hf writes text documents; {cfg.source} holds images: drop --export-hf")
+        hf_export.check_export_target(export_hf, force)
     _check_not_prepared(cfg)
     folders.refuse_working_directory(out, "dataset folder", "pass a new folder, e.g. --out data/NAME", DataError)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
@@ -156,7 +178,7 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
                 return json.loads((out / "meta.json").read_text(encoding="utf-8"))
             folders.check_target(out, "dataset", force, "choose another --out")
             with folders.sigterm_as_interrupt():
-                return _prepare_locked(cfg, out, progress)
+                return _prepare_locked(cfg, out, progress, export_hf)
     except BaseException:
         for folder in created:  # the folders made for the dataset, deepest first, if still empty
             with contextlib.suppress(OSError):
@@ -164,15 +186,17 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
         raise
 
 
-def _prepare_locked(cfg: DataConfig, out: Path, progress: bool) -> dict:
+def _prepare_locked(cfg: DataConfig, out: Path, progress: bool, export_hf=None) -> dict:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()
     except OSError as e:
         raise folders.cannot_write(out.parent, e, "choose a writable --out", DataError) from None
     try:
-        write = image_sources.write_dataset if cfg.source in image_sources.IMAGE_SOURCES else _write_text
-        body = write(cfg, tmp, progress)
+        if cfg.source in image_sources.IMAGE_SOURCES:
+            body = image_sources.write_dataset(cfg, tmp, progress)
+        else:
+            body = _write_text(cfg, tmp, progress, export_hf)
         meta = {
             "format_version": FORMAT_VERSION,
             "attnlab_version": __version__,
@@ -205,21 +229,30 @@ def _check_not_prepared(cfg: DataConfig) -> None:
                             "(data.source and data.path name the raw text or images)")
 
 
-def _write_text(cfg: DataConfig, tmp: Path, progress: bool) -> dict:
+def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> dict:
     """Load, shuffle and split the documents, train the tokenizer on train, write the splits; meta entries."""
     documents = load_documents(cfg)
-    splits = split_documents(select_documents(documents.docs, cfg), cfg.val_frac)
-    tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
+    split_idx = split_documents(select_indices(documents.docs, cfg), cfg.val_frac)  # lists of document indices
+    splits = {name: [documents.docs[i] for i in idx] for name, idx in split_idx.items()}
+    if cfg.tokenizer_file:
+        tok = tokenizer_from_file(cfg.tokenizer_file, cfg.tokenizer)
+    else:
+        tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
     split_meta = {name: _write_split(tmp / f"{name}.bin", name, docs, tok, progress) for name, docs in splits.items()}
     tok.save(tmp / "tokenizer.json")
+    if export_hf is not None:
+        hf_export.export_splits(export_hf, documents.docs, documents.meta, split_idx)
+    tok_meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
+                "sha256": file_sha256(tmp / "tokenizer.json")}
+    if cfg.tokenizer_file:
+        tok_meta.update(from_file=str(Path(cfg.tokenizer_file).resolve()), eos_token=tok.eos_token)
     return {
         "kind": "text",
         "source": documents.info,
-        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
-                      "sha256": file_sha256(tmp / "tokenizer.json")},
+        "tokenizer": tok_meta,
         "vocab_size": tok.vocab_size,
         "dtype": tok.dtype.name,
-        "document_separator": EOS,
+        "document_separator": getattr(tok, "eos_token", EOS),
         "documents_selected": sum(len(d) for d in splits.values()),
         "splits": split_meta,
     }

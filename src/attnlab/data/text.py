@@ -23,6 +23,9 @@ from ..errors import DataError
 
 EOS = "<eos>"
 UNK = "<unk>"
+# Document separators recognised in an existing Hugging Face tokenizer file (GPT-2, Llama 3, SentencePiece ones);
+# a file with none of them gets <eos> added as one more special token.
+EOS_TOKENS = (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>")
 KINDS = ("bpe", "bytes", "char")
 
 
@@ -134,11 +137,13 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, hf):
         self._tok = hf
-        # Text that contains "<eos>" must encode as text, not as the separator id.
+        # Text that contains "<eos>" (or any special token) must encode as text, not as the separator id.
         self._tok.encode_special_tokens = True
-        self.eos_id = hf.token_to_id(EOS)
-        if self.eos_id is None:
+        # The separator: attnlab's <eos>, else an existing tokenizer file's own end-of-text token.
+        self.eos_token = next((t for t in EOS_TOKENS if hf.token_to_id(t) is not None), None)
+        if self.eos_token is None:
             raise ValueError(f"BPE tokenizer has no {EOS} token")
+        self.eos_id = hf.token_to_id(self.eos_token)
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast skips offsets
 
@@ -184,6 +189,33 @@ def train_tokenizer(kind: str, train_docs: list[str], vocab_size: int) -> Tokeni
     if kind == "char":
         return CharTokenizer.train(train_docs)
     raise DataError(f"unknown tokenizer {kind!r}: use data.tokenizer=bpe, bytes or char")
+
+
+def tokenizer_from_file(path, kind: str = "bpe") -> BPETokenizer:
+    """An existing Hugging Face ``tokenizer.json`` used as is (``data.tokenizer_file``): no training.
+
+    The vocabulary is the file's; its end-of-text token (one of EOS_TOKENS) separates documents, or
+    ``<eos>`` is added when it has none. Truncation and padding settings are dropped: documents are
+    encoded whole."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if kind != "bpe":
+        raise DataError(f"data.tokenizer_file replaces the trained BPE tokenizer, but data.tokenizer={kind}: "
+                        "set data.tokenizer=bpe (or drop data.tokenizer_file)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data.tokenizer_file {str(path)!r} does not exist: pass a Hugging Face tokenizer.json")
+    try:
+        hf = HFTokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises plain Exception on bad content
+        raise DataError(f"{p} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:120]}): "
+                        "pass the tokenizer.json of a `tokenizers`/`transformers` tokenizer") from None
+    hf.no_truncation()
+    hf.no_padding()
+    if not any(hf.token_to_id(t) is not None for t in EOS_TOKENS):
+        hf.add_special_tokens([AddedToken(EOS, special=True)])
+    return BPETokenizer(hf)
 
 
 def load_tokenizer(path) -> Tokenizer:

@@ -28,7 +28,7 @@ from .. import config as config_mod
 from .. import folders, identity, jsonout
 from ..attention.backends import attention_dropout
 from ..config import Config, ModelConfig
-from ..data import store
+from ..data import store, tasks
 from ..data.batches import BatchIterator, ImageBatches
 from ..data.image_format import IMAGE_VOCAB, SOS
 from ..data.image_sources import IMAGE_SOURCES
@@ -58,11 +58,13 @@ def default_data_dir(data_cfg) -> Path:
 
 
 def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
-    """The prepared dataset for this config, preparing it on first use.
+    """The prepared dataset for this config, preparing it on first use (a generated task: nothing on disk).
 
     A dataset that exists already supplies the data.* settings the config left
     unset (``config.load`` fills them in from its meta.json, so ``data.dir``
     alone suffices); settings given that differ are refused."""
+    if tasks.is_task(data_cfg):
+        return tasks.TaskDataset.from_config(data_cfg)
     path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
     if not (path / "meta.json").exists():
         store.prepare(data_cfg, path, progress=progress, wait=True)  # a run preparing it too: wait, reuse
@@ -83,6 +85,8 @@ def open_run_dataset(run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, h
     the default folder). A missing dataset is rebuilt from the recorded settings
     only when ``rebuild`` (resume), never for eval or sample.
     """
+    if tasks.is_task(data_cfg):  # generated problems: nothing recorded on disk to find or check
+        return tasks.TaskDataset.from_config(data_cfg)
     recorded = identity.recorded_dataset(run_dir)
     path = Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
     rebuilt = None
@@ -213,6 +217,7 @@ class Trainer:
     amp_dtype: torch.dtype | None = _built_in_setup()                     # None: plain float32
     ds: store.Dataset = _built_in_setup()
     image: bool = _built_in_setup()                                       # an image dataset (bytes after SOS)
+    task: tasks.ArithmeticTask | None = _built_in_setup()                 # a generated task (no train.bin)
     train_tokens: np.ndarray = _built_in_setup()                          # memmaps of the splits
     val_tokens: np.ndarray = _built_in_setup()
     batches: BatchIterator = _built_in_setup()                            # ImageBatches for images
@@ -247,11 +252,16 @@ class Trainer:
                                            hint=RESUME_DATA_HINT, progress=progress)
         vocab, model_cfg = fit_model_to_data(cfg, self.ds)
         self.image = self.ds.kind == "image"
-        self.train_tokens = self.ds.tokens("train")
+        self.task = self.ds.task if self.ds.kind == "task" else None
+        self.train_tokens = None if self.task else self.ds.tokens("train")
         self.val_tokens = self.ds.tokens("val")
         if len(self.val_tokens) < 2:
             raise DataError(f"{self.ds.dir} has an empty validation split: raise data.val_frac")
-        if self.image:
+        if self.task:  # generated problems with a masked loss (data/tasks.py)
+            tasks.check_config(cfg)
+            self.batches = tasks.TaskBatches(self.task, cfg.train.batch_size, cfg.model.context, cfg.train.seed,
+                                             rank=rank, world_size=world)
+        elif self.image:
             self.batches = ImageBatches(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, sos=SOS,
                                         rank=rank, world_size=world)
         else:
@@ -388,7 +398,9 @@ class Trainer:
             with distributed.grad_sync(self.parallel, sync=i == t.grad_accum - 1):
                 with self.autocast():
                     logits = self.forward(x)
-                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / t.grad_accum
+                    # Targets equal to IGNORE_INDEX (a task's problem tokens and padding) contribute nothing.
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                           ignore_index=tasks.IGNORE_INDEX) / t.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
@@ -406,6 +418,10 @@ class Trainer:
     def evaluate(self, split: str = "val", full: bool = True, progress: bool = False) -> dict:
         """The split's metrics; ``full=False`` may score only ``train.val_tokens`` (then ``partial`` is True)."""
         t, context = self.cfg.train, self.cfg.model.context
+        if self.task:
+            from ..eval.metrics.accuracy import task_metrics
+            return task_metrics(self.model, self.task, device=self.device, batch_size=t.eval_batch_size,
+                                autocast_dtype=self.amp_dtype)
         tokens = self.ds.tokens(split)
         limit = None if full else t.val_tokens
         run = dict(batch_size=t.eval_batch_size, device=self.device, autocast_dtype=self.amp_dtype,
@@ -507,6 +523,8 @@ class Trainer:
                                f"or use train.dtype=float32, then start a new run")
 
     def _split_summary(self, split: str, m: dict) -> dict:
+        if self.task:
+            return {f"{split}_{k}": v for k, v in m.items() if k != "partial"}
         if self.image:
             return {f"{split}_bits_per_dim": m["bits_per_dim"], f"{split}_nats_per_image": m["nats_per_image"],
                     f"{split}_images_scored": m["images"]}

@@ -51,7 +51,10 @@ def pattern_from_overrides(overrides: list[str] | dict, n_head: int, layer: int 
         raise ConfigError(f"--heads {n_head} must be >= 1")
     if not 0 <= layer < n_layer:
         raise ConfigError(f"--layer {layer} is outside [0, {n_layer}) (--layers {n_layer}): pick a layer index below --layers")
-    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    items = list(overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides))
+    # vars(AttentionConfig) holds the pattern parameters in one `params` dict: they are set flat
+    items = [kv for key, value in items for kv in
+             ([(f"attention.{k}", v) for k, v in value.items()] if key == "attention.params" else [(key, value)])]
     cfg = Config()
     for key, value in items:
         if not key.startswith("attention."):

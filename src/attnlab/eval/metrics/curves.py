@@ -30,6 +30,7 @@ def plot_curves(run_dir: str | Path, image: bool) -> Path:
     final = [e for e in val if e.get("final")]
     if final:
         key = "val_bits_per_dim" if image else "val_bits_per_byte"
+        key = key if key in final[-1] else "val_accuracy"  # a generated arithmetic task
         ax.plot([final[-1]["step"]], [final[-1]["val_loss"] * scale], "k*", ms=10, label="val (whole split)")
         ax.set_title(f"{run_dir.name}: final {key.replace('_', ' ')} {final[-1][key]:.3f}")
     ax.set_xlabel("step")
