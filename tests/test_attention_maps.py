@@ -24,7 +24,7 @@ from attnlab.eval.inspection.attention_maps import (
 )
 from attnlab.model.gpt import GPT
 from attnlab.runs import load_run
-from attnlab.train.trainer import train
+from attnlab.training.trainer import train
 from runkit import digits_config, tiny_config, write_corpus
 
 T = 16

@@ -10,7 +10,7 @@ import torch
 from attnlab import config
 from attnlab.attention import blocksparse as blocksparse_mod
 from attnlab.model.gpt import GPT
-from attnlab.train.trainer import train
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,8 +16,8 @@ from attnlab.eval.inspection.attention_maps import LayerAttention
 from attnlab.eval.inspection.attention_stats import (STATS, StatsAccumulator, attention_stats_event, head_stats,
                                                      model_attention_stats, stats_batch)
 from attnlab.model.gpt import GPT
-from attnlab.train.logs import read_events, sink_scalars
-from attnlab.train.trainer import train
+from attnlab.training.logs import read_events, sink_scalars
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 T = 4

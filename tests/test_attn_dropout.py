@@ -9,10 +9,10 @@ from attnlab.attention import flex as flex_mod
 from attnlab.attention.backends import attention_dropout
 from attnlab.errors import ConfigError
 from attnlab.model.gpt import GPT
-from attnlab.train import checkpoint as ckpt
-from attnlab.train import trainer as trainer_mod
-from attnlab.train.logs import read_events
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training import trainer as trainer_mod
+from attnlab.training.logs import read_events
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 SPARSE = ["attention.pattern=strided", "attention.local_attn_ctx=8"]

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from attnlab.train import trainer as trainer_mod
-from attnlab.train.logs import read_events
-from attnlab.train.optim import RunClock, lr_factor
+from attnlab.training import trainer as trainer_mod
+from attnlab.training.logs import read_events
+from attnlab.training.optim import RunClock, lr_factor
 from attnlab.config import OptimConfig
-from attnlab.train.trainer import train
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 LR, MIN = 3e-3, 0.1

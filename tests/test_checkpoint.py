@@ -1,4 +1,4 @@
-"""Checkpoints (attnlab.train.checkpoint): round trips, exact resume, integrity, crash safety."""
+"""Checkpoints (attnlab.training.checkpoint): round trips, exact resume, integrity, crash safety."""
 
 import json
 import os
@@ -21,8 +21,8 @@ from torch import nn
 from attnlab.config import OptimConfig
 from attnlab.errors import CheckpointError
 from attnlab.files import file_sha256
-from attnlab.train import checkpoint as ck
-from attnlab.train.optim import build_optimizer, build_scheduler
+from attnlab.training import checkpoint as ck
+from attnlab.training.optim import build_optimizer, build_scheduler
 
 from tiny_models import CTX, VOCAB, TinyGPT  # noqa: E402
 
@@ -257,7 +257,7 @@ import os, sys, time
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)  # no thread pool exists when forking
-from attnlab.train import checkpoint as ck
+from attnlab.training import checkpoint as ck
 from test_checkpoint import seeded_model, state_for
 
 def save_until_killed(run_dir, step, seed, pause):

@@ -125,7 +125,7 @@ def test_ctrl_c_saves_between_steps_and_resume_matches(tmp_path):
 
     import torch
 
-    from attnlab.train import checkpoint as ckpt
+    from attnlab.training import checkpoint as ckpt
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=200)
     common = [f"data.source={corpus}", "data.format=lines", "data.tokenizer=bytes", f"data.dir={tmp_path / 'data'}",
               f"out_dir={tmp_path / 'runs'}", "model.n_layer=1", "model.n_head=2", "model.d_model=32",

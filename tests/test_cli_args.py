@@ -5,7 +5,7 @@ import json
 import pytest
 
 from attnlab import config
-from attnlab.train.trainer import train
+from attnlab.training.trainer import train
 from runkit import digits_config, tiny_config, write_corpus
 from safetykit import cli, one_line
 

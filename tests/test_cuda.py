@@ -210,9 +210,9 @@ def test_torch_compile_matches_eager_forward_and_gradients():
 
 
 def test_training_run_on_cuda_logs_bf16_and_mfu(tmp_path):
-    from attnlab.train import flops
-    from attnlab.train.logs import read_events
-    from attnlab.train.trainer import train
+    from attnlab.training import flops
+    from attnlab.training.logs import read_events
+    from attnlab.training.trainer import train
     from runkit import tiny_config, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.txt")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attnlab import config
-from attnlab.train import checkpoint as ckpt
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 from safetykit import env, one_line
 
@@ -18,7 +18,7 @@ SCRIPT = """
 import resource, signal, sys
 from attnlab import config
 from attnlab.cli import main
-from attnlab.train import trainer as trainer_mod
+from attnlab.training import trainer as trainer_mod
 cfg = config.load(sys.argv[1])
 real = trainer_mod.Trainer.train_step
 def crash(self):

@@ -21,9 +21,9 @@ from attnlab.data.batches import BatchIterator
 from attnlab.errors import CheckpointError, ConfigError, UserError
 from attnlab.eval.metrics.scoring import score_images, score_tokens, shard
 from attnlab.runs import load_run
-from attnlab.train import checkpoint as ckpt
-from attnlab.train.logs import read_events
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training.logs import read_events
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -41,7 +41,7 @@ import torch.distributed as dist
 from attnlab import cli
 from attnlab.data import store
 from attnlab.data.batches import BatchIterator
-from attnlab.train import checkpoint as ckpt, trainer
+from attnlab.training import checkpoint as ckpt, trainer
 
 rank = int(os.environ["RANK"])
 first_try = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"

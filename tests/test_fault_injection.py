@@ -29,8 +29,8 @@ import torch
 
 from attnlab import config
 from attnlab.data import store
-from attnlab.train import checkpoint as ckpt
-from attnlab.train.logs import read_events
+from attnlab.training import checkpoint as ckpt
+from attnlab.training.logs import read_events
 from runkit import tiny_config, write_corpus
 from safetykit import env, listing
 
@@ -40,8 +40,8 @@ import torch
 torch.set_num_threads(1)  # no thread pool exists when forking
 from attnlab import cli
 from attnlab.data import store
-from attnlab.train import checkpoint as ck
-from attnlab.train import trainer as trainer_mod
+from attnlab.training import checkpoint as ck
+from attnlab.training import trainer as trainer_mod
 
 def warm_up(root):
     # One whole run here, before any fork: each child then starts with every lazy import and cache in place.

@@ -6,9 +6,9 @@ import torch
 from attnlab.attention.patterns import Local
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.model.gpt import GPT
-from attnlab.train import flops
-from attnlab.train.logs import read_events
-from attnlab.train.trainer import train
+from attnlab.training import flops
+from attnlab.training.logs import read_events
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 

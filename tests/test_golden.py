@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.train import runtime
+from attnlab.training import runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 import curves  # noqa: E402

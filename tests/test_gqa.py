@@ -263,7 +263,7 @@ def test_bad_n_kv_head_is_refused():
 
 def test_a_gqa_run_saves_and_loads(tmp_path):
     from attnlab.runs import load_run
-    from attnlab.train.trainer import train
+    from attnlab.training.trainer import train
     from runkit import tiny_config, write_corpus
 
     cfg = tiny_config(write_corpus(tmp_path / "c.txt"), tmp_path / "data", tmp_path / "runs", "model.n_head=4",

@@ -18,9 +18,9 @@ from attnlab.data import store
 from attnlab.errors import CheckpointError, ConfigError, DataError, UserError
 from attnlab.files import file_sha256
 from attnlab.runs import load_run
-from attnlab.train import checkpoint as ckpt
-from attnlab.train import trainer as trainer_mod
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training import trainer as trainer_mod
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 
@@ -339,7 +339,7 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, cor
 
 def test_memory_estimate_counts_the_real_parameters(tmp_path, corpus):
     from attnlab.model.gpt import GPT
-    from attnlab.train.memory import estimate
+    from attnlab.training.memory import estimate
     cfg = cfg_for(tmp_path, corpus)
     est = estimate(cfg, 259, training=True)
     assert est.params == GPT(cfg.model, cfg.attention, 259).num_params()

@@ -15,7 +15,7 @@ from attnlab.errors import ConfigError
 from attnlab.eval.metrics.scoring import image_metrics, score_images
 from attnlab.model.embeddings import ImageEmbedding, image_coordinates
 from attnlab.model.gpt import GPT
-from attnlab.train.trainer import train
+from attnlab.training.trainer import train
 
 from runkit import digits_config
 

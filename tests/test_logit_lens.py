@@ -14,7 +14,7 @@ from attnlab.data.text import ByteTokenizer
 from attnlab.errors import UserError
 from attnlab.eval.inspection.logit_lens import lens_rows, logit_lens, token_label, token_texts
 from attnlab.model.gpt import GPT
-from attnlab.train.trainer import train
+from attnlab.training.trainer import train
 from runkit import digits_config, tiny_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")

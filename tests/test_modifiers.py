@@ -21,7 +21,7 @@ from attnlab.attention.modifiers.relpos import relative_bucket
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
 from attnlab.model.gpt import GPT
-from attnlab.train.optim import param_groups
+from attnlab.training.optim import param_groups
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")]
@@ -372,7 +372,7 @@ def test_relpos_is_a_trained_saved_parameter_of_the_layer():
 
 def test_a_run_trains_saves_and_loads_its_learned_bias(tmp_path):
     from attnlab.runs import load_run
-    from attnlab.train.trainer import train
+    from attnlab.training.trainer import train
     from runkit import tiny_config, write_corpus
 
     cfg = tiny_config(write_corpus(tmp_path / "c.txt"), tmp_path / "data", tmp_path / "runs", "model.position=alibi",

@@ -9,10 +9,10 @@ import torch
 
 from attnlab.errors import CheckpointError, TrainingDiverged
 from attnlab.files import file_sha256
-from attnlab.train import checkpoint as ckpt
-from attnlab.train import trainer as trainer_mod
-from attnlab.train.logs import read_events
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training import trainer as trainer_mod
+from attnlab.training.logs import read_events
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 from safetykit import cli, listing, one_line
 from tiny_models import TinyGPT

@@ -1,4 +1,4 @@
-"""Optimizers, parameter groups and lr schedules (attnlab.train.optim)."""
+"""Optimizers, parameter groups and lr schedules (attnlab.training.optim)."""
 
 import math
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from attnlab.config import OptimConfig
 from attnlab.errors import ConfigError
-from attnlab.train.optim import CombinedOptimizer, build_optimizer, build_scheduler, lr_factor
+from attnlab.training.optim import CombinedOptimizer, build_optimizer, build_scheduler, lr_factor
 
 from tiny_models import CTX, VOCAB, TinyGPT  # noqa: E402
 

@@ -24,7 +24,7 @@ from attnlab.errors import CheckpointError, UserError
 from attnlab.eval.report.build import build_report, fmt_float, fmt_int, fmt_metric, fmt_p, printable
 from attnlab.eval.report.run_data import RunData, load_run_data, validation_points
 from attnlab.eval.report.stats import group_runs, stats
-from attnlab.train.trainer import train
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,9 +12,9 @@ import pytest
 
 from attnlab import config, folders
 from attnlab.errors import CheckpointError, InUse
-from attnlab.train import checkpoint as ckpt
-from attnlab.train.logs import read_events
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training.logs import read_events
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 from safetykit import cli, env, listing, lock_holder, one_line, read_only
 
@@ -214,7 +214,7 @@ def test_read_only_out_dir_for_train(tmp_path, corpus, capsys):
 
 
 def test_read_only_run_dir_for_resume(tmp_path, corpus, capsys, monkeypatch):
-    from attnlab.train import trainer as trainer_mod
+    from attnlab.training import trainer as trainer_mod
     real = trainer_mod.Trainer.train_step
     def crash(self):
         if self.progress.step == 2:

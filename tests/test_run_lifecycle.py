@@ -12,9 +12,9 @@ import pytest
 
 from attnlab import config
 from attnlab.errors import ConfigError
-from attnlab.train import checkpoint as ckpt
-from attnlab.train import trainer as trainer_mod
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training import trainer as trainer_mod
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 from safetykit import cli, env, listing
 

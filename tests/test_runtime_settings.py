@@ -4,8 +4,8 @@ import pytest
 
 from attnlab import config
 from attnlab.cli import main
-from attnlab.train import runtime
-from attnlab.train.trainer import train
+from attnlab.training import runtime
+from attnlab.training.trainer import train
 from runkit import write_corpus
 
 

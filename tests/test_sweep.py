@@ -14,7 +14,7 @@ from attnlab import config
 from attnlab import sweep as sw
 from attnlab.cli import main
 from attnlab.errors import ConfigError, UserError
-from attnlab.train.logs import read_events
+from attnlab.training.logs import read_events
 from runkit import tiny_config, write_corpus
 
 PATTERNS = {"values": [{"attention.pattern": "dense"}, {"attention.pattern": "local", "attention.window": 8}]}

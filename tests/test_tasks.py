@@ -12,7 +12,7 @@ from attnlab.config import DataConfig
 from attnlab.data.tasks import IGNORE_INDEX, ArithmeticTask, TaskBatches, TaskDataset
 from attnlab.errors import ConfigError
 from attnlab.eval.metrics.accuracy import accuracy_by_digits, accuracy_table, exact_match, solve, task_metrics
-from attnlab.train.trainer import Trainer
+from attnlab.training.trainer import Trainer
 
 
 def task(**kw) -> ArithmeticTask:
@@ -256,8 +256,8 @@ def test_task_dataset_is_a_val_stream_of_held_out_problems():
 
 
 def test_interrupted_and_resumed_addition_run_equals_uninterrupted(tmp_path, monkeypatch, one_thread):
-    from attnlab.train import trainer as trainer_mod
-    from attnlab.train.logs import read_events
+    from attnlab.training import trainer as trainer_mod
+    from attnlab.training.logs import read_events
 
     def cfg(name):
         return config.load(None, ["data.source=addition", "data.digits=2", "data.eval_digits=1,3", "data.eval_problems=10",

@@ -8,10 +8,10 @@ import torch
 
 from attnlab import config
 from attnlab.errors import CheckpointError, DataError, TrainingDiverged
-from attnlab.train import checkpoint as ckpt
-from attnlab.train import trainer as trainer_mod
-from attnlab.train.logs import read_events
-from attnlab.train.trainer import train
+from attnlab.training import checkpoint as ckpt
+from attnlab.training import trainer as trainer_mod
+from attnlab.training.logs import read_events
+from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
 

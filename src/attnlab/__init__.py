@@ -9,10 +9,7 @@ __all__ = ["Run", "__version__", "load", "train"]
 
 
 def __getattr__(name: str):
-    if name in ("load", "Run"):
+    if name in ("load", "Run", "train"):
         from . import api
         return getattr(api, name)
-    if name == "train":  # the training subpackage, callable: attnlab.train(config, **overrides)
-        import importlib  # not `from . import train`: that asks this module for `train` again
-        return importlib.import_module(f"{__name__}.train")
     raise AttributeError(f"module 'attnlab' has no attribute {name!r}")

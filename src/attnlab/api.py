@@ -28,7 +28,7 @@ from .eval.generation.filters import SamplingConfig
 from .eval.generation.loop import sample_text
 from .eval.metrics.scoring import image_metrics, score_images, score_tokens, text_metrics
 from .runs import LoadedRun, load_run
-from .train.launch import train  # noqa: F401  (attnlab.api.train: the Python API's train)
+from .training.python_api import train  # noqa: F401  (attnlab.api.train: the Python API's train)
 
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
 SAMPLE_DEFAULTS = {"temperature": 0.8}  # `attnlab sample`'s defaults where they differ from SamplingConfig's

@@ -213,8 +213,8 @@ def cmd_train(a) -> None:
 
     from . import config
     from .runs import check_resume_overrides
-    from .train.runtime import tune_allocator
-    from .train.trainer import train
+    from .training.runtime import tune_allocator
+    from .training.trainer import train
     args = ([a.config] if a.config is not None else []) + a.overrides  # in any order among the flags
     files, overrides = [x for x in args if "=" not in x], [x for x in args if "=" in x]
     if len(files) > 1:
@@ -257,7 +257,7 @@ def _check_counts(a, *flags: str, lo: int = 1) -> None:
         if value is not None and value < lo:
             raise UserError(f"--{flag.replace('_', '-')} {value} is not allowed: use a whole number >= {lo}")
 def _train_interrupted(run_dir) -> str:
-    from .train.checkpoint import latest_checkpoint
+    from .training.checkpoint import latest_checkpoint
     latest = latest_checkpoint(run_dir)
     if latest is None:
         return f"no checkpoint of {run_dir} was saved, so there is nothing to resume"
@@ -460,7 +460,7 @@ def cmd_bench(a) -> None:
 
 def cmd_bench_attention(a) -> None:
     from .bench.attention import bench_attention, parse_int_list, parse_list
-    from .train.runtime import tune_allocator
+    from .training.runtime import tune_allocator
     if a.device == "cpu":
         tune_allocator()  # as in training, for every backend alike
     bench_attention(a.patterns, parse_int_list(a.seq_lens, "--seq-lens"), parse_list(a.backends), parse_list(a.passes),
@@ -523,7 +523,7 @@ def cmd_sweep(a) -> None:
     if a.choices and not a.one:
         raise UserError(f"unexpected arguments {' '.join(a.choices)}: key=value choices go with --one (a single run)")
     if a.one:
-        from .train.runtime import tune_allocator
+        from .training.runtime import tune_allocator
         tune_allocator()
         print(json.dumps(sw.run_one(sweep, a.choices)))
     elif a.to_wandb:

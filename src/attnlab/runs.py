@@ -71,10 +71,10 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
 
     The config, dataset and block layout must be the ones the run recorded (identity.json)."""
     from .model.gpt import GPT  # here: `import attnlab.runs` for the resume rules stays light
-    from .train import checkpoint as ckpt
-    from .train.memory import check_fits
-    from .train.runtime import pick_device
-    from .train.trainer import fit_model_to_data, load_run_config, open_run_dataset
+    from .training import checkpoint as ckpt
+    from .training.memory import check_fits
+    from .training.runtime import pick_device
+    from .training.trainer import fit_model_to_data, load_run_config, open_run_dataset
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir)

@@ -23,8 +23,8 @@ sys.path.insert(0, str(HERE.parent))  # tests/ for runkit, also when run as a sc
 from runkit import write_corpus  # noqa: E402
 
 from attnlab import config  # noqa: E402
-from attnlab.train.logs import read_events  # noqa: E402
-from attnlab.train.trainer import train  # noqa: E402
+from attnlab.training.logs import read_events  # noqa: E402
+from attnlab.training.trainer import train  # noqa: E402
 
 STEPS = 50
 REGENERATE = "python tests/golden/regenerate.py"

@@ -156,7 +156,7 @@ def machine_info(dry: bool) -> dict:
     import torch
 
     from .. import __version__
-    from ..train.runtime import git_dirty, git_sha
+    from ..training.runtime import git_dirty, git_sha
     from .train import machine
 
     info = machine()

@@ -285,7 +285,7 @@ def train_throughput(stage: Stage) -> tuple[str, str]:
 
     from .. import config
     from ..model.gpt import GPT
-    from ..train import flops
+    from ..training import flops
     from .train import _vocab, measure
 
     p, rows = stage.p, []

@@ -49,8 +49,8 @@ def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False
     """
     import contextlib
 
-    from ..train.optim import build_optimizer
-    from ..train.runtime import keep_freed_memory, peak_memory_mb, pick_device, pick_dtype
+    from ..training.optim import build_optimizer
+    from ..training.runtime import keep_freed_memory, peak_memory_mb, pick_device, pick_dtype
     torch.manual_seed(0)
     device = pick_device(cfg.train.device)
     if impl == "attnlab" and device.type == "cpu" and not plain_runtime:

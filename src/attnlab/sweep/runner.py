@@ -93,7 +93,7 @@ def _short(text: str, n: int = 80) -> str:
 
 def _prepare_datasets(specs: list[RunSpec]) -> None:
     from ..data import store
-    from ..train.trainer import open_dataset
+    from ..training.trainer import open_dataset
     seen = set()
     for spec in specs:
         key = json.dumps([spec.config.data.dir, store.config_record(spec.config.data)], sort_keys=True, default=str)
@@ -117,7 +117,7 @@ def _action(run_dir: Path) -> str:
     if (run_dir / "summary.json").is_file():
         return "skip"
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        from ..train.checkpoint import latest_checkpoint
+        from ..training.checkpoint import latest_checkpoint
         return "resume" if (run_dir / "config.yaml").is_file() and latest_checkpoint(run_dir) else "restart"
     return "train"
 

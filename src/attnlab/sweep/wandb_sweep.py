@@ -68,7 +68,7 @@ def run_one(sweep: Sweep, assignments: list[str], *, argv: list[str] | None = No
         name, i = f"{base_name}-{i}", i + 1
     spec = RunSpec(name, choices, [o for p in sweep.parameters for o in p.overrides(choices[p.key])])
     cfg = run_config(sweep, spec, extra)
-    from ..train.trainer import train
+    from ..training.trainer import train
     return train(cfg, argv=argv or sys.argv)
 
 

@@ -128,7 +128,7 @@ def plot_attention_stats(run_dir: str | Path, out: str | Path, force: bool = Fal
     """One panel per statistic against step: per layer its mean over heads (thick) and each head (thin)."""
     from matplotlib.figure import Figure
 
-    from ...train.logs import read_events
+    from ...training.logs import read_events
 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "events.jsonl").is_file():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ...train.logs import read_events
+from ...training.logs import read_events
 
 
 def plot_curves(run_dir: str | Path, image: bool) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ... import config as config_mod
 from ...config import Config
 from ...errors import CheckpointError, ConfigError, UserError
-from ...train.logs import read_events
+from ...training.logs import read_events
 
 # Headline metric keys, most specific first; val_loss (nats/token) is the fallback.
 METRICS = ("val_bits_per_dim", "val_bits_per_byte")
