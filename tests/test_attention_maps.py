@@ -23,7 +23,7 @@ from attnlab.eval.inspection.attention_maps import (
     pixel_query,
 )
 from attnlab.model.gpt import GPT
-from attnlab.runs import load_run
+from attnlab.run.open import load_run
 from attnlab.training.trainer import train
 from runkit import digits_config, tiny_config, write_corpus
 

@@ -73,7 +73,7 @@ def test_dockerfile_installs_attnlab_as_the_entrypoint_with_volumes():
 
 def test_default_data_and_run_dirs_land_in_the_volumes():
     """attnlab writes data/ and runs/ relative to the working directory: /app links them to the volumes."""
-    from attnlab.training.trainer import default_data_dir
+    from attnlab.run.open import default_data_dir
 
     ins = instructions()
     assert [a for i, a in ins if i == "WORKDIR"][-1] == "/app"

@@ -20,7 +20,7 @@ from attnlab.data import store
 from attnlab.data.batches import BatchIterator
 from attnlab.errors import CheckpointError, ConfigError, UserError
 from attnlab.eval.metrics.scoring import score_images, score_tokens, shard
-from attnlab.runs import load_run
+from attnlab.run.open import load_run
 from attnlab.training import checkpoint as ckpt
 from attnlab.training.logs import read_events
 from attnlab.training.trainer import train

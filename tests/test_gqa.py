@@ -262,7 +262,7 @@ def test_bad_n_kv_head_is_refused():
 
 
 def test_a_gqa_run_saves_and_loads(tmp_path):
-    from attnlab.runs import load_run
+    from attnlab.run.open import load_run
     from attnlab.training.trainer import train
     from runkit import tiny_config, write_corpus
 

@@ -17,7 +17,7 @@ from attnlab import cli, config
 from attnlab.data import store
 from attnlab.errors import CheckpointError, ConfigError, DataError, UserError
 from attnlab.files import file_sha256
-from attnlab.runs import load_run
+from attnlab.run.open import load_run
 from attnlab.training import checkpoint as ckpt
 from attnlab.training import trainer as trainer_mod
 from attnlab.training.trainer import train

@@ -135,7 +135,7 @@ def without(graph: dict[str, set[str]], edges: set[tuple[str, str]]) -> dict[str
 def test_graph_reader_resolves_relative_late_and_package_imports():
     graph = import_graph()
     assert "attnlab.data.image_format" in graph["attnlab.data.store"]           # from .image_format import ...
-    assert "attnlab.training.checkpoint" in graph["attnlab.runs"]                  # from .train import checkpoint, late
+    assert "attnlab.training.checkpoint" in graph["attnlab.run.open"]             # from ..training import checkpoint
     assert "attnlab.eval.metrics.scoring" in graph["attnlab.eval.inspection.attention_stats"]  # late import, ../
     assert "attnlab.eval" in graph["attnlab.training.trainer"]                     # a package's __init__ runs too
     assert "attnlab.eval" not in graph["attnlab.eval.generation.loop"]          # but not the importer's own

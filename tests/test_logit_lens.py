@@ -163,7 +163,7 @@ def test_cli_writes_picture_markdown_and_csv(text_run, tmp_path, capsys):
     assert sum(line.startswith("| block 2 |") for line in md) == 9
     assert any(line.startswith("| embed | 3 | `␣` | `m` |") for line in md)
     # The CSV agrees with the library call on the same checkpoint.
-    from attnlab.runs import load_run
+    from attnlab.run.open import load_run
     lens = logit_lens(load_run(text_run).model, torch.tensor(list(b"the model")))
     assert float(rows[-4]["p_next"]) == pytest.approx(lens.p_next()[-1, 7].item(), rel=1e-5)  # layer 2, position 7
     # An existing non-empty folder is refused unless --force.

@@ -371,7 +371,7 @@ def test_relpos_is_a_trained_saved_parameter_of_the_layer():
 
 
 def test_a_run_trains_saves_and_loads_its_learned_bias(tmp_path):
-    from attnlab.runs import load_run
+    from attnlab.run.open import load_run
     from attnlab.training.trainer import train
     from runkit import tiny_config, write_corpus
 

@@ -27,7 +27,7 @@ from .errors import ConfigError, UserError
 from .eval.generation.filters import SamplingConfig
 from .eval.generation.loop import sample_text
 from .eval.metrics.scoring import image_metrics, score_images, score_tokens, text_metrics
-from .runs import LoadedRun, load_run
+from .run.open import LoadedRun, load_run
 from .training.python_api import train  # noqa: F401  (attnlab.api.train: the Python API's train)
 
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingConfig))

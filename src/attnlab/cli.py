@@ -212,7 +212,7 @@ def cmd_train(a) -> None:
     from pathlib import Path
 
     from . import config
-    from .runs import check_resume_overrides
+    from .run.resume import check_resume_overrides
     from .training.runtime import tune_allocator
     from .training.trainer import train
     args = ([a.config] if a.config is not None else []) + a.overrides  # in any order among the flags
@@ -265,7 +265,7 @@ def _train_interrupted(run_dir) -> str:
 
 
 def cmd_eval(a) -> None:
-    from .runs import load_run
+    from .run.open import load_run
     _check_device(a.device)
     _check_counts(a, "context", "stride", "batch_size")
     run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
@@ -364,7 +364,7 @@ def _eval_images(run, a) -> dict:
 def cmd_sample(a) -> None:
     from .eval.generation.loop import sample_text
     from .eval.generation.filters import SamplingConfig
-    from .runs import load_run
+    from .run.open import load_run
     if a.num_samples < 1 or a.max_new_tokens < 0:
         raise UserError("--num-samples must be >= 1 and --max-new-tokens >= 0")
     _check_device(a.device)
@@ -482,7 +482,7 @@ def cmd_viz_pattern(a) -> None:
 
 def cmd_viz_logit_lens(a) -> None:
     from .eval.inspection.logit_lens import logit_lens_report
-    from .runs import load_run
+    from .run.open import load_run
     if a.top_k < 1:  # before the run is loaded
         raise UserError(f"--top-k {a.top_k} must be >= 1")
     run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
@@ -492,7 +492,7 @@ def cmd_viz_logit_lens(a) -> None:
 
 def cmd_viz_attention(a) -> None:
     from .eval.inspection.attention_maps import write_attention_maps
-    from .runs import load_run
+    from .run.open import load_run
     run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
     info = write_attention_maps(run, a.out, text=a.text, image=a.image, split=a.split, pixel=a.pixel,
                                 layers=a.layers, heads=a.heads, force=a.force)

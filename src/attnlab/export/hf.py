@@ -33,7 +33,7 @@ from ..config import Config, ModelConfig
 from ..data.text import EOS, UNK, BPETokenizer, ByteTokenizer, CharTokenizer
 from ..errors import ConfigError, UserError
 from ..model.gpt import GPT, mlp_hidden
-from ..runs import load_run
+from ..run.open import load_run
 
 # ModelConfig fields that only shape training (or whose effect is read from the built model): any value exports.
 TRAINING_ONLY = {"dropout", "attn_dropout", "init", "init_std", "checkpoint_activations", "zero_init_logits",

@@ -93,7 +93,7 @@ def _short(text: str, n: int = 80) -> str:
 
 def _prepare_datasets(specs: list[RunSpec]) -> None:
     from ..data import store
-    from ..training.trainer import open_dataset
+    from ..run.open import open_dataset
     seen = set()
     for spec in specs:
         key = json.dumps([spec.config.data.dir, store.config_record(spec.config.data)], sort_keys=True, default=str)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import signal
@@ -25,158 +24,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import config as config_mod
-from .. import folders, identity, jsonout
+from .. import folders, jsonout
 from ..attention.backends import attention_dropout
-from ..config import Config, ModelConfig
+from ..config import Config
 from ..data import store, tasks
 from ..data.batches import BatchIterator, ImageBatches
-from ..data.image_format import IMAGE_VOCAB, SOS
-from ..data.image_sources import IMAGE_SOURCES
-from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged, UserError
+from ..data.image_format import SOS
+from ..errors import CheckpointError, DataError, Interrupted, TrainingDiverged, UserError
 from ..eval.inspection.attention_stats import attention_stats_event
 from ..eval.metrics.curves import plot_curves
 from ..eval.metrics.scoring import Score, image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
-from ..plugins import copy_plugins, load_run_plugins
+from ..run import identity
+from ..run.open import RESUME_DATA_HINT, fit_model_to_data, open_dataset, open_run_dataset
+from ..run.plugins import copy_plugins
+from ..run.resume import auto_resume_target, check_resume_config
 from . import checkpoint as ckpt
 from . import distributed, flops, runtime
 from .logs import EventLog, check_loggers
 from .memory import check_fits
 from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
-
-# ------------------------------------------------------------------ data
-
-def default_data_dir(data_cfg) -> Path:
-    """data/<source>-<tokenizer>-<hash of the data config>: distinct settings never collide."""
-    record = json.dumps(store.config_record(data_cfg), sort_keys=True)
-    digest = hashlib.sha256(record.encode()).hexdigest()[:8]
-    source = Path(data_cfg.source).name.split(".")[0] or "data"
-    if data_cfg.source in IMAGE_SOURCES:  # bytes of pixels: no tokenizer
-        return Path("data") / f"{source}-{data_cfg.image_size or 'native'}px-{digest}"
-    vocab = data_cfg.vocab_size if data_cfg.tokenizer == "bpe" else ""
-    return Path("data") / f"{source}-{data_cfg.tokenizer}{vocab}-{digest}"
-
-
-def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
-    """The prepared dataset for this config, preparing it on first use (a generated task: nothing on disk).
-
-    A dataset that exists already supplies the data.* settings the config left
-    unset (``config.load`` fills them in from its meta.json, so ``data.dir``
-    alone suffices); settings given that differ are refused."""
-    if tasks.is_task(data_cfg):
-        return tasks.TaskDataset.from_config(data_cfg)
-    path = Path(data_cfg.dir) if data_cfg.dir else default_data_dir(data_cfg)
-    if not (path / "meta.json").exists():
-        store.prepare(data_cfg, path, progress=progress, wait=True)  # a run preparing it too: wait, reuse
-    ds = store.load(path)
-    _check_data_config(ds, data_cfg, path)
-    return ds
-
-
-RESUME_DATA_HINT = "data.dir=DIR after --resume RUN_DIR"
-
-
-def open_run_dataset(run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, hint: str,
-                     progress: bool = True) -> store.Dataset:
-    """A run's dataset, checked against the one it recorded (identity.json).
-
-    It is looked for at ``data_dir`` (the user's pointer to a copy), else in the
-    absolute folder that identity.json recorded (runs without one: data.dir or
-    the default folder). A missing dataset is rebuilt from the recorded settings
-    only when ``rebuild`` (resume), never for eval or sample.
-    """
-    if tasks.is_task(data_cfg):  # generated problems: nothing recorded on disk to find or check
-        return tasks.TaskDataset.from_config(data_cfg)
-    recorded = identity.recorded_dataset(run_dir)
-    path = Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
-    rebuilt = None
-    if not (path / "meta.json").exists():
-        if not rebuild:
-            raise identity.missing_dataset(run_dir, path, hint)
-        settings = identity.rebuild_config(run_dir, data_cfg)
-        store.prepare(settings, path, progress=progress)
-        rebuilt = settings.source
-    ds = store.load(path)
-    if recorded is None:  # a run from before identity.json: its settings are all there is to compare
-        _check_data_config(ds, data_cfg, path)
-    identity.check_dataset(run_dir, ds, hint, rebuilt_from=rebuilt)
-    return ds
-
-
-def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
-    want, have = store.config_record(data_cfg), ds.meta.get("data_config", {})
-    explicit = config_mod.explicit_keys(data_cfg)
-    # The location of a local copy does not change the data; its hash (in meta) does.
-    keys = [k for k in sorted(want) if k != "path" and k in have]
-    differ = [k for k in keys if k in explicit and have[k] != want[k]]
-    if differ:
-        listed = lambda d: ", ".join(f"data.{k}={d[k]!r}" for k in differ)
-        raise DataError(f"{path} was prepared with {listed(have)} but the config says {listed(want)}: drop these keys "
-                        f"(data.dir alone takes the dataset's settings) or set data.dir to another folder")
-
-
-def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]:
-    """The model's vocabulary and its model config completed from the dataset (a copy: ``cfg`` is not changed).
-
-    An image model predicts bytes 0..255 and reads one more token, the start of
-    an image (SOS = 256): its vocabulary is 257, its context one image, and its
-    image shape the dataset's unless the config names it.
-    """
-    if ds.kind != "image":
-        return ds.vocab_size, cfg.model
-    image = ds.meta["image"]
-    shape, n = [image["height"], image["width"], image["channels"]], int(ds.meta["tokens_per_image"])
-    m = cfg.model
-    if m.context != n:
-        raise ConfigError(f"model.context={m.context} must equal the bytes of one image ({'x'.join(map(str, shape))} = {n}) "
-                          f"for the image dataset {ds.dir}: set model.context={n}")
-    if m.image_shape and list(m.image_shape) != shape:
-        raise ConfigError(f"model.image_shape={m.image_shape} does not match the dataset's {shape}: "
-                          f"set model.image_shape={','.join(map(str, shape))} or leave it empty")
-    return IMAGE_VOCAB, dataclasses.replace(m, image_shape=shape)
-
-
-# ------------------------------------------------------------------ run directory
-
-def load_run_config(run_dir: Path) -> Config:
-    """The run's config.yaml (checked against identity.json), reading the block layout from the run's own copy."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `attnlab train` created")
-    identity.check_config_file(run_dir)
-    load_run_plugins(run_dir)  # the run's own copies, before its config names their patterns
-    return config_mod.load(path, identity.layout_overrides(run_dir))
-
-
-def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> Config:
-    """A config given on resume in the form the run saved it (a copy): where the data is and which copy of the
-    block layout is read are not what the run is."""
-    data = dataclasses.replace(cfg.data, dir=saved.data.dir)
-    attention = cfg.attention
-    if attention.layout != saved.attention.layout and identity.layout_overrides(run_dir):  # the run reads its copy
-        if not identity.same_layout(run_dir, attention.layout):
-            raise CheckpointError(f"--resume {run_dir} with attention.layout={attention.layout}: its content differs "
-                                  f"from the run's copy {saved.attention.layout}: resume without config/overrides, or "
-                                  "start a new run with another name")
-        attention = dataclasses.replace(attention, layout=saved.attention.layout)
-    return dataclasses.replace(cfg, data=data, attention=attention)
-
-
-def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
-    saved = load_run_config(run_dir)
-    if cfg is not None:
-        cfg = _as_saved(run_dir, saved, cfg)
-        if not cfg.model.image_shape and saved.model.image_shape:  # older runs saved the shape taken from the dataset
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_shape=saved.model.image_shape))
-        changed = config_mod.diff(saved, cfg)
-        if changed:
-            flat_s, flat_c = (config_mod.flatten(config_mod.to_dict(c)) for c in (saved, cfg))
-            k = changed[0]
-            raise CheckpointError(f"--resume {run_dir} with a changed config ({k}: {flat_s.get(k)!r} -> {flat_c.get(k)!r}"
-                                  f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): "
-                                  f"resume without config/overrides, or start a new run with another name")
-    return saved
-
 
 # ------------------------------------------------------------------ state kept across resumes
 
@@ -629,22 +496,6 @@ def _deferred_interrupts():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def auto_resume_target(cfg: Config) -> tuple[Path | None, bool]:
-    """``--auto-resume``: (run directory to resume or None, whether a fresh start may replace the folder).
-
-    out_dir/name with a complete checkpoint is resumed (its config must match);
-    with the same config.yaml but no complete checkpoint (it died before its
-    first save) it is started again in place; otherwise a new run starts.
-    """
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if ckpt.latest_checkpoint(run_dir) is not None:
-        return run_dir, False
-    if (run_dir / "config.yaml").exists():
-        check_resume_config(run_dir, cfg)  # refuses a different run of the same name
-        return None, True
-    return None, False
 
 
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, force: bool = False,

@@ -26,7 +26,6 @@ from typing import Any, Callable, ClassVar, cast
 import torch
 from torch import nn
 
-from ...errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .attention.patterns.registry import load_plugin, provide_plugin
-from .errors import CheckpointError
+from ..attention.patterns.registry import load_plugin, provide_plugin
+from ..errors import CheckpointError
 
 INDEX = "plugins.json"
 

@@ -18,13 +18,12 @@ import json
 import shutil
 from pathlib import Path
 
-from . import config as config_mod
-from .config import Config
-from .data import store
-from .data.image_sources import IMAGE_SOURCES
-from .data.sources import NAMED_SOURCES
-from .errors import CheckpointError, DataError
-from .files import file_sha256
+from ..config import Config
+from ..data import store
+from ..data.image_sources import IMAGE_SOURCES
+from ..data.sources import NAMED_SOURCES
+from ..errors import CheckpointError, DataError
+from ..files import file_sha256
 
 IDENTITY = "identity.json"
 LAYOUT_COPY = "attention_layout.npy"
@@ -65,7 +64,7 @@ def rebuild_settings(ds: store.Dataset, data_cfg) -> dict:
 
 def record(run_dir: Path, cfg: Config, ds: store.Dataset) -> dict:
     """Copy the layout into the run and write identity.json (after config.yaml is written)."""
-    from .training.checkpoint import atomic_write_text  # late import: train depends on this module
+    from ..training.checkpoint import atomic_write_text  # late import: train depends on this module
 
     rec = {"config": {"file": "config.yaml", "sha256": file_sha256(run_dir / "config.yaml")},
            "dataset": {**dataset_record(ds), "settings": rebuild_settings(ds, cfg.data)}}
@@ -79,7 +78,7 @@ def record(run_dir: Path, cfg: Config, ds: store.Dataset) -> dict:
 
 def record_config(run_dir: Path) -> None:
     """Record a config.yaml that attnlab itself rewrote (e.g. extending a run), so its new hash is the expected one."""
-    from .training.checkpoint import atomic_write_text
+    from ..training.checkpoint import atomic_write_text
 
     rec = read(run_dir)
     if rec is not None:

@@ -1,0 +1,3 @@
+"""Run directories: opening one (``open``), what ``--resume`` accepts (``resume``), what a run records of its
+data, config and layout and checks later (``identity``), and the plugin files it keeps (``plugins``).
+Locks and the rules for replacing folders are ``attnlab.folders``'s, shared with datasets and sweeps."""
