@@ -22,6 +22,7 @@ def env() -> dict:
 def cli(capsys, *args) -> tuple[int, str, str]:
     """Run ``attnlab ARGS`` in this process: (exit code, stdout, stderr)."""
     from attnlab.cli import main
+
     capsys.readouterr()
     rc = main([str(a) for a in args])
     out = capsys.readouterr()

@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from runkit import tiny_config, write_corpus
 
 import attnlab
 from attnlab import api, cli
 from attnlab.errors import ConfigError, DataError, UserError
 from attnlab.training import python_api
+from runkit import tiny_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def trained(tmp_path_factory, one_thread):
     tmp = tmp_path_factory.mktemp("api")
     corpus = write_corpus(tmp / "corpus.txt", n_docs=200)
     cfg = tiny_config(corpus, tmp / "data", tmp / "runs", name="base")
-    summary = attnlab.train(cfg, name="api", data={"tokenizer": "bpe", "vocab_size": 300},
-                            **{"train.max_steps": 4, "model.n_layer": 1})
+    summary = attnlab.train(
+        cfg, name="api", data={"tokenizer": "bpe", "vocab_size": 300}, **{"train.max_steps": 4, "model.n_layer": 1}
+    )
     return tmp / "runs" / "api", summary, cfg
 
 
@@ -63,8 +64,12 @@ def test_evaluate_equals_attnlab_eval(trained, capsys, flags):
     m = attnlab.load(run_dir).evaluate(split="val", **kw)
     assert m["bits_per_byte"] == shell["val_bits_per_byte"]
     assert m["nats_per_token"] == shell["val_nats_per_token"] and m["perplexity"] == shell["val_perplexity"]
-    assert (m["tokens"], m["bytes"], m["context"], m["stride"]) == (shell["tokens_scored"], shell["bytes"],
-                                                                    shell["context"], shell["stride"])
+    assert (m["tokens"], m["bytes"], m["context"], m["stride"]) == (
+        shell["tokens_scored"],
+        shell["bytes"],
+        shell["context"],
+        shell["stride"],
+    )
 
 
 def test_evaluate_default_is_the_trainers_final_number(trained):
@@ -77,7 +82,7 @@ def test_evaluate_text_of_a_splits_documents_equals_the_split(trained):
     ids = run.dataset.tokens("val").tolist()
     eos = run.tokenizer.eos_id
     cuts = [i for i, t in enumerate(ids) if t == eos]
-    docs = [run.tokenizer.decode(ids[a + 1:b]) for a, b in zip(cuts, cuts[1:])]
+    docs = [run.tokenizer.decode(ids[a + 1 : b]) for a, b in zip(cuts, cuts[1:])]
     assert len(docs) == run.dataset.meta["splits"]["val"]["documents"]
     by_text, by_split = run.evaluate(text=docs, stride=16), run.evaluate("val", stride=16)
     for key in ("bits_per_byte", "nats_per_token", "tokens", "bytes", "chars"):
@@ -95,7 +100,11 @@ def test_generate_equals_attnlab_sample_and_is_seeded(trained, capsys):
     assert run.generate("the", 20, seed=3, top_k=20) == text
     assert run.generate("the", 20, seed=4, temperature=1.0) != run.generate("the", 20, seed=5, temperature=1.0)
     stopped = cli_out(capsys, "sample", run_dir, "--prompt", "the", "--max-new-tokens", 30, "--seed", 3, "--stop", "e ")
-    assert stopped == run.generate("the", 30, seed=3, stop="e ") + "\n" == run.generate("the", 30, seed=3, stop=["e "]) + "\n"
+    assert (
+        stopped
+        == run.generate("the", 30, seed=3, stop="e ") + "\n"
+        == run.generate("the", 30, seed=3, stop=["e "]) + "\n"
+    )
     two = cli_out(capsys, "sample", run_dir, "--prompt", "a", "--max-new-tokens", 10, "--num-samples", 2, "--seed", 1)
     texts = run.generate("a", 10, num_samples=2, seed=1)
     assert two == "".join(f"--- sample {i + 1} ---\n{t}\n" for i, t in enumerate(texts))
@@ -144,6 +153,7 @@ def test_import_attnlab_is_light_and_exposes_the_api():
 
 def test_image_runs_evaluate_in_bits_per_dim_as_attnlab_eval(tmp_path, capsys, one_thread):
     from runkit import digits_config
+
     cfg = digits_config(tmp_path)
     summary = attnlab.train(cfg)
     run = attnlab.load(tmp_path / "runs" / "digits")

@@ -53,6 +53,7 @@ def _out_and_grads(fn, q, k, v, pattern):
 
 # ------------------------------------------------------------------ patterns
 
+
 @pytest.mark.parametrize("T,H", [(1, 1), (5, 2), (16, 3)])
 def test_dense_mask_is_lower_triangular(T, H):
     mask = Dense().dense_mask(T, H)
@@ -108,6 +109,7 @@ def test_build_pattern_registry():
 
 
 # ------------------------------------------------------------------ backends
+
 
 @settings(max_examples=30, deadline=None)
 @given(B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 24), Dh=st.integers(1, 16), seed=st.integers(0, 1000))
@@ -182,6 +184,7 @@ def test_forced_incompatible_backend_raises():
 
 
 # ------------------------------------------------------------------ interface
+
 
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
 def test_attention_module(backend):

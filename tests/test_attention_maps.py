@@ -88,13 +88,22 @@ def test_every_pattern_captures_normalised_masked_weights_and_unchanged_logits(k
 
 
 @settings(max_examples=20, deadline=None)
-@given(kind=st.sampled_from(["local", "strided_split", "strided_union", "fixed_v2", "sink_window"]),
-       size=st.integers(1, 5), ctx_pow=st.integers(2, 5), seed=st.integers(0, 99))
+@given(
+    kind=st.sampled_from(["local", "strided_split", "strided_union", "fixed_v2", "sink_window"]),
+    size=st.integers(1, 5),
+    ctx_pow=st.integers(2, 5),
+    seed=st.integers(0, 99),
+)
 def test_random_parameters_and_lengths(kind, size, ctx_pow, seed, tmp_path_factory):
-    context = 2 ** ctx_pow  # 4..32; strided/fixed strides must divide it
+    context = 2**ctx_pow  # 4..32; strided/fixed strides must divide it
     l = 2 ** min(ctx_pow, 1 + size % 3)
-    params = {"local": {"window": size}, "strided_split": {"local_attn_ctx": l}, "strided_union": {"local_attn_ctx": l},
-              "fixed_v2": {"local_attn_ctx": max(l, 2), "blocksize": 1}, "sink_window": {"sinks": size % 3, "window": size}}[kind]
+    params = {
+        "local": {"window": size},
+        "strided_split": {"local_attn_ctx": l},
+        "strided_union": {"local_attn_ctx": l},
+        "fixed_v2": {"local_attn_ctx": max(l, 2), "blocksize": 1},
+        "sink_window": {"sinks": size % 3, "window": size},
+    }[kind]
     model = tiny_model(attn_config(kind, tmp_path_factory.getbasetemp(), **params), context=context, seed=seed)
     n = 1 + seed % context  # any length up to the context
     check_capture(model, torch.randint(0, 40, (1, n), generator=torch.Generator().manual_seed(seed)))
@@ -105,8 +114,13 @@ def test_chunked_rows_and_kept_layers_give_the_same_weights(tmp_path):
     x = torch.randint(0, 40, (2, T), generator=torch.Generator().manual_seed(2))
     whole = check_capture(model, x)
     seen = []
-    chunked = check_capture(model, x, keep=[1], on_layer=lambda la: seen.append((la.layer, la.q_start, la.first_chunk)),
-                            chunk_elements=2 * 4 * T * 5)  # 5 query rows at a time
+    chunked = check_capture(
+        model,
+        x,
+        keep=[1],
+        on_layer=lambda la: seen.append((la.layer, la.q_start, la.first_chunk)),
+        chunk_elements=2 * 4 * T * 5,
+    )  # 5 query rows at a time
     assert list(chunked) == [1]
     torch.testing.assert_close(chunked[1], whole[1], atol=1e-6, rtol=0)  # matmuls of other shapes round differently
     assert seen == [(layer, s, s == 0) for layer in (0, 1) for s in (0, 5, 10, 15)]
@@ -123,6 +137,7 @@ def test_reference_uses_reference_weights():
 
 
 # ------------------------------------------------------------------ images: the SOS offset
+
 
 def test_image_keys_map_to_the_bytes_they_hold():
     shape = (3, 4, 2)
@@ -143,8 +158,11 @@ def test_image_keys_map_to_the_bytes_they_hold():
 def test_a_local_image_model_attends_to_exactly_the_previous_window_of_bytes():
     shape, window = (3, 4, 2), 5
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, context=24, position="image", image_shape=list(shape)),
-                AttentionConfig(pattern="local", window=window), 257).eval()
+    model = GPT(
+        ModelConfig(n_layer=1, n_head=2, d_model=16, context=24, position="image", image_shape=list(shape)),
+        AttentionConfig(pattern="local", window=window),
+        257,
+    ).eval()
     image = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
     x = torch.cat([torch.tensor([SOS]), image[:-1]])[None]
     w = model_weights(model, x, [0])[0][0].numpy()
@@ -172,12 +190,21 @@ def test_selections_are_checked():
 
 # ------------------------------------------------------------------ the CLI on trained runs
 
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     corpus = write_corpus(root / "corpus.txt")
-    cfg = tiny_config(corpus, root / "data", root / "runs", "attention.pattern=sink_window", "attention.sinks=1",
-                      "attention.window=8", "train.max_steps=2", "logging.attention_stats=0")
+    cfg = tiny_config(
+        corpus,
+        root / "data",
+        root / "runs",
+        "attention.pattern=sink_window",
+        "attention.sinks=1",
+        "attention.window=8",
+        "train.max_steps=2",
+        "logging.attention_stats=0",
+    )
     train(cfg)
     return root / "runs" / "t"
 
@@ -190,11 +217,18 @@ def run_cli(args, capsys):
 
 def test_viz_attention_on_text_writes_maps_and_the_captured_weights(text_run, tmp_path, capsys):
     text = "the model\nattends to it"
-    code, line, _ = run_cli(["viz", "attention", str(text_run), "--text", text, "--out", str(tmp_path / "maps")], capsys)
+    code, line, _ = run_cli(
+        ["viz", "attention", str(text_run), "--text", text, "--out", str(tmp_path / "maps")], capsys
+    )
     assert code == 0
     info = json.loads(line)
     assert info["layers"] == [0, 1] and info["heads"] == [0, 1] and info["tokens"] == len(text.encode())
-    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["attention.json", "layer00.png", "layer01.png", "weights.npy"]
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        "attention.json",
+        "layer00.png",
+        "layer01.png",
+        "weights.npy",
+    ]
     assert all((tmp_path / "maps" / f"layer0{i}.png").stat().st_size > 5000 for i in (0, 1))
     saved = np.load(tmp_path / "maps" / "weights.npy")
     run = load_run(text_run)
@@ -205,8 +239,22 @@ def test_viz_attention_on_text_writes_maps_and_the_captured_weights(text_run, tm
     labels = json.loads((tmp_path / "maps" / "attention.json").read_text())["labels"]
     assert labels[:4] == ["t", "h", "e", "␣"] and "\\n" in labels
 
-    code, line, _ = run_cli(["viz", "attention", str(text_run), "--text", text, "--layers", "1", "--heads", "0",
-                             "--out", str(tmp_path / "one")], capsys)
+    code, line, _ = run_cli(
+        [
+            "viz",
+            "attention",
+            str(text_run),
+            "--text",
+            text,
+            "--layers",
+            "1",
+            "--heads",
+            "0",
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        capsys,
+    )
     assert code == 0 and json.loads(line)["shape"] == [1, 1, len(ids), len(ids)]
     np.testing.assert_array_equal(np.load(tmp_path / "one" / "weights.npy")[0, 0], direct[1][0, 0].numpy())
 
@@ -218,16 +266,29 @@ def test_viz_attention_errors_are_one_line(text_run, tmp_path, capsys):
         ([], "nothing to look at: pass --text"),
         (["--text", "the", "--layers", "2"], "--layers 2 is outside [0, 2) (the model has 2 layers)"),
         (["--text", "the", "--heads", "0,7"], "--heads 7 is outside [0, 2)"),
-        (["--text", "x" * 33], "--text is 33 tokens, longer than the model's context of 32: shorten it to at most 32 tokens"),
+        (
+            ["--text", "x" * 33],
+            "--text is 33 tokens, longer than the model's context of 32: shorten it to at most 32 tokens",
+        ),
     ]
     for extra, message in cases:
         code, _, err = run_cli(["viz", "attention", str(text_run), "--out", out, *extra], capsys)
-        assert code == 2 and err.startswith("attnlab: error: ") and message in err and len(err.splitlines()) == 1, (extra, err)
+        assert code == 2 and err.startswith("attnlab: error: ") and message in err and len(err.splitlines()) == 1, (
+            extra,
+            err,
+        )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    code, _, err = run_cli(["viz", "attention", str(text_run), "--text", "the", "--out", str(tmp_path / "full")], capsys)
+    code, _, err = run_cli(
+        ["viz", "attention", str(text_run), "--text", "the", "--out", str(tmp_path / "full")], capsys
+    )
     assert code == 2 and "already exists and is not empty" in err and "--force" in err
-    assert run_cli(["viz", "attention", str(text_run), "--text", "the", "--out", str(tmp_path / "full"), "--force"], capsys)[0] == 0
+    assert (
+        run_cli(
+            ["viz", "attention", str(text_run), "--text", "the", "--out", str(tmp_path / "full"), "--force"], capsys
+        )[0]
+        == 0
+    )
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
@@ -240,15 +301,21 @@ def digits_run(tmp_path_factory):
 
 
 def test_viz_attention_on_an_image_overlays_the_query_pixel(digits_run, tmp_path, capsys):
-    code, line, _ = run_cli(["viz", "attention", str(digits_run), "--image", "3", "--pixel", "4,5",
-                             "--out", str(tmp_path / "img")], capsys)
+    code, line, _ = run_cli(
+        ["viz", "attention", str(digits_run), "--image", "3", "--pixel", "4,5", "--out", str(tmp_path / "img")], capsys
+    )
     assert code == 0
     info = json.loads(line)
-    assert info["pixel"] == [4, 5, 0] and info["query"] == 4 * 8 + 5 and info["image_shape"] == [8, 8, 1] and info["image"] == 3
+    assert (
+        info["pixel"] == [4, 5, 0]
+        and info["query"] == 4 * 8 + 5
+        and info["image_shape"] == [8, 8, 1]
+        and info["image"] == 3
+    )
     assert info["shape"] == [1, 2, 64, 64]
     assert (tmp_path / "img" / "layer00.png").stat().st_size > 3000
     run = load_run(digits_run)
-    y = run.dataset.tokens("val")[3 * 64:4 * 64].astype(np.int64)
+    y = run.dataset.tokens("val")[3 * 64 : 4 * 64].astype(np.int64)
     x = torch.cat([torch.tensor([SOS]), torch.from_numpy(y[:-1])])[None]  # as score_images reads it
     direct = model_weights(run.model, x, [0])[0][0].numpy()
     saved = np.load(tmp_path / "img" / "weights.npy")
@@ -256,9 +323,11 @@ def test_viz_attention_on_an_image_overlays_the_query_pixel(digits_run, tmp_path
     amap, sos = image_query_map(saved[0, 0, info["query"]], (8, 8, 1))
     assert (amap > 0).sum() == 12 and sos == 0.0  # window 12: keys 25..36 hold bytes 24..35, no SOS
 
-    for extra, message in [(["--text", "hi"], "models images: use --image K"),
-                           (["--image", "99999"], "--image 99999 is outside [0, "),
-                           (["--image", "0", "--pixel", "8,0"], "--pixel 8,0 is outside the 8x8x1 image"),
-                           (["--image", "0", "--split", "nope"], "--split 'nope' is not in")]:
+    for extra, message in [
+        (["--text", "hi"], "models images: use --image K"),
+        (["--image", "99999"], "--image 99999 is outside [0, "),
+        (["--image", "0", "--pixel", "8,0"], "--pixel 8,0 is outside the 8x8x1 image"),
+        (["--image", "0", "--split", "nope"], "--split 'nope' is not in"),
+    ]:
         code, _, err = run_cli(["viz", "attention", str(digits_run), "--out", str(tmp_path / "e"), *extra], capsys)
         assert code == 2 and message in err and len(err.splitlines()) == 1, (extra, err)

@@ -20,8 +20,17 @@ SETTINGS = {
     "local": ["attention.pattern=local", "attention.window=5"],
     "strided_split": ["attention.pattern=strided", "attention.local_attn_ctx=4"],
     "strided_union": ["attention.pattern=strided", "attention.local_attn_ctx=8", "attention.strided_mode=union"],
-    "strided_interleave": ["attention.pattern=strided", "attention.local_attn_ctx=4", "attention.strided_mode=interleave"],
-    "fixed": ["attention.pattern=fixed", "attention.local_attn_ctx=8", "attention.blocksize=4", "attention.num_verts=2"],
+    "strided_interleave": [
+        "attention.pattern=strided",
+        "attention.local_attn_ctx=4",
+        "attention.strided_mode=interleave",
+    ],
+    "fixed": [
+        "attention.pattern=fixed",
+        "attention.local_attn_ctx=8",
+        "attention.blocksize=4",
+        "attention.num_verts=2",
+    ],
     "sink_window": ["attention.pattern=sink_window", "attention.sinks=2", "attention.window=4"],
     "linear": ["attention.pattern=linear"],
     "schedule": ["attention.schedule=local,local,local,strided", "attention.window=3", "attention.local_attn_ctx=4"],
@@ -29,8 +38,18 @@ SETTINGS = {
 
 
 def model_for(overrides, position="rope"):
-    cfg = config.load(None, ["model.n_layer=4", "model.n_head=4", "model.d_model=32", "model.context=32",
-                             f"model.position={position}", "train.max_steps=1", *overrides])
+    cfg = config.load(
+        None,
+        [
+            "model.n_layer=4",
+            "model.n_head=4",
+            "model.d_model=32",
+            "model.context=32",
+            f"model.position={position}",
+            "train.max_steps=1",
+            *overrides,
+        ],
+    )
     torch.manual_seed(0)
     return GPT(cfg.model, cfg.attention, vocab_size=50).eval()
 
@@ -62,17 +81,29 @@ def test_a_training_step_runs_the_configured_pattern_and_backend(tmp_path, monke
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_dense)
     corpus = write_corpus(tmp_path / "c.txt")
-    cfg = tiny_config(corpus, tmp_path / "data", tmp_path / "runs", "model.n_layer=4",
-                      "attention.schedule=local,local,local,strided", "attention.window=6",
-                      "attention.local_attn_ctx=8", "attention.strided_mode=union", "train.max_steps=2")
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "data",
+        tmp_path / "runs",
+        "model.n_layer=4",
+        "attention.schedule=local,local,local,strided",
+        "attention.window=6",
+        "attention.local_attn_ctx=8",
+        "attention.strided_mode=union",
+        "train.max_steps=2",
+    )
     summary = train(cfg)
     layers = summary["attention"]
-    assert [(x["pattern"], x["backend"]) for x in layers] == [("local", "blocksparse")] * 3 + [("strided", "blocksparse")]
+    assert [(x["pattern"], x["backend"]) for x in layers] == [("local", "blocksparse")] * 3 + [
+        ("strided", "blocksparse")
+    ]
     assert layers[0]["params"] == {"window": 6} and layers[3]["params"]["strided_mode"] == "union"
     assert 0 < layers[0]["density"] < layers[3]["density"] < 1
     assert {p.name for p in seen} == {"local", "strided"}
     run = tmp_path / "runs" / "t"
-    info = next(e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["event"] == "model_info")
+    info = next(
+        e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["event"] == "model_info"
+    )
     assert info["attention"] == layers
 
 

@@ -13,8 +13,14 @@ from attnlab.cli import main
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
 from attnlab.eval.inspection.attention_maps import LayerAttention
-from attnlab.eval.inspection.attention_stats import (STATS, StatsAccumulator, attention_stats_event, head_stats,
-                                                     model_attention_stats, stats_batch)
+from attnlab.eval.inspection.attention_stats import (
+    STATS,
+    StatsAccumulator,
+    attention_stats_event,
+    head_stats,
+    model_attention_stats,
+    stats_batch,
+)
 from attnlab.model.gpt import GPT
 from attnlab.training.logs import read_events, sink_scalars
 from attnlab.training.trainer import train
@@ -70,7 +76,7 @@ def test_a_model_with_zero_queries_attends_uniformly_and_its_norms_match_the_cap
     handle = model.blocks[0].attn.core.register_forward_hook(lambda mod, args, out: seen.append(args))
     stats = model_attention_stats(model, x)
     handle.remove()
-    (q, k, v), = seen
+    ((q, k, v),) = seen
     assert stats["entropy"][0] == pytest.approx([sum(math.log(i + 1) for i in range(T)) / T] * 2, abs=1e-6)
     assert stats["distance"][0] == pytest.approx([0.75, 0.75], abs=1e-6)
     assert stats["q_norm"][0] == [0.0, 0.0]
@@ -81,8 +87,13 @@ def test_a_model_with_zero_queries_attends_uniformly_and_its_norms_match_the_cap
 
 def test_stats_batch_is_the_first_windows_or_images():
     import numpy as np
+
     tokens = np.arange(100, dtype=np.uint16)
-    assert stats_batch(tokens, 8, 3, image=False).tolist() == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+    assert stats_batch(tokens, 8, 3, image=False).tolist() == [
+        list(range(0, 8)),
+        list(range(8, 16)),
+        list(range(16, 24)),
+    ]
     assert stats_batch(tokens[:5], 8, 3, image=False).tolist() == [[0, 1, 2, 3, 4]]  # a split shorter than the context
     img = stats_batch(tokens, 10, 20, image=True, sos=256)
     assert img.shape == (10, 10) and img[1].tolist() == [256, *range(10, 19)]  # SOS, then all but the last byte
@@ -91,6 +102,7 @@ def test_stats_batch_is_the_first_windows_or_images():
 @torch.no_grad()
 def test_the_event_is_the_model_on_the_stats_batch_from_explicit_arguments():
     import numpy as np
+
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=8, context=6, dropout=0.0), AttentionConfig(), 257).eval()
     tokens = np.arange(30, dtype=np.uint16) * 7 % 256
@@ -101,8 +113,12 @@ def test_the_event_is_the_model_on_the_stats_batch_from_explicit_arguments():
 
 def test_attention_stats_reach_tensorboard_and_wandb_as_per_head_scalars():
     fields = {"step": 5, "sequences": 2, "entropy": [[0.5, 0.25]], "q_norm": [[1.0, 2.0]]}
-    assert sink_scalars("attention_stats", fields) == {"attention/L0H0/entropy": 0.5, "attention/L0H1/entropy": 0.25,
-                                                       "attention/L0H0/q_norm": 1.0, "attention/L0H1/q_norm": 2.0}
+    assert sink_scalars("attention_stats", fields) == {
+        "attention/L0H0/entropy": 0.5,
+        "attention/L0H1/entropy": 0.25,
+        "attention/L0H0/q_norm": 1.0,
+        "attention/L0H1/q_norm": 2.0,
+    }
     assert sink_scalars("training_step", {"step": 1, "loss": 2.0, "flag": True}) == {"training/loss": 2.0}
     assert sink_scalars("checkpoint_saved", {"step": 1}) == {}
 
@@ -115,13 +131,21 @@ def test_config_key_is_validated(tmp_path):
 
 # ------------------------------------------------------------------ during training
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("stats")
     corpus = write_corpus(root / "corpus.txt")
     common = ["train.max_steps=6", "train.eval_every=3", "train.val_tokens=64"]  # model.dropout=0.1: RNG in training
-    on = tiny_config(corpus, root / "data", root / "runs", *common, "logging.attention_stats=2",
-                     "logging.tensorboard=true", name="on")
+    on = tiny_config(
+        corpus,
+        root / "data",
+        root / "runs",
+        *common,
+        "logging.attention_stats=2",
+        "logging.tensorboard=true",
+        name="on",
+    )
     off = tiny_config(corpus, root / "data", root / "runs", *common, "logging.attention_stats=0", name="off")
     train(on)
     train(off)
@@ -154,6 +178,7 @@ def test_training_is_bit_identical_with_or_without_stats(runs):
 
 def test_tensorboard_receives_the_per_head_scalars(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     on, _ = runs
     acc = EventAccumulator(str(on / "tensorboard"))
     acc.Reload()

@@ -34,8 +34,10 @@ def cfg_for(tmp_path, corpus, *overrides, name="t"):
 
 
 def backends_on_cuda(*overrides: str) -> list[str]:
-    cfg = config.load(None, ["train.max_steps=1", "model.n_layer=2", "model.n_head=2", "model.d_model=32",
-                             "model.context=32", *overrides])
+    cfg = config.load(
+        None,
+        ["train.max_steps=1", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.context=32", *overrides],
+    )
     return GPT(cfg.model, cfg.attention, 64).resolve_backends(torch.device("cuda"))
 
 
@@ -55,10 +57,17 @@ def test_residual_dropout_with_no_attention_dropout_selects_flex_on_cuda(cuda_fl
 
 
 def test_forced_flex_with_attention_dropout_names_the_key():
-    with pytest.raises(ConfigError, match=r"attention.backend='flex' has no attention dropout but the model's is 0.1 "
-                                          r".*or model.attn_dropout=0$"):
-        config.load(None, ["train.max_steps=1", "attention.backend=flex", "model.dropout=0.0", "model.attn_dropout=0.1"])
-    cfg = config.load(None, ["train.max_steps=1", "attention.backend=flex", "model.dropout=0.3", "model.attn_dropout=0"])
+    with pytest.raises(
+        ConfigError,
+        match=r"attention.backend='flex' has no attention dropout but the model's is 0.1 "
+        r".*or model.attn_dropout=0$",
+    ):
+        config.load(
+            None, ["train.max_steps=1", "attention.backend=flex", "model.dropout=0.0", "model.attn_dropout=0.1"]
+        )
+    cfg = config.load(
+        None, ["train.max_steps=1", "attention.backend=flex", "model.dropout=0.3", "model.attn_dropout=0"]
+    )
     assert cfg.model.dropout == 0.3
 
 

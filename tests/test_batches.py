@@ -35,8 +35,8 @@ def test_shapes_and_shift():
     assert torch.equal(x[:, 1:], y[:, :-1])
     starts = it.window_starts(0, 0)
     for row, s in enumerate(starts):
-        assert torch.equal(x[row], torch.from_numpy(tokens[s:s + C].astype(np.int64)))
-        assert torch.equal(y[row], torch.from_numpy(tokens[s + 1:s + C + 1].astype(np.int64)))
+        assert torch.equal(x[row], torch.from_numpy(tokens[s : s + C].astype(np.int64)))
+        assert torch.equal(y[row], torch.from_numpy(tokens[s + 1 : s + C + 1].astype(np.int64)))
 
 
 def test_epoch_is_non_overlapping_windows_at_a_random_offset():
@@ -48,10 +48,10 @@ def test_epoch_is_non_overlapping_windows_at_a_random_offset():
         assert it.epoch == epoch + 1 and it.step == 0
         offset = int(starts.min() % C)
         offsets.add(offset)
-        assert 0 <= offset < C and np.all(starts % C == offset)       # windows start every C tokens
+        assert 0 <= offset < C and np.all(starts % C == offset)  # windows start every C tokens
         assert len(set(starts.tolist())) == len(starts) == it.steps_per_epoch * B  # each window once
         assert starts.max() + C + 1 <= N
-        assert not np.all(np.diff(starts) == C)                       # shuffled order
+        assert not np.all(np.diff(starts) == C)  # shuffled order
     assert len(offsets) > 1
 
 

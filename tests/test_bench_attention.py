@@ -9,8 +9,15 @@ import torch
 
 from attnlab.attention.backends import BACKENDS
 from attnlab.attention.patterns import Dense, Local
-from attnlab.bench.attention import (COLUMNS, bench_attention, cpu_peak_supported, format_speedups, parse_pattern_spec,
-                                     resolve, speedups)
+from attnlab.bench.attention import (
+    COLUMNS,
+    bench_attention,
+    cpu_peak_supported,
+    format_speedups,
+    parse_pattern_spec,
+    resolve,
+    speedups,
+)
 from attnlab.cli import main
 from attnlab.errors import ConfigError
 
@@ -22,9 +29,30 @@ PASSES = ("fwd", "fwdbwd")
 def cli_run(tmp_path_factory, one_thread):
     """One tiny benchmark through the command line, shared by the tests below."""
     out = tmp_path_factory.mktemp("bench") / "attn.csv"
-    rc = main(["bench", "attention", "--patterns", "dense", "local:window=16", "fixed:local_attn_ctx=32:blocksize=8",
-               "--seq-lens", ",".join(map(str, SEQ_LENS)), "--backends", "auto,reference,sdpa,sdpa_causal",
-               "--out", str(out), "--repeats", "2", "--warmup", "1", "--heads", "2", "--head-dim", "8"])
+    rc = main(
+        [
+            "bench",
+            "attention",
+            "--patterns",
+            "dense",
+            "local:window=16",
+            "fixed:local_attn_ctx=32:blocksize=8",
+            "--seq-lens",
+            ",".join(map(str, SEQ_LENS)),
+            "--backends",
+            "auto,reference,sdpa,sdpa_causal",
+            "--out",
+            str(out),
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+        ]
+    )
     assert rc == 0
     with open(out, newline="") as f:
         header = next(csv.reader(f))
@@ -37,9 +65,16 @@ def test_csv_columns_and_one_row_per_runnable_combination(cli_run):
     out, header, rows = cli_run
     assert tuple(header) == COLUMNS
     got = sorted((r["pattern"], r["backend"], int(r["seq_len"]), r["pass"]) for r in rows)
-    runnable = [("dense", "sdpa_causal"), ("dense", "auto(sdpa)"), ("dense", "reference"), ("dense", "sdpa"),
-                ("local", "auto(blocksparse)"), ("local", "reference"),  # sdpa cannot run local: skipped
-                ("fixed", "auto(blocksparse)"), ("fixed", "reference")]
+    runnable = [
+        ("dense", "sdpa_causal"),
+        ("dense", "auto(sdpa)"),
+        ("dense", "reference"),
+        ("dense", "sdpa"),
+        ("local", "auto(blocksparse)"),
+        ("local", "reference"),  # sdpa cannot run local: skipped
+        ("fixed", "auto(blocksparse)"),
+        ("fixed", "reference"),
+    ]
     want = sorted((p, b, T, s) for p, b in runnable for T in SEQ_LENS for s in PASSES)
     assert got == want  # sdpa_causal in --backends is the baseline, measured once per length and pass
     by = {(r["pattern"], r["backend"], int(r["seq_len"])): r for r in rows}
@@ -55,8 +90,9 @@ def test_skipped_rows_are_noted(cli_run):
     out, _, _ = cli_run
     summary = json.loads(out.with_suffix(".json").read_text())
     skipped = {(s["pattern"], s["backend"], s["seq_len"], s["pass"]) for s in summary["skipped"]}
-    assert skipped == {("local:window=16", "sdpa", T, s) for T in SEQ_LENS for s in PASSES} | \
-                      {("fixed:local_attn_ctx=32:blocksize=8", "sdpa", T, s) for T in SEQ_LENS for s in PASSES}
+    assert skipped == {("local:window=16", "sdpa", T, s) for T in SEQ_LENS for s in PASSES} | {
+        ("fixed:local_attn_ctx=32:blocksize=8", "sdpa", T, s) for T in SEQ_LENS for s in PASSES
+    }
     assert all("cannot run pattern" in s["reason"] for s in summary["skipped"])
     assert summary["settings"]["repeats"] == 2 and summary["memory_method"]
     assert {u["pattern"] for u in summary["speedups"]} == {"dense", "local", "fixed"}
@@ -67,7 +103,11 @@ def test_peak_memory_is_finite(cli_run):
     _, _, rows = cli_run
     peaks = [float(r["peak_mb"]) for r in rows]
     assert all(math.isfinite(p) and p >= 0 for p in peaks)
-    ref = [float(r["peak_mb"]) for r in rows if r["backend"] == "reference" and r["pass"] == "fwdbwd" and r["seq_len"] == "128"]
+    ref = [
+        float(r["peak_mb"])
+        for r in rows
+        if r["backend"] == "reference" and r["pass"] == "fwdbwd" and r["seq_len"] == "128"
+    ]
     assert max(ref) > 0  # [1, 2, 128, 128] fp32 scores and their gradients are resident at the peak
 
 
@@ -81,8 +121,18 @@ def test_plot_and_machine_written(cli_run):
 
 
 def test_library_returns_rows_and_plot_option(tmp_path, one_thread, capsys):
-    rows = bench_attention(["sink_window:sinks=2:window=8"], [32], ["blocksparse"], ["fwd"], repeats=1, heads=2,
-                           head_dim=4, out=tmp_path / "r.csv", warmup=0, plot=tmp_path / "p" / "plot.png")
+    rows = bench_attention(
+        ["sink_window:sinks=2:window=8"],
+        [32],
+        ["blocksparse"],
+        ["fwd"],
+        repeats=1,
+        heads=2,
+        head_dim=4,
+        out=tmp_path / "r.csv",
+        warmup=0,
+        plot=tmp_path / "p" / "plot.png",
+    )
     assert [(r["pattern"], r["backend"]) for r in rows] == [("dense", "sdpa_causal"), ("sink_window", "blocksparse")]
     assert set(rows[0]) == set(COLUMNS)
     assert (tmp_path / "p" / "plot.png").is_file() and not (tmp_path / "r.png").exists()
@@ -116,23 +166,43 @@ def test_pattern_specs():
 
 
 def test_speedup_table():
-    rows = [{"pattern": "dense", "params": "", "backend": "sdpa_causal", "seq_len": 64, "pass": "fwd", "median_ms": 2.0},
-            {"pattern": "local", "params": "window=8", "backend": "blocksparse", "seq_len": 64, "pass": "fwd", "median_ms": 1.0}]
+    rows = [
+        {"pattern": "dense", "params": "", "backend": "sdpa_causal", "seq_len": 64, "pass": "fwd", "median_ms": 2.0},
+        {
+            "pattern": "local",
+            "params": "window=8",
+            "backend": "blocksparse",
+            "seq_len": 64,
+            "pass": "fwd",
+            "median_ms": 1.0,
+        },
+    ]
     ups = speedups(rows)
-    assert ups == [{"pattern": "local", "params": "window=8", "backend": "blocksparse", "pass": "fwd", "seq_len": 64,
-                    "speedup_vs_sdpa_causal": 2.0}]
+    assert ups == [
+        {
+            "pattern": "local",
+            "params": "window=8",
+            "backend": "blocksparse",
+            "pass": "fwd",
+            "seq_len": 64,
+            "speedup_vs_sdpa_causal": 2.0,
+        }
+    ]
     assert "2.00x" in format_speedups(ups, [64, 128])
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--patterns", "local:windw=16"], "pattern spec 'local:windw=16'"),
-    (["--patterns", "nope"], "pattern spec 'nope'"),
-    (["--patterns", "local:window"], "not key=value"),
-    (["--patterns", "local", "--seq-lens", "64,abc"], "--seq-lens"),
-    (["--patterns", "local", "--backends", "fast"], "unknown backend 'fast'"),
-    (["--patterns", "local", "--passes", "bwd"], "unknown pass 'bwd'"),
-    (["--patterns", "local", "--repeats", "0"], "--repeats 0"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--patterns", "local:windw=16"], "pattern spec 'local:windw=16'"),
+        (["--patterns", "nope"], "pattern spec 'nope'"),
+        (["--patterns", "local:window"], "not key=value"),
+        (["--patterns", "local", "--seq-lens", "64,abc"], "--seq-lens"),
+        (["--patterns", "local", "--backends", "fast"], "unknown backend 'fast'"),
+        (["--patterns", "local", "--passes", "bwd"], "unknown pass 'bwd'"),
+        (["--patterns", "local", "--repeats", "0"], "--repeats 0"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     argv = ["bench", "attention", "--seq-lens", "64", "--out", str(tmp_path / "x.csv"), *args]
     assert main(argv) == 2

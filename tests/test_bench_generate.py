@@ -9,16 +9,22 @@ from pathlib import Path
 import pytest
 
 from attnlab import config
-from attnlab.bench.measure import cpu_peak_supported
 from attnlab.bench.generate import COLUMNS, add_parser, bench_generate, row_config, run
+from attnlab.bench.measure import cpu_peak_supported
 from attnlab.errors import ConfigError
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.vocab_size=300"]
 N_LAYER, N_HEAD, D_MODEL, HEAD_DIM, BATCH = 1, 2, 32, 16, 2
 LENGTHS = (32, 64)
-SPECS = ["dense", "local:window=8", "sink_window:sinks=2:window=8:context=32", "strided:local_attn_ctx=16",
-         "fixed:local_attn_ctx=16:blocksize=4", "linear"]
+SPECS = [
+    "dense",
+    "local:window=8",
+    "sink_window:sinks=2:window=8:context=32",
+    "strided:local_attn_ctx=16",
+    "fixed:local_attn_ctx=16:blocksize=4",
+    "linear",
+]
 BOUNDED = {"local", "sink_window", "linear"}
 FP32 = 4
 
@@ -34,9 +40,32 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def cli_run(tmp_path_factory, one_thread):
     """One tiny benchmark through the command-line arguments, shared by the tests below."""
     out = tmp_path_factory.mktemp("gen") / "results.csv"
-    run(_parse(["generate", *TINY, "--config", str(QUICKSTART), "--patterns", *SPECS,
-                "--lengths", ",".join(map(str, LENGTHS)), "--prompt-len", "8", "--window", "4", "--batch", str(BATCH),
-                "--repeats", "1", "--recompute-max", "32", "--out", str(out)]))
+    run(
+        _parse(
+            [
+                "generate",
+                *TINY,
+                "--config",
+                str(QUICKSTART),
+                "--patterns",
+                *SPECS,
+                "--lengths",
+                ",".join(map(str, LENGTHS)),
+                "--prompt-len",
+                "8",
+                "--window",
+                "4",
+                "--batch",
+                str(BATCH),
+                "--repeats",
+                "1",
+                "--recompute-max",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+    )
     with open(out, newline="") as f:
         header = next(csv.reader(f))
         f.seek(0)
@@ -54,8 +83,9 @@ def test_csv_has_one_row_per_pattern_length_and_mode(cli_run):
     patterns = ["dense", "local", "sink_window", "strided", "fixed", "linear"]
     got = [(r["pattern"], int(r["length"]), r["mode"]) for r in rows]
     # recompute only up to --recompute-max 32; the cache row of a length comes before its recompute row
-    assert got == [(p, L, m) for p in patterns for L, modes in ((32, ("cache", "recompute")), (64, ("cache",)))
-                   for m in modes]
+    assert got == [
+        (p, L, m) for p in patterns for L, modes in ((32, ("cache", "recompute")), (64, ("cache",))) for m in modes
+    ]
     contexts = {r["pattern"]: int(r["context"]) for r in rows}
     assert contexts == {**{p: max(LENGTHS) for p in patterns}, "sink_window": 32}  # context= of its spec
     params = {r["pattern"]: r["params"] for r in rows}
@@ -75,7 +105,9 @@ def test_cache_sizes_are_exact(cli_run):
         assert nbytes[("strided", L)] == kv * (16 + L) * HEAD_DIM  # split: a ring of l=16 + one head keeps all
         assert nbytes[("fixed", L)] == kv * (16 + L // 16 * 4) * D_MODEL  # the chunk + c=4 columns per chunk
         assert nbytes[("local", L)] == kv * 8 * D_MODEL  # a ring of window=8
-        assert nbytes[("sink_window", L)] == kv * (2 + 8) * D_MODEL + kv // 2 * 2 * D_MODEL  # sinks + window + sink keys kept
+        assert (
+            nbytes[("sink_window", L)] == kv * (2 + 8) * D_MODEL + kv // 2 * 2 * D_MODEL
+        )  # sinks + window + sink keys kept
         assert nbytes[("linear", L)] == N_LAYER * BATCH * N_HEAD * (HEAD_DIM * HEAD_DIM + HEAD_DIM) * FP32  # S and z
     assert nbytes[("dense", 64)] == 2 * nbytes[("dense", 32)]
 
@@ -85,8 +117,9 @@ def test_speedup_is_recompute_over_cache(cli_run):
     rec = {(r["pattern"], r["length"]): float(r["ms_per_token"]) for r in rows if r["mode"] == "recompute"}
     for r in rows:
         if r["mode"] == "cache" and (r["pattern"], r["length"]) in rec:
-            assert float(r["speedup"]) == pytest.approx(rec[(r["pattern"], r["length"])] / float(r["ms_per_token"]),
-                                                        rel=2e-3)
+            assert float(r["speedup"]) == pytest.approx(
+                rec[(r["pattern"], r["length"])] / float(r["ms_per_token"]), rel=2e-3
+            )
         else:
             assert r["speedup"] == ""
 
@@ -139,8 +172,7 @@ def test_peak_rss_is_finite(cli_run):
 
 def test_library_returns_rows_and_prints_a_summary(tmp_path, one_thread, capsys):
     base = config.load(QUICKSTART, TINY)
-    rows = bench_generate(base, ["local:window=8"], [16], prompt_len=4, window=4, repeats=1,
-                          plot=tmp_path / "p.png")
+    rows = bench_generate(base, ["local:window=8"], [16], prompt_len=4, window=4, repeats=1, plot=tmp_path / "p.png")
     assert [(r["spec"], r["mode"]) for r in rows] == [("local:window=8", "cache"), ("local:window=8", "recompute")]
     assert set(COLUMNS) <= set(rows[0]) and (tmp_path / "p.png").is_file()
     assert "cached ms/tok" in capsys.readouterr().out
@@ -154,16 +186,19 @@ def test_row_config_sets_pattern_and_context():
     assert row_config(base, "dense", 64).model.context == 64 and base.model.context == 256
 
 
-@pytest.mark.parametrize("patterns, kwargs, needle", [
-    (["local:windw=8"], {}, "pattern spec 'local:windw=8'"),
-    (["local:window"], {}, "not key=value"),
-    (["model.n_layer=2"], {}, "put config overrides before --patterns"),
-    (["fixed:local_attn_ctx=16:blocksize=4:context=40"], {}, "must divide model.context=40"),
-    (["local"], {"prompt_len": 40}, "--prompt-len + --window"),
-    (["local:context=16"], {"prompt_len": 20, "window": 4, "lengths": [32]}, "exceeds the context 16"),
-    (["local"], {"repeats": 0}, "--repeats 0"),
-    (["local"], {"out": "x.txt"}, "must be a .csv"),
-])
+@pytest.mark.parametrize(
+    "patterns, kwargs, needle",
+    [
+        (["local:windw=8"], {}, "pattern spec 'local:windw=8'"),
+        (["local:window"], {}, "not key=value"),
+        (["model.n_layer=2"], {}, "put config overrides before --patterns"),
+        (["fixed:local_attn_ctx=16:blocksize=4:context=40"], {}, "must divide model.context=40"),
+        (["local"], {"prompt_len": 40}, "--prompt-len + --window"),
+        (["local:context=16"], {"prompt_len": 20, "window": 4, "lengths": [32]}, "exceeds the context 16"),
+        (["local"], {"repeats": 0}, "--repeats 0"),
+        (["local"], {"out": "x.txt"}, "must be a .csv"),
+    ],
+)
 def test_errors_are_one_line(tmp_path, patterns, kwargs, needle):
     kwargs = {"lengths": list(LENGTHS), "prompt_len": 8, "window": 4, **kwargs}
     if "out" in kwargs:

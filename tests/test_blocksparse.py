@@ -8,7 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnlab.attention import BACKENDS, BlockLayout, Dense, Fixed, Linear, Local, SinkWindow, Strided, reference, select_backend
+from attnlab.attention import (
+    BACKENDS,
+    BlockLayout,
+    Dense,
+    Fixed,
+    Linear,
+    Local,
+    SinkWindow,
+    Strided,
+    reference,
+    select_backend,
+)
 from attnlab.attention.blocksparse import blocksparse, plan
 from attnlab.errors import ConfigError
 
@@ -61,11 +72,20 @@ def test_changing_the_future_never_changes_the_past(name):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["local", "strided", "fixed", "sink"]), st.integers(1, 9), st.integers(1, 70),
-       st.sampled_from([1, 2, 4]), st.sampled_from(["split", "union", "interleave"]))
+@given(
+    st.sampled_from(["local", "strided", "fixed", "sink"]),
+    st.integers(1, 9),
+    st.integers(1, 70),
+    st.sampled_from([1, 2, 4]),
+    st.sampled_from(["split", "union", "interleave"]),
+)
 def test_any_parameters_and_length_match_the_reference(kind, a, T, H, mode):
-    pattern = {"local": Local(a), "strided": Strided(a, mode, H if mode != "split" else 2 * (H // 2) or 2, "stride"),
-               "fixed": Fixed(2 * a, 2, 1, 1), "sink": SinkWindow(a // 2, a)}[kind]
+    pattern = {
+        "local": Local(a),
+        "strided": Strided(a, mode, H if mode != "split" else 2 * (H // 2) or 2, "stride"),
+        "fixed": Fixed(2 * a, 2, 1, 1),
+        "sink": SinkWindow(a // 2, a),
+    }[kind]
     H = 2 if kind == "strided" and mode == "split" and H == 1 else H
     q, k, v = (x.detach() for x in qkv(1, H, T, 4, seed=T))
     torch.testing.assert_close(blocksparse(q, k, v, pattern), reference(q, k, v, pattern), atol=2e-5, rtol=1e-4)
@@ -112,7 +132,9 @@ def test_dropout_backward_matches_its_forward():
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
     dropped = fn(q, k, v)
     assert not torch.allclose(dropped, blocksparse(q, k, v, Strided(4, "union", 4)))  # dropout did act
-    assert torch.equal(blocksparse(q, k, v, Local(3), 0.3, training=False), blocksparse(q, k, v, Local(3)))  # off in eval
+    assert torch.equal(
+        blocksparse(q, k, v, Local(3), 0.3, training=False), blocksparse(q, k, v, Local(3))
+    )  # off in eval
 
 
 def test_low_precision_inputs_keep_their_dtype():
@@ -168,7 +190,9 @@ def test_auto_avoids_flex_when_the_model_has_attention_dropout(monkeypatch):
     from attnlab.attention import Attention
     from attnlab.config import AttentionConfig
 
-    monkeypatch.setitem(BACKENDS, "flex", replace(BACKENDS["flex"], preferred=lambda pattern, device: not pattern.is_dense_causal))
+    monkeypatch.setitem(
+        BACKENDS, "flex", replace(BACKENDS["flex"], preferred=lambda pattern, device: not pattern.is_dense_causal)
+    )
     cfg = AttentionConfig(pattern="local", window=4)
     assert Attention(cfg, 0, 1, 2, dropout=0.0).resolve("cpu") == "flex"
     assert Attention(cfg, 0, 1, 2, dropout=0.1).resolve("cpu") == "blocksparse"

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
+from attnlab.config import OptimConfig
 from attnlab.training import trainer as trainer_mod
 from attnlab.training.logs import read_events
 from attnlab.training.optim import RunClock, lr_factor
-from attnlab.config import OptimConfig
 from attnlab.training.trainer import train
 from runkit import tiny_config, write_corpus
 
@@ -39,8 +39,14 @@ def lrs(run_dir):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
 def test_a_budget_alone_ends_annealed(tmp_path, corpus, one_second_steps, schedule):
-    summary, run_dir = run(tmp_path, corpus, "train.max_steps=null", "train.time_budget_s=10",
-                           f"optim.schedule={schedule}", "optim.warmup_steps=2")
+    summary, run_dir = run(
+        tmp_path,
+        corpus,
+        "train.max_steps=null",
+        "train.time_budget_s=10",
+        f"optim.schedule={schedule}",
+        "optim.warmup_steps=2",
+    )
     assert summary["steps"] == 10 and summary["stop_reason"] == "time_budget"
     assert summary["schedule_follows"] == "time_budget" and summary["planned_steps"] is None
     assert summary["final_lr"] == pytest.approx(LR * MIN, rel=1e-12)
@@ -54,8 +60,10 @@ def test_a_budget_that_ends_first_anneals_and_says_so(tmp_path, corpus, one_seco
     assert (summary["steps"], summary["planned_steps"], summary["stop_reason"]) == (6, 100, "time_budget")
     assert summary["schedule_follows"] == "steps_or_time_budget"
     assert summary["final_lr"] == pytest.approx(LR * MIN, rel=1e-12)
-    assert ("attnlab: warning: train.time_budget_s=6 ended the run at step 6 of 100 planned (the lr schedule followed "
-            "the budget and is annealed)") in capsys.readouterr().err
+    assert (
+        "attnlab: warning: train.time_budget_s=6 ended the run at step 6 of 100 planned (the lr schedule followed "
+        "the budget and is annealed)"
+    ) in capsys.readouterr().err
 
 
 def test_steps_that_end_first_give_the_step_schedule(tmp_path, corpus, one_second_steps, capsys):

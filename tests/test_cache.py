@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnlab.attention import Dense, Fixed, Linear, Local, SinkWindow, Strided, reference
 from attnlab.attention.cache import LocalCache, SinkWindowCache, make_cache
@@ -50,7 +51,7 @@ def cached_logits(model: GPT, seq: torch.Tensor, prompt_len: int) -> torch.Tenso
     cache = model.new_cache(seq.size(0), seq.size(1))
     out = [model(seq[:, :prompt_len], cache=cache)[:, -1]]
     for t in range(prompt_len, seq.size(1)):
-        out.append(model(seq[:, t:t + 1], cache=cache)[:, -1])
+        out.append(model(seq[:, t : t + 1], cache=cache)[:, -1])
     return torch.stack(out, 1)
 
 
@@ -61,7 +62,7 @@ def test_cached_step_equals_full_forward_over_the_prefix(name, position, layout_
     seq = torch.randint(VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
     got = cached_logits(model, seq, prompt_len=3)  # crosses every window, stride and chunk boundary up to 24
     with torch.no_grad():
-        want = torch.stack([model(seq[:, :t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
+        want = torch.stack([model(seq[:, : t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
         assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (got - want).abs().max()
         # unbatched, and a prompt that is already most of the context
         assert torch.allclose(cached_logits(model, seq[1:], prompt_len=20), want[1:, 17:], atol=2e-5, rtol=1e-4)
@@ -76,7 +77,7 @@ def test_bounded_caches_stream_past_the_context_exactly(attn, position):
     seq = torch.randint(VOCAB, (2, 40), generator=torch.Generator().manual_seed(2))
     got = cached_logits(small, seq, prompt_len=4)
     with torch.no_grad():
-        want = torch.stack([big(seq[:, :t + 1])[:, -1] for t in range(3, 40)], 1)
+        want = torch.stack([big(seq[:, : t + 1])[:, -1] for t in range(3, 40)], 1)
     assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -92,7 +93,7 @@ def streaming_reference(model: GPT, seq: torch.Tensor) -> torch.Tensor:
     hist = [([], []) for _ in model.blocks]  # per layer: keys before RoPE, values
     logits = []
     for i in range(seq.size(1)):
-        x = model.tok_emb(seq[:, i:i + 1])
+        x = model.tok_emb(seq[:, i : i + 1])
         for layer, block in zip(hist, model.blocks):
             att, h = block.attn, block.norm1(x)
             B, _, C = h.shape
@@ -106,7 +107,7 @@ def streaming_reference(model: GPT, seq: torch.Tensor) -> torch.Tensor:
                     continue
                 q_at = min(i, ctx - 1) if j < pattern.sinks else i
                 rq = apply_rotary(q, *model.pos_emb(1, offset=q_at))
-                rk = apply_rotary(keys[:, :, j:j + 1], *model.pos_emb(1, offset=j))
+                rk = apply_rotary(keys[:, :, j : j + 1], *model.pos_emb(1, offset=j))
                 scores.append(rq @ rk.transpose(-2, -1) * q.shape[-1] ** -0.5)
             y = torch.softmax(torch.cat(scores, -1), -1) @ values
             x = x + att.proj(y.transpose(1, 2).reshape(B, 1, C))
@@ -129,10 +130,23 @@ patterns = st.one_of(
     st.builds(Dense),
     st.builds(Local, window=st.integers(1, 9)),
     st.builds(SinkWindow, sinks=st.integers(0, 4), window=st.integers(1, 7)),
-    st.builds(Strided, local_attn_ctx=st.integers(1, 6), strided_mode=st.sampled_from(["split", "union"]), n_head=st.just(4)),
-    st.builds(Strided, local_attn_ctx=st.integers(1, 6), strided_mode=st.just("interleave"), part=st.sampled_from(["local", "stride"])),
-    st.integers(1, 3).flatmap(lambda b: st.builds(Fixed, local_attn_ctx=st.sampled_from([2 * b, 4 * b]), blocksize=st.just(b),
-                                                    num_verts=st.sampled_from([1, 2]))),
+    st.builds(
+        Strided, local_attn_ctx=st.integers(1, 6), strided_mode=st.sampled_from(["split", "union"]), n_head=st.just(4)
+    ),
+    st.builds(
+        Strided,
+        local_attn_ctx=st.integers(1, 6),
+        strided_mode=st.just("interleave"),
+        part=st.sampled_from(["local", "stride"]),
+    ),
+    st.integers(1, 3).flatmap(
+        lambda b: st.builds(
+            Fixed,
+            local_attn_ctx=st.sampled_from([2 * b, 4 * b]),
+            blocksize=st.just(b),
+            num_verts=st.sampled_from([1, 2]),
+        )
+    ),
 )
 
 
@@ -145,8 +159,8 @@ def test_each_cache_holds_exactly_the_reachable_keys_and_attends_like_the_refere
     cache = make_cache(pattern, 2, H, total)
     cache.prefill(k[:, :, :prompt_len], v[:, :, :prompt_len])
     for i in range(prompt_len, total):
-        out = cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], i)
-        want = reference(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], pattern)
+        out = cache.step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], i)
+        want = reference(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], pattern)
         assert torch.allclose(out, want, atol=1e-5), (i, (out - want).abs().max())
         # after step i the cache holds every key a later query can reach, and nothing query i could not reach
         held = cache.held()
@@ -168,8 +182,10 @@ def test_linear_cache_is_the_recurrent_state():
     cache.prefill(k[:, :, :5], v[:, :, :5])
     size = cache.nbytes()
     for i in range(5, 20):
-        out = cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], i)
-        assert torch.allclose(out, reference(q[:, :, :i + 1], k[:, :, :i + 1], v[:, :, :i + 1], Linear())[:, :, -1:], atol=1e-5)
+        out = cache.step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], i)
+        assert torch.allclose(
+            out, reference(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], Linear())[:, :, -1:], atol=1e-5
+        )
     assert cache.nbytes() == size == 4 * 2 * (8 * 8 + 8)  # S [Dh x Dv] + z [Dh] per head, fp32
 
 
@@ -185,10 +201,14 @@ def test_memory_is_constant_for_bounded_caches_and_follows_the_pattern_otherwise
 
     per_key = 2 * 4 * 8 * 4  # k and v, 4 heads, D=8, fp32
     assert set(sizes(Local(window=8))[8:]) == {8 * per_key}
-    assert set(sizes(SinkWindow(sinks=2, window=6))[8:]) == {(2 + 6) * per_key + 2 * per_key // 2}  # + the sinks' keys as written
+    assert set(sizes(SinkWindow(sinks=2, window=6))[8:]) == {
+        (2 + 6) * per_key + 2 * per_key // 2
+    }  # + the sinks' keys as written
     fixed = sizes(Fixed(local_attn_ctx=8, blocksize=2))  # summary buffer preallocated: l + c * T / l keys
     assert fixed[-1] == (8 + 2 * 64 // 8) * per_key
-    strided = sizes(Strided(local_attn_ctx=8, strided_mode="split", n_head=4))  # ring of 8 for 2 heads, all 64 for 2 heads
+    strided = sizes(
+        Strided(local_attn_ctx=8, strided_mode="split", n_head=4)
+    )  # ring of 8 for 2 heads, all 64 for 2 heads
     assert strided[-1] == (8 + 64) * per_key // 2
 
 

@@ -23,7 +23,6 @@ from attnlab.errors import CheckpointError
 from attnlab.files import file_sha256
 from attnlab.training import checkpoint as ck
 from attnlab.training.optim import build_optimizer, build_scheduler
-
 from tiny_models import CTX, VOCAB, TinyGPT  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -44,6 +43,7 @@ def state_for(step=1):
 
 
 # ------------------------------------------------------------ round trips
+
 
 def test_save_load_round_trip(tmp_path):
     model = seeded_model(0)
@@ -109,6 +109,7 @@ def test_state_must_be_plain_data(tmp_path):
 
 # ------------------------------------------------------------ exact resume
 
+
 def make_run(name):
     torch.manual_seed(0)
     model = TinyGPT(dropout=0.1)  # dropout makes the resumed run depend on the restored RNG
@@ -134,8 +135,14 @@ def test_resume_is_bit_identical(tmp_path, name):
 
     model2, opt2, sched2 = make_run(name)
     train(model2, opt2, sched2, 4)
-    state = {"optimizer": opt2.state_dict(), "scheduler": sched2.state_dict(), "rng": ck.rng_state(),
-             "data": {"cursor": 4}, "step": 4, "trainer": {"losses": [3.0, 2.5]}}
+    state = {
+        "optimizer": opt2.state_dict(),
+        "scheduler": sched2.state_dict(),
+        "rng": ck.rng_state(),
+        "data": {"cursor": 4},
+        "step": 4,
+        "trainer": {"losses": [3.0, 2.5]},
+    }
     ck.save_checkpoint(tmp_path, 4, model2, state)
     del model2, opt2, sched2
 
@@ -151,6 +158,7 @@ def test_resume_is_bit_identical(tmp_path, name):
 
 
 # ------------------------------------------------------------ errors
+
 
 def flip_byte(path: Path, at: int = -5):
     data = bytearray(path.read_bytes())
@@ -184,8 +192,10 @@ def test_missing_file_and_missing_checkpoint(tmp_path):
 def test_different_model_shape_names_the_tensor(tmp_path):
     (tmp_path / "config.yaml").write_text("model: {}\n")
     path = ck.save_checkpoint(tmp_path, 100, seeded_model(0, vocab=20), {})
-    expected = (r"was made for a different model \(tok_emb.weight: checkpoint \[20, 8\] vs model \[16, 8\]\): "
-                r"use the config it was trained with \(.*config.yaml\)")
+    expected = (
+        r"was made for a different model \(tok_emb.weight: checkpoint \[20, 8\] vs model \[16, 8\]\): "
+        r"use the config it was trained with \(.*config.yaml\)"
+    )
     with pytest.raises(CheckpointError, match=expected) as err:
         ck.load_checkpoint(path, TinyGPT())
     assert "\n" not in str(err.value)
@@ -205,13 +215,17 @@ def test_unsafe_state_is_not_executed(tmp_path):
     path = ck.save_checkpoint(tmp_path, 1, seeded_model(0), {})
     torch.save({"obj": Path("x")}, path / "state.pt")  # needs a pickle global -> refused by weights_only
     marker = json.loads((path / "COMPLETE").read_text())
-    marker["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": file_sha256(path / "state.pt")}
+    marker["files"]["state.pt"] = {
+        "bytes": (path / "state.pt").stat().st_size,
+        "sha256": file_sha256(path / "state.pt"),
+    }
     (path / "COMPLETE").write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match="cannot be read safely"):
         ck.load_checkpoint(path)
 
 
 # ------------------------------------------------------------ bookkeeping
+
 
 def test_latest_prune_and_leftovers(tmp_path):
     model = seeded_model(0)
@@ -226,7 +240,12 @@ def test_latest_prune_and_leftovers(tmp_path):
     assert ck.latest_checkpoint(tmp_path) == root / "step_00000010"
 
     ck.prune_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000010", "step_00000020.tmp-" + dead.stdout.strip(), "step_00000030"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_00000002",
+        "step_00000010",
+        "step_00000020.tmp-" + dead.stdout.strip(),
+        "step_00000030",
+    ]
     ck.save_checkpoint(tmp_path, 11, model, state_for(11))
     assert not leftover.exists()
     assert ck.latest_checkpoint(tmp_path) == root / "step_00000011"
@@ -289,8 +308,13 @@ for line in sys.stdin:
 class Saver:
     def __init__(self):
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER.format(tests=str(TESTS))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER.format(tests=str(TESTS))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.lines = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(x.strip()) for x in self.proc.stdout], daemon=True).start()
         self.expect("READY")

@@ -29,13 +29,39 @@ def trained(tmp_path_factory):
     """One tiny run shared by the CLI tests (prepare + train + checkpoint)."""
     tmp = tmp_path_factory.mktemp("cli")
     corpus = write_corpus(tmp / "corpus.txt", n_docs=200)
-    p = run("prepare", corpus, "--out", tmp / "data", "--format", "lines", "--tokenizer", "bpe", "--vocab-size", 300,
-            "--val-frac", 0.1, "--seed", 1)
+    p = run(
+        "prepare",
+        corpus,
+        "--out",
+        tmp / "data",
+        "--format",
+        "lines",
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        300,
+        "--val-frac",
+        0.1,
+        "--seed",
+        1,
+    )
     assert p.returncode == 0, p.stderr
-    common = [f"data.source={corpus}", "data.format=lines", "data.tokenizer=bpe", "data.vocab_size=300",
-              "data.val_frac=0.1", "data.seed=1", f"data.dir={tmp / 'data'}", f"out_dir={tmp / 'runs'}",
-              "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.context=32", "train.batch_size=4",
-              "logging.progress=false"]
+    common = [
+        f"data.source={corpus}",
+        "data.format=lines",
+        "data.tokenizer=bpe",
+        "data.vocab_size=300",
+        "data.val_frac=0.1",
+        "data.seed=1",
+        f"data.dir={tmp / 'data'}",
+        f"out_dir={tmp / 'runs'}",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.d_model=32",
+        "model.context=32",
+        "train.batch_size=4",
+        "logging.progress=false",
+    ]
     p = run("train", "name=a", "train.max_steps=3", *common)
     assert p.returncode == 0, p.stderr
     return tmp, common
@@ -49,8 +75,10 @@ def test_train_prints_summary_json(trained):
 
 def test_eval_last_line_is_json_and_batch_independent(trained):
     tmp, _ = trained
-    outs = [json.loads(run("eval", tmp / "runs" / "a", "--batch-size", b, "--stride", 16).stdout.strip().splitlines()[-1])
-            for b in (1, 5)]
+    outs = [
+        json.loads(run("eval", tmp / "runs" / "a", "--batch-size", b, "--stride", 16).stdout.strip().splitlines()[-1])
+        for b in (1, 5)
+    ]
     assert outs[0]["val_bits_per_byte"] == outs[1]["val_bits_per_byte"]
     assert outs[0]["tokens_scored"] == outs[1]["tokens_scored"]
     assert any("mainrun-compatible" in k for k in outs[0])
@@ -58,9 +86,48 @@ def test_eval_last_line_is_json_and_batch_independent(trained):
 
 def test_sample_is_reproducible_with_seed(trained):
     tmp, _ = trained
-    a = run("sample", tmp / "runs" / "a", "--prompt", "the", "--max-new-tokens", 20, "--seed", 3, "--num-samples", 2, "--top-k", 20)
-    b = run("sample", tmp / "runs" / "a", "--prompt", "the", "--max-new-tokens", 20, "--seed", 3, "--num-samples", 2, "--top-k", 20)
-    c = run("sample", tmp / "runs" / "a", "--prompt", "the", "--max-new-tokens", 20, "--seed", 4, "--num-samples", 2, "--top-k", 20)
+    a = run(
+        "sample",
+        tmp / "runs" / "a",
+        "--prompt",
+        "the",
+        "--max-new-tokens",
+        20,
+        "--seed",
+        3,
+        "--num-samples",
+        2,
+        "--top-k",
+        20,
+    )
+    b = run(
+        "sample",
+        tmp / "runs" / "a",
+        "--prompt",
+        "the",
+        "--max-new-tokens",
+        20,
+        "--seed",
+        3,
+        "--num-samples",
+        2,
+        "--top-k",
+        20,
+    )
+    c = run(
+        "sample",
+        tmp / "runs" / "a",
+        "--prompt",
+        "the",
+        "--max-new-tokens",
+        20,
+        "--seed",
+        4,
+        "--num-samples",
+        2,
+        "--top-k",
+        20,
+    )
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout != c.stdout
     assert a.stdout.count("--- sample") == 2
@@ -83,6 +150,7 @@ def test_missing_and_empty_data_path(tmp_path):
 def test_corrupted_dataset(trained, tmp_path):
     tmp, common = trained
     import shutil
+
     bad = tmp_path / "data"
     shutil.copytree(tmp / "data", bad)
     raw = bytearray((bad / "val.bin").read_bytes())
@@ -126,11 +194,24 @@ def test_ctrl_c_saves_between_steps_and_resume_matches(tmp_path):
     import torch
 
     from attnlab.training import checkpoint as ckpt
+
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=200)
-    common = [f"data.source={corpus}", "data.format=lines", "data.tokenizer=bytes", f"data.dir={tmp_path / 'data'}",
-              f"out_dir={tmp_path / 'runs'}", "model.n_layer=1", "model.n_head=2", "model.d_model=32",
-              "model.context=32", "model.dropout=0.1", "train.batch_size=4", "train.max_steps=150",
-              "logging.progress=false", "logging.log_every=1"]
+    common = [
+        f"data.source={corpus}",
+        "data.format=lines",
+        "data.tokenizer=bytes",
+        f"data.dir={tmp_path / 'data'}",
+        f"out_dir={tmp_path / 'runs'}",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.d_model=32",
+        "model.context=32",
+        "model.dropout=0.1",
+        "train.batch_size=4",
+        "train.max_steps=150",
+        "logging.progress=false",
+        "logging.log_every=1",
+    ]
     assert run("train", "name=full", *common).returncode == 0
     p = subprocess.Popen(CLI + ["train", "name=cut", *common], stderr=subprocess.PIPE, text=True)
     events = tmp_path / "runs" / "cut" / "events.jsonl"

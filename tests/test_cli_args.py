@@ -18,8 +18,19 @@ def corpus(tmp_path):
 
 
 def test_prepare_overrides_after_flags(tmp_path, corpus, capsys):
-    rc, out, err = cli(capsys, "prepare", corpus, "--out", tmp_path / "d", "--format", "lines", "data.max_docs=50",
-                       "--tokenizer", "bytes", "val_frac=0.2")
+    rc, out, err = cli(
+        capsys,
+        "prepare",
+        corpus,
+        "--out",
+        tmp_path / "d",
+        "--format",
+        "lines",
+        "data.max_docs=50",
+        "--tokenizer",
+        "bytes",
+        "val_frac=0.2",
+    )
     assert rc == 0, err
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["data_config"]["max_docs"] == 50 and meta["data_config"]["val_frac"] == 0.2
@@ -61,6 +72,7 @@ def test_resume_takes_no_overrides_and_names_the_key(tmp_path, corpus, capsys):
 
 
 # ------------------------------------------------------------------ outputs are never replaced without --force
+
 
 def test_viz_pattern_keeps_existing_files(tmp_path, capsys):
     png, npy = tmp_path / "keep.png", tmp_path / "keep.npy"

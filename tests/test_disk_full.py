@@ -40,12 +40,22 @@ sys.exit(main(["train", "--resume", sys.argv[3]]))
 
 def test_checkpoint_save_beyond_the_file_size_limit(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=120)
-    common = ["model.n_layer=1", "train.max_steps=8", "train.checkpoint_every=4", "train.threads=1"]  # same sums in every process
+    common = [
+        "model.n_layer=1",
+        "train.max_steps=8",
+        "train.checkpoint_every=4",
+        "train.threads=1",
+    ]  # same sums in every process
     cfg = tiny_config(corpus, tmp_path / "data", tmp_path / "runs", *common)
     config.save(cfg, tmp_path / "c.yaml")
     run = tmp_path / "runs" / "t"
-    p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "c.yaml"), str(20_000), str(run)],
-                       capture_output=True, text=True, env=env(), timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "c.yaml"), str(20_000), str(run)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert p.returncode == 4, p.stderr
     line = one_line(p.stderr.strip().splitlines()[-1], "step_00000008", "needs about", "free")
     assert "ulimit -f" in line
@@ -68,6 +78,7 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
 
     from attnlab.errors import CheckpointError
     from tiny_models import TinyGPT
+
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(CheckpointError, match=r"step_00000001.*needs about .* free"):

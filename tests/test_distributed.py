@@ -34,7 +34,7 @@ COMMON = ["model.dropout=0.0", "optim.grad_clip=0.1", "train.checkpoint_every=4"
 
 # Runs under torchrun: records the windows each rank reads, kills itself where told (first attempt only),
 # and runs several `attnlab train` command lines in one process group (each launch costs seconds of imports).
-WORKER = r'''
+WORKER = r"""
 import json, os, signal, sys
 import numpy as np
 import torch.distributed as dist
@@ -89,7 +89,7 @@ for line in json.loads(sys.argv[1]):
             json.dump(seen, f)
 if dist.is_initialized():
     dist.destroy_process_group()
-'''
+"""
 
 
 def free_port() -> int:
@@ -100,10 +100,25 @@ def free_port() -> int:
 
 def torchrun(args: list[str], cwd: Path, env: dict | None = None, restarts: int = 0, timeout: int = 240):
     """``python -m torch.distributed.run --nproc_per_node 2 ...`` with one thread per worker."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "--max-restarts", str(restarts), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                "ATTNLAB_DIST_TIMEOUT_S": "120", **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--max-restarts",
+        str(restarts),
+        *args,
+    ]
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "ATTNLAB_DIST_TIMEOUT_S": "120",
+        **(env or {}),
+    }
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -168,16 +183,19 @@ def ranks_read(record: Path, name: str) -> list[list[list[int]]]:
 
 # ------------------------------------------------------------------ end to end
 
+
 def test_ddp_and_fsdp_equal_one_process_and_resume_across_rank_counts(tmp_path, corpus):
-    s1 = single(tmp_path, corpus, name="s1")                                     # grad_accum 1, ddp
+    s1 = single(tmp_path, corpus, name="s1")  # grad_accum 1, ddp
     s2 = single(tmp_path, corpus, "train.grad_accum=2", "train.parallel=fsdp", name="s2")
     ga2 = ["train.grad_accum=2"]
-    lines = [overrides(tmp_path, corpus, name="ddp1"),
-             overrides(tmp_path, corpus, *ga2, name="ddp2"),
-             overrides(tmp_path, corpus, "train.parallel=fsdp", name="fsdp1"),
-             overrides(tmp_path, corpus, *ga2, "train.parallel=fsdp", "logging.sample_tokens=16", name="fsdp2"),
-             ["--resume", str(back_to_step_4(s1, tmp_path / "runs" / "s1to2"))],  # 1 -> 2 ranks, DDP
-             ["--resume", str(back_to_step_4(s2, tmp_path / "runs" / "s2to2"))]]  # 1 -> 2 ranks, FSDP
+    lines = [
+        overrides(tmp_path, corpus, name="ddp1"),
+        overrides(tmp_path, corpus, *ga2, name="ddp2"),
+        overrides(tmp_path, corpus, "train.parallel=fsdp", name="fsdp1"),
+        overrides(tmp_path, corpus, *ga2, "train.parallel=fsdp", "logging.sample_tokens=16", name="fsdp2"),
+        ["--resume", str(back_to_step_4(s1, tmp_path / "runs" / "s1to2"))],  # 1 -> 2 ranks, DDP
+        ["--resume", str(back_to_step_4(s2, tmp_path / "runs" / "s2to2"))],
+    ]  # 1 -> 2 ranks, FSDP
     record = tmp_path / "record"
     record.mkdir()
     ok(run_worker(tmp_path, lines, env={"RECORD": str(record)}))
@@ -242,6 +260,7 @@ def test_killed_worker_leaves_last_checkpoint_and_runs_resume_exactly(tmp_path, 
 
 # ------------------------------------------------------------------ in one process
 
+
 def test_batch_size_must_divide_by_the_ranks(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
@@ -280,15 +299,22 @@ class Bigram(torch.nn.Module):
 
 
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(2, 300), context=st.integers(2, 16), stride_frac=st.floats(0.1, 1.0),
-       batch=st.integers(1, 7), world=st.integers(1, 4))
+@given(
+    n=st.integers(2, 300),
+    context=st.integers(2, 16),
+    stride_frac=st.floats(0.1, 1.0),
+    batch=st.integers(1, 7),
+    world=st.integers(1, 4),
+)
 def test_ranks_score_shares_that_sum_to_the_whole_split(n, context, stride_frac, batch, world):
     tokens = np.random.default_rng(n).integers(0, 11, n).astype(np.uint16)
     stride = max(1, int(context * stride_frac))
     whole = score_tokens(Bigram(11), tokens, context=context, stride=stride, batch_size=batch)
     models = [Bigram(11) for _ in range(world)]
-    parts = [score_tokens(m, tokens, context=context, stride=stride, batch_size=batch, rank=r, world_size=world)
-             for r, m in enumerate(models)]
+    parts = [
+        score_tokens(m, tokens, context=context, stride=stride, batch_size=batch, rank=r, world_size=world)
+        for r, m in enumerate(models)
+    ]
     assert sum(p.tokens for p in parts) == whole.tokens == n - 1
     assert sum(p.nll_nats for p in parts) == pytest.approx(whole.nll_nats, rel=1e-12)
     assert len({m.calls for m in models}) == 1  # lockstep: FSDP ranks must all call the model equally often
@@ -301,8 +327,10 @@ def test_image_scores_split_across_ranks(images, batch, world):
     tokens = np.random.default_rng(images).integers(0, 256, images * per_image).astype(np.uint8)
     whole = score_images(Bigram(257), tokens, tokens_per_image=per_image, sos=256, batch_size=batch)
     models = [Bigram(257) for _ in range(world)]
-    parts = [score_images(m, tokens, tokens_per_image=per_image, sos=256, batch_size=batch, rank=r, world_size=world)
-             for r, m in enumerate(models)]
+    parts = [
+        score_images(m, tokens, tokens_per_image=per_image, sos=256, batch_size=batch, rank=r, world_size=world)
+        for r, m in enumerate(models)
+    ]
     assert sum(p.tokens for p in parts) == whole.tokens == images * per_image
     assert sum(p.nll_nats for p in parts) == pytest.approx(whole.nll_nats, rel=1e-12)
     assert len({m.calls for m in models}) == 1

@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from runkit import write_corpus
 
 from attnlab import config
+from runkit import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -19,14 +19,28 @@ FENCE = re.compile(r"^```.*?^```[ \t]*$", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HTML_LINK = re.compile(r"<(?:img|a)\s[^>]*?(?:src|href)=\"([^\"]+)\"", re.I)
 HTML_ANCHOR = re.compile(r"<a\s[^>]*?(?:id|name)=\"([^\"]+)\"", re.I)
-PROCESS_WORDS = re.compile(r"\b(the|this|that) (issue|task)\b|was lent|not lent|acceptance|targets from|this session"
-                           r"|working tree", re.I)
+PROCESS_WORDS = re.compile(
+    r"\b(the|this|that) (issue|task)\b|was lent|not lent|acceptance|targets from|this session"
+    r"|working tree",
+    re.I,
+)
 
 # The README example trains the quickstart preset; here the same code trains a tiny byte-level model on a
 # small corpus, so it runs in seconds. Only the data and the model size change, not the code.
-TINY = ["data.format=lines", "data.tokenizer=bytes", "data.val_frac=0.1", "data.dir=data/tiny",
-        "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.context=32",
-        "train.batch_size=4", "train.max_steps=8", "train.eval_batch_size=8", "logging.progress=false"]
+TINY = [
+    "data.format=lines",
+    "data.tokenizer=bytes",
+    "data.val_frac=0.1",
+    "data.dir=data/tiny",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.context=32",
+    "train.batch_size=4",
+    "train.max_steps=8",
+    "train.eval_batch_size=8",
+    "logging.progress=false",
+]
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -146,9 +160,11 @@ def test_link_checker_catches_missing_files_and_headings(tmp_path):
     (tmp_path / "b.md").write_text("# Some Heading: with `code`\n\n## Twice\n\n## Twice\n")
     (tmp_path / "pic.png").write_bytes(b"\x89PNG")
     page = tmp_path / "a.md"
-    page.write_text("[ok](b.md#some-heading-with-code) [dup](b.md#twice-1) ![p](pic.png) [web](https://x.org/y)\n"
-                    "[gone](missing.md) ![gone](nope.png) [bad](b.md#nothing) [self](#local)\n"
-                    "`[in code](nowhere.md)`\n```\n[in a block](nowhere.md)\n```\n## Local\n")
+    page.write_text(
+        "[ok](b.md#some-heading-with-code) [dup](b.md#twice-1) ![p](pic.png) [web](https://x.org/y)\n"
+        "[gone](missing.md) ![gone](nope.png) [bad](b.md#nothing) [self](#local)\n"
+        "`[in code](nowhere.md)`\n```\n[in a block](nowhere.md)\n```\n## Local\n"
+    )
     assert [b.split(" ")[0] for b in broken_links(page)] == ["missing.md", "nope.png", "b.md#nothing"]
 
 
@@ -164,6 +180,9 @@ def test_index_lists_every_page_and_the_readme_links_the_index():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_pages_speak_about_the_product_only(page):
-    hits = [f"{page.name}:{n}: {line.strip()}" for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
-            if PROCESS_WORDS.search(line)]
+    hits = [
+        f"{page.name}:{n}: {line.strip()}"
+        for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+        if PROCESS_WORDS.search(line)
+    ]
     assert hits == []

@@ -9,8 +9,11 @@ import pytest
 import attnlab
 
 SRC = Path(attnlab.__file__).parent
-MODULES = sorted(".".join(p.relative_to(SRC.parent).with_suffix("").parts)
-                 for p in SRC.rglob("*.py") if ">>> " in p.read_text(encoding="utf-8"))
+MODULES = sorted(
+    ".".join(p.relative_to(SRC.parent).with_suffix("").parts)
+    for p in SRC.rglob("*.py")
+    if ">>> " in p.read_text(encoding="utf-8")
+)
 
 
 def test_some_modules_have_examples():

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from runkit import tiny_config, write_corpus
 
 import attnlab
 from attnlab import cli, config
@@ -15,8 +14,11 @@ from attnlab.config import ModelConfig
 from attnlab.errors import ConfigError, UserError
 from attnlab.export.hf import ExportError, export_hf, plan
 from attnlab.model.gpt import GPT
+from runkit import tiny_config, write_corpus
 
-transformers = pytest.importorskip("transformers", reason="the Hugging Face export tests need transformers (pip install -e .[test])")
+transformers = pytest.importorskip(
+    "transformers", reason="the Hugging Face export tests need transformers (pip install -e .[test])"
+)
 
 TEXT = "the sparse model predicts the next byte of a window"
 LLAMA = {"model.position": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu"}
@@ -33,8 +35,16 @@ def root(tmp_path_factory):
 def trained(root, name, tokenizer="bpe", **overrides):
     """A tiny run trained 2 steps (datasets shared per tokenizer), and its export."""
     cfg = tiny_config(root / "corpus.txt", root / f"data-{tokenizer}", root / "runs", name=name)
-    attnlab.train(cfg, **{"train.max_steps": 2, "data.tokenizer": tokenizer, "data.vocab_size": 300,
-                          "model.dropout": 0.0, **overrides})
+    attnlab.train(
+        cfg,
+        **{
+            "train.max_steps": 2,
+            "data.tokenizer": tokenizer,
+            "data.vocab_size": 300,
+            "model.dropout": 0.0,
+            **overrides,
+        },
+    )
     info = export_hf(root / "runs" / name, root / f"hf-{name}")
     return attnlab.load(root / "runs" / name), root / f"hf-{name}", info
 
@@ -59,11 +69,17 @@ def assert_same_tokens(run, folder, text=TEXT):
     return tok
 
 
-@pytest.mark.parametrize("name, overrides, activation", [
-    ("gpt2", {}, "gelu"),
-    ("gpt2-relu-untied-nobias", {"model.mlp": "relu", "model.tie_weights": False, "model.bias": False,
-                                 "model.mlp_ratio": 2.5}, "relu"),
-])
+@pytest.mark.parametrize(
+    "name, overrides, activation",
+    [
+        ("gpt2", {}, "gelu"),
+        (
+            "gpt2-relu-untied-nobias",
+            {"model.mlp": "relu", "model.tie_weights": False, "model.bias": False, "model.mlp_ratio": 2.5},
+            "relu",
+        ),
+    ],
+)
 def test_gpt2_shaped_run_loads_as_gpt2_with_equal_logits(root, name, overrides, activation):
     run, folder, info = trained(root, name, **overrides)
     assert info["architecture"] == "GPT2LMHeadModel"
@@ -91,8 +107,9 @@ def test_grouped_query_llama_maps_its_key_value_heads(root):
 
 def test_local_attention_on_every_layer_loads_as_mistral_sliding_window(root):
     window = 4
-    run, folder, info = trained(root, "mistral", **LLAMA, **{"model.bias": False, "attention.pattern": "local",
-                                                             "attention.window": window})
+    run, folder, info = trained(
+        root, "mistral", **LLAMA, **{"model.bias": False, "attention.pattern": "local", "attention.window": window}
+    )
     assert info["sliding_window"] == window and len(run.encode(TEXT)) > 2 * window  # the window matters here
     hf = assert_same_logits(run, folder)
     assert type(hf).__name__ == "MistralForCausalLM" and hf.config.sliding_window == window
@@ -134,33 +151,41 @@ def test_bpe_tokenizer_keeps_a_literal_eos_as_text(root):
 
 
 def model_for(*overrides):
-    cfg = config.load(None, ["train.max_steps=1", "model.n_layer=2", "model.n_head=2", "model.d_model=16",
-                             "model.context=16", *overrides])
+    cfg = config.load(
+        None,
+        ["train.max_steps=1", "model.n_layer=2", "model.n_head=2", "model.d_model=16", "model.context=16", *overrides],
+    )
     return GPT(cfg.model, cfg.attention, 64), cfg
 
 
 LLAMA_ARGS = [f"{k}={v}" for k, v in LLAMA.items()]
 
 
-@pytest.mark.parametrize("overrides, named", [
-    (["attention.pattern=strided", "attention.local_attn_ctx=4"], "attention.pattern=strided (layer 0) has no counterpart"),
-    (["attention.pattern=fixed", "attention.local_attn_ctx=8", "attention.blocksize=4"], "attention.pattern=fixed"),
-    (["attention.pattern=sink_window", "attention.window=4"], "attention.pattern=sink_window"),
-    (["attention.pattern=linear"], "attention.pattern=linear"),
-    (["model.position=sinusoidal"], "model.position=sinusoidal has no counterpart"),
-    (["model.position=image", "model.image_shape=4,4,1"], "model.position=image has no counterpart"),
-    (["model.position=none"], "model.position=none"),
-    (["model.qk_ratio=0.5"], "model.qk_ratio=0.5"),
-    (["model.qk_norm=true"], "model.qk_norm=true"),
-    (["model.norm_position=post"], "model.norm_position=post"),
-    (["model.norm=rmsnorm"], "model.norm=rmsnorm with learned positions"),
-    (["model.mlp=swiglu"], "model.mlp=swiglu with learned positions"),
-    (["attention.pattern=local", "attention.window=4"], "GPT-2 has no sliding window"),
-    (["model.position=rope", "model.norm=layernorm", "model.mlp=swiglu"], "model.norm=layernorm with RoPE"),
-    (["model.position=rope", "model.norm=rmsnorm", "model.mlp=gelu"], "model.mlp=gelu with RoPE"),
-    ([*LLAMA_ARGS, "attention.schedule=local,dense", "attention.window=4"], "layers differ in their attention"),
-    ([*LLAMA_ARGS, "attention.pattern=local", "attention.window=4"], "model.bias=true with local attention"),
-])
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (
+            ["attention.pattern=strided", "attention.local_attn_ctx=4"],
+            "attention.pattern=strided (layer 0) has no counterpart",
+        ),
+        (["attention.pattern=fixed", "attention.local_attn_ctx=8", "attention.blocksize=4"], "attention.pattern=fixed"),
+        (["attention.pattern=sink_window", "attention.window=4"], "attention.pattern=sink_window"),
+        (["attention.pattern=linear"], "attention.pattern=linear"),
+        (["model.position=sinusoidal"], "model.position=sinusoidal has no counterpart"),
+        (["model.position=image", "model.image_shape=4,4,1"], "model.position=image has no counterpart"),
+        (["model.position=none"], "model.position=none"),
+        (["model.qk_ratio=0.5"], "model.qk_ratio=0.5"),
+        (["model.qk_norm=true"], "model.qk_norm=true"),
+        (["model.norm_position=post"], "model.norm_position=post"),
+        (["model.norm=rmsnorm"], "model.norm=rmsnorm with learned positions"),
+        (["model.mlp=swiglu"], "model.mlp=swiglu with learned positions"),
+        (["attention.pattern=local", "attention.window=4"], "GPT-2 has no sliding window"),
+        (["model.position=rope", "model.norm=layernorm", "model.mlp=swiglu"], "model.norm=layernorm with RoPE"),
+        (["model.position=rope", "model.norm=rmsnorm", "model.mlp=gelu"], "model.mlp=gelu with RoPE"),
+        ([*LLAMA_ARGS, "attention.schedule=local,dense", "attention.window=4"], "layers differ in their attention"),
+        ([*LLAMA_ARGS, "attention.pattern=local", "attention.window=4"], "model.bias=true with local attention"),
+    ],
+)
 def test_configurations_without_an_exact_counterpart_are_refused_by_key(overrides, named):
     model, cfg = model_for(*overrides)
     with pytest.raises(ExportError, match="^cannot export to Hugging Face: ") as e:
@@ -170,8 +195,9 @@ def test_configurations_without_an_exact_counterpart_are_refused_by_key(override
 
 def test_block_layouts_are_refused(tmp_path):
     np.save(tmp_path / "layout.npy", np.tril(np.ones((4, 4), dtype=bool)))
-    model, cfg = model_for("attention.pattern=block_layout", f"attention.layout={tmp_path / 'layout.npy'}",
-                           "attention.layout_block=4")
+    model, cfg = model_for(
+        "attention.pattern=block_layout", f"attention.layout={tmp_path / 'layout.npy'}", "attention.layout_block=4"
+    )
     with pytest.raises(ExportError, match=r"attention.pattern=block_layout \(layer 0\) has no counterpart"):
         plan(model, cfg)
 
@@ -195,14 +221,26 @@ def test_an_unknown_model_field_away_from_its_default_is_refused(monkeypatch):
 
 
 def test_cli_refuses_a_strided_run_in_one_line_and_writes_nothing(root, capsys):
-    cfg = tiny_config(root / "corpus.txt", root / "data-bytes", root / "runs", "train.max_steps=1", "data.vocab_size=300",
-                      "attention.pattern=strided", "attention.local_attn_ctx=4", name="strided")
+    cfg = tiny_config(
+        root / "corpus.txt",
+        root / "data-bytes",
+        root / "runs",
+        "train.max_steps=1",
+        "data.vocab_size=300",
+        "attention.pattern=strided",
+        "attention.local_attn_ctx=4",
+        name="strided",
+    )
     attnlab.train(cfg)
     out = root / "hf-strided"
     assert cli.main(["export", str(root / "runs" / "strided"), "--format", "hf", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [("attnlab: error: cannot export to Hugging Face: attention.pattern=strided (layer 0) has no counterpart; "
-                    "only dense attention, or local attention on every layer (as Mistral's sliding window), maps")]
+    assert err == [
+        (
+            "attnlab: error: cannot export to Hugging Face: attention.pattern=strided (layer 0) has no counterpart; "
+            "only dense attention, or local attention on every layer (as Mistral's sliding window), maps"
+        )
+    ]
     assert not out.exists() and not list(root.glob(".hf-strided*"))
 
 
@@ -225,6 +263,7 @@ def test_out_folder_is_never_overwritten_without_force_and_force_replaces_only_e
 
 def test_image_runs_are_refused(tmp_path):
     from runkit import digits_config
+
     attnlab.train(digits_config(tmp_path, "model.position=learned"))
     with pytest.raises(ExportError, match=r"models images \(data.source=digits"):
         export_hf(tmp_path / "runs" / "digits", tmp_path / "hf")

@@ -31,8 +31,16 @@ def pair(attn: dict, position: str):
 
 
 @pytest.mark.parametrize("position", ["rope", "none"])
-@pytest.mark.parametrize("attn", [{"pattern": "local", "window": 3}, {"pattern": "sink_window", "sinks": 2, "window": 3},
-                                  {"pattern": "linear"}, {"pattern": "dense"}], ids=["local", "sink_window", "linear", "dense"])
+@pytest.mark.parametrize(
+    "attn",
+    [
+        {"pattern": "local", "window": 3},
+        {"pattern": "sink_window", "sinks": 2, "window": 3},
+        {"pattern": "linear"},
+        {"pattern": "dense"},
+    ],
+    ids=["local", "sink_window", "linear", "dense"],
+)
 def test_longer_windows_equal_the_full_forward_of_a_longer_model(attn, position):
     short, long = pair(attn, position)
     tokens = np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.uint16)
@@ -47,10 +55,14 @@ def test_longer_windows_equal_the_full_forward_of_a_longer_model(attn, position)
 
 def test_learned_positions_cannot_extrapolate():
     torch.manual_seed(0)
-    short = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, context=SHORT, position="learned"),
-                AttentionConfig(pattern="local", window=3), VOCAB)
-    assert short.extrapolation_refusal() == ("model.position=learned has no positions past the training context 8 "
-                                             "(only rope and none extrapolate)")
+    short = GPT(
+        ModelConfig(n_layer=1, n_head=2, d_model=16, context=SHORT, position="learned"),
+        AttentionConfig(pattern="local", window=3),
+        VOCAB,
+    )
+    assert short.extrapolation_refusal() == (
+        "model.position=learned has no positions past the training context 8 (only rope and none extrapolate)"
+    )
     with pytest.raises(ValueError):
         with short.longer_windows(LONG):
             pass
@@ -60,12 +72,28 @@ def test_learned_positions_cannot_extrapolate():
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("extrapolation")
     corpus = write_corpus(root / "corpus.txt")
-    common = [f"out_dir={root / 'runs'}", f"data.source={corpus}", "data.format=lines", "data.tokenizer=bytes",
-              f"data.dir={root / 'data'}", "model.n_layer=1", "model.n_head=2", "model.d_model=16", "model.context=16",
-              "attention.pattern=local", "attention.window=4", "train.max_steps=2", "logging.progress=false"]
+    common = [
+        f"out_dir={root / 'runs'}",
+        f"data.source={corpus}",
+        "data.format=lines",
+        "data.tokenizer=bytes",
+        f"data.dir={root / 'data'}",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.d_model=16",
+        "model.context=16",
+        "attention.pattern=local",
+        "attention.window=4",
+        "train.max_steps=2",
+        "logging.progress=false",
+    ]
     for name, position in (("rope", "rope"), ("learned", "learned")):
-        out = subprocess.run(CLI + ["train", f"name={name}", f"model.position={position}", *common],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            CLI + ["train", f"name={name}", f"model.position={position}", *common],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
     return root
 
@@ -74,13 +102,18 @@ def test_cli_refuses_longer_windows_without_relative_positions(runs):
     out = subprocess.run(CLI + ["eval", runs / "runs" / "learned", "--context", "64"], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip() == (
         "attnlab: error: --context 64 exceeds the training context 16 and model.position=learned has no positions past "
-        "the training context 16 (only rope and none extrapolate): use a window <= 16")
+        "the training context 16 (only rope and none extrapolate): use a window <= 16"
+    )
 
 
 def test_context_sweep_writes_csv_and_plot_and_matches_eval(runs, tmp_path):
     run_dir = runs / "runs" / "rope"
-    out = subprocess.run(CLI + ["eval", run_dir, "--context-sweep", "8,16,64", "--out", tmp_path / "sweep"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        CLI + ["eval", run_dir, "--context-sweep", "8,16,64", "--out", tmp_path / "sweep"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     with open(tmp_path / "sweep" / "context-sweep.csv") as f:
@@ -89,10 +122,13 @@ def test_context_sweep_writes_csv_and_plot_and_matches_eval(runs, tmp_path):
     assert [r["past_training_context"] for r in rows] == ["False", "False", "True"]
     assert (tmp_path / "sweep" / "context-sweep.png").stat().st_size > 0
     for n in (16, 64):
-        plain = subprocess.run(CLI + ["eval", run_dir, "--context", str(n)], capture_output=True, text=True, timeout=300)
+        plain = subprocess.run(
+            CLI + ["eval", run_dir, "--context", str(n)], capture_output=True, text=True, timeout=300
+        )
         assert plain.returncode == 0, plain.stderr
         row = next(r for r in result["context_sweep"] if r["context"] == n)
         assert json.loads(plain.stdout)["val_bits_per_byte"] == pytest.approx(row["bits_per_byte"], rel=1e-9)
-    again = subprocess.run(CLI + ["eval", run_dir, "--context-sweep", "8", "--out", tmp_path / "sweep"],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        CLI + ["eval", run_dir, "--context-sweep", "8", "--out", tmp_path / "sweep"], capture_output=True, text=True
+    )
     assert again.returncode != 0 and "--force" in again.stderr  # nothing overwritten

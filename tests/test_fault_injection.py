@@ -126,8 +126,13 @@ for line in sys.stdin:
 
 class Server:
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(Path(__file__).parent)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER, str(Path(__file__).parent)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
         self.lines = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(x.strip()) for x in self.proc.stdout], daemon=True).start()
         assert self.lines.get(timeout=120) == "READY"
@@ -152,7 +157,9 @@ def plan(seed: int = 16) -> list[dict]:
     """The trials: where each one's process is killed."""
     rng = random.Random(seed)
     trials = [{"kind": "step", "k": rng.randrange(STEPS)} for _ in range(7)]
-    trials += [{"kind": "save", "n": rng.randint(1, STEPS // EVERY), "stage": rng.choice(SAVE_STAGES)} for _ in range(7)]
+    trials += [
+        {"kind": "save", "n": rng.randint(1, STEPS // EVERY), "stage": rng.choice(SAVE_STAGES)} for _ in range(7)
+    ]
     trials += [{"kind": "delay", "seconds": round(rng.uniform(0.05, 0.7), 3)} for _ in range(3)]
     # prepare inside `train` (a fresh data folder), then the run folder's creation: rename 1 moves the dataset
     # into place, rename 2 the run directory
@@ -161,8 +168,9 @@ def plan(seed: int = 16) -> list[dict]:
     return trials
 
 
-PREPARE_TRIALS = [{"kind": "split", "n": n, "when": w} for n, w in [(1, "before"), (2, "after")]] + \
-                 [{"kind": "rename", "n": n} for n in (1, 2)]  # `prepare --force` over another dataset: both renames
+PREPARE_TRIALS = [{"kind": "split", "n": n, "when": w} for n, w in [(1, "before"), (2, "after")]] + [
+    {"kind": "rename", "n": n} for n in (1, 2)
+]  # `prepare --force` over another dataset: both renames
 
 
 def trial_id(t: dict) -> str:
@@ -188,9 +196,17 @@ def reference(tmp_path_factory, server):
 
 
 def write_config(root: Path, corpus: Path) -> Path:
-    cfg = tiny_config(corpus, root / "data", root / "runs", "model.n_layer=1", "model.d_model=16",
-                      f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.eval_every=4",
-                      "logging.sample_tokens=6")
+    cfg = tiny_config(
+        corpus,
+        root / "data",
+        root / "runs",
+        "model.n_layer=1",
+        "model.d_model=16",
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_every={EVERY}",
+        "train.eval_every=4",
+        "logging.sample_tokens=6",
+    )
     config.save(cfg, root / "config.yaml")
     return root / "config.yaml"
 
@@ -212,6 +228,7 @@ def assert_same_run(run: Path, ref: Path) -> None:
 def assert_nothing_left(root: Path) -> None:
     """No temporary or displaced folders; lock files a killed process could not remove are free."""
     from attnlab import folders
+
     left = [p for p in listing(root) if ".tmp-" in p or ".old-" in p or ".write-check" in p]
     assert left == [], left
     for lock in root.rglob(".*.lock"):
@@ -246,8 +263,20 @@ def test_killed_training_resumes_bit_identical_or_refuses_cleanly(tmp_path, serv
 @pytest.mark.parametrize("kill", PREPARE_TRIALS, ids=trial_id)
 def test_killed_prepare_leaves_no_dataset_or_a_whole_one(tmp_path, server, reference, kill):
     out_dir = tmp_path / "d"
-    args = ["prepare", reference["corpus"], "--out", out_dir, "--format", "lines", "--tokenizer", "bytes",
-            "--val-frac", "0.1", "--seed", "1"]
+    args = [
+        "prepare",
+        reference["corpus"],
+        "--out",
+        out_dir,
+        "--format",
+        "lines",
+        "--tokenizer",
+        "bytes",
+        "--val-frac",
+        "0.1",
+        "--seed",
+        "1",
+    ]
     rc, out = server.run([*args[:-1], "2"], tmp_path / "old.log")  # another dataset that --force replaces
     assert rc == 0, out
     old = store.load(out_dir).meta["splits"]

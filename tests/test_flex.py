@@ -25,11 +25,18 @@ PATTERNS = {
     "fixed": Fixed(local_attn_ctx=32, blocksize=8, vertsize=1, num_verts=2),
     "sink_window": SinkWindow(sinks=4, window=40),
     # Random layouts leave some query blocks with no key at all: the output there is zero.
-    "block_layout": BlockLayout(layout="x", layout_block=64, sha256="", blocks=torch.rand(H, 6, 6, generator=_gen) > 0.5),
-    "block_layout_shared": BlockLayout(layout="y", layout_block=64, sha256="", blocks=torch.rand(1, 6, 6, generator=_gen) > 0.5),
+    "block_layout": BlockLayout(
+        layout="x", layout_block=64, sha256="", blocks=torch.rand(H, 6, 6, generator=_gen) > 0.5
+    ),
+    "block_layout_shared": BlockLayout(
+        layout="y", layout_block=64, sha256="", blocks=torch.rand(1, 6, 6, generator=_gen) > 0.5
+    ),
 }
 # 320 is not a multiple of flex's 128-token tile: padded to 384 inside flex.
-CASES = [(name, 256) for name in PATTERNS if name != "block_layout_shared"] + [("local", 320), ("block_layout_shared", 320)]
+CASES = [(name, 256) for name in PATTERNS if name != "block_layout_shared"] + [
+    ("local", 320),
+    ("block_layout_shared", 320),
+]
 
 cpu_ok, cpu_why = flex_available("cpu")
 needs_cpu_flex = pytest.mark.skipif(not cpu_ok, reason=cpu_why)

@@ -28,10 +28,22 @@ def test_sparse_attention_is_credited_with_the_pairs_it_scores():
     assert attention == pytest.approx(12 * 2 * 16 * 32 * (1 - Local(window=4).density(16, 2)))
 
 
-@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                                       ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
-                                       ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0), ("NVIDIA A10", 125.0),
-                                       ("NVIDIA A10G", None), ("Tesla T4", None), (None, None)])
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA A10G", None),
+        ("Tesla T4", None),
+        (None, None),
+    ],
+)
 def test_peaks_by_device_name(name, peak, monkeypatch):
     monkeypatch.delenv(flops.PEAK_ENV, raising=False)
     assert flops.peak_tflops(name) == peak
@@ -46,8 +58,10 @@ def test_peak_override_and_no_peak_on_cpu(monkeypatch):
 
 def test_training_events_carry_mfu_where_the_peak_is_known(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt")
+
     def cfg(name):
         return tiny_config(corpus, tmp_path / "data", tmp_path / "runs", "train.max_steps=2", name=name)
+
     train(cfg("cpu"))
     assert all("mfu" not in e for e in read_events(tmp_path / "runs" / "cpu", "training_step"))
     monkeypatch.setattr(flops, "device_peak_tflops", lambda device: 0.001)  # a 1 GFLOPS "GPU"

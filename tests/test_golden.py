@@ -39,14 +39,19 @@ def test_loss_curve_matches_golden(golden_runs, name):
     old, new, _ = golden_runs[name]
     assert old["overrides"] == curves.SPECS[name], (
         f"tests/golden/{name}.json was made with other overrides than curves.SPECS[{name!r}]: "
-        f"regenerate it with `{curves.REGENERATE} {name}`")
+        f"regenerate it with `{curves.REGENERATE} {name}`"
+    )
     assert new["corpus_sha256"] == old["corpus_sha256"], (
-        f"the golden corpus (runkit.write_corpus) changed: restore it, or regenerate with `{curves.REGENERATE}`")
+        f"the golden corpus (runkit.write_corpus) changed: restore it, or regenerate with `{curves.REGENERATE}`"
+    )
     assert len(new["losses"]) == curves.STEPS
     moved = curves.differences(old, new, RTOL)
     torch_note = "" if old["torch"] == new["torch"] else f" (golden made with torch {old['torch']}, now {new['torch']})"
-    assert not moved, (f"{name} training moved beyond rtol={RTOL}{torch_note}:\n  " + "\n  ".join(moved[:10]) +
-                       f"\nIf this change is intended, regenerate with `{curves.REGENERATE} {name}` and commit the JSON.")
+    assert not moved, (
+        f"{name} training moved beyond rtol={RTOL}{torch_note}:\n  "
+        + "\n  ".join(moved[:10])
+        + f"\nIf this change is intended, regenerate with `{curves.REGENERATE} {name}` and commit the JSON."
+    )
 
 
 def test_tolerance_tells_dense_from_strided():
@@ -85,8 +90,9 @@ def test_regenerate_check_writes_nothing(tmp_path, monkeypatch, capsys):
 def _checkout_head() -> str | None:
     """HEAD of the git checkout holding the imported attnlab package, or None outside one."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(attnlab.__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(attnlab.__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except OSError:
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -114,5 +120,6 @@ def test_git_sha_is_null_outside_a_checkout(monkeypatch, outcome):
         if outcome == "no git":
             raise FileNotFoundError("git")
         return subprocess.CompletedProcess(args, 128, stdout="", stderr="fatal: not a git repository")
+
     monkeypatch.setattr(runtime.subprocess, "run", fake_run)
     assert runtime.git_sha() is None and runtime.git_dirty() is None

@@ -20,8 +20,10 @@ from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
 from attnlab.model.gpt import GPT
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 H, KV, D = 8, 2, 8
 _g = torch.Generator().manual_seed(0)
@@ -77,7 +79,7 @@ def test_every_backend_equals_the_plain_grouped_reference(name, kv):
         got = out_and_grads(BACKENDS[backend].fn, q, k, v, pattern)
         assert got[2].shape == k.shape  # the shared heads get their groups' summed gradients
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{backend}: {m}")
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, backend=backend: f"{backend}: {m}")
 
 
 @pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_available("cpu")[1])
@@ -86,8 +88,9 @@ def test_flex_shares_heads_with_enable_gqa():
 
     q, k, v = (x.detach() for x in qkv(256, B=1))
     with torch.no_grad():
-        torch.testing.assert_close(flex(q, k, v, Strided(16, "split", H)), plain_gqa(q, k, v, Strided(16, "split", H)),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            flex(q, k, v, Strided(16, "split", H)), plain_gqa(q, k, v, Strided(16, "split", H)), atol=1e-5, rtol=1e-5
+        )
 
 
 # ------------------------------------------------------------------ the model
@@ -131,8 +134,9 @@ def as_mha(gqa: GPT) -> GPT:
         for suffix in ("weight", "bias"):
             w = state[f"blocks.{i}.attn.qkv.{suffix}"]
             q, k, v = w.split((dq, dk, dv))
-            k, v = (x.view(gqa.cfg.n_kv_head, -1, *x.shape[1:]).repeat_interleave(group, 0).flatten(0, 1)
-                    for x in (k, v))
+            k, v = (
+                x.view(gqa.cfg.n_kv_head, -1, *x.shape[1:]).repeat_interleave(group, 0).flatten(0, 1) for x in (k, v)
+            )
             state[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat([q, k, v])
     mha.load_state_dict(state)
     return mha
@@ -160,7 +164,7 @@ def cached_logits(model: GPT, seq: torch.Tensor, prompt_len: int):
     cache = model.new_cache(seq.size(0), seq.size(1))
     out = [model(seq[:, :prompt_len], cache=cache)[:, -1]]
     for t in range(prompt_len, seq.size(1)):
-        out.append(model(seq[:, t:t + 1], cache=cache)[:, -1])
+        out.append(model(seq[:, t : t + 1], cache=cache)[:, -1])
     return torch.stack(out, 1), cache
 
 
@@ -171,22 +175,28 @@ def test_cached_decoding_equals_the_full_forward(name, kv, layout_file):
     seq = torch.randint(50, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
     got, _ = cached_logits(model, seq, prompt_len=3)
     with torch.no_grad():
-        want = torch.stack([model(seq[:, :t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
+        want = torch.stack([model(seq[:, : t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("attn", [dict(pattern="local", window=3), dict(pattern="linear")], ids=["local", "linear"])
 def test_shared_head_caches_stream_past_the_context_exactly(attn):
-    small = GPT(ModelConfig(n_layer=2, n_head=H, n_kv_head=KV, d_model=32, context=8, position="rope"),
-                AttentionConfig(**attn), 50).eval()
-    big = GPT(ModelConfig(n_layer=2, n_head=H, n_kv_head=KV, d_model=32, context=40, position="rope"),
-              AttentionConfig(**attn), 50).eval()
+    small = GPT(
+        ModelConfig(n_layer=2, n_head=H, n_kv_head=KV, d_model=32, context=8, position="rope"),
+        AttentionConfig(**attn),
+        50,
+    ).eval()
+    big = GPT(
+        ModelConfig(n_layer=2, n_head=H, n_kv_head=KV, d_model=32, context=40, position="rope"),
+        AttentionConfig(**attn),
+        50,
+    ).eval()
     big.load_state_dict(small.state_dict())
     seq = torch.randint(50, (2, 40), generator=torch.Generator().manual_seed(2))
     got, cache = cached_logits(small, seq, prompt_len=4)
     assert small.can_stream(cache)
     with torch.no_grad():
-        want = torch.stack([big(seq[:, :t + 1])[:, -1] for t in range(3, 40)], 1)
+        want = torch.stack([big(seq[:, : t + 1])[:, -1] for t in range(3, 40)], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -208,7 +218,10 @@ def test_a_group_of_heads_with_different_summary_columns_keeps_their_union(layou
     l, c, layers = 8, 2, 2
     mha = layers * H * (l + c * (CONTEXT // l)) * per_key
     gqa = layers * KV * (l + 2 * c * (CONTEXT // l)) * per_key
-    assert (_cache_bytes("fixed-2-verts", None, layout_file), _cache_bytes("fixed-2-verts", KV, layout_file)) == (mha, gqa)
+    assert (_cache_bytes("fixed-2-verts", None, layout_file), _cache_bytes("fixed-2-verts", KV, layout_file)) == (
+        mha,
+        gqa,
+    )
     assert type(make_cache(Fixed(8, 2, 1, 2), 1, H, 16, n_kv_head=KV)) is FixedCache
 
 
@@ -220,19 +233,31 @@ def test_a_group_spanning_both_strided_halves_keeps_every_position():
 
 
 @settings(max_examples=40, deadline=None)
-@given(kind=st.sampled_from(["dense", "local", "sink", "split", "union", "fixed"]), a=st.integers(1, 6),
-       kv=st.sampled_from([1, 2, 4, 8]), prompt_len=st.integers(1, 10), total=st.integers(11, 26), nv=st.sampled_from([1, 2]))
+@given(
+    kind=st.sampled_from(["dense", "local", "sink", "split", "union", "fixed"]),
+    a=st.integers(1, 6),
+    kv=st.sampled_from([1, 2, 4, 8]),
+    prompt_len=st.integers(1, 10),
+    total=st.integers(11, 26),
+    nv=st.sampled_from([1, 2]),
+)
 def test_each_cache_step_with_shared_heads_equals_the_reference(kind, a, kv, prompt_len, total, nv):
-    pattern = {"dense": Dense(), "local": Local(a), "sink": SinkWindow(a // 2, a), "split": Strided(a, "split", H),
-               "union": Strided(a, "union", H), "fixed": Fixed(2 * a, a, 1, nv)}[kind]
+    pattern = {
+        "dense": Dense(),
+        "local": Local(a),
+        "sink": SinkWindow(a // 2, a),
+        "split": Strided(a, "split", H),
+        "union": Strided(a, "union", H),
+        "fixed": Fixed(2 * a, a, 1, nv),
+    }[kind]
     g = torch.Generator().manual_seed(total)
     q = torch.randn(2, H, total, D, generator=g)
     k, v = (torch.randn(2, kv, total, D, generator=g) for _ in range(2))
     cache = make_cache(pattern, 2, H, total, n_kv_head=kv)
     cache.prefill(k[:, :, :prompt_len], v[:, :, :prompt_len])
     for i in range(prompt_len, total):
-        out = cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], i)
-        want = plain_gqa(q[:, :, :i + 1], k[:, :, :i + 1], v[:, :, :i + 1], pattern)[:, :, -1:]
+        out = cache.step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], i)
+        want = plain_gqa(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], pattern)[:, :, -1:]
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert max(t.shape[1] for t in cache._tensors()) <= kv  # only the shared heads are stored
 
@@ -255,8 +280,10 @@ def test_attention_maps_see_the_grouped_modified_weights():
 def test_bad_n_kv_head_is_refused():
     with pytest.raises(ConfigError) as e:
         config.load(None, ["train.max_steps=1", "model.n_head=8", "model.d_model=64", "model.n_kv_head=3"])
-    assert str(e.value) == ("model.n_kv_head=3 does not divide model.n_head=8: choose a divisor of 8 "
-                            "(1 = multi-query attention) or leave n_kv_head unset")
+    assert str(e.value) == (
+        "model.n_kv_head=3 does not divide model.n_head=8: choose a divisor of 8 "
+        "(1 = multi-query attention) or leave n_kv_head unset"
+    )
     with pytest.raises(ConfigError, match="out of range"):
         config.load(None, ["train.max_steps=1", "model.n_kv_head=0"])
 
@@ -266,8 +293,14 @@ def test_a_gqa_run_saves_and_loads(tmp_path):
     from attnlab.training.trainer import train
     from runkit import tiny_config, write_corpus
 
-    cfg = tiny_config(write_corpus(tmp_path / "c.txt"), tmp_path / "data", tmp_path / "runs", "model.n_head=4",
-                      "model.n_kv_head=1", "train.max_steps=2")
+    cfg = tiny_config(
+        write_corpus(tmp_path / "c.txt"),
+        tmp_path / "data",
+        tmp_path / "runs",
+        "model.n_head=4",
+        "model.n_kv_head=1",
+        "train.max_steps=2",
+    )
     train(cfg)
     run = load_run(tmp_path / "runs" / "t", device="cpu")
     assert run.cfg.model.n_kv_head == 1 and run.model.describe()["n_kv_head"] == 1
@@ -280,11 +313,21 @@ def test_bench_generate_shows_the_four_times_smaller_cache(tmp_path, one_thread)
 
     from attnlab.bench.generate import bench_generate
 
-    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
-                      ["model.n_layer=1", "model.d_model=32", "model.n_head=8", "data.vocab_size=300"])
-    rows = bench_generate(cfg, ["dense", "dense:n_kv_head=2", "local:window=8:n_kv_head=2", "local:window=8"], [16],
-                          prompt_len=4, window=4, repeats=1, recompute_max=0, out=tmp_path / "g.csv",
-                          log=lambda s: None)
+    cfg = config.load(
+        Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
+        ["model.n_layer=1", "model.d_model=32", "model.n_head=8", "data.vocab_size=300"],
+    )
+    rows = bench_generate(
+        cfg,
+        ["dense", "dense:n_kv_head=2", "local:window=8:n_kv_head=2", "local:window=8"],
+        [16],
+        prompt_len=4,
+        window=4,
+        repeats=1,
+        recompute_max=0,
+        out=tmp_path / "g.csv",
+        log=lambda s: None,
+    )
     mb = {r["spec"]: r["cache_mb"] for r in rows if r["mode"] == "cache"}
     assert mb["dense"] == 4 * mb["dense:n_kv_head=2"] and mb["local:window=8"] == 4 * mb["local:window=8:n_kv_head=2"]
     assert {r["params"] for r in rows if r["spec"] == "dense:n_kv_head=2"} == {"n_kv_head=2"}

@@ -35,8 +35,18 @@ def arxiv_file(tmp_path, n=30):
     p = tmp_path / "arxiv.jsonl"
     with open(p, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": f"2101.{i:05d}", "title": f"Paper  {i}", "abstract": f" We study {i}. ",
-                                "categories": "cs.LG stat.ML" if i % 2 else "math.CO", "authors": f"A{i}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"2101.{i:05d}",
+                        "title": f"Paper  {i}",
+                        "abstract": f" We study {i}. ",
+                        "categories": "cs.LG stat.ML" if i % 2 else "math.CO",
+                        "authors": f"A{i}",
+                    }
+                )
+                + "\n"
+            )
     return p
 
 
@@ -45,6 +55,7 @@ def prepare(*args):
 
 
 # ------------------------------------------------------------------ hf: source
+
 
 def test_hf_source_reads_a_save_to_disk_folder_with_metadata(hf_folder):
     result = load_documents(DataConfig(source=f"hf:{hf_folder}"))
@@ -55,8 +66,12 @@ def test_hf_source_reads_a_save_to_disk_folder_with_metadata(hf_folder):
 
 def test_hf_source_reads_a_split_of_a_dataset_dict(tmp_path):
     path = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["a", "b"]}),
-                          "test": datasets.Dataset.from_dict({"body": ["c", "d", "e"]})}).save_to_disk(str(path))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"body": ["a", "b"]}),
+            "test": datasets.Dataset.from_dict({"body": ["c", "d", "e"]}),
+        }
+    ).save_to_disk(str(path))
     assert load_documents(DataConfig(source=f"hf:{path}", split="test", field="body")).docs == ["c", "d", "e"]
     with pytest.raises(DataError, match=r"has no split 'dev': set data.split to one of train, test"):
         load_documents(DataConfig(source=f"hf:{path}", split="dev", field="body"))
@@ -76,8 +91,11 @@ def test_hf_source_reads_parquet_files_and_data_path(tmp_path):
 def test_hf_source_errors_are_one_line(tmp_path, hf_folder):
     with pytest.raises(DataError, match=r"^hf:.*has no field 'body' \(available: text, label, lang\): set data.field"):
         load_documents(DataConfig(source=f"hf:{hf_folder}", field="body"))
-    with pytest.raises(DataError, match=r"^cannot load hf:nobody/nothing-here from the Hugging Face hub \(no network.*"
-                                        r"pass data.path=/path/to/a local copy"):
+    with pytest.raises(
+        DataError,
+        match=r"^cannot load hf:nobody/nothing-here from the Hugging Face hub \(no network.*"
+        r"pass data.path=/path/to/a local copy",
+    ):
         load_documents(DataConfig(source="hf:nobody/nothing-here"))
     with pytest.raises(DataError, match=r"does not exist: pass an existing path, or data.path="):
         load_documents(DataConfig(source=f"hf:{tmp_path / 'missing'}"))
@@ -105,10 +123,23 @@ def test_prepare_offline_without_a_copy_exits_with_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------ --export-hf
 
+
 def test_export_hf_round_trip_keeps_arxiv_fields_and_the_split(tmp_path):
     src = arxiv_file(tmp_path)
-    assert prepare("arxiv-abstracts", "--path", src, "--out", tmp_path / "ds", "--tokenizer", "bytes",
-                   "--export-hf", tmp_path / "hf") == 0
+    assert (
+        prepare(
+            "arxiv-abstracts",
+            "--path",
+            src,
+            "--out",
+            tmp_path / "ds",
+            "--tokenizer",
+            "bytes",
+            "--export-hf",
+            tmp_path / "hf",
+        )
+        == 0
+    )
     dd = datasets.load_from_disk(str(tmp_path / "hf"))
     assert sorted(dd) == ["train", "validation"]
     assert dd["train"].column_names == ["text", "id", "categories", "authors"]
@@ -127,32 +158,58 @@ def test_export_hf_round_trip_keeps_arxiv_fields_and_the_split(tmp_path):
 
 def test_export_hf_keeps_the_filtered_documents_only(tmp_path):
     src = arxiv_file(tmp_path)
-    assert prepare(src, "--format", "arxiv", "--categories", "cs", "--out", tmp_path / "ds", "--tokenizer", "bytes",
-                   "--export-hf", tmp_path / "hf") == 0
+    assert (
+        prepare(
+            src,
+            "--format",
+            "arxiv",
+            "--categories",
+            "cs",
+            "--out",
+            tmp_path / "ds",
+            "--tokenizer",
+            "bytes",
+            "--export-hf",
+            tmp_path / "hf",
+        )
+        == 0
+    )
     dd = datasets.load_from_disk(str(tmp_path / "hf"))
     ids = list(dd["train"]["id"]) + list(dd["validation"]["id"])
     assert sorted(ids) == [f"2101.{i:05d}" for i in range(1, 30, 2)]
 
 
 def test_export_hf_of_an_hf_source_keeps_its_columns(tmp_path, hf_folder):
-    assert prepare(f"hf:{hf_folder}", "--out", tmp_path / "ds", "--tokenizer", "bytes", "--export-hf", tmp_path / "hf") == 0
+    assert (
+        prepare(f"hf:{hf_folder}", "--out", tmp_path / "ds", "--tokenizer", "bytes", "--export-hf", tmp_path / "hf")
+        == 0
+    )
     dd = datasets.load_from_disk(str(tmp_path / "hf"))
     rows = dd["train"].to_list() + dd["validation"].to_list()
-    assert sorted(rows, key=lambda r: r["label"]) == [{"text": t, "label": i, "lang": "en"} for i, t in enumerate(TEXTS)]
+    assert sorted(rows, key=lambda r: r["label"]) == [
+        {"text": t, "label": i, "lang": "en"} for i, t in enumerate(TEXTS)
+    ]
 
 
 def test_export_hf_of_a_plain_text_source_has_text_only(tmp_path):
     lines = tmp_path / "l.txt"
     lines.write_text("\n".join(TEXTS))
-    assert prepare(lines, "--format", "lines", "--out", tmp_path / "ds", "--tokenizer", "bytes",
-                   "--export-hf", tmp_path / "hf") == 0
+    assert (
+        prepare(
+            lines, "--format", "lines", "--out", tmp_path / "ds", "--tokenizer", "bytes", "--export-hf", tmp_path / "hf"
+        )
+        == 0
+    )
     assert datasets.load_from_disk(str(tmp_path / "hf"))["validation"].column_names == ["text"]
 
 
 def test_export_hf_refuses_an_existing_folder_before_any_work(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
-    assert prepare(arxiv_file(tmp_path), "--format", "arxiv", "--out", tmp_path / "ds", "--export-hf", tmp_path / "hf") == 3
+    assert (
+        prepare(arxiv_file(tmp_path), "--format", "arxiv", "--out", tmp_path / "ds", "--export-hf", tmp_path / "hf")
+        == 3
+    )
     err = capsys.readouterr().err
     assert "--export-hf" in err and "already exists" in err and "--force" in err
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine" and not (tmp_path / "ds").exists()
@@ -160,13 +217,19 @@ def test_export_hf_refuses_an_existing_folder_before_any_work(tmp_path, capsys):
 
 # ------------------------------------------------------------------ --tokenizer-file
 
+
 def hf_tokenizer_file(path, specials, truncate=None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TEXTS * 3, trainer=trainer)
     if truncate:
         tok.enable_truncation(truncate)
@@ -176,6 +239,7 @@ def hf_tokenizer_file(path, specials, truncate=None):
 
 def test_tokenizer_file_uses_its_end_of_text_token_as_separator(tmp_path):
     from tokenizers import Tokenizer
+
     f = hf_tokenizer_file(tmp_path / "gpt.json", ["<|endoftext|>"], truncate=4)
     lines = tmp_path / "l.txt"
     lines.write_text("\n".join(TEXTS))

@@ -41,6 +41,7 @@ def crashed_run(cfg, monkeypatch, at_step: int = 3) -> Path:
         if self.progress.step == at_step:
             raise RuntimeError("simulated crash")
         return real_step(self)
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg)
@@ -56,6 +57,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 def val_bpb(run) -> float:
     from attnlab.eval.metrics import score_tokens, text_metrics
+
     score = score_tokens(run.model, run.dataset.tokens("val"), context=run.cfg.model.context, device=run.device)
     return text_metrics(score, run.dataset.meta["splits"]["val"])["bits_per_byte"]
 
@@ -69,11 +71,27 @@ def cli_error(capsys, *argv) -> tuple[int, str]:
 
 # --------------------------------------------------- 4, 15: the run's dataset
 
+
 def test_the_run_records_its_dataset_identity_and_absolute_paths(tmp_path, corpus, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train(config.load(None, [f"data.source={corpus.name}", "data.format=lines", "data.tokenizer=bytes", "out_dir=runs",
-                             "model.n_layer=1", "model.n_head=2", "model.d_model=16", "model.context=16",
-                             "train.batch_size=2", "train.max_steps=1", "logging.progress=false"]))
+    train(
+        config.load(
+            None,
+            [
+                f"data.source={corpus.name}",
+                "data.format=lines",
+                "data.tokenizer=bytes",
+                "out_dir=runs",
+                "model.n_layer=1",
+                "model.n_head=2",
+                "model.d_model=16",
+                "model.context=16",
+                "train.batch_size=2",
+                "train.max_steps=1",
+                "logging.progress=false",
+            ],
+        )
+    )
     run = tmp_path / "runs" / "run"
     saved = config.load(run / "config.yaml")
     assert saved.data.dir is None and saved.data.source == corpus.name  # config.yaml keeps what was given
@@ -105,8 +123,12 @@ def test_resume_rebuilds_a_deleted_dataset_when_it_matches(tmp_path, corpus, mon
 def test_resume_blames_changed_data_not_the_config(tmp_path, corpus, monkeypatch):
     run = crashed_run(cfg_for(tmp_path, corpus, "train.checkpoint_every=2"), monkeypatch)
     other = write_corpus(tmp_path / "other.txt", seed=5)
-    store.prepare(config.DataConfig(source=str(other), format="lines", tokenizer="char", val_frac=0.1, seed=1),
-                  tmp_path / "data", force=True, progress=False)
+    store.prepare(
+        config.DataConfig(source=str(other), format="lines", tokenizer="char", val_frac=0.1, seed=1),
+        tmp_path / "data",
+        force=True,
+        progress=False,
+    )
     with pytest.raises(DataError) as e:
         train(resume=run)
     msg = one_line(e)
@@ -181,9 +203,17 @@ def test_eval_cli_takes_data_dir(tmp_path, corpus, capsys):
 
 # ------------------------------------------------------------- 5: the layout
 
+
 def layout_cfg(tmp_path, corpus, layout: Path, *overrides, name="t"):
-    return cfg_for(tmp_path, corpus, "attention.pattern=block_layout", f"attention.layout={layout}",
-                   "attention.layout_block=8", *overrides, name=name)
+    return cfg_for(
+        tmp_path,
+        corpus,
+        "attention.pattern=block_layout",
+        f"attention.layout={layout}",
+        "attention.layout_block=8",
+        *overrides,
+        name=name,
+    )
 
 
 def test_the_layout_is_copied_into_the_run_and_edits_are_detected(tmp_path, corpus, monkeypatch):
@@ -218,6 +248,7 @@ def test_resume_with_the_original_layout_config_is_not_a_change(tmp_path, corpus
 
 # --------------------------------------------------------- 8: config and meta
 
+
 def test_zero_epochs_is_refused():
     with pytest.raises(ConfigError, match=r"train.epochs=0.0 trains no step: use train.epochs > 0"):
         config.load(None, ["train.epochs=0"])
@@ -237,8 +268,11 @@ def test_an_edited_run_config_is_detected(tmp_path, corpus, monkeypatch):
 @pytest.fixture
 def prepared(tmp_path, corpus):
     out = tmp_path / "ds"
-    store.prepare(config.DataConfig(source=str(corpus), format="lines", tokenizer="bpe", vocab_size=280, seed=1),
-                  out, progress=False)
+    store.prepare(
+        config.DataConfig(source=str(corpus), format="lines", tokenizer="bpe", vocab_size=280, seed=1),
+        out,
+        progress=False,
+    )
     return out
 
 
@@ -271,6 +305,7 @@ def test_meta_file_entries_outside_the_folder_are_refused(prepared, where):
             meta["splits"]["train"]["file"] = "../outside.bin"
         else:
             meta["tokenizer"]["file"] = str(prepared / "tokenizer.json")
+
     edit_meta(prepared, change)
     msg = load_err(prepared)
     assert "names a file outside the dataset folder" in msg and "meta.json" in msg
@@ -278,13 +313,17 @@ def test_meta_file_entries_outside_the_folder_are_refused(prepared, where):
 
 # ---------------------------------------------- 11: structurally tampered data
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda m: m.update(vocab_size="abc"), "vocab_size 'abc' is not a positive integer"),
-    (lambda m: m["splits"]["train"].pop("tokens"), "train split has no 'tokens'"),
-    (lambda m: m["splits"].update(val="val.bin"), "val split is not an object"),
-    (lambda m: m["splits"]["train"].update(tokens="many"), "train split's 'tokens' 'many' is not"),
-    (lambda m: m.update(format_version="1"), "format_version '1'"),
-])
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda m: m.update(vocab_size="abc"), "vocab_size 'abc' is not a positive integer"),
+        (lambda m: m["splits"]["train"].pop("tokens"), "train split has no 'tokens'"),
+        (lambda m: m["splits"].update(val="val.bin"), "val split is not an object"),
+        (lambda m: m["splits"]["train"].update(tokens="many"), "train split's 'tokens' 'many' is not"),
+        (lambda m: m.update(format_version="1"), "format_version '1'"),
+    ],
+)
 def test_structurally_tampered_meta_is_one_line(prepared, change, needle):
     edit_meta(prepared, change)
     assert needle in load_err(prepared)
@@ -322,11 +361,14 @@ def test_events_with_invalid_utf8_are_one_line(tmp_path, corpus, capsys):
 def test_an_npz_layout_is_one_line(tmp_path):
     np.savez(tmp_path / "layout.npz", layout=np.ones((4, 4), dtype=bool))
     with pytest.raises(ConfigError) as e:
-        config.load(None, ["train.max_steps=1", "attention.pattern=block_layout", f"attention.layout={tmp_path / 'layout.npz'}"])
+        config.load(
+            None, ["train.max_steps=1", "attention.pattern=block_layout", f"attention.layout={tmp_path / 'layout.npz'}"]
+        )
     assert "is an .npz archive, not a .npy array" in one_line(e)
 
 
 # ------------------------------------------------------------- 12: bad inputs
+
 
 def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, corpus):
     cfg = cfg_for(tmp_path, corpus, "model.d_model=65536", "model.n_head=256")
@@ -340,23 +382,27 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, cor
 def test_memory_estimate_counts_the_real_parameters(tmp_path, corpus):
     from attnlab.model.gpt import GPT
     from attnlab.training.memory import estimate
+
     cfg = cfg_for(tmp_path, corpus)
     est = estimate(cfg, 259, training=True)
     assert est.params == GPT(cfg.model, cfg.attention, 259).num_params()
     assert est.bytes >= est.params * 16  # weights, gradients and AdamW's two moments in float32
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["eval", "RUN", "--device", "banana"], "--device 'banana'"),
-    (["eval", "RUN", "--batch-size", "0"], "--batch-size 0"),
-    (["eval", "RUN", "--batch-size", "-4"], "--batch-size -4"),
-    (["eval", "RUN", "--context", "0"], "--context 0"),
-    (["eval", "RUN", "--stride", "0"], "--stride 0"),
-    (["sample", "RUN", "--batch-size", "-3"], "--batch-size -3"),
-    (["sample", "RUN", "--device", "banana"], "--device 'banana'"),
-    (["bench", "train", "CFG", "--steps", "0"], "--steps 0"),
-    (["bench", "train", "CFG", "--repeats", "0"], "--repeats 0"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["eval", "RUN", "--device", "banana"], "--device 'banana'"),
+        (["eval", "RUN", "--batch-size", "0"], "--batch-size 0"),
+        (["eval", "RUN", "--batch-size", "-4"], "--batch-size -4"),
+        (["eval", "RUN", "--context", "0"], "--context 0"),
+        (["eval", "RUN", "--stride", "0"], "--stride 0"),
+        (["sample", "RUN", "--batch-size", "-3"], "--batch-size -3"),
+        (["sample", "RUN", "--device", "banana"], "--device 'banana'"),
+        (["bench", "train", "CFG", "--steps", "0"], "--steps 0"),
+        (["bench", "train", "CFG", "--repeats", "0"], "--repeats 0"),
+    ],
+)
 def test_bad_numbers_and_devices_are_refused_not_replaced(tmp_path, capsys, argv, needle):
     code, line = cli_error(capsys, *[str(tmp_path / a) if a in ("RUN", "CFG") else a for a in argv])
     assert code == UserError.exit_code and needle in line
@@ -364,6 +410,7 @@ def test_bad_numbers_and_devices_are_refused_not_replaced(tmp_path, capsys, argv
 
 def test_image_eval_batch_size_zero_is_refused(tmp_path, capsys):
     from runkit import digits_config
+
     cfg = digits_config(tmp_path)
     train(cfg)
     for b in ("0", "-3"):
@@ -378,6 +425,7 @@ def test_sampling_a_diverged_model_is_one_line(tmp_path, corpus, capsys):
         for p in run.model.parameters():
             p.mul_(1e30)  # finite weights whose logits overflow, as after a divergence
     from attnlab.eval import sample_text
+
     with pytest.raises(CheckpointError) as e:
         sample_text(run.model, run.dataset.tokenizer, "the", 5, device=run.device)
     assert "not finite" in one_line(e) and "diverged" in str(e.value)
@@ -385,23 +433,53 @@ def test_sampling_a_diverged_model_is_one_line(tmp_path, corpus, capsys):
 
 # ----------------------------------------------------- 18: reusing a dataset
 
+
 def test_data_dir_alone_takes_the_prepared_settings(tmp_path, corpus):
     ds = tmp_path / "prep"
-    store.prepare(config.DataConfig(source=str(corpus), format="lines", tokenizer="char", val_frac=0.2, seed=3), ds,
-                  progress=False)
-    cfg = config.load(None, [f"data.dir={ds}", f"out_dir={tmp_path / 'runs'}", "model.n_layer=1", "model.n_head=2",
-                             "model.d_model=16", "model.context=16", "train.batch_size=2", "train.max_steps=1",
-                             "logging.progress=false"])
+    store.prepare(
+        config.DataConfig(source=str(corpus), format="lines", tokenizer="char", val_frac=0.2, seed=3),
+        ds,
+        progress=False,
+    )
+    cfg = config.load(
+        None,
+        [
+            f"data.dir={ds}",
+            f"out_dir={tmp_path / 'runs'}",
+            "model.n_layer=1",
+            "model.n_head=2",
+            "model.d_model=16",
+            "model.context=16",
+            "train.batch_size=2",
+            "train.max_steps=1",
+            "logging.progress=false",
+        ],
+    )
     train(cfg)
     saved = config.load(tmp_path / "runs" / "run" / "config.yaml").data
-    assert (saved.source, saved.format, saved.tokenizer, saved.val_frac, saved.seed) == (str(corpus), "lines", "char", 0.2, 3)
+    assert (saved.source, saved.format, saved.tokenizer, saved.val_frac, saved.seed) == (
+        str(corpus),
+        "lines",
+        "char",
+        0.2,
+        3,
+    )
 
 
 def test_conflicting_data_keys_are_listed_in_one_line(tmp_path, corpus):
     train(cfg_for(tmp_path, corpus, "train.max_steps=1"))
     with pytest.raises(DataError) as e:
-        train(cfg_for(tmp_path, corpus, "train.max_steps=1", "data.val_frac=0.2", "data.seed=9", "data.tokenizer=char",
-                      name="other"))
+        train(
+            cfg_for(
+                tmp_path,
+                corpus,
+                "train.max_steps=1",
+                "data.val_frac=0.2",
+                "data.seed=9",
+                "data.tokenizer=char",
+                name="other",
+            )
+        )
     msg = one_line(e)
     assert "prepared with data.seed=1, data.tokenizer='bytes', data.val_frac=0.1" in msg
     assert "the config says data.seed=9, data.tokenizer='char', data.val_frac=0.2" in msg
@@ -413,8 +491,18 @@ def test_a_prepared_folder_as_a_source_says_use_data_dir(tmp_path, corpus, monke
     store.prepare(cfg_for(tmp_path, corpus).data, tmp_path / "prep", progress=False)
     monkeypatch.chdir(tmp_path)
     source = ["data.source=hn-titles", "data.path=prep"] if key == "data.path" else ["data.source=prep"]
-    cfg = config.load(None, [*source, "model.n_layer=1", "model.n_head=2", "model.d_model=16", "model.context=16",
-                             "train.max_steps=1", "logging.progress=false"])
+    cfg = config.load(
+        None,
+        [
+            *source,
+            "model.n_layer=1",
+            "model.n_head=2",
+            "model.d_model=16",
+            "model.context=16",
+            "train.max_steps=1",
+            "logging.progress=false",
+        ],
+    )
     with pytest.raises(DataError) as e:
         train(cfg)
     assert f"{key}='prep' is a prepared dataset: use data.dir=prep" in one_line(e)

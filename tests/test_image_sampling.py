@@ -8,10 +8,19 @@ from torch import nn
 
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
-from attnlab.eval.generation.image_samples import (IMAGE_VOCAB, MARKER, SOS, complete_images, completion_grid, image_grid,
-                                 sample_images, save_completion_grid, save_grid)
-from attnlab.eval.generation.loop import generate
 from attnlab.eval.generation.filters import SamplingConfig
+from attnlab.eval.generation.image_samples import (
+    IMAGE_VOCAB,
+    MARKER,
+    SOS,
+    complete_images,
+    completion_grid,
+    image_grid,
+    sample_images,
+    save_completion_grid,
+    save_grid,
+)
+from attnlab.eval.generation.loop import generate
 from attnlab.model.gpt import GPT
 
 SHAPE = (2, 2, 3)
@@ -21,7 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(shape=SHAPE):
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=1, n_head=2, d_model=16, context=int(np.prod(shape)), position="image", image_shape=list(shape))
+    cfg = ModelConfig(
+        n_layer=1, n_head=2, d_model=16, context=int(np.prod(shape)), position="image", image_shape=list(shape)
+    )
     return GPT(cfg, AttentionConfig(), IMAGE_VOCAB)
 
 
@@ -40,7 +51,7 @@ class Forced(nn.Module):
 
     def forward(self, idx, cache=None, last_only=False):
         logits = self.gpt(idx, cache=cache, last_only=last_only)
-        last = idx[:, -logits.size(1):]
+        last = idx[:, -logits.size(1) :]
         nxt = torch.where(last == SOS, 7, (last + 1) % 256)
         forced = torch.full_like(logits, -1e4).scatter(-1, nxt[..., None], 0.0)
         forced[..., SOS] += self.sos_logit
@@ -52,6 +63,7 @@ def random_images(n, shape=SHAPE, seed=0):
 
 
 # ------------------------------------------------------------------ sampling
+
 
 def test_samples_have_the_shape_never_sos_and_follow_the_seed():
     model = tiny()
@@ -69,7 +81,9 @@ def test_sos_is_never_sampled_even_when_it_is_the_likeliest_token():
     for sampling in (SamplingConfig(), SamplingConfig(temperature=0), SamplingConfig(top_k=2, repetition_penalty=1.3)):
         out = sample_images(model, 3, SHAPE, sampling=sampling, progress=False)
         assert np.array_equal(out, np.broadcast_to(np.arange(7, 19, dtype=np.uint8).reshape(SHAPE), out.shape))
-    seq = generate(tiny(), torch.full((4, 1), SOS), 11, banned_ids=[SOS, 0, 5], generator=torch.Generator().manual_seed(0))
+    seq = generate(
+        tiny(), torch.full((4, 1), SOS), 11, banned_ids=[SOS, 0, 5], generator=torch.Generator().manual_seed(0)
+    )
     assert not np.isin(seq[:, 1:].numpy(), [SOS, 0, 5]).any()
 
 
@@ -106,8 +120,11 @@ def test_models_and_arguments_that_break_the_convention_are_refused():
 
 # ------------------------------------------------------------------ grids
 
-@pytest.mark.parametrize("n, ncol, scale, pad, channels", [
-    (1, None, 1, 1, 3), (5, None, 2, 1, 1), (5, 2, 3, 0, 3), (7, 7, 1, 2, 1), (3, 5, 4, 3, 3), (16, 4, 8, 1, 1)])
+
+@pytest.mark.parametrize(
+    "n, ncol, scale, pad, channels",
+    [(1, None, 1, 1, 3), (5, None, 2, 1, 1), (5, 2, 3, 0, 3), (7, 7, 1, 2, 1), (3, 5, 4, 3, 3), (16, 4, 8, 1, 1)],
+)
 def test_grid_has_the_exact_pixel_size(n, ncol, scale, pad, channels):
     h, w = 3, 5
     grid = image_grid(random_images(n, (h, w, channels)), ncol=ncol, scale=scale, pad=pad)
@@ -122,11 +139,11 @@ def test_grid_places_image_i_at_its_row_and_column(channels):
     grid = image_grid(images, ncol=ncol, scale=scale, pad=pad, pad_value=200)
     for i, image in enumerate(images):
         top, left = pad + (i // ncol) * (2 * scale + pad), pad + (i % ncol) * (3 * scale + pad)
-        cell = grid[top:top + 2 * scale, left:left + 3 * scale]
+        cell = grid[top : top + 2 * scale, left : left + 3 * scale]
         zoomed = np.broadcast_to(image.repeat(scale, 0).repeat(scale, 1), cell.shape)
         assert np.array_equal(cell, zoomed)
     assert (grid[0] == 200).all() and (grid[:, 0] == 200).all()  # padding
-    assert (grid[pad + 2 * scale + pad:, pad + 2 * (3 * scale + pad):] == 200).all()  # the empty sixth cell
+    assert (grid[pad + 2 * scale + pad :, pad + 2 * (3 * scale + pad) :] == 200).all()  # the empty sixth cell
 
 
 def test_completion_grid_pairs_each_original_with_its_completion_and_marks_the_cut():
@@ -136,8 +153,10 @@ def test_completion_grid_pairs_each_original_with_its_completion_and_marks_the_c
     ticks = [1 + row * 9 + 2 for row in range(2)]  # pad + row * (H*scale + pad) + keep_rows*scale
     expected[np.ix_(ticks, [0, 7, 14])] = MARKER  # the padding left of, between and right of each pair
     assert np.array_equal(grid, expected)
-    assert np.array_equal(completion_grid(originals, completions, keep_rows=0, scale=2, pad=1), image_grid(
-        np.stack([originals, completions], 1).reshape(4, 4, 3, 3), ncol=2, scale=2, pad=1))  # nothing kept: no ticks
+    assert np.array_equal(
+        completion_grid(originals, completions, keep_rows=0, scale=2, pad=1),
+        image_grid(np.stack([originals, completions], 1).reshape(4, 4, 3, 3), ncol=2, scale=2, pad=1),
+    )  # nothing kept: no ticks
 
 
 def test_saved_pngs_round_trip_exactly(tmp_path):

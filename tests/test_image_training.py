@@ -16,7 +16,6 @@ from attnlab.eval.metrics.scoring import image_metrics, score_images
 from attnlab.model.embeddings import ImageEmbedding, image_coordinates
 from attnlab.model.gpt import GPT
 from attnlab.training.trainer import train
-
 from runkit import digits_config
 
 SOS = 256
@@ -31,7 +30,9 @@ def test_image_batches_are_whole_images_after_a_start_token_each_once_per_epoch(
     for _ in range(3):
         x, y = batches.next_batch()
         assert (x[:, 0] == SOS).all() and torch.equal(x[:, 1:], y[:, :-1])
-        assert ((y[:, 0] % N) == 0).all() and torch.equal(y - y[:, :1], torch.arange(N).expand(3, N))  # one image per row
+        assert ((y[:, 0] % N) == 0).all() and torch.equal(
+            y - y[:, :1], torch.arange(N).expand(3, N)
+        )  # one image per row
         seen += (y[:, 0] // N).tolist()
     assert len(set(seen)) == 9 and batches.epoch == 1
     state = batches.state_dict()
@@ -43,8 +44,11 @@ def test_image_batches_are_whole_images_after_a_start_token_each_once_per_epoch(
 def tiny_image_model(position="image", shape=(2, 3, 2)):
     torch.manual_seed(0)
     n = math.prod(shape)
-    return GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, context=n, position=position, image_shape=list(shape)),
-               AttentionConfig(), 257).eval()
+    return GPT(
+        ModelConfig(n_layer=1, n_head=2, d_model=16, context=n, position=position, image_shape=list(shape)),
+        AttentionConfig(),
+        257,
+    ).eval()
 
 
 def test_bits_per_dim_covers_every_image_once_whatever_the_batch_size():
@@ -68,9 +72,15 @@ def test_each_row_column_and_channel_has_its_own_embedding():
     emb = ImageEmbedding([2, 3, 2], 8, context=12)
     p = torch.arange(24)
     row, col, ch = image_coordinates(p, 2, 3, 2)
-    assert len(set(zip(row[:12].tolist(), col[:12].tolist(), ch[:12].tolist()))) == 12  # every byte of an image distinct
+    assert (
+        len(set(zip(row[:12].tolist(), col[:12].tolist(), ch[:12].tolist()))) == 12
+    )  # every byte of an image distinct
     assert (row[12:] == row[:12]).all()  # the next image starts again at row 0
-    assert row.tolist()[:12] == [0] * 6 + [1] * 6 and ch.tolist()[:4] == [0, 1, 0, 1] and col.tolist()[:6] == [0, 0, 1, 1, 2, 2]
+    assert (
+        row.tolist()[:12] == [0] * 6 + [1] * 6
+        and ch.tolist()[:4] == [0, 1, 0, 1]
+        and col.tolist()[:6] == [0, 0, 1, 1, 2, 2]
+    )
     with torch.no_grad():
         out = emb(12)
         assert torch.allclose(out[7], emb.row.weight[1] + emb.col.weight[0] + emb.channel.weight[1])
@@ -91,8 +101,15 @@ def test_permuting_pixels_changes_the_output_only_with_data_embeddings():
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    cfg = digits_config(root, "data.max_test=50", "model.d_model=32", "train.batch_size=16", "train.max_steps=6",
-                        "train.eval_every=3", "logging.sample_images=4")
+    cfg = digits_config(
+        root,
+        "data.max_test=50",
+        "model.d_model=32",
+        "train.batch_size=16",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "logging.sample_images=4",
+    )
     return train(cfg), root / "runs" / "digits"
 
 
@@ -122,6 +139,7 @@ def test_cli_eval_and_sample_on_an_image_run(digits_run, tmp_path, capsys):
     from PIL import Image
 
     from attnlab.cli import main
+
     summary, run_dir = digits_run
     results = []
     for batch in ("7", "64"):
@@ -129,7 +147,10 @@ def test_cli_eval_and_sample_on_an_image_run(digits_run, tmp_path, capsys):
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert results[0]["test_bits_per_dim"] == results[1]["test_bits_per_dim"] == summary["test_bits_per_dim"]
     assert main(["sample", str(run_dir), "--images", "5", "--out", str(tmp_path / "g.png"), "--seed", "1"]) == 0
-    assert Image.open(tmp_path / "g.png").size == (3 * (8 * 8 + 1) + 1, 2 * (8 * 8 + 1) + 1)  # 3 columns, scale 8, pad 1
+    assert Image.open(tmp_path / "g.png").size == (
+        3 * (8 * 8 + 1) + 1,
+        2 * (8 * 8 + 1) + 1,
+    )  # 3 columns, scale 8, pad 1
     assert main(["sample", str(run_dir), "--complete", "3", "--out", str(tmp_path / "c.png")]) == 0
     assert Image.open(tmp_path / "c.png").size[1] == 3 * (8 * 8 + 1) + 1  # one row per image
     assert main(["sample", str(run_dir), "--prompt", "x"]) == 2

@@ -24,6 +24,7 @@ CIFAR_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 # ---------------------------------------------------------------- fixtures
 
+
 def cifar_rows(n: int, offset: int = 0) -> np.ndarray:
     """CIFAR rows whose R, G and B planes differ: pixel (r, c) of image i holds 7i + r + 2c (+ 80 for G, + 160 for B)."""
     r, c = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
@@ -35,9 +36,11 @@ def hwc(rows: np.ndarray, size: int = 32) -> np.ndarray:
     return rows.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
 
 
-BATCHES = {"data_batch_1": (cifar_rows(6), [0, 1, 2, 3, 4, 5]),
-           "data_batch_2": (cifar_rows(4, offset=6), [6, 7, 8, 9]),
-           "test_batch": (cifar_rows(5, offset=10), [3, 3, 1, 0, 9])}
+BATCHES = {
+    "data_batch_1": (cifar_rows(6), [0, 1, 2, 3, 4, 5]),
+    "data_batch_2": (cifar_rows(4, offset=6), [6, 7, 8, 9]),
+    "test_batch": (cifar_rows(5, offset=10), [3, 3, 1, 0, 9]),
+}
 TRAIN_ROWS = np.concatenate([BATCHES["data_batch_1"][0], BATCHES["data_batch_2"][0]])
 TRAIN_LABELS = BATCHES["data_batch_1"][1] + BATCHES["data_batch_2"][1]
 
@@ -45,8 +48,12 @@ TRAIN_LABELS = BATCHES["data_batch_1"][1] + BATCHES["data_batch_2"][1]
 def pickled_batch(name: str, numpy1_names: bool = False) -> bytes:
     """A batch pickled with protocol 2 and bytes keys, as the official files; optionally with numpy 1.x global names."""
     x, y = BATCHES[name]
-    batch = {b"batch_label": name.encode(), b"labels": y, b"data": x,
-             b"filenames": [f"img_{i}.png".encode() for i in range(len(y))]}
+    batch = {
+        b"batch_label": name.encode(),
+        b"labels": y,
+        b"data": x,
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(y))],
+    }
     raw = pickle.dumps(batch, protocol=2)
     return raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray") if numpy1_names else raw
 
@@ -61,12 +68,37 @@ def python2_pickled_batch(name: str) -> bytes:
     def k(i: int) -> bytes:
         return b"K" + bytes([i]) if i < 256 else b"M" + struct.pack("<H", i)
 
-    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
-             + b"(K\x01" + k(len(y)) + k(3072) + b"\x86cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R"
-             + b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + s(x.tobytes()) + b"tb")
-    return (b"\x80\x02}(" + s(b"batch_label") + s(name.encode()) + s(b"labels") + b"](" + b"".join(map(k, y)) + b"e"
-            + s(b"data") + array + s(b"filenames") + b"](" + b"".join(s(f"img_{i}.png".encode()) for i in range(len(y)))
-            + b"eu.")
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
+        + s(b"b")
+        + b"\x87R"
+        + b"(K\x01"
+        + k(len(y))
+        + k(3072)
+        + b"\x86cnumpy\ndtype\n"
+        + s(b"u1")
+        + b"K\x00K\x01\x87R"
+        + b"(K\x03"
+        + s(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89"
+        + s(x.tobytes())
+        + b"tb"
+    )
+    return (
+        b"\x80\x02}("
+        + s(b"batch_label")
+        + s(name.encode())
+        + s(b"labels")
+        + b"]("
+        + b"".join(map(k, y))
+        + b"e"
+        + s(b"data")
+        + array
+        + s(b"filenames")
+        + b"]("
+        + b"".join(s(f"img_{i}.png".encode()) for i in range(len(y)))
+        + b"eu."
+    )
 
 
 def binary_batch(name: str) -> bytes:
@@ -98,8 +130,12 @@ def cifar_bin(tmp_path) -> Path:
 def cifar_npz(tmp_path) -> Path:
     d = tmp_path / "npz"
     d.mkdir()
-    np.savez_compressed(d / "cifar10_train_part1.npz", x=BATCHES["data_batch_1"][0], y=np.uint8(BATCHES["data_batch_1"][1]))
-    np.savez_compressed(d / "cifar10_train_part2.npz", x=BATCHES["data_batch_2"][0], y=np.uint8(BATCHES["data_batch_2"][1]))
+    np.savez_compressed(
+        d / "cifar10_train_part1.npz", x=BATCHES["data_batch_1"][0], y=np.uint8(BATCHES["data_batch_1"][1])
+    )
+    np.savez_compressed(
+        d / "cifar10_train_part2.npz", x=BATCHES["data_batch_2"][0], y=np.uint8(BATCHES["data_batch_2"][1])
+    )
     np.savez_compressed(d / "cifar10_test.npz", x=BATCHES["test_batch"][0], y=np.uint8(BATCHES["test_batch"][1]))
     return d
 
@@ -129,6 +165,7 @@ def check_cifar_splits(ds: store.Dataset) -> None:
 
 # ---------------------------------------------------------- serialisation
 
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**32 - 1))
 def test_sequence_round_trip_and_positions(n, h, w, c, seed):
@@ -144,11 +181,16 @@ def test_sequence_round_trip_and_positions(n, h, w, c, seed):
 def test_channels_are_interleaved_per_pixel():
     x = hwc(cifar_rows(1))  # R = r + 2c, G = R + 80, B = R + 160
     seq = to_sequence(x)[0]
-    assert seq[:6].tolist() == [0, 80, 160, 2, 82, 162]            # R, G, B of pixel (0, 0), then of pixel (0, 1)
-    assert seq[3 * 32: 3 * 32 + 3].tolist() == [1, 81, 161]        # pixel (1, 0) starts the second row
+    assert seq[:6].tolist() == [0, 80, 160, 2, 82, 162]  # R, G, B of pixel (0, 0), then of pixel (0, 1)
+    assert seq[3 * 32 : 3 * 32 + 3].tolist() == [1, 81, 161]  # pixel (1, 0) starts the second row
     assert [int(v[0]) for v in position_triples(np.array([100]), 32, 32, 3)] == [1, 1, 1]  # pixel 33, channel G
     import torch  # tensors work too (the model's image embeddings use them)
-    assert [t.tolist() for t in position_triples(torch.arange(100, 103), 32, 32, 3)] == [[1, 1, 1], [1, 1, 2], [1, 2, 0]]
+
+    assert [t.tolist() for t in position_triples(torch.arange(100, 103), 32, 32, 3)] == [
+        [1, 1, 1],
+        [1, 1, 2],
+        [1, 2, 0],
+    ]
     with pytest.raises(ValueError, match="not a whole number"):
         from_sequence(seq[:-1], 32, 32, 3)
 
@@ -165,6 +207,7 @@ def test_downsample_box_average():
 
 # ----------------------------------------------------------------- cifar10
 
+
 def test_cifar_python_folder(tmp_path, cifar_py):
     ds = prepare(tmp_path, source="cifar10", path=str(cifar_py), val_frac=0.2, seed=3)
     check_cifar_splits(ds)
@@ -179,7 +222,8 @@ def test_cifar_python_folder(tmp_path, cifar_py):
     assert files["test_batch"]["sha256"] == hashlib.sha256((cifar_py / "test_batch").read_bytes()).hexdigest()
     assert m["data_config"]["source"] == "cifar10" and m["data_config"]["image_size"] is None
     assert sorted(p.name for p in ds.dir.iterdir()) == sorted(
-        ["meta.json"] + [f"{s}{ext}" for s in ("train", "val", "test") for ext in (".bin", ".labels.npy")])
+        ["meta.json"] + [f"{s}{ext}" for s in ("train", "val", "test") for ext in (".bin", ".labels.npy")]
+    )
 
 
 def test_cifar_splits_are_seeded_and_val_frac_zero(tmp_path, cifar_py):
@@ -199,7 +243,9 @@ def test_cifar_splits_are_seeded_and_val_frac_zero(tmp_path, cifar_py):
 def test_cifar_binary_folder_and_archives(tmp_path, cifar_py, cifar_bin, monkeypatch):
     check_cifar_splits(prepare(tmp_path, "bin", source="cifar10", path=str(cifar_bin)))
     py_tar = tar_gz(cifar_py, tmp_path / "cifar-10-python.tar.gz")
-    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz is not an official CIFAR-10 archive \(md5 .*re-download"):
+    with pytest.raises(
+        DataError, match=r"cifar-10-python\.tar\.gz is not an official CIFAR-10 archive \(md5 .*re-download"
+    ):
         prepare(tmp_path, "x", source="cifar10", path=str(py_tar))
     assert not (tmp_path / "x").exists()
     for out, tar in [("tpy", py_tar), ("tbin", tar_gz(cifar_bin, tmp_path / "cifar-10-binary.tar.gz"))]:
@@ -213,8 +259,11 @@ def test_cifar_binary_folder_and_archives(tmp_path, cifar_py, cifar_bin, monkeyp
 def test_cifar_npz_folder(tmp_path, cifar_npz):
     ds = prepare(tmp_path, source="cifar10", path=str(cifar_npz))
     check_cifar_splits(ds)
-    assert [f["name"] for f in ds.meta["source"]["files"]] == ["cifar10_train_part1.npz", "cifar10_train_part2.npz",
-                                                               "cifar10_test.npz"]
+    assert [f["name"] for f in ds.meta["source"]["files"]] == [
+        "cifar10_train_part1.npz",
+        "cifar10_train_part2.npz",
+        "cifar10_test.npz",
+    ]
 
 
 def test_cifar_download_offline_fails_fast(tmp_path, monkeypatch):
@@ -224,25 +273,36 @@ def test_cifar_download_offline_fails_fast(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(sources, "_fetch", offline)
-    with pytest.raises(DataError, match=r"^cannot download cifar10 \(no network.*data\.path=/path/to/cifar-10-python\.tar\.gz"):
+    with pytest.raises(
+        DataError, match=r"^cannot download cifar10 \(no network.*data\.path=/path/to/cifar-10-python\.tar\.gz"
+    ):
         prepare(tmp_path, source="cifar10")
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("truncate_pickle", r"data_batch_1 is not a readable CIFAR-10 batch \(.*truncated or corrupted; re-download"),
-    ("evil_pickle", r"data_batch_1 is not a readable CIFAR-10 batch \(UnpicklingError: refusing to load global (os|posix)\.system"),
-    ("wrong_shape_pickle", r"data_batch_1 has data uint8\[6, 3000\] and 6 labels, expected uint8 \[N, 3072\]"),
-    ("bad_label", r"test_batch has labels outside 0\.\.9 \(found 0\.\.12\)"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("truncate_pickle", r"data_batch_1 is not a readable CIFAR-10 batch \(.*truncated or corrupted; re-download"),
+        (
+            "evil_pickle",
+            r"data_batch_1 is not a readable CIFAR-10 batch \(UnpicklingError: refusing to load global (os|posix)\.system",
+        ),
+        ("wrong_shape_pickle", r"data_batch_1 has data uint8\[6, 3000\] and 6 labels, expected uint8 \[N, 3072\]"),
+        ("bad_label", r"test_batch has labels outside 0\.\.9 \(found 0\.\.12\)"),
+    ],
+)
 def test_cifar_python_damage(tmp_path, cifar_py, damage, match):
     path = cifar_py / "data_batch_1"
     if damage == "truncate_pickle":
         path.write_bytes(path.read_bytes()[:5000])
     elif damage == "evil_pickle":
+
         class Evil:
             def __reduce__(self):
                 import os
+
                 return os.system, ("echo pwned",)
+
         path.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}, protocol=2))
     elif damage == "wrong_shape_pickle":
         path.write_bytes(pickle.dumps({b"data": np.zeros((6, 3000), np.uint8), b"labels": [0] * 6}, protocol=2))
@@ -255,7 +315,9 @@ def test_cifar_python_damage(tmp_path, cifar_py, damage, match):
 
 def test_cifar_binary_and_npz_damage(tmp_path, cifar_bin, cifar_npz):
     (cifar_bin / "data_batch_2.bin").write_bytes(binary_batch("data_batch_2")[:-100])
-    with pytest.raises(DataError, match=r"data_batch_2\.bin is truncated .*multiple of 3073-byte records\): re-download"):
+    with pytest.raises(
+        DataError, match=r"data_batch_2\.bin is truncated .*multiple of 3073-byte records\): re-download"
+    ):
         prepare(tmp_path, source="cifar10", path=str(cifar_bin))
     np.savez(cifar_npz / "cifar10_train_part2.npz", x=np.zeros((4, 1024), np.uint8), y=np.zeros(4, np.uint8))
     with pytest.raises(DataError, match=r"cifar10_train_part2\.npz: array 'x' has rows of 1024 bytes, expected 3072"):
@@ -278,10 +340,15 @@ def test_class_filter_and_image_size(tmp_path, cifar_py):
     assert ds.meta["image"] == {"height": 16, "width": 16, "channels": 3} and ds.meta["tokens_per_image"] == 768
     assert sorted(read_labels(ds, "train").tolist()) == [0, 1] and read_labels(ds, "test").tolist() == [1, 1, 0]
     assert np.array_equal(read_images(ds, "test"), image_sources.downsample(hwc(BATCHES["test_batch"][0][:3]), 16))
-    with pytest.raises(DataError, match=r"unknown class 'kitten' for cifar10: use class names \(airplane, .*truck\) "
-                                        r"or label numbers 0\.\.9"):
+    with pytest.raises(
+        DataError,
+        match=r"unknown class 'kitten' for cifar10: use class names \(airplane, .*truck\) "
+        r"or label numbers 0\.\.9",
+    ):
         prepare(tmp_path, "b", source="cifar10", path=str(cifar_py), classes=["kitten"])
-    with pytest.raises(DataError, match=r"image_size=64 is larger than the 32x32 images of cifar10 and upsampling is refused"):
+    with pytest.raises(
+        DataError, match=r"image_size=64 is larger than the 32x32 images of cifar10 and upsampling is refused"
+    ):
         prepare(tmp_path, "c", source="cifar10", path=str(cifar_py), image_size=64)
     with pytest.raises(DataError, match=r"only 1 image\(s\) left, too few to carve a val split"):
         prepare(tmp_path, "d", source="cifar10", path=str(cifar_py), classes=["airplane"])
@@ -310,24 +377,33 @@ def test_load_checks_image_labels(tmp_path, cifar_py):
 
 # ------------------------------------------------------------------ digits
 
+
 def test_digits(tmp_path):
     pytest.importorskip("sklearn")
     from sklearn.datasets import load_digits
 
     ds = prepare(tmp_path, source="digits", val_frac=0.1, seed=5)
     d = load_digits()
-    assert ds.meta["image"] == {"height": 8, "width": 8, "channels": 1} and ds.meta["classes"] == [str(i) for i in range(10)]
+    assert ds.meta["image"] == {"height": 8, "width": 8, "channels": 1} and ds.meta["classes"] == [
+        str(i) for i in range(10)
+    ]
     sizes = {s: v["images"] for s, v in ds.meta["splits"].items()}
     assert sizes == {"test": 180, "val": 162, "train": 1455}  # test: 10% of 1797; val: 10% of the other 1617
     order = np.random.default_rng(5).permutation(1797)
     want = np.floor(d.images[order[:180]] * 255 / 16 + 0.5)[..., None]
-    assert np.array_equal(read_images(ds, "test"), want) and read_labels(ds, "test").tolist() == d.target[order[:180]].tolist()
-    assert read_images(ds, "train").max() == 255 and set(np.unique(read_images(ds, "train"))) <= {round(v * 255 / 16) for v in range(17)}
+    assert (
+        np.array_equal(read_images(ds, "test"), want)
+        and read_labels(ds, "test").tolist() == d.target[order[:180]].tolist()
+    )
+    assert read_images(ds, "train").max() == 255 and set(np.unique(read_images(ds, "train"))) <= {
+        round(v * 255 / 16) for v in range(17)
+    }
     again = prepare(tmp_path, "again", source="digits", val_frac=0.1, seed=5)
     assert again.meta["splits"] == ds.meta["splits"]
 
 
 # ------------------------------------------------------------ image-folder
+
 
 def png(path: Path, pixels: np.ndarray) -> None:
     from PIL import Image
@@ -374,7 +450,9 @@ def test_image_folder_split_folders_and_errors(tmp_path):
     with pytest.raises(DataError, match="have no classes, so data.classes cannot select any"):
         prepare(tmp_path, "y", **cfg, classes=["cat"])
     (root / "train" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(DataError, match=r"^cannot read image .*train/3\.png \(UnidentifiedImageError.*remove or replace"):
+    with pytest.raises(
+        DataError, match=r"^cannot read image .*train/3\.png \(UnidentifiedImageError.*remove or replace"
+    ):
         prepare(tmp_path, "z", **cfg)
     png(root / "train" / "cat" / "c.png", np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(DataError, match=r"imgs/train mixes loose images \(0\.png, \.\.\.\) with class folders"):
@@ -390,6 +468,7 @@ def test_image_folder_split_folders_and_errors(tmp_path):
 
 # ---------------------------------------------------- imagenet-downsampled
 
+
 def imagenet_rows(n: int, size: int, offset: int) -> np.ndarray:
     return ((np.arange(n * 3 * size * size) + offset) % 251).astype(np.uint8).reshape(n, 3 * size * size)
 
@@ -397,9 +476,11 @@ def imagenet_rows(n: int, size: int, offset: int) -> np.ndarray:
 def test_imagenet_downsampled(tmp_path):
     root = tmp_path / "Imagenet8"
     (root / "val").mkdir(parents=True)
-    batches = {"train_data_batch_1.npz": (imagenet_rows(3, 8, 0), [1, 2, 1000]),
-               "train_data_batch_2.npz": (imagenet_rows(2, 8, 5), [3, 3]),
-               "val/val_data.npz": (imagenet_rows(2, 8, 9), [2, 1])}
+    batches = {
+        "train_data_batch_1.npz": (imagenet_rows(3, 8, 0), [1, 2, 1000]),
+        "train_data_batch_2.npz": (imagenet_rows(2, 8, 5), [3, 3]),
+        "val/val_data.npz": (imagenet_rows(2, 8, 9), [2, 1]),
+    }
     for name, (x, y) in batches.items():
         np.savez(root / name, data=x, labels=np.array(y), mean=np.zeros(3 * 64))
     ds = prepare(tmp_path, source="imagenet-downsampled", path=str(root), val_frac=0.0)
@@ -409,10 +490,13 @@ def test_imagenet_downsampled(tmp_path):
     order = np.random.default_rng(1337).permutation(5)
     train = np.concatenate([batches["train_data_batch_1.npz"][0], batches["train_data_batch_2.npz"][0]])
     assert np.array_equal(read_images(ds, "train"), hwc(train[order], 8))
-    small = prepare(tmp_path, "small", source="imagenet-downsampled", path=str(root), val_frac=0.0, classes=["3", "2"],
-                    image_size=4)
+    small = prepare(
+        tmp_path, "small", source="imagenet-downsampled", path=str(root), val_frac=0.0, classes=["3", "2"], image_size=4
+    )
     assert small.meta["classes"] == ["2", "3"] and small.meta["splits"]["train"]["images"] == 3
-    assert np.array_equal(read_images(small, "test"), image_sources.downsample(hwc(batches["val/val_data.npz"][0][:1], 8), 4))
+    assert np.array_equal(
+        read_images(small, "test"), image_sources.downsample(hwc(batches["val/val_data.npz"][0][:1], 8), 4)
+    )
     np.savez(root / "train_data_batch_2.npz", data=np.zeros((2, 100), np.uint8), labels=np.array([1, 1]))
     with pytest.raises(DataError, match=r"train_data_batch_2\.npz: array 'data' has rows of 100 bytes, not 3\*S\*S"):
         prepare(tmp_path, "bad", source="imagenet-downsampled", path=str(root))
@@ -422,6 +506,7 @@ def test_imagenet_downsampled(tmp_path):
 
 
 # --------------------------------------------------------------- real data
+
 
 def test_real_cifar10_npz_folder(tmp_path):
     """The shared CIFAR-10 npz copy, read through the npz-folder reader.
@@ -441,18 +526,26 @@ def test_real_cifar10_npz_folder(tmp_path):
     ds = prepare(tmp_path, source="cifar10", path=str(folder), max_docs=200, val_frac=0.25, seed=11)
     assert {s: v["images"] for s, v in ds.meta["splits"].items()} == {"train": 150, "val": 50, "test": 10000}
     files = {f["name"]: f["sha256"] for f in ds.meta["source"]["files"]}
-    assert files == {"cifar10_test.npz": "82844eac90b186b5dc657fc1f8e11bdcbbcecea6d991b6ab7d68b5f15e386a6a",
-                     "cifar10_train_part1.npz": "7878f71400bcfd1039bd33ffb42662252908503fdf8a522d3bed1209edb50cf9"}
+    assert files == {
+        "cifar10_test.npz": "82844eac90b186b5dc657fc1f8e11bdcbbcecea6d991b6ab7d68b5f15e386a6a",
+        "cifar10_train_part1.npz": "7878f71400bcfd1039bd33ffb42662252908503fdf8a522d3bed1209edb50cf9",
+    }
     test = read_images(ds, "test")
-    assert hashlib.sha256(test.transpose(0, 3, 1, 2).tobytes()).hexdigest() == \
-        "aebe03e709cc89b1b64cda94e31929b81b702fa3a5263865a4aa890722cd6824"
-    assert hashlib.sha256(read_labels(ds, "test").astype(np.uint8).tobytes()).hexdigest() == \
-        "373ad1e16d19b153befb51ae8039a8f702cd843a330c85999adaace5d85e03c0"
+    assert (
+        hashlib.sha256(test.transpose(0, 3, 1, 2).tobytes()).hexdigest()
+        == "aebe03e709cc89b1b64cda94e31929b81b702fa3a5263865a4aa890722cd6824"
+    )
+    assert (
+        hashlib.sha256(read_labels(ds, "test").astype(np.uint8).tobytes()).hexdigest()
+        == "373ad1e16d19b153befb51ae8039a8f702cd843a330c85999adaace5d85e03c0"
+    )
     with np.load(folder / "cifar10_train_part1.npz") as z:
         x, y = z["x"], z["y"]
     pool = np.random.default_rng(11).permutation(10000)[:200]
     assert np.array_equal(read_images(ds, "val"), hwc(x[pool[:50]]))
     assert np.array_equal(read_images(ds, "train"), hwc(x[pool[50:]]))
     assert read_labels(ds, "train").tolist() == y[pool[50:]].tolist()
-    assert json.loads((ds.dir / "meta.json").read_text())["classes"][y[pool[0]]] == \
-        (CIFAR_SHARED / "label_names.txt").read_text().split()[y[pool[0]]]
+    assert (
+        json.loads((ds.dir / "meta.json").read_text())["classes"][y[pool[0]]]
+        == (CIFAR_SHARED / "label_names.txt").read_text().split()[y[pool[0]]]
+    )

@@ -134,11 +134,11 @@ def without(graph: dict[str, set[str]], edges: set[tuple[str, str]]) -> dict[str
 
 def test_graph_reader_resolves_relative_late_and_package_imports():
     graph = import_graph()
-    assert "attnlab.data.image_format" in graph["attnlab.data.store"]           # from .image_format import ...
-    assert "attnlab.training.checkpoint" in graph["attnlab.run.open"]             # from ..training import checkpoint
+    assert "attnlab.data.image_format" in graph["attnlab.data.store"]  # from .image_format import ...
+    assert "attnlab.training.checkpoint" in graph["attnlab.run.open"]  # from ..training import checkpoint
     assert "attnlab.eval.metrics.scoring" in graph["attnlab.eval.inspection.attention_stats"]  # late import, ../
-    assert "attnlab.eval" in graph["attnlab.training.trainer"]                     # a package's __init__ runs too
-    assert "attnlab.eval" not in graph["attnlab.eval.generation.loop"]          # but not the importer's own
+    assert "attnlab.eval" in graph["attnlab.training.trainer"]  # a package's __init__ runs too
+    assert "attnlab.eval" not in graph["attnlab.eval.generation.loop"]  # but not the importer's own
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
     assert a_cycle({"a": {"c"}, "b": {"a"}, "c": {"b", "a"}}, {"a", "b", "c"}) == ["a", "c", "a"]
     assert shortest_path({"a": {"b"}, "b": set()}, "b", "a") is None
@@ -176,8 +176,11 @@ def calls_and_imports(path: Path):
 
 
 def test_library_never_selects_a_matplotlib_backend_or_uses_pyplot():
-    found = [f"{path.relative_to(PACKAGE_DIR.parent)}:{line}: {what}"
-             for path in modules().values() for line, what in calls_and_imports(path)]
+    found = [
+        f"{path.relative_to(PACKAGE_DIR.parent)}:{line}: {what}"
+        for path in modules().values()
+        for line, what in calls_and_imports(path)
+    ]
     assert not found, "use matplotlib.figure.Figure and fig.savefig instead:\n" + "\n".join(found)
 
 

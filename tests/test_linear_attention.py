@@ -114,7 +114,9 @@ def test_steps_in_pieces_equal_one_pass(fmap, pieces):
     outs, start = [], 0
     for n in pieces:
         before = (state.s.clone(), state.z.clone())
-        out, new = linear_step(q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n], state, fmap)
+        out, new = linear_step(
+            q[:, :, start : start + n], k[:, :, start : start + n], v[:, :, start : start + n], state, fmap
+        )
         assert out.shape == (B, H, n, Dv)
         assert torch.equal(state.s, before[0]) and torch.equal(state.z, before[1])  # not updated in place
         outs.append(out)
@@ -130,8 +132,11 @@ def test_steps_in_pieces_equal_one_pass(fmap, pieces):
 @pytest.mark.parametrize("form", ["reference", "chunked", "recurrent"])
 @pytest.mark.parametrize("fmap", MAPS)
 def test_future_positions_never_change_earlier_outputs(form, fmap):
-    fn = {"reference": linear_reference, "recurrent": linear_recurrent,
-          "chunked": lambda *a: linear_chunked(*a, chunk=4)}[form]
+    fn = {
+        "reference": linear_reference,
+        "recurrent": linear_recurrent,
+        "chunked": lambda *a: linear_chunked(*a, chunk=4),
+    }[form]
     q, k, v = qkv(T=12)
     base = fn(q, k, v, fmap)
     for p in [0, 3, 4, 7, 11]:
@@ -144,8 +149,16 @@ def test_future_positions_never_change_earlier_outputs(form, fmap):
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 20), Dh=st.integers(1, 6),
-       Dv=st.integers(1, 5), chunk=st.integers(1, 24), fmap=st.sampled_from(MAPS), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    T=st.integers(1, 20),
+    Dh=st.integers(1, 6),
+    Dv=st.integers(1, 5),
+    chunk=st.integers(1, 24),
+    fmap=st.sampled_from(MAPS),
+    seed=st.integers(0, 2**16),
+)
 def test_forms_agree_on_random_shapes(B, H, T, Dh, Dv, chunk, fmap, seed):
     q, k, v = qkv(B, H, T, Dh, Dv, seed=seed)
     expected = linear_reference(q, k, v, fmap)

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnlab.cli import main
 from attnlab.config import AttentionConfig, ModelConfig
@@ -25,7 +26,9 @@ def tiny_gpt(norm_position="pre", tie=True, seed=0, vocab=VOCAB, **kw):
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=3, n_head=2, d_model=16, context=CTX, norm_position=norm_position, tie_weights=tie, **kw)
     model = GPT(cfg, AttentionConfig(), vocab)
-    with torch.no_grad():  # a trained-looking model: norms and biases away from their 1/0 init, so a wrong read-out shows
+    with (
+        torch.no_grad()
+    ):  # a trained-looking model: norms and biases away from their 1/0 init, so a wrong read-out shows
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.3)
@@ -112,10 +115,15 @@ def test_token_labels_are_visible_and_short():
     assert token_label(" the") == "␣the"
     assert token_label("a\nb\t") == "a\\nb\\t"
     assert token_label("abcdefghijk") == "abcdefg…" and len(token_label("x" * 50, 5)) == 5
-    assert token_texts(ByteTokenizer(), [104, 0xE2, 0]) == ["h", "\\xe2", "<eos>"]  # a lone UTF-8 lead byte, the separator
+    assert token_texts(ByteTokenizer(), [104, 0xE2, 0]) == [
+        "h",
+        "\\xe2",
+        "<eos>",
+    ]  # a lone UTF-8 lead byte, the separator
 
 
 # ---------------------------------------------------------------- command line
+
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
@@ -164,6 +172,7 @@ def test_cli_writes_picture_markdown_and_csv(text_run, tmp_path, capsys):
     assert any(line.startswith("| embed | 3 | `␣` | `m` |") for line in md)
     # The CSV agrees with the library call on the same checkpoint.
     from attnlab.run.open import load_run
+
     lens = logit_lens(load_run(text_run).model, torch.tensor(list(b"the model")))
     assert float(rows[-4]["p_next"]) == pytest.approx(lens.p_next()[-1, 7].item(), rel=1e-5)  # layer 2, position 7
     # An existing non-empty folder is refused unless --force.
@@ -176,7 +185,9 @@ def test_cli_writes_picture_markdown_and_csv(text_run, tmp_path, capsys):
 
 def test_cli_refuses_too_long_text_and_bad_top_k(text_run, tmp_path, capsys):
     code, _, err = lens_cli(capsys, text_run, "--text", "x" * 17, "--out", tmp_path / "a")
-    one_line_error(code, err, "--text is 17 tokens, longer than the model's context of 16", "shorten it to at most 16 tokens")
+    one_line_error(
+        code, err, "--text is 17 tokens, longer than the model's context of 16", "shorten it to at most 16 tokens"
+    )
     code, _, err = lens_cli(capsys, text_run, "--text", "", "--out", tmp_path / "a")
     one_line_error(code, err, "--text is empty")
     code, _, err = lens_cli(capsys, text_run, "--text", "ab", "--out", tmp_path / "a", "--top-k", 0)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.eval.metrics.scoring import LN2, Score, plan_windows, score_tokens, text_metrics

@@ -33,16 +33,23 @@ def tokens(B=2, T=8, seed=0, vocab=V) -> torch.Tensor:
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-VARIANTS = list(itertools.product(["learned", "sinusoidal", "rope", "none"], ["layernorm", "rmsnorm"], ["pre", "post"], ["gelu", "relu", "swiglu"]))
+VARIANTS = list(
+    itertools.product(
+        ["learned", "sinusoidal", "rope", "none"], ["layernorm", "rmsnorm"], ["pre", "post"], ["gelu", "relu", "swiglu"]
+    )
+)
 
 
 # ------------------------------------------------------------------ causality
+
 
 @pytest.mark.parametrize("position,norm,norm_position,mlp", VARIANTS)
 def test_future_tokens_never_change_past_logits(position, norm, norm_position, mlp):
     qk_norm = (position, mlp) in {("rope", "swiglu"), ("learned", "gelu"), ("none", "relu")}  # cover qk_norm too
     for backend in ("sdpa", "reference"):
-        model = make(backend=backend, position=position, norm=norm, norm_position=norm_position, mlp=mlp, qk_norm=qk_norm).eval()
+        model = make(
+            backend=backend, position=position, norm=norm, norm_position=norm_position, mlp=mlp, qk_norm=qk_norm
+        ).eval()
         idx = tokens()
         t = 5
         changed = idx.clone()
@@ -63,6 +70,7 @@ def test_sdpa_and_reference_models_agree():
 
 # ------------------------------------------------------------------ shapes and errors
 
+
 def test_forward_shape_and_shorter_sequences():
     model = make()
     assert model(tokens()).shape == (2, 8, V)
@@ -82,6 +90,7 @@ def test_bad_head_split_raises_config_error():
 
 
 # ------------------------------------------------------------------ tying and init
+
 
 def test_tied_weights_share_storage():
     model = make(tie_weights=True)
@@ -123,6 +132,7 @@ def test_init_std(init):
 
 
 # ------------------------------------------------------------------ embeddings
+
 
 def test_sinusoidal_values_match_the_formula():
     d = 16
@@ -182,15 +192,16 @@ def test_qk_norm_gives_unit_rms_q_and_k():
 
 # ------------------------------------------------------------------ parameters
 
+
 def test_param_count_matches_hand_calculation():
     # d=16, 2 layers, vocab 23, context 8, learned positions, layernorm with bias, GELU 4d, tied.
     d, L, ctx = 16, 2, 8
     per_block = (
-        2 * (2 * d)                  # two LayerNorms (weight + bias)
-        + (d * 3 * d + 3 * d)        # fused qkv
-        + (d * d + d)                # attention out-proj
-        + (d * 4 * d + 4 * d)        # MLP up
-        + (4 * d * d + d)            # MLP down
+        2 * (2 * d)  # two LayerNorms (weight + bias)
+        + (d * 3 * d + 3 * d)  # fused qkv
+        + (d * d + d)  # attention out-proj
+        + (d * 4 * d + 4 * d)  # MLP up
+        + (4 * d * d + d)  # MLP down
     )
     expected = V * d + ctx * d + L * per_block + 2 * d  # + final LayerNorm; lm_head is tied
     model = make()
@@ -199,7 +210,9 @@ def test_param_count_matches_hand_calculation():
 
     # SwiGLU, RMSNorm, no bias, QK-norm, RoPE, untied: hidden = ceil8(int(8/3*16)=42) = 48.
     h = 48
-    per_block = 2 * d + d * 3 * d + d * d + d * 2 * h + h * d + 2 * (d // 2)  # norms, qkv, proj, fc (gate+up), down, qk-norms
+    per_block = (
+        2 * d + d * 3 * d + d * d + d * 2 * h + h * d + 2 * (d // 2)
+    )  # norms, qkv, proj, fc (gate+up), down, qk-norms
     expected = V * d + L * per_block + d + d * V  # token emb, blocks, final RMSNorm, untied lm_head
     model = make(mlp="swiglu", norm="rmsnorm", bias=False, qk_norm=True, position="rope", tie_weights=False)
     assert mlp_hidden(model.cfg) == h
@@ -238,6 +251,7 @@ def test_post_norm_has_no_final_norm():
 
 # ------------------------------------------------------------------ determinism, autocast, compile
 
+
 def test_deterministic_on_cpu_for_a_fixed_seed():
     def run():
         model = make(seed=3, dropout=0.2).train()
@@ -259,7 +273,9 @@ def test_dropout_is_active_only_in_training():
     assert not torch.equal(model(idx), model(idx))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(position="rope", qk_norm=True, norm="rmsnorm", mlp="swiglu"), dict(norm_position="post")])
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(position="rope", qk_norm=True, norm="rmsnorm", mlp="swiglu"), dict(norm_position="post")]
+)
 def test_autocast_bf16(kw):
     model = make(**kw)
     with torch.autocast("cpu", dtype=torch.bfloat16):

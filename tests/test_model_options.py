@@ -19,7 +19,8 @@ from attnlab.errors import ConfigError
 from attnlab.model.gpt import GPT, mlp_hidden, qk_head_size
 from test_blocksparse import PATTERNS as BLOCKSPARSE_PATTERNS
 from test_blocksparse import out_and_grads
-from test_cache import CONTEXT, PATTERNS as CACHE_PATTERNS, cached_logits
+from test_cache import CONTEXT, cached_logits
+from test_cache import PATTERNS as CACHE_PATTERNS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +42,7 @@ def load(*overrides: str) -> config.Config:
 
 
 # ------------------------------------------------------------------ config keys
+
 
 def test_new_keys_have_help_and_keep_the_old_defaults():
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
@@ -88,12 +90,23 @@ def test_qk_ratio_narrows_queries_and_keys_in_the_one_fused_projection():
 
 def test_describe_reports_the_sizes_and_checkpointing():
     info = model(mlp_ratio=2, qk_ratio=0.5, checkpoint_activations=True).describe()
-    assert (info["mlp_hidden"], info["qk_head_size"], info["v_head_size"], info["checkpoint_activations"]) == (64, 4, 8, True)
+    assert (info["mlp_hidden"], info["qk_head_size"], info["v_head_size"], info["checkpoint_activations"]) == (
+        64,
+        4,
+        8,
+        True,
+    )
     info = model().describe()
-    assert (info["mlp_hidden"], info["qk_head_size"], info["v_head_size"], info["checkpoint_activations"]) == (128, 8, 8, False)
+    assert (info["mlp_hidden"], info["qk_head_size"], info["v_head_size"], info["checkpoint_activations"]) == (
+        128,
+        8,
+        8,
+        False,
+    )
 
 
 # ------------------------------------------------------------------ backends and caches with Dqk != Dv
+
 
 def qkv(B: int, H: int, T: int, dqk: int, dv: int, seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -141,11 +154,21 @@ def test_flex_wrapper_passes_value_heads_of_their_own_size(monkeypatch):
         torch.testing.assert_close(flex_mod.flex(q, k, v, pattern), reference(q, k, v, pattern), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("attn", [dict(pattern="local", window=5), dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
-                                  dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2), dict(pattern="linear")],
-                         ids=["local", "strided_union", "fixed", "linear"])
+@pytest.mark.parametrize(
+    "attn",
+    [
+        dict(pattern="local", window=5),
+        dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
+        dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2),
+        dict(pattern="linear"),
+    ],
+    ids=["local", "strided_union", "fixed", "linear"],
+)
 def test_half_size_qk_model_trains_the_same_through_the_fast_backend(attn):
-    fast, ref = model(attn=attn, qk_ratio=0.5, position="rope"), model(attn={**attn, "backend": "reference"}, qk_ratio=0.5, position="rope")
+    fast, ref = (
+        model(attn=attn, qk_ratio=0.5, position="rope"),
+        model(attn={**attn, "backend": "reference"}, qk_ratio=0.5, position="rope"),
+    )
     assert fast.resolve_backends("cpu")[0] in ("blocksparse", "linear")
     idx = tokens()
     for m in (fast, ref):
@@ -166,11 +189,12 @@ def test_cached_decoding_equals_the_full_forward_with_half_size_qk(name, positio
     seq = tokens(T=CONTEXT)
     got = cached_logits(m, seq, prompt_len=3)
     with torch.no_grad():
-        want = torch.stack([m(seq[:, :t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
+        want = torch.stack([m(seq[:, : t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ activation checkpointing
+
 
 def loss_grads_and_calls(checkpointing: bool, attn: dict, seed: int = 1) -> tuple[torch.Tensor, dict, int]:
     """Loss and gradients of one training step with dropout everywhere, and how often blocks ran."""
@@ -185,9 +209,16 @@ def loss_grads_and_calls(checkpointing: bool, attn: dict, seed: int = 1) -> tupl
     return loss.detach(), {n: p.grad for n, p in m.named_parameters()}, len(calls)
 
 
-@pytest.mark.parametrize("attn", [dict(), dict(pattern="local", window=5), dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
-                                  dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2)],
-                         ids=["dense-sdpa", "local", "strided_union", "fixed"])
+@pytest.mark.parametrize(
+    "attn",
+    [
+        dict(),
+        dict(pattern="local", window=5),
+        dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
+        dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2),
+    ],
+    ids=["dense-sdpa", "local", "strided_union", "fixed"],
+)
 def test_checkpointing_recomputes_blocks_with_the_same_dropout_masks(attn):
     assert model(attn=attn, dropout=0.2).resolve_backends("cpu")[0] == ("sdpa" if not attn else "blocksparse")
     loss, grads, calls = loss_grads_and_calls(False, attn)
@@ -196,7 +227,9 @@ def test_checkpointing_recomputes_blocks_with_the_same_dropout_masks(attn):
     torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(grads_ckpt[name], g, atol=1e-6, rtol=1e-5, msg=name)
-    assert not torch.allclose(loss_grads_and_calls(False, attn, seed=2)[0], loss)  # dropout acts: the masks had to match
+    assert not torch.allclose(
+        loss_grads_and_calls(False, attn, seed=2)[0], loss
+    )  # dropout acts: the masks had to match
 
 
 def test_checkpointing_is_off_outside_training():
@@ -244,11 +277,22 @@ def test_checkpointing_saves_far_fewer_activations():
 
 # ------------------------------------------------------------------ the Sparse Transformer's initialisation
 
+
 def test_sparse_transformer_init_follows_the_paper_in_every_layer():
     """Child et al. 2019: N(0, 0.125/sqrt(fan_in)) weights, W_p and W_2 also / sqrt(2N), embeddings 0.125/sqrt(d*n_emb)."""
     d, n_layer, ratio = 256, 6, 2
-    m = model(d_model=d, n_layer=n_layer, n_head=4, mlp_ratio=ratio, qk_ratio=0.5, context=64, vocab=512,
-              init="sparse_transformer", position="image+learned", image_shape=[16, 16, 3])
+    m = model(
+        d_model=d,
+        n_layer=n_layer,
+        n_head=4,
+        mlp_ratio=ratio,
+        qk_ratio=0.5,
+        context=64,
+        vocab=512,
+        init="sparse_transformer",
+        position="image+learned",
+        image_shape=[16, 16, 3],
+    )
     depth = 1 / math.sqrt(2 * n_layer)
     for i, block in enumerate(m.blocks):
         expected = {

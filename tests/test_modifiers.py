@@ -23,8 +23,10 @@ from attnlab.errors import ConfigError
 from attnlab.model.gpt import GPT
 from attnlab.training.optim import param_groups
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 H = 4
 MODS = {
@@ -67,19 +69,21 @@ def out_and_grads(fn, q, k, v, pattern, mod):
 
 # ------------------------------------------------------------------ definitions
 
+
 def test_alibi_slopes_follow_the_paper():
-    assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    assert alibi_slopes(8).tolist() == [2.0**-i for i in range(1, 9)]
     assert alibi_slopes(4).tolist() == [2.0 ** -(2 * i) for i in range(1, 5)]
     # not a power of two: the 4 slopes of 4 heads, then every other slope of 8 heads
-    assert alibi_slopes(6).tolist() == [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+    assert alibi_slopes(6).tolist() == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
 
 
 def test_relative_buckets_are_t5s_causal_buckets():
     d = torch.tensor([0, 1, 15, 16, 17, 31, 32, 64, 127, 128, 1000, -5])
     got = relative_bucket(d, 32, 128).tolist()
     # T5 (unidirectional): exact below 16, then 16 + log(n/16)/log(128/16) * 16, capped at 31
-    want = [n if n < 16 else min(31, 16 + int(math.log(n / 16) / math.log(8) * 16))
-            for n in [max(x, 0) for x in d.tolist()]]
+    want = [
+        n if n < 16 else min(31, 16 + int(math.log(n / 16) / math.log(8) * 16)) for n in [max(x, 0) for x in d.tolist()]
+    ]
     assert got == want == [0, 1, 15, 16, 16, 21, 21, 26, 31, 31, 31, 0]
 
 
@@ -109,6 +113,7 @@ def test_softcap_keeps_scores_inside_the_cap():
 
 
 # ------------------------------------------------------------------ backends
+
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("mods", MODS)
@@ -148,15 +153,26 @@ def test_dropout_backward_matches_its_forward_with_modifiers():
 
 
 @settings(max_examples=30, deadline=None)
-@given(kind=st.sampled_from(["dense", "local", "strided", "fixed", "sink"]), a=st.integers(1, 9), T=st.integers(1, 70),
-       mods=st.sampled_from(list(MODS)), kv=st.sampled_from([1, 2, 4]))
+@given(
+    kind=st.sampled_from(["dense", "local", "strided", "fixed", "sink"]),
+    a=st.integers(1, 9),
+    T=st.integers(1, 70),
+    mods=st.sampled_from(list(MODS)),
+    kv=st.sampled_from([1, 2, 4]),
+)
 def test_any_length_and_parameters_match_the_reference(kind, a, T, mods, kv):
-    pattern = {"dense": Dense(), "local": Local(a), "strided": Strided(a, "split", H), "fixed": Fixed(2 * a, 2, 1, 1),
-               "sink": SinkWindow(a // 2, a)}[kind]
+    pattern = {
+        "dense": Dense(),
+        "local": Local(a),
+        "strided": Strided(a, "split", H),
+        "fixed": Fixed(2 * a, 2, 1, 1),
+        "sink": SinkWindow(a // 2, a),
+    }[kind]
     q, k, v = (x.detach() for x in qkv(1, T, 4, seed=T, kv_heads=kv))
     mod = modifier(mods)
-    torch.testing.assert_close(blocksparse(q, k, v, pattern, modifier=mod), reference(q, k, v, pattern, modifier=mod),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        blocksparse(q, k, v, pattern, modifier=mod), reference(q, k, v, pattern, modifier=mod), atol=2e-5, rtol=1e-4
+    )
 
 
 class LargestTensor(TorchDispatchMode):
@@ -198,8 +214,9 @@ def test_flex_score_mod_equals_reference(name):
     pattern, mod = FLEX_PATTERNS[name], modifier("all")
     q, k, v = (x.detach() for x in qkv(1, 256, 16, kv_heads=2))
     with torch.no_grad():
-        torch.testing.assert_close(flex(q, k, v, pattern, modifier=mod), reference(q, k, v, pattern, modifier=mod),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            flex(q, k, v, pattern, modifier=mod), reference(q, k, v, pattern, modifier=mod), atol=1e-5, rtol=1e-5
+        )
 
 
 @cuda_flex
@@ -218,11 +235,14 @@ def test_auto_never_picks_sdpa_for_modified_scores():
     assert select_backend("auto", Dense(), "cpu")[0] == "sdpa"
     with pytest.raises(ConfigError) as e:
         select_backend("sdpa", Dense(), "cpu", modifiers=["alibi"])
-    assert str(e.value) == ("attention.backend='sdpa' cannot apply score modifiers ['alibi']: "
-                            "use attention.backend=auto or one of flex, blocksparse, reference")
+    assert str(e.value) == (
+        "attention.backend='sdpa' cannot apply score modifiers ['alibi']: "
+        "use attention.backend=auto or one of flex, blocksparse, reference"
+    )
 
 
 # ------------------------------------------------------------------ caches and models
+
 
 def model_for(attn: dict, position="none", context=24, seed=0, **model) -> GPT:
     torch.manual_seed(seed)
@@ -241,7 +261,7 @@ def cached_logits(model: GPT, seq: torch.Tensor, prompt_len: int) -> torch.Tenso
     cache = model.new_cache(seq.size(0), seq.size(1))
     out = [model(seq[:, :prompt_len], cache=cache)[:, -1]]
     for t in range(prompt_len, seq.size(1)):
-        out.append(model(seq[:, t:t + 1], cache=cache)[:, -1])
+        out.append(model(seq[:, t : t + 1], cache=cache)[:, -1])
     return torch.stack(out, 1)
 
 
@@ -263,23 +283,33 @@ def test_cached_decoding_equals_the_full_forward(name, mods):
     seq = torch.randint(50, (2, 24), generator=torch.Generator().manual_seed(1))
     got = cached_logits(model, seq, prompt_len=3)
     with torch.no_grad():
-        want = torch.stack([model(seq[:, :t + 1])[:, -1] for t in range(2, 24)], 1)
+        want = torch.stack([model(seq[:, : t + 1])[:, -1] for t in range(2, 24)], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 @settings(max_examples=25, deadline=None)
-@given(kind=st.sampled_from(["dense", "local", "sink", "strided", "fixed"]), a=st.integers(1, 6),
-       prompt_len=st.integers(1, 10), total=st.integers(11, 26), mods=st.sampled_from(list(MODS)))
+@given(
+    kind=st.sampled_from(["dense", "local", "sink", "strided", "fixed"]),
+    a=st.integers(1, 6),
+    prompt_len=st.integers(1, 10),
+    total=st.integers(11, 26),
+    mods=st.sampled_from(list(MODS)),
+)
 def test_each_cache_step_equals_the_reference_with_modifiers(kind, a, prompt_len, total, mods):
-    pattern = {"dense": Dense(), "local": Local(a), "sink": SinkWindow(a // 2, a), "strided": Strided(a, "union", H),
-               "fixed": Fixed(2 * a, a, 1, 2)}[kind]
+    pattern = {
+        "dense": Dense(),
+        "local": Local(a),
+        "sink": SinkWindow(a // 2, a),
+        "strided": Strided(a, "union", H),
+        "fixed": Fixed(2 * a, a, 1, 2),
+    }[kind]
     mod = modifier(mods)
     q, k, v = (x.detach() for x in qkv(2, total, seed=total))
     cache = make_cache(pattern, 2, H, total, modifier=mod)
     cache.prefill(k[:, :, :prompt_len], v[:, :, :prompt_len])
     for i in range(prompt_len, total):
-        out = cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], i)
-        want = reference(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], pattern, modifier=mod)
+        out = cache.step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], i)
+        want = reference(q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], pattern, modifier=mod)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
@@ -292,7 +322,7 @@ def test_alibi_local_streams_past_the_context_exactly():
     assert small.can_stream(cache)
     got = cached_logits(small, seq, prompt_len=4)
     with torch.no_grad():
-        want = torch.stack([big(seq[:, :t + 1])[:, -1] for t in range(3, 40)], 1)
+        want = torch.stack([big(seq[:, : t + 1])[:, -1] for t in range(3, 40)], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -305,7 +335,7 @@ def alibi_streaming_reference(model: GPT, seq: torch.Tensor) -> torch.Tensor:
     hist = [([], []) for _ in model.blocks]
     logits = []
     for i in range(seq.size(1)):
-        x = model.tok_emb(seq[:, i:i + 1])
+        x = model.tok_emb(seq[:, i : i + 1])
         for (ks, vs), block in zip(hist, model.blocks):
             att, h = block.attn, block.norm1(x)
             B, _, C = h.shape
@@ -354,8 +384,9 @@ def test_relpos_is_a_trained_saved_parameter_of_the_layer():
     assert names == ["blocks.0.attn.core.modifier.items.1.bias", "blocks.1.attn.core.modifier.items.1.bias"]
     assert model.state_dict()[names[0]].shape == (8 * H,)
     # a bias, not a matrix: AdamW without decay, never Muon
-    groups = {g["name"]: {id(p) for p in g["params"]}
-              for g in param_groups(model, config.OptimConfig(name="muon"), muon=True)}
+    groups = {
+        g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, config.OptimConfig(name="muon"), muon=True)
+    }
     assert all(id(p) in groups["no_decay"] for n, p in model.named_parameters() if "modifier" in n)
     seq = torch.randint(50, (2, 24), generator=torch.Generator().manual_seed(5))
     grads = []
@@ -375,10 +406,16 @@ def test_a_run_trains_saves_and_loads_its_learned_bias(tmp_path):
     from attnlab.training.trainer import train
     from runkit import tiny_config, write_corpus
 
-    cfg = tiny_config(write_corpus(tmp_path / "c.txt"), tmp_path / "data", tmp_path / "runs", "model.position=alibi",
-                      "attention.pattern=local", "attention.window=6",
-                      "attention.modifiers=relpos(buckets=8,max_distance=16)",
-                      "train.max_steps=2")
+    cfg = tiny_config(
+        write_corpus(tmp_path / "c.txt"),
+        tmp_path / "data",
+        tmp_path / "runs",
+        "model.position=alibi",
+        "attention.pattern=local",
+        "attention.window=6",
+        "attention.modifiers=relpos(buckets=8,max_distance=16)",
+        "train.max_steps=2",
+    )
     assert cfg.attention.modifiers == ["relpos(buckets=8,max_distance=16)"]
     summary = train(cfg)
     assert summary["attention"][0]["modifiers"] == ["alibi", "relpos(buckets=8,max_distance=16)"]
@@ -390,6 +427,7 @@ def test_a_run_trains_saves_and_loads_its_learned_bias(tmp_path):
 
 # ------------------------------------------------------------------ errors
 
+
 def err(*overrides) -> str:
     with pytest.raises(ConfigError) as e:
         config.load(None, ["train.max_steps=1", *overrides])
@@ -397,43 +435,59 @@ def err(*overrides) -> str:
 
 
 def test_bad_specs_are_refused_in_one_line():
-    assert err("attention.modifiers=alibo") == \
-        "attention.modifiers entry 'alibo' names unknown modifier 'alibo': use one of alibi, relpos, softcap"
-    assert err("attention.modifiers=softcap(cp=3)") == \
-        ("attention.modifiers entry 'softcap(cp=3)': softcap has no parameter 'cp'; "
-         "its parameters are cap (float > 0, default 50)")
-    assert err("attention.modifiers=softcap(cap=-1)") == \
-        ("attention.modifiers entry 'softcap(cap=-1)': cap='-1' is not allowed; "
-         "softcap takes cap (float > 0, default 50)")
+    assert (
+        err("attention.modifiers=alibo")
+        == "attention.modifiers entry 'alibo' names unknown modifier 'alibo': use one of alibi, relpos, softcap"
+    )
+    assert err("attention.modifiers=softcap(cp=3)") == (
+        "attention.modifiers entry 'softcap(cp=3)': softcap has no parameter 'cp'; "
+        "its parameters are cap (float > 0, default 50)"
+    )
+    assert err("attention.modifiers=softcap(cap=-1)") == (
+        "attention.modifiers entry 'softcap(cap=-1)': cap='-1' is not allowed; "
+        "softcap takes cap (float > 0, default 50)"
+    )
     assert err("attention.modifiers=relpos(buckets=2.5)") == (
         "attention.modifiers entry 'relpos(buckets=2.5)': buckets='2.5' is not allowed; relpos takes "
-        "buckets (int in [2, 1024], default 32), max_distance (int in [2, 1048576], default 128)")
-    assert err("attention.modifiers=alibi(slope=1)") == \
-        "attention.modifiers entry 'alibi(slope=1)': alibi has no parameter 'slope'; its parameters are none"
-    assert err("attention.modifiers=soft cap") == \
-        "attention.modifiers entry 'soft cap' is not name or name(key=value,...): write e.g. softcap(cap=30)"
+        "buckets (int in [2, 1024], default 32), max_distance (int in [2, 1048576], default 128)"
+    )
+    assert (
+        err("attention.modifiers=alibi(slope=1)")
+        == "attention.modifiers entry 'alibi(slope=1)': alibi has no parameter 'slope'; its parameters are none"
+    )
+    assert (
+        err("attention.modifiers=soft cap")
+        == "attention.modifiers entry 'soft cap' is not name or name(key=value,...): write e.g. softcap(cap=30)"
+    )
     assert err("attention.modifiers=relpos(buckets=32,max_distance=10)") == (
         "attention.modifiers entry 'relpos(buckets=32,max_distance=10)': max_distance must exceed buckets/2 = 16 "
-        "(the exact buckets): raise max_distance or lower buckets")
+        "(the exact buckets): raise max_distance or lower buckets"
+    )
 
 
 def test_linear_attention_and_sdpa_refuse_modifiers():
     assert err("attention.pattern=linear", "attention.modifiers=alibi") == (
         "attention.modifiers=['alibi'] change softmax scores, but pattern 'linear' (layer 0) is linear attention, "
-        "which has none: drop attention.modifiers or use a softmax pattern")
+        "which has none: drop attention.modifiers or use a softmax pattern"
+    )
     assert err("model.position=alibi", "attention.pattern=linear").startswith("attention.modifiers=['alibi'] change")
-    assert "cannot apply score modifiers ['softcap(cap=30)']" in err("attention.backend=sdpa",
-                                                                     "attention.modifiers=softcap(cap=30)")
+    assert "cannot apply score modifiers ['softcap(cap=30)']" in err(
+        "attention.backend=sdpa", "attention.modifiers=softcap(cap=30)"
+    )
     with pytest.raises(ConfigError, match="pattern 'linear'"):
         Attention(AttentionConfig(pattern="linear", modifiers=["alibi"]), 0, 1, 2, 0.0)
 
 
 def test_specs_parse_from_the_command_line_and_yaml(tmp_path):
-    cfg = config.load(None, ["train.max_steps=1",
-                             "attention.modifiers=alibi,relpos(buckets=16,max_distance=64),softcap"])
+    cfg = config.load(
+        None, ["train.max_steps=1", "attention.modifiers=alibi,relpos(buckets=16,max_distance=64),softcap"]
+    )
     assert cfg.attention.modifiers == ["alibi", "relpos(buckets=16,max_distance=64)", "softcap"]
-    assert [parse_spec(s)[1] for s in cfg.attention.modifiers] == [{}, {"buckets": 16, "max_distance": 64},
-                                                                   {"cap": 50.0}]
+    assert [parse_spec(s)[1] for s in cfg.attention.modifiers] == [
+        {},
+        {"buckets": 16, "max_distance": 64},
+        {"cap": 50.0},
+    ]
     path = tmp_path / "c.yaml"
     path.write_text(config.dump(cfg))
     assert config.load(path).attention.modifiers == cfg.attention.modifiers

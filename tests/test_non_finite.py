@@ -22,8 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def strict_json(text: str):
     """json.loads that refuses NaN/Infinity (which Python's json writes by default)."""
+
     def refuse(name):
         raise AssertionError(f"{name} in JSON output")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -49,17 +51,20 @@ def test_a_checkpoint_with_non_finite_numbers_is_never_written(tmp_path, where):
     with pytest.raises(CheckpointError, match="blocks.1.mlp.weight" if where == "weights" else r"optimizer.*exp_avg"):
         ckpt.save_checkpoint(tmp_path, 3, model, state)
     assert listing(tmp_path / "checkpoints") == ["step_00000001"] + [
-        f"step_00000001/{n}" for n in ("COMPLETE", "model.safetensors", "state.pt")]
+        f"step_00000001/{n}" for n in ("COMPLETE", "model.safetensors", "state.pt")
+    ]
 
 
 def test_training_whose_weights_overflow_stops_and_keeps_a_finite_checkpoint(tmp_path, corpus, monkeypatch):
     real = trainer_mod.Trainer.train_step
+
     def overflow(self):
         loss = real(self)
         if self.progress.step == 3:  # the 4th step leaves an infinite weight (its loss was still finite)
             with torch.no_grad():
                 next(self.model.parameters()).view(-1)[0] = math.inf
         return loss
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", overflow)
     with pytest.raises(TrainingDiverged, match=r"not finite at step 4 .*tok_emb.weight.*step_0*2"):
         train(cfg_for(tmp_path, corpus, "train.checkpoint_every=2"))
@@ -78,8 +83,10 @@ def rewrite_weights(path, change) -> None:
     change(weights)
     safetensors.torch.save_file(weights, str(path / ckpt.WEIGHTS), metadata=metadata)
     marker = json.loads((path / ckpt.MARKER).read_text())
-    marker["files"][ckpt.WEIGHTS] = {"bytes": (path / ckpt.WEIGHTS).stat().st_size,
-                                     "sha256": file_sha256(path / ckpt.WEIGHTS)}
+    marker["files"][ckpt.WEIGHTS] = {
+        "bytes": (path / ckpt.WEIGHTS).stat().st_size,
+        "sha256": file_sha256(path / ckpt.WEIGHTS),
+    }
     (path / ckpt.MARKER).write_text(json.dumps(marker))
 
 
@@ -92,6 +99,7 @@ def trained(tmp_path, corpus):
 def test_eval_and_sample_refuse_non_finite_weights(trained, capsys):
     def poison(w):
         w[sorted(w)[0]].view(-1)[0] = math.nan
+
     rewrite_weights(ckpt.latest_checkpoint(trained), poison)
     for cmd in (["eval", trained], ["sample", trained, "--max-new-tokens", "3"]):
         rc, out, err = cli(capsys, *cmd)
@@ -104,6 +112,7 @@ def test_eval_of_overflowing_weights_is_refused_not_printed_as_nan(trained, caps
     def blow_up(w):
         for t in w.values():
             t.mul_(1e30)
+
     rewrite_weights(ckpt.latest_checkpoint(trained), blow_up)
     rc, out, err = cli(capsys, "eval", trained)
     assert rc == CheckpointError.exit_code

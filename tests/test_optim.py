@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from attnlab.config import OptimConfig
 from attnlab.errors import ConfigError
 from attnlab.training.optim import CombinedOptimizer, build_optimizer, build_scheduler, lr_factor
-
 from tiny_models import CTX, VOCAB, TinyGPT  # noqa: E402
 
 
@@ -63,8 +62,13 @@ def test_frozen_parameters_are_left_out():
 
 # ------------------------------------------------------------ every optimizer learns
 
-LRS = {"adamw": dict(lr=1e-2), "adam": dict(lr=1e-2), "sgd": dict(lr=0.3), "adagrad": dict(lr=0.1),
-       "muon": dict(lr=1e-2, muon_lr=0.05)}
+LRS = {
+    "adamw": dict(lr=1e-2),
+    "adam": dict(lr=1e-2),
+    "sgd": dict(lr=0.3),
+    "adagrad": dict(lr=0.1),
+    "muon": dict(lr=1e-2, muon_lr=0.05),
+}
 
 
 @pytest.mark.parametrize("name", sorted(LRS))
@@ -92,6 +96,7 @@ def test_each_optimizer_decreases_the_loss(name):
 
 
 # ------------------------------------------------------------ muon
+
 
 def test_muon_takes_exactly_the_2d_block_weights():
     model = TinyGPT()
@@ -175,6 +180,7 @@ def test_muon_needs_recent_torch(monkeypatch):
 
 
 # ------------------------------------------------------------ schedules
+
 
 def cfg_strategy(schedules=("cosine", "linear", "wsd", "constant")):
     return st.builds(

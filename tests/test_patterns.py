@@ -27,6 +27,7 @@ def cfg(*overrides):
 
 # ------------------------------------------------------------- definitions
 
+
 def test_local_sees_the_last_window_keys():
     assert keys(Local(3), 10) == [8, 9, 10]
     assert keys(Local(3), 1) == [0, 1]
@@ -78,13 +79,17 @@ def test_density_counts_allowed_pairs():
     exact = sum(min(i + 1, w) for i in range(T)) / (T * (T + 1) / 2)
     assert Local(w).density(T, 2) == pytest.approx(exact)
     assert Strided(4, "split", 4).density(64, 4) == pytest.approx(
-        (Local(4).density(64, 1) + Strided(4, "interleave", 1, "stride").density(64, 1)) / 2)
+        (Local(4).density(64, 1) + Strided(4, "interleave", 1, "stride").density(64, 1)) / 2
+    )
 
 
 # ------------------------------------------------------- layers and heads
 
+
 def test_schedule_gives_each_layer_its_pattern():
-    a = AttentionConfig(schedule=["local", "local", "local", "strided"], window=16, local_attn_ctx=8, strided_mode="union")
+    a = AttentionConfig(
+        schedule=["local", "local", "local", "strided"], window=16, local_attn_ctx=8, strided_mode="union"
+    )
     names = [build_pattern(a, i, 8, 4).name for i in range(8)]
     assert names == ["local", "local", "local", "strided"] * 2
     assert build_pattern(a, 0, 8, 4) == Local(16)
@@ -110,13 +115,27 @@ def test_head_groups_cover_every_head_once():
 PATTERNS = st.one_of(
     st.builds(Dense),
     st.builds(Local, st.integers(1, 40)),
-    st.builds(lambda l, mode, part: Strided(l, mode, 4, part), st.integers(1, 12),
-              st.sampled_from(["split", "union", "interleave"]), st.sampled_from(["local", "stride"])),
-    st.builds(lambda b, per, v, nv: Fixed(b * per, b, v, nv), st.integers(1, 4), st.integers(1, 4),
-              st.integers(1, 2), st.integers(1, 2)).filter(lambda p: p.vertsize * p.num_verts <= p.local_attn_ctx // p.blocksize),
+    st.builds(
+        lambda l, mode, part: Strided(l, mode, 4, part),
+        st.integers(1, 12),
+        st.sampled_from(["split", "union", "interleave"]),
+        st.sampled_from(["local", "stride"]),
+    ),
+    st.builds(
+        lambda b, per, v, nv: Fixed(b * per, b, v, nv),
+        st.integers(1, 4),
+        st.integers(1, 4),
+        st.integers(1, 2),
+        st.integers(1, 2),
+    ).filter(lambda p: p.vertsize * p.num_verts <= p.local_attn_ctx // p.blocksize),
     st.builds(SinkWindow, st.integers(0, 10), st.integers(1, 20)),
-    st.builds(lambda bs, seed: BlockLayout("x", bs, "", torch.rand(2, 80 // bs + 1, 80 // bs + 1, generator=torch.Generator().manual_seed(seed)) > 0.5),
-              st.integers(1, 9), st.integers(0, 100)),
+    st.builds(
+        lambda bs, seed: BlockLayout(
+            "x", bs, "", torch.rand(2, 80 // bs + 1, 80 // bs + 1, generator=torch.Generator().manual_seed(seed)) > 0.5
+        ),
+        st.integers(1, 9),
+        st.integers(0, 100),
+    ),
 )
 
 
@@ -139,17 +158,44 @@ def test_block_layout_is_exactly_the_blocks_with_an_allowed_pair(pattern, T, blo
 
 # ------------------------------------------------------------ config rules
 
-@pytest.mark.parametrize("overrides,message", [
-    (["attention.pattern=fixed", "attention.local_attn_ctx=16", "attention.blocksize=6"], "blocksize=6 must divide attention.local_attn_ctx=16"),
-    (["attention.pattern=fixed", "attention.local_attn_ctx=16", "attention.blocksize=4", "attention.num_verts=3"], "num_verts=3 must divide model.n_head=4"),
-    (["attention.pattern=fixed", "attention.local_attn_ctx=16", "attention.blocksize=8", "attention.vertsize=2", "attention.num_verts=2"], "exceeds the 2 blocks per chunk"),
-    (["attention.pattern=strided", "attention.local_attn_ctx=48"], "local_attn_ctx=48 must divide model.context=64"),
-    (["attention.pattern=strided", "model.n_head=3", "model.d_model=24"], "n_head=3 is odd"),
-    (["attention.pattern=linear", "attention.backend=blocksparse"], "cannot run pattern 'linear'"),
-    (["attention.schedule=local,nope"], "unknown pattern 'nope'"),
-    (["attention.pattern=block_layout"], "needs attention.layout"),
-    (["attention.backend=sdpa", "attention.pattern=local"], "cannot run pattern 'local'"),
-])
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["attention.pattern=fixed", "attention.local_attn_ctx=16", "attention.blocksize=6"],
+            "blocksize=6 must divide attention.local_attn_ctx=16",
+        ),
+        (
+            [
+                "attention.pattern=fixed",
+                "attention.local_attn_ctx=16",
+                "attention.blocksize=4",
+                "attention.num_verts=3",
+            ],
+            "num_verts=3 must divide model.n_head=4",
+        ),
+        (
+            [
+                "attention.pattern=fixed",
+                "attention.local_attn_ctx=16",
+                "attention.blocksize=8",
+                "attention.vertsize=2",
+                "attention.num_verts=2",
+            ],
+            "exceeds the 2 blocks per chunk",
+        ),
+        (
+            ["attention.pattern=strided", "attention.local_attn_ctx=48"],
+            "local_attn_ctx=48 must divide model.context=64",
+        ),
+        (["attention.pattern=strided", "model.n_head=3", "model.d_model=24"], "n_head=3 is odd"),
+        (["attention.pattern=linear", "attention.backend=blocksparse"], "cannot run pattern 'linear'"),
+        (["attention.schedule=local,nope"], "unknown pattern 'nope'"),
+        (["attention.pattern=block_layout"], "needs attention.layout"),
+        (["attention.backend=sdpa", "attention.pattern=local"], "cannot run pattern 'local'"),
+    ],
+)
 def test_invalid_combinations_name_the_rule(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
         cfg(*overrides)
@@ -168,10 +214,16 @@ def test_block_layout_file_is_checked(tmp_path):
         cfg("attention.pattern=block_layout", f"attention.layout={tmp_path / 'three.npy'}", "attention.layout_block=16")
     np.save(tmp_path / "values.npy", np.full((4, 4), 2))
     with pytest.raises(ConfigError, match="values other than 0/1"):
-        cfg("attention.pattern=block_layout", f"attention.layout={tmp_path / 'values.npy'}", "attention.layout_block=16")
+        cfg(
+            "attention.pattern=block_layout", f"attention.layout={tmp_path / 'values.npy'}", "attention.layout_block=16"
+        )
     np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ConfigError, match="not a plain .npy array"):  # never unpickles
-        cfg("attention.pattern=block_layout", f"attention.layout={tmp_path / 'pickled.npy'}", "attention.layout_block=16")
+        cfg(
+            "attention.pattern=block_layout",
+            f"attention.layout={tmp_path / 'pickled.npy'}",
+            "attention.layout_block=16",
+        )
     per_head = np.stack([np.eye(4, dtype=bool), np.tril(np.ones((4, 4), dtype=bool))] * 2)
     np.save(tmp_path / "heads.npy", per_head)
     c = cfg("attention.pattern=block_layout", f"attention.layout={tmp_path / 'heads.npy'}", "attention.layout_block=16")

@@ -33,6 +33,7 @@ IMG = re.compile(r'<img[^>]*src="data:image/png;base64,([^"]+)"')
 
 # ----------------------------------------------------------------- helpers
 
+
 class Tables(HTMLParser):
     """Every <table> of a page as a list of rows (header row first), cell text unescaped."""
 
@@ -67,31 +68,74 @@ def row_of(table: list[list[str]], name: str) -> dict[str, str]:
     return dict(zip(table[0], next(r for r in table[1:] if r[0] == name)))
 
 
-def make_run(root: Path, name: str, final: float | None, *overrides: str, seed: int = 1, old_logs: bool = False,
-             sample: str | None = None, summary_extra: dict | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    final: float | None,
+    *overrides: str,
+    seed: int = 1,
+    old_logs: bool = False,
+    sample: str | None = None,
+    summary_extra: dict | None = None,
+) -> Path:
     """A hand-made run directory: config.yaml, events.jsonl, summary.json (unless final is None), meta.json."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = config.load(None, [f"name={name}", f"out_dir={root}", f"train.seed={seed}", "train.max_steps=20",
-                             "model.context=64", "model.n_head=2", "model.d_model=32", "train.batch_size=4", *overrides])
+    cfg = config.load(
+        None,
+        [
+            f"name={name}",
+            f"out_dir={root}",
+            f"train.seed={seed}",
+            "train.max_steps=20",
+            "model.context=64",
+            "model.n_head=2",
+            "model.d_model=32",
+            "train.batch_size=4",
+            *overrides,
+        ],
+    )
     config.save(cfg, run / "config.yaml")
     events = []
     for step in (5, 10, 15, 20):
         events.append({"event": "training_step", "step": step, "loss": 5.0 - step / 10 + seed / 100})
-        v = {"event": "validation_step", "time": 1000.0 + step, "step": step, "val_loss": 4.0 - step / 20,
-             "val_bits_per_byte": 6.0 - step / 10 + seed / 100, "partial": False}
+        v = {
+            "event": "validation_step",
+            "time": 1000.0 + step,
+            "step": step,
+            "val_loss": 4.0 - step / 20,
+            "val_bits_per_byte": 6.0 - step / 10 + seed / 100,
+            "partial": False,
+        }
         if not old_logs:
             v.update(tokens=step * 256, train_seconds=step * 0.5 + seed / 10)
         events.append(v)
     if final is not None:
         events.append({**events[-1], "val_bits_per_byte": final, "final": True})
-        summary = {"val_bits_per_byte": final, "val_nats_per_token": final * 0.7, "params": 12345,
-                   "tokens_per_second": 9876.5, "peak_memory_mb": 321.25, "steps": 20, "wall_seconds": 12.5,
-                   "stop_reason": "max_steps", **(summary_extra or {})}
+        summary = {
+            "val_bits_per_byte": final,
+            "val_nats_per_token": final * 0.7,
+            "params": 12345,
+            "tokens_per_second": 9876.5,
+            "peak_memory_mb": 321.25,
+            "steps": 20,
+            "wall_seconds": 12.5,
+            "stop_reason": "max_steps",
+            **(summary_extra or {}),
+        }
         (run / "summary.json").write_text(json.dumps(summary))
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    (run / "meta.json").write_text(json.dumps({"versions": {"torch": "9.9.9", "attnlab": "0.1.0"}, "git_sha": "abcdef0123456789",
-                                               "device": "cuda", "gpu": "Test GPU", "started": "2026-01-01T00:00:00Z"}))
+    (run / "meta.json").write_text(
+        json.dumps(
+            {
+                "versions": {"torch": "9.9.9", "attnlab": "0.1.0"},
+                "git_sha": "abcdef0123456789",
+                "device": "cuda",
+                "gpu": "Test GPU",
+                "started": "2026-01-01T00:00:00Z",
+            }
+        )
+    )
     if sample is not None:
         (run / "samples").mkdir()
         (run / "samples" / "step-0000010.txt").write_text("an older sample")
@@ -116,15 +160,18 @@ def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float]:
     ma, mb, va, vb = np.mean(a), np.mean(b), np.var(a, ddof=1), np.var(b, ddof=1)
     se2 = va / len(a) + vb / len(b)
     t = (ma - mb) / math.sqrt(se2)
-    df = se2 ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+    df = se2**2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
     return t, 2 * sps.t.sf(abs(t), df)
 
 
 # ----------------------------------------------------------------- trained runs: 2 configs x 2 seeds
 
-CONFIGS = {"dense-s7": ["train.seed=7"], "dense-s8": ["train.seed=8"],
-           "local-s7": ["attention.pattern=local", "attention.window=8", "train.seed=7"],
-           "local-s8": ["attention.pattern=local", "attention.window=8", "train.seed=8"]}
+CONFIGS = {
+    "dense-s7": ["train.seed=7"],
+    "dense-s8": ["train.seed=8"],
+    "local-s7": ["attention.pattern=local", "attention.window=8", "train.seed=7"],
+    "local-s8": ["attention.pattern=local", "attention.window=8", "train.seed=8"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +180,18 @@ def trained(tmp_path_factory, one_thread):
     corpus = write_corpus(root / "corpus.txt")
     runs = []
     for name, ov in CONFIGS.items():
-        train(tiny_config(corpus, root / "data", root / "runs", "train.max_steps=6", "train.eval_every=3",
-                          "logging.sample_tokens=40", *ov, name=name))
+        train(
+            tiny_config(
+                corpus,
+                root / "data",
+                root / "runs",
+                "train.max_steps=6",
+                "train.eval_every=3",
+                "logging.sample_tokens=40",
+                *ov,
+                name=name,
+            )
+        )
         runs.append(root / "runs" / name)
     out = root / "report"
     page = build_report(runs, out)
@@ -147,16 +204,25 @@ def test_metrics_table_has_every_run_and_summary_value(trained):
     assert [r[0] for r in table[1:]] == [r.name for r in runs]
     for run in runs:
         s = json.loads((run / "summary.json").read_text())
-        label = "attention=dense" if "dense" in run.name else \
-            "attention=local(window=8)"
+        label = "attention=dense" if "dense" in run.name else "attention=local(window=8)"
         assert row_of(table, run.name) == {
-            "run": run.name, "config": label, "metric": "val bits/byte", "final (full split)": fmt_metric(s["val_bits_per_byte"]),
-            "nats/token": fmt_metric(s["val_nats_per_token"]), "params": fmt_int(s["params"]),
-            "tokens/s": fmt_float(s["tokens_per_second"], 0), "peak memory MB": fmt_float(s["peak_memory_mb"]),
-            "steps": "6", "wall seconds": fmt_float(s["wall_seconds"]), "stop reason": "max_steps"}
+            "run": run.name,
+            "config": label,
+            "metric": "val bits/byte",
+            "final (full split)": fmt_metric(s["val_bits_per_byte"]),
+            "nats/token": fmt_metric(s["val_nats_per_token"]),
+            "params": fmt_int(s["params"]),
+            "tokens/s": fmt_float(s["tokens_per_second"], 0),
+            "peak memory MB": fmt_float(s["peak_memory_mb"]),
+            "steps": "6",
+            "wall seconds": fmt_float(s["wall_seconds"]),
+            "stop reason": "max_steps",
+        }
     runs_table = table_with(page, "run", "directory")
     assert {r[0]: r[2] for r in runs_table[1:]} == {r.name: "finished" for r in runs}
-    assert all(r[6] == json.loads((run / "meta.json").read_text())["git_sha"][:10] for r, run in zip(runs_table[1:], runs))
+    assert all(
+        r[6] == json.loads((run / "meta.json").read_text())["git_sha"][:10] for r, run in zip(runs_table[1:], runs)
+    )
 
 
 def test_seed_statistics_of_trained_runs_match_scipy(trained):
@@ -164,17 +230,18 @@ def test_seed_statistics_of_trained_runs_match_scipy(trained):
     finals = {r.name: json.loads((r / "summary.json").read_text())["val_bits_per_byte"] for r in runs}
     dense, local = [finals["dense-s7"], finals["dense-s8"]], [finals["local-s7"], finals["local-s8"]]
     seeds = table_with(page, "config", "metric")
-    for label, vals in (("attention=dense", dense),
-                        ("attention=local(window=8)", local)):
+    for label, vals in (("attention=dense", dense), ("attention=local(window=8)", local)):
         row = row_of(seeds, label)
         assert row["n"] == "2"
         assert row["mean ± std"] == f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}"
     t, p = welch_by_hand(dense, local)
     assert p == pytest.approx(sps.ttest_ind(dense, local, equal_var=False).pvalue, rel=1e-9)
     word = "significant at p<0.05" if p < 0.05 else "not significant at p<0.05"
-    sentence = (f"attention=dense vs attention=local(window=8): "
-                f"difference of means {np.mean(dense) - np.mean(local):+.4f} val bits/byte "
-                f"(Welch's t = {t:.3f}, p = {fmt_p(p)}): {word}.")
+    sentence = (
+        f"attention=dense vs attention=local(window=8): "
+        f"difference of means {np.mean(dense) - np.mean(local):+.4f} val bits/byte "
+        f"(Welch's t = {t:.3f}, p = {fmt_p(p)}): {word}."
+    )
     assert html.escape(sentence) in page
 
 
@@ -187,9 +254,16 @@ def test_every_figure_is_an_embedded_valid_png(trained):
     for data in images:
         assert_valid_png(data)
     captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
-    assert captions[:4] == ["val bits/byte against steps", "val bits/byte against training tokens",
-                            "val bits/byte against training seconds", "training loss (nats/token) against steps"]
-    assert captions[4:] == ["dense: N=32, 2 heads; used by dense-s7, dense-s8", "local: N=32, 2 heads; used by local-s7, local-s8"]
+    assert captions[:4] == [
+        "val bits/byte against steps",
+        "val bits/byte against training tokens",
+        "val bits/byte against training seconds",
+        "training loss (nats/token) against steps",
+    ]
+    assert captions[4:] == [
+        "dense: N=32, 2 heads; used by dense-s7, dense-s8",
+        "local: N=32, 2 heads; used by local-s7, local-s8",
+    ]
 
 
 def test_page_is_self_contained(trained):
@@ -242,13 +316,21 @@ def test_mean_std_and_welch_on_handmade_numbers(handmade):
         assert row["values"] == ", ".join(fmt_metric(v) for v in vals)
     assert row_of(seeds, "optim.lr=0.004")["mean ± std"] == "1.5000 (single seed)"
     expected = {}
-    for (la, a), (lb, b) in ((("optim.lr=0.001", A), ("optim.lr=0.002", B)), (("optim.lr=0.001", A), ("optim.lr=0.003", D)),
-                             (("optim.lr=0.002", B), ("optim.lr=0.003", D))):
+    for (la, a), (lb, b) in (
+        (("optim.lr=0.001", A), ("optim.lr=0.002", B)),
+        (("optim.lr=0.001", A), ("optim.lr=0.003", D)),
+        (("optim.lr=0.002", B), ("optim.lr=0.003", D)),
+    ):
         t, p = welch_by_hand(a, b)
         expected[(la, lb)] = p
         word = "significant at p<0.05" if p < 0.05 else "not significant at p<0.05"
-        assert html.escape(f"{la} vs {lb}: difference of means {np.mean(a) - np.mean(b):+.4f} val bits/byte "
-                           f"(Welch's t = {t:.3f}, p = {fmt_p(p)}): {word}.") in page
+        assert (
+            html.escape(
+                f"{la} vs {lb}: difference of means {np.mean(a) - np.mean(b):+.4f} val bits/byte "
+                f"(Welch's t = {t:.3f}, p = {fmt_p(p)}): {word}."
+            )
+            in page
+        )
     assert expected[("optim.lr=0.001", "optim.lr=0.002")] < 0.05 <= expected[("optim.lr=0.001", "optim.lr=0.003")]
     assert page.count("Welch&#x27;s t = ") == 3
     assert "optim.lr=0.004: 1 finished seed(s), so no significance test is possible for it." in page
@@ -275,26 +357,35 @@ def test_handmade_report_embeds_one_curve_set_and_one_pattern(handmade):
 
 
 def test_single_seed_per_config_says_no_test_is_possible(tmp_path):
-    runs = [make_run(tmp_path / "runs", "x", 1.2, "attention.pattern=local", "attention.window=16"),
-            make_run(tmp_path / "runs", "y", 1.3)]
+    runs = [
+        make_run(tmp_path / "runs", "x", 1.2, "attention.pattern=local", "attention.window=16"),
+        make_run(tmp_path / "runs", "y", 1.3),
+    ]
     page = build_report(runs, tmp_path / "rep").read_text()
     assert "Every config has a single finished seed: no significance test is possible" in page
     assert "Welch&#x27;s t =" not in page
-    assert [r[0] for r in table_with(page, "config", "metric")[1:]] == [
-        "attention=local(window=16)", "attention=dense"]
+    assert [r[0] for r in table_with(page, "config", "metric")[1:]] == ["attention=local(window=16)", "attention=dense"]
 
 
 def test_identical_seeds_are_not_testable(tmp_path):
-    runs = [make_run(tmp_path / "runs", f"{g}{i}", v, f"optim.lr={lr}", seed=i)
-            for g, v, lr in (("p", 1.0, 0.001), ("q", 2.0, 0.002)) for i in range(2)]
+    runs = [
+        make_run(tmp_path / "runs", f"{g}{i}", v, f"optim.lr={lr}", seed=i)
+        for g, v, lr in (("p", 1.0, 0.001), ("q", 2.0, 0.002))
+        for i in range(2)
+    ]
     page = build_report(runs, tmp_path / "rep").read_text()
-    assert "(Welch&#x27;s t = nan, p = nan): no significance test is possible (every seed of both configs gave the same value)." in page
+    assert (
+        "(Welch&#x27;s t = nan, p = nan): no significance test is possible (every seed of both configs gave the same value)."
+        in page
+    )
 
 
 def _fake_run(lr: float, seed: int, i: int) -> RunData:
     cfg = config.Config()
     cfg.optim.lr, cfg.train.seed, cfg.name, cfg.logging.log_every = lr, seed, f"r{i}", 1 + seed
-    return RunData(dir=Path(f"r{i}"), name=f"r{i}", cfg=cfg, summary={"val_bits_per_byte": lr}, meta={}, metric="val_bits_per_byte")
+    return RunData(
+        dir=Path(f"r{i}"), name=f"r{i}", cfg=cfg, summary={"val_bits_per_byte": lr}, meta={}, metric="val_bits_per_byte"
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -303,7 +394,9 @@ def test_groups_are_configs_up_to_seed_name_and_logging(specs):
     runs = [_fake_run(lr, seed, i) for i, (lr, seed) in enumerate(specs)]
     groups = group_runs(runs)
     lrs = list(dict.fromkeys(lr for lr, _ in specs))
-    assert [[r.name for r in g.runs] for g in groups] == [[f"r{i}" for i, (l, _) in enumerate(specs) if l == lr] for lr in lrs]
+    assert [[r.name for r in g.runs] for g in groups] == [
+        [f"r{i}" for i, (l, _) in enumerate(specs) if l == lr] for lr in lrs
+    ]
     assert [g.label for g in groups] == ([f"optim.lr={lr}" for lr in lrs] if len(lrs) > 1 else ["one config"])
 
 
@@ -316,20 +409,27 @@ def test_stats_are_mean_and_sample_std(values):
 
 # ----------------------------------------------------------------- older logs, unfinished runs, images, escaping
 
+
 def test_old_logs_derive_tokens_and_leave_out_wall_clock(tmp_path):
     old = make_run(tmp_path / "runs", "old", 1.2, old_logs=True)
     run = load_run_data(old)
     assert [(p.step, p.tokens, p.seconds) for p in run.val] == [(s, s * 4 * 1 * 64, None) for s in (5, 10, 15, 20)]
     page = build_report([old], tmp_path / "rep").read_text()
-    assert "No run logged training seconds with its evaluations (val bits/byte): no plot against training seconds." in page
+    assert (
+        "No run logged training seconds with its evaluations (val bits/byte): no plot against training seconds." in page
+    )
     assert "Left out of the wall-clock plot (their logs predate train_seconds): old." in page
     assert len(pngs(page)) == page.count("<img") == 4  # steps, tokens, training loss, pattern
 
 
 def test_final_evaluation_wins_at_a_step_evaluated_twice():
     cfg = config.load(None, ["train.max_steps=1"])
-    events = [{"step": 4, "val_bits_per_byte": 2.0}, {"step": 4, "val_bits_per_byte": 1.5, "final": True},
-              {"step": 2, "val_bits_per_byte": 3.0}, {"step": 3, "val_bits_per_byte": "nan"}]
+    events = [
+        {"step": 4, "val_bits_per_byte": 2.0},
+        {"step": 4, "val_bits_per_byte": 1.5, "final": True},
+        {"step": 2, "val_bits_per_byte": 3.0},
+        {"step": 3, "val_bits_per_byte": "nan"},
+    ]
     pts = validation_points(events, "val_bits_per_byte", cfg)
     assert [(p.step, p.value, p.final) for p in pts] == [(2, 3.0, False), (4, 1.5, True)]
 
@@ -338,7 +438,9 @@ def test_image_run_shows_bits_per_dim_test_metric_and_sample_grid(tmp_path):
     import matplotlib.pyplot as plt
 
     run = make_run(tmp_path / "runs", "img", None)
-    (run / "summary.json").write_text(json.dumps({"val_bits_per_dim": 3.25, "test_bits_per_dim": 3.5, "stop_reason": "epochs"}))
+    (run / "summary.json").write_text(
+        json.dumps({"val_bits_per_dim": 3.25, "test_bits_per_dim": 3.5, "stop_reason": "epochs"})
+    )
     (run / "samples").mkdir()
     grid = np.random.default_rng(0).random((300, 300, 3))
     plt.imsave(run / "samples" / "step-0000005.png", grid * 0.2)
@@ -361,6 +463,7 @@ def test_samples_are_escaped_and_cut(tmp_path):
 
 
 # ----------------------------------------------------------------- bad input
+
 
 def test_not_a_run_directory_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -402,8 +505,9 @@ def test_long_labels_become_numbered_configs_with_their_settings_spelled_out(tmp
     runs = [make_run(tmp_path / "runs", "base", 1.0), make_run(tmp_path / "runs", "other", 1.1, *many)]
     groups = group_runs([load_run_data(r) for r in runs])
     assert [g.short for g in groups] == ["config 1", "config 2"]
-    assert groups[1].label == ("model.d_model=64, model.n_layer=3, optim.lr=0.002, optim.warmup_steps=5, "
-                               "train.batch_size=8")
+    assert groups[1].label == (
+        "model.d_model=64, model.n_layer=3, optim.lr=0.002, optim.warmup_steps=5, train.batch_size=8"
+    )
     page = build_report(runs, tmp_path / "rep").read_text()
     assert row_of(table_with(page, "config", "settings"), "config 2")["settings"] == groups[1].label
     assert row_of(table_with(page, "run", "config"), "other")["config"] == "config 2"

@@ -27,21 +27,30 @@ window.addEventListener("load", function () {
 def browser():
     path = next((p for p in map(shutil.which, BROWSERS) if p), None)
     if path is None:
-        pytest.skip("no headless Chromium found (chromium-headless-shell or chromium): "
-                    "install Debian's chromium-headless-shell (make test does so as root with apt)")
+        pytest.skip(
+            "no headless Chromium found (chromium-headless-shell or chromium): "
+            "install Debian's chromium-headless-shell (make test does so as root with apt)"
+        )
     return path
 
 
 def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-extensions", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    runs = [make_run(root / "runs", f"{p}{s}", 1.0 + s / 10 + (p == "l") / 5, *ov, seed=s, sample="a sample <b>text</b>")
-            for p, ov in (("d", []), ("l", ["attention.pattern=local", "attention.window=16"])) for s in range(2)]
+    runs = [
+        make_run(root / "runs", f"{p}{s}", 1.0 + s / 10 + (p == "l") / 5, *ov, seed=s, sample="a sample <b>text</b>")
+        for p, ov in (("d", []), ("l", ["attention.pattern=local", "attention.window=16"]))
+        for s in range(2)
+    ]
     return build_report(runs, root / "rep")
 
 

@@ -31,7 +31,9 @@ def cfg_for(tmp_path, corpus, *overrides, name="t"):
 
 
 def train_args(cfg) -> list[str]:
-    return [f"{k}={v}" for k, v in config.flatten(config.to_dict(cfg)).items() if v is not None and k != "data.categories"]
+    return [
+        f"{k}={v}" for k, v in config.flatten(config.to_dict(cfg)).items() if v is not None and k != "data.categories"
+    ]
 
 
 def prepare_args(corpus, out):
@@ -40,13 +42,21 @@ def prepare_args(corpus, out):
 
 # ------------------------------------------------------------------ the lock
 
+
 def test_two_trainings_started_together_never_share_a_directory(tmp_path, corpus):
     train(cfg_for(tmp_path, corpus, "train.max_steps=1", name="warm"))  # the dataset exists: both race for the run dir
     procs = []
     for seed in (1, 2):
         cfg = cfg_for(tmp_path, corpus, "train.max_steps=20", f"train.seed={seed}", "train.checkpoint_every=5")
-        procs.append(subprocess.Popen([sys.executable, "-m", "attnlab", "train", *train_args(cfg)], env=env(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "attnlab", "train", *train_args(cfg)],
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
     ok = [r for r in results if r[0] == 0]
     refused = [r for r in results if r[0] != 0]
@@ -67,8 +77,15 @@ def test_two_runs_preparing_one_dataset_together_share_it(tmp_path, corpus):
     procs = []
     for name in ("a", "b"):
         cfg = cfg_for(tmp_path, corpus, "train.max_steps=1", name=name)
-        procs.append(subprocess.Popen([sys.executable, "-m", "attnlab", "train", *train_args(cfg)], env=env(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "attnlab", "train", *train_args(cfg)],
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     assert [rc for rc, _ in results] == [0, 0], results
     assert {read_events(tmp_path / "runs" / n, "dataset_info")[0]["dir"] for n in "ab"} == {str(tmp_path / "data")}
@@ -95,8 +112,13 @@ def test_a_held_run_directory_is_refused_naming_the_holder(tmp_path, corpus, cap
 def test_resume_while_the_run_is_training_is_refused(tmp_path, corpus, capsys):
     train(cfg_for(tmp_path, corpus, "train.max_steps=1", name="warm"))
     cfg = cfg_for(tmp_path, corpus, "train.max_steps=100000", "train.checkpoint_every=2")
-    p = subprocess.Popen([sys.executable, "-m", "attnlab", "train", *train_args(cfg)], env=env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "attnlab", "train", *train_args(cfg)],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = tmp_path / "runs" / "t"
     try:
         deadline = time.time() + 60
@@ -138,10 +160,17 @@ def test_lock_is_reentrant_for_nobody_and_released(tmp_path):
 
 def test_a_sweep_folder_is_locked(tmp_path, corpus):
     from attnlab import sweep as sw
+
     base = tmp_path / "base.yaml"
     config.save(cfg_for(tmp_path, corpus, "train.max_steps=1"), base)
-    sweep = sw.sweep_from_dict({"name": "s", "base": str(base), "out_dir": str(tmp_path / "sweeps"),
-                                "parameters": {"train.seed": {"values": [0, 1]}}})
+    sweep = sw.sweep_from_dict(
+        {
+            "name": "s",
+            "base": str(base),
+            "out_dir": str(tmp_path / "sweeps"),
+            "parameters": {"train.seed": {"values": [0, 1]}},
+        }
+    )
     (tmp_path / "sweeps").mkdir()
     with lock_holder(tmp_path / "sweeps" / "s") as holder:
         with pytest.raises(InUse, match=rf"sweep folder .* \(PID {holder.pid}\)"):
@@ -150,6 +179,7 @@ def test_a_sweep_folder_is_locked(tmp_path, corpus):
 
 
 # ------------------------------------------------------------------ --force replaces only attnlab's own folders
+
 
 def test_force_refuses_a_folder_that_is_not_a_run(tmp_path, corpus, capsys):
     project = tmp_path / "fakeproj"
@@ -203,6 +233,7 @@ def test_prepare_into_the_working_directory_never_touches_it(tmp_path, corpus, c
 
 # ------------------------------------------------------------------ read-only locations
 
+
 def test_read_only_out_dir_for_train(tmp_path, corpus, capsys):
     train(cfg_for(tmp_path, corpus, "train.max_steps=1", name="warm"))
     with read_only(tmp_path / "ro"):
@@ -215,11 +246,14 @@ def test_read_only_out_dir_for_train(tmp_path, corpus, capsys):
 
 def test_read_only_run_dir_for_resume(tmp_path, corpus, capsys, monkeypatch):
     from attnlab.training import trainer as trainer_mod
+
     real = trainer_mod.Trainer.train_step
+
     def crash(self):
         if self.progress.step == 2:
             raise RuntimeError("crash")
         return real(self)
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash)
     with pytest.raises(RuntimeError):
         train(cfg_for(tmp_path, corpus, "train.max_steps=4", "train.checkpoint_every=2"))

@@ -56,8 +56,13 @@ sys.exit(main(["prepare", sys.argv[1], "--out", sys.argv[2], "--format", "lines"
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_prepare_leaves_nothing_behind(tmp_path, corpus, sig):
     out = tmp_path / "data" / "d"
-    p = subprocess.Popen([sys.executable, "-c", PREPARE, str(corpus), str(out)], env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", PREPARE, str(corpus), str(out)],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout.readline().strip() == "WRITING"
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
@@ -69,8 +74,13 @@ def test_a_signal_during_prepare_leaves_nothing_behind(tmp_path, corpus, sig):
 
 def test_leftovers_of_a_killed_prepare_are_removed_by_the_next(tmp_path, corpus, capsys):
     out = tmp_path / "data" / "d"
-    p = subprocess.Popen([sys.executable, "-c", PREPARE, str(corpus), str(out)], env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", PREPARE, str(corpus), str(out)],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout.readline().strip() == "WRITING"
     p.kill()
     p.wait()
@@ -82,20 +92,25 @@ def test_leftovers_of_a_killed_prepare_are_removed_by_the_next(tmp_path, corpus,
 
 # ------------------------------------------------------------------ interrupting and finishing training
 
+
 def test_the_interrupt_message_names_the_run(tmp_path, corpus, capsys, monkeypatch):
     real = trainer_mod.Trainer.train_step
+
     def ctrl_c(self):
         if self.progress.step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # caught by the trainer, which stops after this step
         return real(self)
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", ctrl_c)
     cfg = cfg_for(tmp_path, corpus, "train.max_steps=8")
     config.save(cfg, tmp_path / "c.yaml")
     rc, _, err = cli(capsys, "train", tmp_path / "c.yaml")
     run = tmp_path / "runs" / "t"
     assert rc == 130
-    assert err.strip().splitlines()[-1] == (f"attnlab: interrupted: checkpoint {run / 'checkpoints' / 'step_00000003'} "
-                                            f"saved: continue with attnlab train --resume {run}")
+    assert err.strip().splitlines()[-1] == (
+        f"attnlab: interrupted: checkpoint {run / 'checkpoints' / 'step_00000003'} "
+        f"saved: continue with attnlab train --resume {run}"
+    )
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, corpus):
@@ -114,7 +129,9 @@ def test_checkpoint_files_share_the_mode_of_the_run_files(tmp_path, corpus):
         os.umask(old)
     run = tmp_path / "runs" / "t"
     path = ckpt.latest_checkpoint(run)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*path.iterdir(), run / "config.yaml", run / "summary.json"]}
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode) for p in [*path.iterdir(), run / "config.yaml", run / "summary.json"]
+    }
     assert set(modes.values()) == {0o644}, modes
 
 
@@ -126,10 +143,14 @@ def test_an_unsafe_state_is_refused_without_suggesting_unsafe_loading(tmp_path):
     from attnlab.errors import CheckpointError
     from attnlab.files import file_sha256
     from tiny_models import TinyGPT
+
     path = ckpt.save_checkpoint(tmp_path, 1, TinyGPT(), {})
     torch.save({"obj": Path("x")}, path / "state.pt")
     marker = json.loads((path / "COMPLETE").read_text())
-    marker["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size, "sha256": file_sha256(path / "state.pt")}
+    marker["files"]["state.pt"] = {
+        "bytes": (path / "state.pt").stat().st_size,
+        "sha256": file_sha256(path / "state.pt"),
+    }
     (path / "COMPLETE").write_text(json.dumps(marker))
     with pytest.raises(CheckpointError) as e:
         ckpt.load_checkpoint(path)
@@ -140,9 +161,11 @@ def test_an_unsafe_state_is_refused_without_suggesting_unsafe_loading(tmp_path):
 
 def test_wall_seconds_include_the_final_evaluation_and_samples(tmp_path, corpus, monkeypatch):
     real = trainer_mod.Trainer.write_samples
+
     def slow(self, log):
         time.sleep(0.6)
         return real(self, log)
+
     monkeypatch.setattr(trainer_mod.Trainer, "write_samples", slow)
     t0 = time.time()
     s = train(cfg_for(tmp_path, corpus, "train.max_steps=2", "logging.sample_tokens=4"))

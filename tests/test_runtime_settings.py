@@ -28,9 +28,21 @@ def test_tune_allocator_applies_unless_opted_out(applied, monkeypatch):
 
 def test_training_from_python_leaves_the_allocator_and_the_cli_tunes_it(applied, tmp_path, monkeypatch, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=60)
-    args = [f"data.source={corpus}", "data.format=lines", "data.tokenizer=bytes", f"data.dir={tmp_path / 'data'}",
-            f"out_dir={tmp_path / 'runs'}", "model.n_layer=1", "model.n_head=1", "model.d_model=16", "model.context=16",
-            "train.batch_size=2", "train.max_steps=1", "logging.progress=false", "logging.attention_stats=0"]
+    args = [
+        f"data.source={corpus}",
+        "data.format=lines",
+        "data.tokenizer=bytes",
+        f"data.dir={tmp_path / 'data'}",
+        f"out_dir={tmp_path / 'runs'}",
+        "model.n_layer=1",
+        "model.n_head=1",
+        "model.d_model=16",
+        "model.context=16",
+        "train.batch_size=2",
+        "train.max_steps=1",
+        "logging.progress=false",
+        "logging.attention_stats=0",
+    ]
     train(config.load(None, [*args, "name=library"]))
     assert applied == []
     assert main(["train", *args, "name=cli"]) == 0

@@ -3,8 +3,8 @@
 import torch
 
 from attnlab.config import AttentionConfig, ModelConfig
-from attnlab.eval.generation.loop import TextStreamer, generate
 from attnlab.eval.generation.filters import SamplingConfig
+from attnlab.eval.generation.loop import TextStreamer, generate
 from attnlab.model.gpt import GPT
 
 
@@ -16,8 +16,10 @@ def tiny(position="learned", **attn):
 def test_generate_is_reproducible_and_cached_equals_recomputed():
     model, prompt = tiny(), torch.zeros(3, 5, dtype=torch.long)
     top_k = SamplingConfig(top_k=10)
-    runs = [generate(model, prompt, 12, sampling=top_k, generator=torch.Generator().manual_seed(1), use_cache=c)
-            for c in (True, True, False)]
+    runs = [
+        generate(model, prompt, 12, sampling=top_k, generator=torch.Generator().manual_seed(1), use_cache=c)
+        for c in (True, True, False)
+    ]
     assert runs[0].shape == (3, 17) and torch.equal(runs[0][:, :5], prompt)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])  # 12 steps: 4 cached, then past the context
     greedy = generate(model, prompt, 4, sampling=SamplingConfig(temperature=0))
@@ -37,11 +39,19 @@ def test_generate_stops_at_stop_id_and_at_a_stop_test():
     model = tiny()
     with torch.no_grad():
         model.lm_head.weight.zero_()  # uniform next-token distribution
-    out = generate(model, torch.zeros(2, 1, dtype=torch.long), 50, stop_id=3, generator=torch.Generator().manual_seed(0))
+    out = generate(
+        model, torch.zeros(2, 1, dtype=torch.long), 50, stop_id=3, generator=torch.Generator().manual_seed(0)
+    )
     assert out.size(1) < 51 and (out[:, -1] == 3).all()
     seen = []
-    out = generate(model, torch.zeros(2, 1, dtype=torch.long), 50, stop=lambda idx: (idx[:, 1:] < 4).any(1),
-                   generator=torch.Generator().manual_seed(0), on_token=seen.append)
+    out = generate(
+        model,
+        torch.zeros(2, 1, dtype=torch.long),
+        50,
+        stop=lambda idx: (idx[:, 1:] < 4).any(1),
+        generator=torch.Generator().manual_seed(0),
+        on_token=seen.append,
+    )
     assert out.size(1) < 51 and (out[:, 1:] < 4).any(1).all() and len(seen) == out.size(1) - 1
     assert (out[:, -1] < 4).any()  # it stopped at the step the last row finished
 

@@ -4,12 +4,21 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, example, given, settings, strategies as st
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
 
 from attnlab.errors import ConfigError
 from attnlab.eval.generation.filters import (
-    SamplingConfig, StopStrings, apply_repetition_penalty, filter_logits, min_p_filter, next_token,
-    process_logits, top_k_filter, top_p_filter, typical_filter,
+    SamplingConfig,
+    StopStrings,
+    apply_repetition_penalty,
+    filter_logits,
+    min_p_filter,
+    next_token,
+    process_logits,
+    top_k_filter,
+    top_p_filter,
+    typical_filter,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,6 +35,7 @@ def logits_of(*probs: float) -> torch.Tensor:
 
 
 # --- top-k / top-p -----------------------------------------------------------------------------
+
 
 def test_top_k_keeps_exactly_the_k_largest_per_row():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [9.0, 0.0, 8.0, 7.0, 6.0]])
@@ -54,6 +64,7 @@ def test_filter_logits_compat_applies_top_k_then_top_p():
 
 # --- typical ---------------------------------------------------------------------------------
 
+
 def test_typical_can_drop_the_most_probable_token():
     # H = -0.4 ln 0.4 - 5 * 0.12 ln 0.12 = 1.639. Surprisal of 0.4 is 0.916 (|.| = 0.72), of 0.12 is
     # 2.120 (|.| = 0.48): the five small tokens come first, mass 0.48 before the fifth < 0.5, so all
@@ -62,12 +73,15 @@ def test_typical_can_drop_the_most_probable_token():
     assert kept(out) == [[False, True, True, True, True, True]]
 
 
-@pytest.mark.parametrize("p, expected", [
-    (0.3, [False, True, False]),   # order 0.35 (|1.050-1.080|), 0.4 (0.164), 0.25 (0.306)
-    (0.5, [True, True, False]),
-    (0.8, [True, True, True]),
-    (1.0, [True, True, True]),
-])
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.3, [False, True, False]),  # order 0.35 (|1.050-1.080|), 0.4 (0.164), 0.25 (0.306)
+        (0.5, [True, True, False]),
+        (0.8, [True, True, True]),
+        (1.0, [True, True, True]),
+    ],
+)
 def test_typical_keeps_the_most_typical_prefix(p, expected):
     assert kept(typical_filter(logits_of(0.4, 0.35, 0.25), p)) == [expected]
 
@@ -80,6 +94,7 @@ def test_typical_ignores_tokens_already_removed():
 
 
 # --- min-p -----------------------------------------------------------------------------------
+
 
 def test_min_p_keeps_a_token_exactly_at_the_threshold():
     # Max logit 0 so the threshold is exactly log(0.25): prob ratio 0.25 stays, a hair below goes.
@@ -94,6 +109,7 @@ def test_min_p_threshold_scales_with_each_rows_max():
 
 
 # --- repetition penalty ----------------------------------------------------------------------
+
 
 def test_repetition_penalty_divides_positive_multiplies_negative_once_per_id():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.5]])
@@ -110,6 +126,7 @@ def test_repetition_penalty_of_one_or_no_history_is_a_no_op():
 
 
 # --- next_token ------------------------------------------------------------------------------
+
 
 def test_greedy_is_argmax_after_the_penalty():
     logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(0))
@@ -131,8 +148,10 @@ def test_same_seed_same_tokens_and_seeds_matter():
     assert torch.equal(a, draw(1)) and not torch.equal(a, draw(2))
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(top_k=1), SamplingConfig(min_p=0.5, temperature=0.5),
-                                 SamplingConfig(top_p=0.01, temperature=3.0)])
+@pytest.mark.parametrize(
+    "cfg",
+    [SamplingConfig(top_k=1), SamplingConfig(min_p=0.5, temperature=0.5), SamplingConfig(top_p=0.01, temperature=3.0)],
+)
 def test_a_single_surviving_token_is_always_drawn(cfg):
     # Rows of 0/-3/-6: only the first survives each filter above, on any row order.
     base = torch.tensor([0.0, -3.0, -6.0])
@@ -193,8 +212,12 @@ def finite_row(vals: list[float]) -> torch.Tensor:
 @example([0.0] * 17, 3, 0.5)  # all tied: the kept top token need not be argmax's index 0
 def test_filters_keep_a_top_token(vals, k, p):
     logits = finite_row(vals)
-    for out in (top_k_filter(logits, k), top_p_filter(logits, p), min_p_filter(logits, min(p, 0.99)),
-                filter_logits(logits, top_k=k, top_p=p)):
+    for out in (
+        top_k_filter(logits, k),
+        top_p_filter(logits, p),
+        min_p_filter(logits, min(p, 0.99)),
+        filter_logits(logits, top_k=k, top_p=p),
+    ):
         mask = torch.isfinite(out)
         assert mask.any() and logits[mask].max() == logits.max()
         assert torch.equal(out[mask], logits[mask])  # survivors are untouched
@@ -234,12 +257,26 @@ def test_min_p_keeps_exactly_the_tokens_near_the_max(vals, min_p):
 
 # --- config ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf),
-    ("top_k", 0), ("top_k", 2.5), ("top_k", True),
-    ("top_p", 0.0), ("top_p", 1.5), ("typical_p", 0.0), ("typical_p", 1.01),
-    ("min_p", 1.0), ("min_p", -0.1), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-])
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("top_k", 0),
+        ("top_k", 2.5),
+        ("top_k", True),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("typical_p", 0.0),
+        ("typical_p", 1.01),
+        ("min_p", 1.0),
+        ("min_p", -0.1),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+    ],
+)
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^{field}=.*: use e\.g\. {field}=") as err:
         SamplingConfig(**{field: value})
@@ -247,8 +284,15 @@ def test_bad_config_values_name_the_field(field, value):
 
 
 def test_config_defaults_are_valid_and_describe_themselves():
-    assert SamplingConfig().describe() == {"strategy": "sample", "temperature": 1.0, "top_k": None, "top_p": None,
-                                           "typical_p": None, "min_p": None, "repetition_penalty": 1.0}
+    assert SamplingConfig().describe() == {
+        "strategy": "sample",
+        "temperature": 1.0,
+        "top_k": None,
+        "top_p": None,
+        "typical_p": None,
+        "min_p": None,
+        "repetition_penalty": 1.0,
+    }
     assert SamplingConfig(temperature=0, top_p=1.0, min_p=0.0).describe()["strategy"] == "greedy"
 
 
@@ -261,6 +305,7 @@ def test_filter_functions_reject_out_of_range_arguments():
 
 
 # --- stop strings ----------------------------------------------------------------------------
+
 
 def letters(ids: list[int]) -> str:
     return "".join(chr(ord("a") + i) for i in ids)

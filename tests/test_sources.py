@@ -31,6 +31,7 @@ def write_jsonl(path, records, compress=False):
 
 # ------------------------------------------------------------- local formats
 
+
 def test_text_file_is_one_document(tmp_path):
     p = tmp_path / "a.txt"
     p.write_text("line one\n\nline two\n", encoding="utf-8")
@@ -121,8 +122,12 @@ ARXIV = [
 
 def test_arxiv_format_and_category_filter(tmp_path):
     p = write_jsonl(tmp_path / "arxiv.json", ARXIV)
-    assert docs_of(p, format="arxiv") == ["Deep Nets\nWe study nets.", "Groups\nFinite groups.",
-                                          "Fields\nPhysics of fields.", "Vision\nImages."]
+    assert docs_of(p, format="arxiv") == [
+        "Deep Nets\nWe study nets.",
+        "Groups\nFinite groups.",
+        "Fields\nPhysics of fields.",
+        "Vision\nImages.",
+    ]
     assert docs_of(p, format="arxiv", categories=["cs"]) == ["Deep Nets\nWe study nets.", "Vision\nImages."]
     assert docs_of(p, format="arxiv", categories=["cs.LG"]) == ["Deep Nets\nWe study nets."]
     # `math` is a prefix of `math-ph` but not its archive: only math.GR matches
@@ -178,9 +183,20 @@ def test_non_utf8_file_is_an_error(tmp_path):
 
 # ------------------------------------------------------------- python-stdlib
 
+
 def test_python_stdlib_filters_and_orders(tmp_path):
-    files = {"b.py": "B", "a.py": "A", "pkg/c.py": "C", "pkg/notes.txt": "no", "test/t.py": "T", "pkg/tests/u.py": "U",
-             "idlelib/i.py": "I", "lib2to3/l.py": "L", "turtledemo/d.py": "D", "site-packages/s.py": "S"}
+    files = {
+        "b.py": "B",
+        "a.py": "A",
+        "pkg/c.py": "C",
+        "pkg/notes.txt": "no",
+        "test/t.py": "T",
+        "pkg/tests/u.py": "U",
+        "idlelib/i.py": "I",
+        "lib2to3/l.py": "L",
+        "turtledemo/d.py": "D",
+        "site-packages/s.py": "S",
+    }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
@@ -199,6 +215,7 @@ def test_python_stdlib_real():
 
 
 # ------------------------------------------------------------- named sources
+
 
 def test_hn_titles_local_lines_and_tsv(tmp_path):
     txt = tmp_path / "titles.txt.gz"

@@ -17,8 +17,10 @@ from runkit import first_hn_titles
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-DOCS = [f"Document {i}: " + ("héllo wörld 🙂 " if i % 3 == 0 else "plain text, ") * (i % 5 + 1) + f"end {i}."
-        for i in range(40)]
+DOCS = [
+    f"Document {i}: " + ("héllo wörld 🙂 " if i % 3 == 0 else "plain text, ") * (i % 5 + 1) + f"end {i}."
+    for i in range(40)
+]
 
 
 @pytest.fixture
@@ -39,7 +41,7 @@ def split_docs(ds, split):
     eos = ds.tokenizer.eos_id
     assert ids[0] == eos and ids[-1] == eos
     cuts = [i for i, t in enumerate(ids) if t == eos]
-    return [ds.tokenizer.decode(ids[a + 1:b]) for a, b in zip(cuts, cuts[1:])]
+    return [ds.tokenizer.decode(ids[a + 1 : b]) for a, b in zip(cuts, cuts[1:])]
 
 
 @pytest.mark.parametrize("kind", ["bytes", "char", "bpe"])
@@ -111,7 +113,7 @@ def test_caps_keep_the_shuffled_prefix(tmp_path, corpus):
     kept = split_docs(ds, "val") + split_docs(ds, "train")
     total = sum(len(d.encode()) for d in kept)
     nxt = DOCS[order[len(kept)]]
-    assert kept == [DOCS[i] for i in order[:len(kept)]]
+    assert kept == [DOCS[i] for i in order[: len(kept)]]
     assert total <= budget < total + len(nxt.encode())
 
 
@@ -160,6 +162,7 @@ def test_char_unknowns_are_counted(tmp_path):
 
 # ------------------------------------------------------------------ integrity
 
+
 @pytest.fixture
 def prepared(tmp_path, corpus):
     return _prepared(tmp_path / "ds", corpus)
@@ -182,8 +185,13 @@ def test_load_rejects_flipped_byte(prepared):
     store.load(prepared, verify=False)  # the size check alone passes
 
 
-@pytest.mark.parametrize("dtype,match", [("int8", r"meta\.json has unknown token dtype 'int8'"),
-                                         ("uint32", r"meta\.json says dtype uint32 for vocab_size 256")])
+@pytest.mark.parametrize(
+    "dtype,match",
+    [
+        ("int8", r"meta\.json has unknown token dtype 'int8'"),
+        ("uint32", r"meta\.json says dtype uint32 for vocab_size 256"),
+    ],
+)
 def test_load_rejects_wrong_dtype(prepared, dtype, match):
     meta = json.loads((prepared / "meta.json").read_text())
     meta["dtype"] = dtype
@@ -246,11 +254,14 @@ def test_is_prepared_for(prepared, corpus):
 
 # ------------------------------------------------------------------ real data
 
+
 def test_prepare_real_tinyshakespeare(tmp_path):
     path = SHARED / "tinyshakespeare" / "input.txt.gz"
     if not path.is_file():
         pytest.skip(f"shared tinyshakespeare copy not found at {path} (../shared/data beside the checkout)")
-    meta = store.prepare(DataConfig(source="shakespeare", path=str(path), tokenizer="char"), tmp_path / "ds", progress=False)
+    meta = store.prepare(
+        DataConfig(source="shakespeare", path=str(path), tokenizer="char"), tmp_path / "ds", progress=False
+    )
     assert meta["source"]["md5"] == SHAKESPEARE_MD5 and meta["source"]["checksum_ok"]
     text = gzip.decompress(path.read_bytes()).decode("utf-8")
     n_docs = meta["source"]["documents"]

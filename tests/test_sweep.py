@@ -31,8 +31,12 @@ def base(tmp_path_factory) -> Path:
 
 
 def sweep_dict(base: Path, out: Path, **kw) -> dict:
-    d = {"name": "s", "base": str(base), "out_dir": str(out),
-         "parameters": {"optim.lr": {"values": [0.001, 0.003]}, "train.seed": {"values": [0, 1]}}}
+    d = {
+        "name": "s",
+        "base": str(base),
+        "out_dir": str(out),
+        "parameters": {"optim.lr": {"values": [0.001, 0.003]}, "train.seed": {"values": [0, 1]}},
+    }
     d.update(kw)
     return d
 
@@ -43,6 +47,7 @@ def write_sweep(path: Path, d: dict) -> Path:
 
 
 # ------------------------------------------------------------------ expansion
+
 
 def test_grid_gives_every_combination_with_readable_unique_names(base, tmp_path):
     specs = sw.expand(sw.sweep_from_dict(sweep_dict(base, tmp_path)))
@@ -65,24 +70,41 @@ def test_names_are_sanitised_and_made_unique(base, tmp_path):
 
 
 def test_bundles_set_several_keys_and_are_named_by_their_first_distinct_key(base, tmp_path):
-    bundles = {"values": [{"attention.pattern": "dense"}, {"attention.pattern": "local", "attention.window": 8},
-                          {"attention.pattern": "strided", "attention.local_attn_ctx": 8, "attention.strided_mode": "split"}]}
-    specs = sw.expand(sw.sweep_from_dict(sweep_dict(base, tmp_path, parameters={"attention": bundles, "train.seed": [0]})))
+    bundles = {
+        "values": [
+            {"attention.pattern": "dense"},
+            {"attention.pattern": "local", "attention.window": 8},
+            {"attention.pattern": "strided", "attention.local_attn_ctx": 8, "attention.strided_mode": "split"},
+        ]
+    }
+    specs = sw.expand(
+        sw.sweep_from_dict(sweep_dict(base, tmp_path, parameters={"attention": bundles, "train.seed": [0]}))
+    )
     assert [(s.name, s.overrides) for s in specs] == [
         ("attention=dense,seed=0", ["attention.pattern=dense", "train.seed=0"]),
         ("attention=local,seed=0", ["attention.pattern=local", "attention.window=8", "train.seed=0"]),
-        ("attention=strided,seed=0", ["attention.pattern=strided", "attention.local_attn_ctx=8",
-                                      "attention.strided_mode=split", "train.seed=0"]),
+        (
+            "attention=strided,seed=0",
+            ["attention.pattern=strided", "attention.local_attn_ctx=8", "attention.strided_mode=split", "train.seed=0"],
+        ),
     ]
     assert specs[1].config.attention.window == 8 and specs[2].config.attention.local_attn_ctx == 8
     labelled = dict(bundles, labels=["full", "win8", "st8"])
-    names = [s.name for s in sw.expand(sw.sweep_from_dict(sweep_dict(base, tmp_path, parameters={"pattern": labelled})))]
+    names = [
+        s.name for s in sw.expand(sw.sweep_from_dict(sweep_dict(base, tmp_path, parameters={"pattern": labelled})))
+    ]
     assert names == ["pattern=full", "pattern=win8", "pattern=st8"]
 
 
 def test_random_is_reproducible_and_log_uniform(base, tmp_path):
-    d = sweep_dict(base, tmp_path, method="random", count=300, seed=3, parameters={
-        "optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}})
+    d = sweep_dict(
+        base,
+        tmp_path,
+        method="random",
+        count=300,
+        seed=3,
+        parameters={"optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}},
+    )
     lrs = [s.choices["optim.lr"] for s in sw.expand(sw.sweep_from_dict(d))]
     assert lrs == [s.choices["optim.lr"] for s in sw.expand(sw.sweep_from_dict(d))]
     # log-uniform: half the mass below the geometric mean 1e-3 (a uniform draw would put ~9% there)
@@ -90,15 +112,29 @@ def test_random_is_reproducible_and_log_uniform(base, tmp_path):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31), count=st.integers(1, 6), lo_exp=st.floats(-6, -2), span=st.floats(0, 3),
-       lo_int=st.integers(0, 100), int_span=st.integers(0, 50))
+@given(
+    seed=st.integers(0, 2**31),
+    count=st.integers(1, 6),
+    lo_exp=st.floats(-6, -2),
+    span=st.floats(0, 3),
+    lo_int=st.integers(0, 100),
+    int_span=st.integers(0, 50),
+)
 def test_random_samples_stay_within_bounds(base, seed, count, lo_exp, span, lo_int, int_span):
-    lo, hi = 10 ** lo_exp, 10 ** (lo_exp + span)
-    d = sweep_dict(base, Path("unused"), method="random", count=count, seed=seed, parameters={
-        "optim.lr": {"distribution": "log_uniform_values", "min": lo, "max": hi},
-        "optim.weight_decay": {"distribution": "uniform", "min": 0.0, "max": 0.5},
-        "optim.warmup_steps": {"distribution": "int_uniform", "min": lo_int, "max": lo_int + int_span},
-        "model.norm": {"values": ["layernorm", "rmsnorm"]}})
+    lo, hi = 10**lo_exp, 10 ** (lo_exp + span)
+    d = sweep_dict(
+        base,
+        Path("unused"),
+        method="random",
+        count=count,
+        seed=seed,
+        parameters={
+            "optim.lr": {"distribution": "log_uniform_values", "min": lo, "max": hi},
+            "optim.weight_decay": {"distribution": "uniform", "min": 0.0, "max": 0.5},
+            "optim.warmup_steps": {"distribution": "int_uniform", "min": lo_int, "max": lo_int + int_span},
+            "model.norm": {"values": ["layernorm", "rmsnorm"]},
+        },
+    )
     specs = sw.expand(sw.sweep_from_dict(d))
     assert len(specs) == count and len({s.name for s in specs}) == count
     for s in specs:
@@ -111,28 +147,51 @@ def test_random_samples_stay_within_bounds(base, seed, count, lo_exp, span, lo_i
 
 # ------------------------------------------------------------------ validation
 
-@pytest.mark.parametrize("change, message", [
-    ({"method": "bayes"}, "sweep method 'bayes' is not supported: use grid or random"),
-    ({"paralel": 2}, "unknown sweep key 'paralel': did you mean parallel?"),
-    ({"base": None}, "sweep key 'base' is missing"),
-    ({"base": "no/such.yaml"}, "sweep base 'no/such.yaml' not found (it is relative to the current directory)"),
-    ({"parameters": {"model.n_layr": [1, 2]}}, "sweep parameter 'model.n_layr': unknown config key 'model.n_layr': "
-                                                "did you mean model.n_layer?"),
-    ({"parameters": {"model.n_head": [2, 0]}}, "sweep parameter 'model.n_head': model.n_head=0 is out of range"),
-    ({"parameters": {"optim.lr": {"distribution": "uniform", "min": 0.1, "max": 0.2}}},
-     "sweep parameter 'optim.lr': method grid needs a list of values, not a distribution"),
-    ({"method": "random", "count": 2, "parameters": {"optim.lr": {"distribution": "uniform", "min": 0.01, "max": 0.001}}},
-     "sweep parameter 'optim.lr': min 0.01 > max 0.001: swap them"),
-    ({"method": "random", "parameters": {"optim.lr": [0.1]}}, "method: random needs 'count'"),
-    ({"count": 3}, "sweep key 'count' applies to method: random"),
-    ({"parameters": {"name": ["a", "b"]}}, "sets 'name', which the sweep sets for every run"),
-    ({"parameters": {"x": [{"attention.pattern": "local"}, "dense"]}}, "mixes override bundles and plain values"),
-    ({"parameters": {"x": [{"attention.window": 8, "train.seed": 1}, {"attention.window": 8, "train.seed": 1}]}},
-     "lists a value twice"),
-    ({"parameters": {"x": [{"attention.window": 8, "train.seed": 1}, {"attention.window": 8, "train.seed": 2}],
-                     "train.seed": [0]}}, "train.seed is swept by parameters 'x' and 'train.seed'"),
-    ({"overrides": ["train.seed=3"]}, "train.seed is both a fixed override and swept by parameter 'train.seed'"),
-])
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"method": "bayes"}, "sweep method 'bayes' is not supported: use grid or random"),
+        ({"paralel": 2}, "unknown sweep key 'paralel': did you mean parallel?"),
+        ({"base": None}, "sweep key 'base' is missing"),
+        ({"base": "no/such.yaml"}, "sweep base 'no/such.yaml' not found (it is relative to the current directory)"),
+        (
+            {"parameters": {"model.n_layr": [1, 2]}},
+            "sweep parameter 'model.n_layr': unknown config key 'model.n_layr': did you mean model.n_layer?",
+        ),
+        ({"parameters": {"model.n_head": [2, 0]}}, "sweep parameter 'model.n_head': model.n_head=0 is out of range"),
+        (
+            {"parameters": {"optim.lr": {"distribution": "uniform", "min": 0.1, "max": 0.2}}},
+            "sweep parameter 'optim.lr': method grid needs a list of values, not a distribution",
+        ),
+        (
+            {
+                "method": "random",
+                "count": 2,
+                "parameters": {"optim.lr": {"distribution": "uniform", "min": 0.01, "max": 0.001}},
+            },
+            "sweep parameter 'optim.lr': min 0.01 > max 0.001: swap them",
+        ),
+        ({"method": "random", "parameters": {"optim.lr": [0.1]}}, "method: random needs 'count'"),
+        ({"count": 3}, "sweep key 'count' applies to method: random"),
+        ({"parameters": {"name": ["a", "b"]}}, "sets 'name', which the sweep sets for every run"),
+        ({"parameters": {"x": [{"attention.pattern": "local"}, "dense"]}}, "mixes override bundles and plain values"),
+        (
+            {"parameters": {"x": [{"attention.window": 8, "train.seed": 1}, {"attention.window": 8, "train.seed": 1}]}},
+            "lists a value twice",
+        ),
+        (
+            {
+                "parameters": {
+                    "x": [{"attention.window": 8, "train.seed": 1}, {"attention.window": 8, "train.seed": 2}],
+                    "train.seed": [0],
+                }
+            },
+            "train.seed is swept by parameters 'x' and 'train.seed'",
+        ),
+        ({"overrides": ["train.seed=3"]}, "train.seed is both a fixed override and swept by parameter 'train.seed'"),
+    ],
+)
 def test_bad_sweeps_are_refused_with_the_key_and_the_fix(base, tmp_path, change, message):
     d = {k: v for k, v in {**sweep_dict(base, tmp_path), **change}.items() if v is not None}
     with pytest.raises(ConfigError) as e:
@@ -144,12 +203,19 @@ def test_a_value_bad_only_with_the_base_fails_before_any_run_starts(base, tmp_pa
     # model.n_head=3 is in range, but d_model=32 is not divisible by it: caught when the run configs are expanded
     f = write_sweep(tmp_path / "bad.yaml", sweep_dict(base, tmp_path / "out", parameters={"model.n_head": [2, 3]}))
     assert main(["sweep", str(f)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "attnlab: error: sweep run 'n_head=3' (model.n_head=3): model.d_model=32 is not divisible by model.n_head=3")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "attnlab: error: sweep run 'n_head=3' (model.n_head=3): model.d_model=32 is not divisible by model.n_head=3"
+        )
+    )
     assert not (tmp_path / "out").exists()  # no sweep folder, no run directory
 
 
 # ------------------------------------------------------------------ running (the CLI in this process; runs are subprocesses)
+
 
 def sweep_cli(capsys, *args) -> tuple[int, dict | None, str]:
     code = main(["sweep", *map(str, args)])
@@ -163,7 +229,11 @@ def test_parallel_sweep_runs_reports_refuses_reuse_and_resumes(base, tmp_path, c
     f = write_sweep(tmp_path / "pat.yaml", d)
     assert main(["sweep", str(f), "--dry-run"]) == 0
     assert [json.loads(x)["name"] for x in capsys.readouterr().out.splitlines()] == [
-        "attention=dense,seed=0", "attention=dense,seed=1", "attention=local,seed=0", "attention=local,seed=1"]
+        "attention=dense,seed=0",
+        "attention=dense,seed=1",
+        "attention=local,seed=0",
+        "attention=local,seed=1",
+    ]
     assert not (tmp_path / "out").exists()
 
     code, out, err = sweep_cli(capsys, f, "--parallel", 2)
@@ -171,8 +241,12 @@ def test_parallel_sweep_runs_reports_refuses_reuse_and_resumes(base, tmp_path, c
     folder = tmp_path / "out" / "pat"
     assert (out["sweep"], out["runs"], out["ok"], out["failed"], out["skipped"]) == (str(folder), 4, 4, 0, 0)
     runs = run_dirs(folder)
-    assert [r.name for r in runs] == ["attention=dense,seed=0", "attention=dense,seed=1",
-                                      "attention=local,seed=0", "attention=local,seed=1"]
+    assert [r.name for r in runs] == [
+        "attention=dense,seed=0",
+        "attention=dense,seed=1",
+        "attention=local,seed=0",
+        "attention=local,seed=1",
+    ]
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     for r in runs:
         cfg = config.load(r / "config.yaml")
@@ -182,8 +256,10 @@ def test_parallel_sweep_runs_reports_refuses_reuse_and_resumes(base, tmp_path, c
         assert json.loads((r / "summary.json").read_text())["steps"] == 4
     records = json.loads((folder / "runs.json").read_text())["runs"]
     assert [(x["status"], x["exit_code"], x["action"]) for x in records] == [("ok", 0, "train")] * 4
-    assert all(x["val_bits_per_byte"] == json.loads((folder / x["name"] / "summary.json").read_text())["val_bits_per_byte"]
-               for x in records)
+    assert all(
+        x["val_bits_per_byte"] == json.loads((folder / x["name"] / "summary.json").read_text())["val_bits_per_byte"]
+        for x in records
+    )
     assert out["best"] == min(records, key=lambda x: x["val_bits_per_byte"])["name"]
     assert yaml.safe_load((folder / "sweep.yaml").read_text()) == sw.load_sweep(f).to_dict()
     assert out["report"] == str(folder / "report" / "index.html")
@@ -200,7 +276,12 @@ def test_parallel_sweep_runs_reports_refuses_reuse_and_resumes(base, tmp_path, c
     assert code == 0, err
     assert (out["ok"], out["failed"], out["skipped"], out["report"]) == (4, 0, 3, None)
     assert {n: (folder / n / "summary.json").stat().st_mtime_ns for n in kept} == kept
-    assert [x["action"] for x in json.loads((folder / "runs.json").read_text())["runs"]] == ["skip", "resume", "skip", "skip"]
+    assert [x["action"] for x in json.loads((folder / "runs.json").read_text())["runs"]] == [
+        "skip",
+        "resume",
+        "skip",
+        "skip",
+    ]
     assert len(read_events(runs[1], "run_resumed")) == 1 and (runs[1] / "summary.json").is_file()
 
     # --resume refuses a sweep file that changed since the folder was made
@@ -212,7 +293,9 @@ def test_parallel_sweep_runs_reports_refuses_reuse_and_resumes(base, tmp_path, c
 def test_force_never_deletes_a_folder_that_is_not_a_sweep(base, tmp_path):
     (tmp_path / "out" / "s").mkdir(parents=True)
     (tmp_path / "out" / "s" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="is not a sweep folder \\(no sweep.yaml\\): choose another sweep name or out_dir"):
+    with pytest.raises(
+        UserError, match="is not a sweep folder \\(no sweep.yaml\\): choose another sweep name or out_dir"
+    ):
         sw.run_sweep(sw.sweep_from_dict(sweep_dict(base, tmp_path / "out")), force=True)
     assert (tmp_path / "out" / "s" / "notes.txt").read_text() == "mine"
 
@@ -236,29 +319,58 @@ def test_a_failed_run_is_recorded_and_the_others_finish(base, tmp_path, capsys):
 
 # ------------------------------------------------------------------ wandb
 
+
 def test_to_wandb_writes_the_same_sweep_for_wandb_agents(base, tmp_path):
-    d = sweep_dict(base, tmp_path / "out", name="w", overrides=["train.max_steps=3"], method="random", count=5, seed=1,
-                   parameters={"pattern": dict(PATTERNS, labels=["full", "win8"]),
-                               "optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 3e-3},
-                               "attention.schedule": [["local", "dense"]]})
+    d = sweep_dict(
+        base,
+        tmp_path / "out",
+        name="w",
+        overrides=["train.max_steps=3"],
+        method="random",
+        count=5,
+        seed=1,
+        parameters={
+            "pattern": dict(PATTERNS, labels=["full", "win8"]),
+            "optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 3e-3},
+            "attention.schedule": [["local", "dense"]],
+        },
+    )
     f = write_sweep(tmp_path / "w.yaml", d)
     out = sw.write_wandb(sw.load_sweep(f), tmp_path / "wandb.yaml")
     w = yaml.safe_load(out.read_text())
     assert w == {
-        "name": "w", "method": "random", "metric": {"name": "validation/val_bits_per_byte", "goal": "minimize"},
-        "parameters": {"pattern": {"values": ["full", "win8"]},
-                       "optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 3e-3},
-                       "attention.schedule": {"values": ["local,dense"]}},
-        "command": ["${env}", "${interpreter}", "-m", "attnlab", "sweep", "--one", str(f), "logging.wandb=online",
-                    "${args_no_hyphens}"],
-        "run_cap": 5}
+        "name": "w",
+        "method": "random",
+        "metric": {"name": "validation/val_bits_per_byte", "goal": "minimize"},
+        "parameters": {
+            "pattern": {"values": ["full", "win8"]},
+            "optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 3e-3},
+            "attention.schedule": {"values": ["local,dense"]},
+        },
+        "command": [
+            "${env}",
+            "${interpreter}",
+            "-m",
+            "attnlab",
+            "sweep",
+            "--one",
+            str(f),
+            "logging.wandb=online",
+            "${args_no_hyphens}",
+        ],
+        "run_cap": 5,
+    }
     with pytest.raises(UserError, match="already exists"):
         sw.write_wandb(sw.load_sweep(f), out)
 
 
 def test_one_run_from_wandb_choices_matches_the_local_sweep(base, tmp_path, one_thread):
-    d = sweep_dict(base, tmp_path / "out", name="w", parameters={"pattern": dict(PATTERNS, labels=["full", "win8"]),
-                                                                 "train.seed": [0, 1]})
+    d = sweep_dict(
+        base,
+        tmp_path / "out",
+        name="w",
+        parameters={"pattern": dict(PATTERNS, labels=["full", "win8"]), "train.seed": [0, 1]},
+    )
     sweep = sw.sweep_from_dict(d)
     with pytest.raises(UserError, match="has no bundle 'win9': use one of full, win8"):
         sw.run_one(sweep, ["pattern=win9", "train.seed=1"])

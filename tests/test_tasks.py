@@ -21,6 +21,7 @@ def task(**kw) -> ArithmeticTask:
 
 # ------------------------------------------------------------------ problems
 
+
 def test_problem_format_and_reversed_answer():
     assert task().problem(123, 45).prompt == "123+45=" and task().problem(123, 45).answer == "168"
     assert task(reverse_answer=True).problem(123, 45).answer == "861"
@@ -86,10 +87,25 @@ def test_batches_resume_from_their_state():
 
 # ------------------------------------------------------------------ the masked loss
 
+
 def tiny_trainer(tmp_path, *overrides) -> Trainer:
-    cfg = config.load(None, ["data.source=addition", "data.digits=2", "data.eval_digits=1,2,3", "model.context=16",
-                             "model.n_layer=1", "model.n_head=2", "model.d_model=16", "train.batch_size=8",
-                             "train.max_steps=3", "logging.progress=false", f"out_dir={tmp_path}", *overrides])
+    cfg = config.load(
+        None,
+        [
+            "data.source=addition",
+            "data.digits=2",
+            "data.eval_digits=1,2,3",
+            "model.context=16",
+            "model.n_layer=1",
+            "model.n_head=2",
+            "model.d_model=16",
+            "train.batch_size=8",
+            "train.max_steps=3",
+            "logging.progress=false",
+            f"out_dir={tmp_path}",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg.validate(), tmp_path / "run")
     trainer.setup()
     return trainer
@@ -135,8 +151,11 @@ def test_trainer_step_minimises_the_answer_loss_only(tmp_path, one_thread):
 
 
 def test_task_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.context=8 is shorter than the longest addition problem .*"
-                                          r"set model.context=13"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.context=8 is shorter than the longest addition problem .*"
+        r"set model.context=13",
+    ):
         tiny_trainer(tmp_path, "model.context=8")
     with pytest.raises(ConfigError, match=r"there are no epochs: use train.max_steps"):
         tiny_trainer(tmp_path, "train.epochs=1")
@@ -145,6 +164,7 @@ def test_task_config_errors(tmp_path):
 
 
 # ------------------------------------------------------------------ accuracy
+
 
 def test_exact_match_and_per_length_split_on_hand_made_answers():
     t = task()
@@ -181,7 +201,7 @@ class Oracle(torch.nn.Module):
             answer = self.t.problem(a, b).answer + "<eos>"
             if self.wrong(a, b):
                 answer = bump(answer)
-            done = "<eos>" in written or answer[len(written):].startswith("<eos>")  # finished rows get <eos> padding
+            done = "<eos>" in written or answer[len(written) :].startswith("<eos>")  # finished rows get <eos> padding
             nxt = None if done else answer[len(written)]
             out[i, 0, tok.eos_id if nxt is None else tok.encode(nxt)[0]] = 10.0
         return out
@@ -193,7 +213,8 @@ def test_accuracy_of_a_hand_made_model_per_length():
     model = Oracle(t, wrong)
     problems = t.held_out()
     assert solve(model, t, problems[:3], device=torch.device("cpu")) == [
-        bump(p.answer) if wrong(p.a, p.b) else p.answer for p in problems[:3]]
+        bump(p.answer) if wrong(p.a, p.b) else p.answer for p in problems[:3]
+    ]
     m = task_metrics(model, t, device=torch.device("cpu"), batch_size=16)
     for d in (1, 2, 3):
         group = [p for p in problems if p.digits == d]
@@ -206,11 +227,26 @@ def test_accuracy_of_a_hand_made_model_per_length():
 
 # ------------------------------------------------------------------ the CLI on a tiny run
 
+
 def test_train_eval_sample_an_addition_run(tmp_path, capsys, one_thread):
     run = tmp_path / "add"
-    args = ["train", "data.source=addition", "data.digits=2", "data.eval_digits=1,2,3", "data.eval_problems=20",
-            "model.context=16", "model.n_layer=1", "model.n_head=2", "model.d_model=16", "train.batch_size=16",
-            "train.max_steps=4", "train.eval_every=2", "logging.progress=false", f"out_dir={tmp_path}", "name=add"]
+    args = [
+        "train",
+        "data.source=addition",
+        "data.digits=2",
+        "data.eval_digits=1,2,3",
+        "data.eval_problems=20",
+        "model.context=16",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.d_model=16",
+        "train.batch_size=16",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "logging.progress=false",
+        f"out_dir={tmp_path}",
+        "name=add",
+    ]
     assert cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_loss", "val_accuracy", "val_accuracy_d1", "val_accuracy_d3"} <= set(summary)
@@ -238,12 +274,20 @@ def test_prepare_of_a_task_says_there_is_nothing_to_prepare(tmp_path, capsys):
 
 def test_sample_lines_of_a_reversed_task():
     from attnlab.eval.generation.task_samples import pick_problems, sample_lines
+
     t = task(digits=2, eval_digits=[2], reverse_answer=True)
     problems = pick_problems(t, 3, seed=0)
     assert len(problems) == 3 and set(problems) <= set(t.held_out())
     lines = sample_lines(Oracle(t, lambda a, b: a == problems[0].a), t, problems, device=torch.device("cpu"))
     p = problems[0]
-    assert lines[0].split() == [f"{p.prompt}{bump(p.answer)}", "wrong", "(answer", f"{p.answer}),", p.answer[::-1], "reversed"]
+    assert lines[0].split() == [
+        f"{p.prompt}{bump(p.answer)}",
+        "wrong",
+        "(answer",
+        f"{p.answer}),",
+        p.answer[::-1],
+        "reversed",
+    ]
     assert lines[1].split()[1:] == ["ok,", problems[1].answer[::-1], "reversed"]
 
 
@@ -260,11 +304,28 @@ def test_interrupted_and_resumed_addition_run_equals_uninterrupted(tmp_path, mon
     from attnlab.training.logs import read_events
 
     def cfg(name):
-        return config.load(None, ["data.source=addition", "data.digits=2", "data.eval_digits=1,3", "data.eval_problems=10",
-                                  "model.context=13", "model.n_layer=1", "model.n_head=2", "model.d_model=16",
-                                  "train.batch_size=8", "train.max_steps=6", "train.checkpoint_every=3",
-                                  "train.eval_every=3", "logging.progress=false", "logging.log_every=1",
-                                  f"out_dir={tmp_path}", f"name={name}"])
+        return config.load(
+            None,
+            [
+                "data.source=addition",
+                "data.digits=2",
+                "data.eval_digits=1,3",
+                "data.eval_problems=10",
+                "model.context=13",
+                "model.n_layer=1",
+                "model.n_head=2",
+                "model.d_model=16",
+                "train.batch_size=8",
+                "train.max_steps=6",
+                "train.checkpoint_every=3",
+                "train.eval_every=3",
+                "logging.progress=false",
+                "logging.log_every=1",
+                f"out_dir={tmp_path}",
+                f"name={name}",
+            ],
+        )
+
     full = trainer_mod.train(cfg("full"))
     real_step = trainer_mod.Trainer.train_step
 
@@ -272,6 +333,7 @@ def test_interrupted_and_resumed_addition_run_equals_uninterrupted(tmp_path, mon
         if self.progress.step == 4:
             raise RuntimeError("simulated crash")
         return real_step(self)
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer_mod.train(cfg("crash"))

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnlab.data.text import EOS, ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer, token_dtype, train_tokenizer
 from attnlab.errors import DataError
@@ -15,8 +16,20 @@ CORPUS = [
     "Ünïcödé, naïve café; 東京 and Москва 🙂\n",
     "Show HN: I built a tokenizer in a weekend\n",
 ]
-TRICKY = ["", " ", "  leading spaces", "trailing\n\n", "\r\n\t", "emoji 🤖👩‍👩‍👧 ok", "漢字かなカナ", "مرحبا",
-          "literal <eos> in text", "<eos>", "\ufeffbom", "a" * 1000]
+TRICKY = [
+    "",
+    " ",
+    "  leading spaces",
+    "trailing\n\n",
+    "\r\n\t",
+    "emoji 🤖👩‍👩‍👧 ok",
+    "漢字かなカナ",
+    "مرحبا",
+    "literal <eos> in text",
+    "<eos>",
+    "\ufeffbom",
+    "a" * 1000,
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +38,7 @@ def bpe():
 
 
 # ----------------------------------------------------------------------- bpe
+
 
 def test_bpe_vocab_and_eos(bpe):
     assert isinstance(bpe, Tokenizer) and bpe.kind == "bpe"
@@ -64,6 +78,7 @@ def test_bpe_learns_only_from_given_docs():
 
 # --------------------------------------------------------------------- bytes
 
+
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=200))
 def test_bytes_round_trip_property(text):
@@ -81,6 +96,7 @@ def test_bytes_vocab_eos_and_partial_sequences():
 
 
 # ---------------------------------------------------------------------- char
+
 
 def test_char_vocab_and_round_trip():
     tok = train_tokenizer("char", ["hello", "wörld 🙂"], 4096)
@@ -101,6 +117,7 @@ def test_char_encode_matches_dict_lookup():
 
 
 # ------------------------------------------------------------ save and load
+
 
 @pytest.mark.parametrize("kind", ["bpe", "bytes", "char"])
 def test_save_load_round_trip(tmp_path, kind):

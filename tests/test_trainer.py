@@ -36,29 +36,53 @@ def weights(run_dir):
 def test_summary_has_honest_metrics(tmp_path, corpus):
     s = train(cfg_for(tmp_path, corpus, "train.eval_every=4"))
     run = tmp_path / "runs" / "t"
-    for key in ("val_bits_per_byte", "val_nats_per_token", "val_perplexity", "mainrun_val_loss", "tokens_per_second",
-                "peak_memory_mb", "params", "steps", "wall_seconds"):
+    for key in (
+        "val_bits_per_byte",
+        "val_nats_per_token",
+        "val_perplexity",
+        "mainrun_val_loss",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "params",
+        "steps",
+        "wall_seconds",
+    ):
         assert key in s
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert s["val_tokens_scored"] == meta["splits"]["val"]["tokens"] - 1  # every val target, once
     assert s["steps"] == 8 and json.loads((run / "summary.json").read_text()) == s
     names = {e["event"] for e in read_events(run)}
-    assert {"hyperparameters_configured", "device_info", "dataset_info", "model_configured", "model_info",
-            "training_step", "validation_step", "checkpoint_saved"} <= names
+    assert {
+        "hyperparameters_configured",
+        "device_info",
+        "dataset_info",
+        "model_configured",
+        "model_info",
+        "training_step",
+        "validation_step",
+        "checkpoint_saved",
+    } <= names
     assert config.load(run / "config.yaml") == cfg_for(tmp_path, corpus, "train.eval_every=4")
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, corpus, monkeypatch):
     # samples written at each eval use their own generator: they must not disturb the training streams
-    common = ["train.max_steps=10", "train.checkpoint_every=4", "train.grad_accum=2", "train.eval_every=5",
-              "logging.sample_tokens=20"]
+    common = [
+        "train.max_steps=10",
+        "train.checkpoint_every=4",
+        "train.grad_accum=2",
+        "train.eval_every=5",
+        "logging.sample_tokens=20",
+    ]
     full = train(cfg_for(tmp_path, corpus, *common, name="full"))
 
     real_step = trainer_mod.Trainer.train_step
+
     def crashing_step(self):
         if self.progress.step == 6:  # dies in the middle of step 7, after the step-4 checkpoint
             raise RuntimeError("simulated crash")
         return real_step(self)
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg_for(tmp_path, corpus, *common, name="crash"))
@@ -92,11 +116,15 @@ def test_resume_with_changed_config_is_refused(tmp_path, corpus):
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus, monkeypatch):
     real_step = trainer_mod.Trainer.train_step
+
     def exploding(self):
         loss = real_step(self)
         return math.nan if self.progress.step >= 4 else loss
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", exploding)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5 \(kept the last good checkpoint .*step_0*3\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became nan at step 5 \(kept the last good checkpoint .*step_0*3\)"
+    ):
         train(cfg_for(tmp_path, corpus, "train.checkpoint_every=3"))
     run = tmp_path / "runs" / "t"
     assert ckpt.latest_checkpoint(run).name.endswith("3")
@@ -117,16 +145,28 @@ def test_epochs_and_time_budget_stop(tmp_path, corpus):
 
 
 def test_early_stopping(tmp_path, corpus):
-    s = train(cfg_for(tmp_path, corpus, "train.max_steps=100", "optim.lr=0", "optim.warmup_steps=0",
-                      "train.eval_every=1", "train.early_stopping_patience=2"))
+    s = train(
+        cfg_for(
+            tmp_path,
+            corpus,
+            "train.max_steps=100",
+            "optim.lr=0",
+            "optim.warmup_steps=0",
+            "train.eval_every=1",
+            "train.early_stopping_patience=2",
+        )
+    )
     assert s["stop_reason"] == "early_stopping" and s["steps"] == 3
 
 
 def test_cli_reports_divergence_in_one_line(tmp_path, corpus, monkeypatch, capsys):
     from attnlab import cli
+
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", lambda self: math.inf)
     cfg = cfg_for(tmp_path, corpus)
-    overrides = [f"{k}={v}" for k, v in config.flatten(config.to_dict(cfg)).items() if v is not None and k != "data.categories"]
+    overrides = [
+        f"{k}={v}" for k, v in config.flatten(config.to_dict(cfg)).items() if v is not None and k != "data.categories"
+    ]
     assert cli.main(["train", *overrides]) == TrainingDiverged.exit_code
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("attnlab: error: loss became inf at step 1 (no checkpoint was saved yet)")
@@ -136,6 +176,7 @@ def test_cli_reports_divergence_in_one_line(tmp_path, corpus, monkeypatch, capsy
 def test_tensorboard_logger_writes_scalars(tmp_path, corpus):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     train(cfg_for(tmp_path, corpus, "train.max_steps=3", "train.eval_every=3", "logging.tensorboard=true"))
     acc = EventAccumulator(str(tmp_path / "runs" / "t" / "tensorboard"))
     acc.Reload()
@@ -146,6 +187,7 @@ def test_tensorboard_logger_writes_scalars(tmp_path, corpus):
 
 def test_missing_wandb_fails_before_the_run_directory_exists(tmp_path, corpus, monkeypatch):
     import importlib.util
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(config.ConfigError, match="pip install wandb"):

@@ -88,8 +88,13 @@ x...x...xxxxx...
 ..x...x...xxxxx.
 ...x...x...xxxxx"""
 
-FIXED = ["attention.pattern=fixed", "attention.local_attn_ctx=4", "attention.blocksize=1",
-         "attention.vertsize=1", "attention.num_verts=1"]
+FIXED = [
+    "attention.pattern=fixed",
+    "attention.local_attn_ctx=4",
+    "attention.blocksize=1",
+    "attention.vertsize=1",
+    "attention.num_verts=1",
+]
 
 
 def strided(mode):
@@ -130,12 +135,19 @@ def test_pooled_mask_is_any_over_cells():
     np.testing.assert_array_equal(head_mask(p, 10, 0, pool=3), padded.reshape(4, 3, 4, 3).any(axis=(1, 3)))
 
 
-@pytest.mark.parametrize("overrides, heads, panels", [
-    ([], 4, 1),  # dense: one group
-    (strided("split"), 4, 2),  # local heads, stride heads
-    (["attention.pattern=fixed", "attention.local_attn_ctx=8", "attention.blocksize=2", "attention.num_verts=2"], 4, 2),
-    (strided("union"), 3, 1),
-])
+@pytest.mark.parametrize(
+    "overrides, heads, panels",
+    [
+        ([], 4, 1),  # dense: one group
+        (strided("split"), 4, 2),  # local heads, stride heads
+        (
+            ["attention.pattern=fixed", "attention.local_attn_ctx=8", "attention.blocksize=2", "attention.num_verts=2"],
+            4,
+            2,
+        ),
+        (strided("union"), 3, 1),
+    ],
+)
 def test_one_panel_per_head_group(tmp_path, overrides, heads, panels):
     p = pattern_from_overrides(overrides, heads)
     assert len(p.head_groups(heads)) == panels
@@ -148,7 +160,21 @@ def test_cli_writes_png_and_mask(tmp_path, capsys):
     import matplotlib.image
 
     out, mask = tmp_path / "pics" / "mask.png", tmp_path / "mask.npy"
-    rc = main(["viz", "pattern", "--seq-len", "48", "--heads", "4", *strided("split"), "--out", str(out), "--save-mask", str(mask)])
+    rc = main(
+        [
+            "viz",
+            "pattern",
+            "--seq-len",
+            "48",
+            "--heads",
+            "4",
+            *strided("split"),
+            "--out",
+            str(out),
+            "--save-mask",
+            str(mask),
+        ]
+    )
     assert rc == 0
     img = matplotlib.image.imread(out)  # a readable image
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
@@ -162,8 +188,28 @@ def test_cli_writes_png_and_mask(tmp_path, capsys):
 def test_cli_mask_of_fixed_with_layers(tmp_path):
     mask = tmp_path / "m.npy"
     args = ["attention.pattern=fixed", "attention.local_attn_ctx=8", "attention.blocksize=2", "attention.num_verts=2"]
-    assert main(["viz", "pattern", "--seq-len", "40", "--heads", "2", *args, "--layer", "1", "--layers", "3",
-                 "--out", str(tmp_path / "m.png"), "--save-mask", str(mask)]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "pattern",
+                "--seq-len",
+                "40",
+                "--heads",
+                "2",
+                *args,
+                "--layer",
+                "1",
+                "--layers",
+                "3",
+                "--out",
+                str(tmp_path / "m.png"),
+                "--save-mask",
+                str(mask),
+            ]
+        )
+        == 0
+    )
     p = pattern_from_overrides(args, 2, layer=1, n_layer=3)
     np.testing.assert_array_equal(np.load(mask), p.dense_mask(40, 2).numpy())
 
@@ -175,14 +221,17 @@ def one_line_error(capsys, *needles):
         assert n in err[0], err[0]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["model.n_head=8"], "only attention.* overrides"),
-    (["attention.windw=8"], "did you mean attention.window"),
-    (["attention.pattern=nope"], "attention.pattern"),
-    (["--seq-len", "100000"], "--seq-len 100000"),
-    (["--layer", "3"], "--layer 3"),
-    (["attention.pattern=strided", "--heads", "3"], "odd"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["model.n_head=8"], "only attention.* overrides"),
+        (["attention.windw=8"], "did you mean attention.window"),
+        (["attention.pattern=nope"], "attention.pattern"),
+        (["--seq-len", "100000"], "--seq-len 100000"),
+        (["--layer", "3"], "--layer 3"),
+        (["attention.pattern=strided", "--heads", "3"], "odd"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     argv = ["viz", "pattern", "--seq-len", "16", *args, "--out", str(tmp_path / "x.png")]
     if "--seq-len" in args:
@@ -205,6 +254,7 @@ def test_draw_pattern_refuses_huge(tmp_path):
 def test_overrides_from_a_loaded_attention_config():
     """vars(AttentionConfig) keeps pattern parameters in `params`: they count as flat attention.* keys."""
     from attnlab import config
+
     a = config.load(None, ["attention.pattern=local", "attention.window=4", "train.max_steps=1"]).attention
     p = pattern_from_overrides({f"attention.{k}": v for k, v in vars(a).items()}, 2)
     assert p.name == "local" and p.params()["window"] == 4

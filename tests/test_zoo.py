@@ -10,12 +10,12 @@ from attnlab.attention.blocksparse import blocksparse, plan
 from attnlab.attention.cache import make_cache
 from attnlab.attention.flex import flex, flex_available
 from attnlab.attention.linear import linear_backend
+from attnlab.attention.modifiers import MODIFIERS, build_modifiers, parse_spec
 from attnlab.attention.patterns import rule_block_layout
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.eval.inspection.pattern_viz import ascii_pattern, draw_pattern
 from attnlab.model.gpt import GPT
 from test_cache import cached_logits
-from attnlab.attention.modifiers import MODIFIERS, build_modifiers, parse_spec
 from zoo import CONTEXT, MODIFIER_ZOO, N_HEAD, SOFTMAX, ZOO, attention_kwargs, pattern
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -72,7 +72,7 @@ def test_modified_cache_equals_full_forward(label, modifier, tmp_path):
     seq = torch.randint(50, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
     got = cached_logits(model, seq, prompt_len=3)
     with torch.no_grad():
-        want = torch.stack([model(seq[:, :t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
+        want = torch.stack([model(seq[:, : t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -119,8 +119,11 @@ def test_linear_equals_reference(tmp_path):
 
 
 # Each entry compiles its own kernel (seconds on CPU): test_flex runs the built-ins at several lengths already.
-FLEX_HERE = [k for k in SOFTMAX if k not in ("dense", "local", "strided_split", "strided_union", "fixed_v2",
-                                             "sink_window", "block_layout")]
+FLEX_HERE = [
+    k
+    for k in SOFTMAX
+    if k not in ("dense", "local", "strided_split", "strided_union", "fixed_v2", "sink_window", "block_layout")
+]
 
 
 @pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_available("cpu")[1] or "no flex on CPU")
@@ -134,9 +137,13 @@ def test_flex_equals_reference(label, tmp_path, one_thread):
 
 def test_derived_kernel_cost_follows_density():
     """The plugin gives no head_groups: the plan visits as many key blocks as the hand-written local one."""
+
     def visited(p):
-        return sum(int((ch.kv.numel())) for g in plan(p, 1024, 4, torch.device("cpu")) for c in g.components for ch in c.chunks)
-    from attnlab.attention.patterns import Local, make_pattern, LayerContext
+        return sum(
+            int(ch.kv.numel()) for g in plan(p, 1024, 4, torch.device("cpu")) for c in g.components for ch in c.chunks
+        )
+
+    from attnlab.attention.patterns import LayerContext, Local, make_pattern
 
     dilated = make_pattern({"pattern": "dilated_window", "window": 16, "dilation": 2}, LayerContext(n_head=4))
     assert dilated.head_groups(4) is None
@@ -152,7 +159,7 @@ def test_cache_equals_full_forward(label, position, tmp_path):
     seq = torch.randint(50, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
     got = cached_logits(model, seq, prompt_len=3)
     with torch.no_grad():
-        want = torch.stack([model(seq[:, :t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
+        want = torch.stack([model(seq[:, : t + 1])[:, -1] for t in range(2, CONTEXT)], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -188,6 +195,10 @@ def test_attention_capture_is_normalised_over_the_allowed_keys(label, tmp_path, 
     from test_attention_maps import check_capture
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=N_HEAD, d_model=32, context=16), AttentionConfig(**attention_kwargs(label, tmp_path)), 40).eval()
+    model = GPT(
+        ModelConfig(n_layer=2, n_head=N_HEAD, d_model=32, context=16),
+        AttentionConfig(**attention_kwargs(label, tmp_path)),
+        40,
+    ).eval()
     model.resolve_backends("cpu")
     check_capture(model, torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1)))

@@ -36,6 +36,7 @@ SAMPLE_DEFAULTS = {"temperature": 0.8}  # `attnlab sample`'s defaults where they
 
 # ------------------------------------------------------------------ evaluation: what `attnlab eval` computes
 
+
 def eval_window(run: LoadedRun, context: int | None = None, stride: int | None = None) -> tuple[int, int]:
     """The evaluation window and stride: the model's context and the run's train.eval_stride unless given."""
     n_ctx = run.cfg.model.context
@@ -48,8 +49,15 @@ def eval_window(run: LoadedRun, context: int | None = None, stride: int | None =
     return context, stride
 
 
-def evaluate_split(run: LoadedRun, split: str = "val", *, context: int | None = None, stride: int | None = None,
-                   batch_size: int = 32, progress: bool = False) -> dict:
+def evaluate_split(
+    run: LoadedRun,
+    split: str = "val",
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
     """Every token (text) or image of a split scored once, with `attnlab eval`'s defaults: the numbers it prints."""
     run.dataset.split_info(split)  # a DataError naming the splits there are
     if run.dataset.kind == "image":
@@ -57,22 +65,47 @@ def evaluate_split(run: LoadedRun, split: str = "val", *, context: int | None = 
             raise UserError("context and stride apply to text; an image is always scored whole from its start token")
         return _image_split(run, split, batch_size, progress)
     context, stride = eval_window(run, context, stride)
-    score = score_tokens(run.model, run.dataset.tokens(split), context=context, stride=stride,
-                         batch_size=batch_size, device=run.device, progress=progress)
-    return {"split": split, "context": context, "stride": stride,
-            **text_metrics(score, run.dataset.meta["splits"][split])}
+    score = score_tokens(
+        run.model,
+        run.dataset.tokens(split),
+        context=context,
+        stride=stride,
+        batch_size=batch_size,
+        device=run.device,
+        progress=progress,
+    )
+    return {
+        "split": split,
+        "context": context,
+        "stride": stride,
+        **text_metrics(score, run.dataset.meta["splits"][split]),
+    }
 
 
 def _image_split(run: LoadedRun, split: str, batch_size: int, progress: bool) -> dict:
     from .data.image_format import SOS
+
     n = run.cfg.model.context
-    score = score_images(run.model, run.dataset.tokens(split), tokens_per_image=n, sos=SOS,
-                         batch_size=batch_size, device=run.device, progress=progress)
+    score = score_images(
+        run.model,
+        run.dataset.tokens(split),
+        tokens_per_image=n,
+        sos=SOS,
+        batch_size=batch_size,
+        device=run.device,
+        progress=progress,
+    )
     return {"split": split, **image_metrics(score, n), "dims_per_image": n}
 
 
-def evaluate_text(run: LoadedRun, text: str | Sequence[str], *, context: int | None = None,
-                  stride: int | None = None, batch_size: int = 32) -> dict:
+def evaluate_text(
+    run: LoadedRun,
+    text: str | Sequence[str],
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 32,
+) -> dict:
     """The metrics of documents given as text, laid out as a prepared split is: ``<eos> doc <eos> doc <eos>``.
 
     A split holding exactly these documents gets the same numbers from ``evaluate_split``.
@@ -85,20 +118,28 @@ def evaluate_text(run: LoadedRun, text: str | Sequence[str], *, context: int | N
     for doc_ids in tokenizer.encode_batch(docs):
         ids += [*doc_ids, tokenizer.eos_id]
     context, stride = eval_window(run, context, stride)
-    score = score_tokens(run.model, np.asarray(ids, dtype=np.int64), context=context, stride=stride,
-                         batch_size=batch_size, device=run.device)
+    score = score_tokens(
+        run.model,
+        np.asarray(ids, dtype=np.int64),
+        context=context,
+        stride=stride,
+        batch_size=batch_size,
+        device=run.device,
+    )
     meta = {"bytes": sum(len(d.encode("utf-8")) for d in docs), "chars": sum(len(d) for d in docs)}
     return {"documents": len(docs), "context": context, "stride": stride, **text_metrics(score, meta)}
 
 
 def _text_tokenizer(run: LoadedRun, what: str):
     if run.dataset.kind == "image" or run.dataset.tokenizer is None:
-        raise UserError(f"{run.dir} models images: {what} is for text runs (use evaluate(split=...) "
-                        "or attnlab.eval.sample_images)")
+        raise UserError(
+            f"{run.dir} models images: {what} is for text runs (use evaluate(split=...) or attnlab.eval.sample_images)"
+        )
     return run.dataset.tokenizer
 
 
 # ------------------------------------------------------------------ a loaded run
+
 
 class Run:
     """A trained run opened for use: ``model``, ``tokenizer``, ``config`` and the methods below."""
@@ -136,9 +177,18 @@ class Run:
     def checkpoint(self) -> Path:
         return self.loaded.checkpoint
 
-    def generate(self, prompt: str = "", max_new_tokens: int = 200, *, seed: int = 0, num_samples: int = 1,
-                 stop: str | Sequence[str] = (), stop_at_eos: bool = True, use_cache: bool = True,
-                 **sampling: Any) -> str | list[str]:
+    def generate(
+        self,
+        prompt: str = "",
+        max_new_tokens: int = 200,
+        *,
+        seed: int = 0,
+        num_samples: int = 1,
+        stop: str | Sequence[str] = (),
+        stop_at_eos: bool = True,
+        use_cache: bool = True,
+        **sampling: Any,
+    ) -> str | list[str]:
         """The prompt and its continuation, as `attnlab sample` prints it (a list of ``num_samples`` texts if > 1).
 
         ``sampling``: temperature (default 0.8, 0 = greedy), top_k, top_p, typical_p, min_p, repetition_penalty.
@@ -146,25 +196,45 @@ class Run:
         tokenizer = _text_tokenizer(self.loaded, "generate")
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
-            raise ConfigError(f"generate() got an unknown sampling setting {unknown[0]!r}: use {', '.join(SAMPLING_KEYS)}")
+            raise ConfigError(
+                f"generate() got an unknown sampling setting {unknown[0]!r}: use {', '.join(SAMPLING_KEYS)}"
+            )
         if num_samples < 1 or max_new_tokens < 0:
             raise UserError("generate() needs num_samples >= 1 and max_new_tokens >= 0")
-        texts, _ = sample_text(self.model, tokenizer, prompt, max_new_tokens, num_samples=num_samples,
-                               sampling=SamplingConfig(**{**SAMPLE_DEFAULTS, **sampling}), seed=seed,
-                               stops=[stop] if isinstance(stop, str) else list(stop), stop_at_eos=stop_at_eos, use_cache=use_cache, device=self.device)
+        texts, _ = sample_text(
+            self.model,
+            tokenizer,
+            prompt,
+            max_new_tokens,
+            num_samples=num_samples,
+            sampling=SamplingConfig(**{**SAMPLE_DEFAULTS, **sampling}),
+            seed=seed,
+            stops=[stop] if isinstance(stop, str) else list(stop),
+            stop_at_eos=stop_at_eos,
+            use_cache=use_cache,
+            device=self.device,
+        )
         return texts[0] if num_samples == 1 else texts
 
-    def evaluate(self, split: str | None = None, *, text: str | Sequence[str] | None = None,
-                 context: int | None = None, stride: int | None = None, batch_size: int = 32,
-                 progress: bool = False) -> dict:
+    def evaluate(
+        self,
+        split: str | None = None,
+        *,
+        text: str | Sequence[str] | None = None,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> dict:
         """Bits per byte (text) or per dimension (images), nats per token, perplexity, over a whole split
         (default ``val``: the numbers `attnlab eval` prints) or over ``text`` (a string or a list of documents)."""
         if text is not None:
             if split is not None:
                 raise UserError("evaluate() takes a split or text=..., not both")
             return evaluate_text(self.loaded, text, context=context, stride=stride, batch_size=batch_size)
-        return evaluate_split(self.loaded, split or "val", context=context, stride=stride,
-                              batch_size=batch_size, progress=progress)
+        return evaluate_split(
+            self.loaded, split or "val", context=context, stride=stride, batch_size=batch_size, progress=progress
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` read as a document: ``<eos>`` (a document's start, as in training), then the text."""
@@ -180,8 +250,10 @@ class Run:
         """
         ids = self.encode(text) if isinstance(text, str) else [int(i) for i in text]
         if not 1 <= len(ids) <= self.model.context:
-            raise UserError(f"logits() got {len(ids)} tokens: the model reads 1 to {self.model.context} "
-                            "(its context); shorten the text")
+            raise UserError(
+                f"logits() got {len(ids)} tokens: the model reads 1 to {self.model.context} "
+                "(its context); shorten the text"
+            )
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         return self.model(x)[0].float()
 

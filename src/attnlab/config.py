@@ -17,9 +17,9 @@ import reprlib
 import types
 import typing
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -40,30 +40,43 @@ def opt(default, *, choices=None, lo=None, hi=None, help=""):
 
 @dataclass
 class DataConfig:
-    source: str = opt("python-stdlib", help="named source (python-stdlib, hn-titles, shakespeare, arxiv-abstracts; "
-                                            "images: cifar10, digits, image-folder, imagenet-downsampled; arithmetic: "
-                                            "addition, subtraction, multiplication), hf:NAME (a Hugging Face dataset "
-                                            "or a local save_to_disk/parquet path) or a local file")
+    source: str = opt(
+        "python-stdlib",
+        help="named source (python-stdlib, hn-titles, shakespeare, arxiv-abstracts; "
+        "images: cifar10, digits, image-folder, imagenet-downsampled; arithmetic: "
+        "addition, subtraction, multiplication), hf:NAME (a Hugging Face dataset "
+        "or a local save_to_disk/parquet path) or a local file",
+    )
     path: str | None = opt(None, help="local copy of a named download source")
     format: str = opt("auto", choices=["auto", "text", "lines", "jsonl", "csv", "tsv", "parquet", "arxiv"])
     field: str | None = opt(None, help="JSONL field / CSV column / parquet column holding the text")
     categories: list[str] = opt([], help="arXiv category filter (prefix match, e.g. cs.LG)")
     max_docs: int | None = opt(None, lo=1, help="keep at most this many documents (after the seeded shuffle)")
-    max_bytes: int | None = opt(None, lo=1, help="keep documents until this many UTF-8 bytes (after the seeded shuffle)")
+    max_bytes: int | None = opt(
+        None, lo=1, help="keep documents until this many UTF-8 bytes (after the seeded shuffle)"
+    )
     tokenizer: str = opt("bpe", choices=["bpe", "bytes", "char"])
     vocab_size: int = opt(4096, lo=260, hi=1 << 20, help="BPE vocabulary size (ignored for bytes/char)")
     val_frac: float = opt(0.1, lo=0.0, hi=0.5)
     seed: int = opt(1337, lo=0)
     dir: str | None = opt(None, help="prepared dataset folder; prepared here on first use (default data/<source-name>)")
-    image_size: int | None = opt(None, choices=[8, 16, 32, 64], help="images: resize/downsample to S x S (default: the source's size)")
+    image_size: int | None = opt(
+        None, choices=[8, 16, 32, 64], help="images: resize/downsample to S x S (default: the source's size)"
+    )
     classes: list[str] = opt([], help="images: keep only these classes (names or label numbers)")
     max_test: int | None = opt(None, lo=1, help="images: keep only the first N test images (a faster, labelled subset)")
     split: str | None = opt(None, help="hf: sources: the split to read (default train)")
     config: str | None = opt(None, help="hf: sources: the dataset configuration (subset) name")
-    tokenizer_file: str | None = opt(None, help="an existing Hugging Face tokenizer.json used instead of training one "
-                                                "(data.tokenizer=bpe; the vocabulary size comes from the file)")
-    task: str | None = opt(None, choices=["addition", "subtraction", "multiplication"],
-                           help="arithmetic sources: the operation (default: the source's name)")
+    tokenizer_file: str | None = opt(
+        None,
+        help="an existing Hugging Face tokenizer.json used instead of training one "
+        "(data.tokenizer=bpe; the vocabulary size comes from the file)",
+    )
+    task: str | None = opt(
+        None,
+        choices=["addition", "subtraction", "multiplication"],
+        help="arithmetic sources: the operation (default: the source's name)",
+    )
     digits: int = opt(3, lo=1, hi=30, help="arithmetic: training operands have 1..digits digits")
     eval_digits: list[int] = opt([], help="arithmetic: operand lengths of the held-out problems (default 1..digits+2)")
     eval_problems: int = opt(100, lo=1, hi=100000, help="arithmetic: held-out problems per operand length")
@@ -74,58 +87,107 @@ class DataConfig:
 class ModelConfig:
     n_layer: int = opt(4, lo=1, hi=256)
     n_head: int = opt(4, lo=1, hi=256)
-    n_kv_head: int | None = opt(None, lo=1, hi=256, help="key/value heads shared by groups of query heads "
-                                                        "(grouped-query attention; 1 = multi-query); must divide "
-                                                        "n_head (default n_head)")
+    n_kv_head: int | None = opt(
+        None,
+        lo=1,
+        hi=256,
+        help="key/value heads shared by groups of query heads "
+        "(grouped-query attention; 1 = multi-query); must divide "
+        "n_head (default n_head)",
+    )
     d_model: int = opt(128, lo=8, hi=65536)
     context: int = opt(256, lo=2, hi=1 << 20, help="training context length in tokens")
     dropout: float = opt(0.0, lo=0.0, hi=0.9)
-    attn_dropout: float | None = opt(None, lo=0.0, hi=0.9, help="dropout on the attention weights; None (the default): "
-                                     "model.dropout, which applies to the residual outputs and embeddings. 0 lets GPUs run "
-                                     "sparse patterns through FlexAttention, which has no attention dropout")
-    position: str = opt("learned", choices=["learned", "sinusoidal", "rope", "none", "alibi", "image", "image+learned"],
-                        help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added); "
-                             "alibi: no position embedding, the alibi score modifier in every layer")
-    image_shape: list[int] = opt([], help="image positions: [height, width, channels] of one image (default: the dataset's)")
+    attn_dropout: float | None = opt(
+        None,
+        lo=0.0,
+        hi=0.9,
+        help="dropout on the attention weights; None (the default): "
+        "model.dropout, which applies to the residual outputs and embeddings. 0 lets GPUs run "
+        "sparse patterns through FlexAttention, which has no attention dropout",
+    )
+    position: str = opt(
+        "learned",
+        choices=["learned", "sinusoidal", "rope", "none", "alibi", "image", "image+learned"],
+        help="image: the Sparse Transformer's row/column/channel embeddings (image+learned: both added); "
+        "alibi: no position embedding, the alibi score modifier in every layer",
+    )
+    image_shape: list[int] = opt(
+        [], help="image positions: [height, width, channels] of one image (default: the dataset's)"
+    )
     norm: str = opt("layernorm", choices=["layernorm", "rmsnorm"])
     norm_position: str = opt("pre", choices=["pre", "post"])
     mlp: str = opt("gelu", choices=["gelu", "relu", "swiglu"])
-    mlp_hidden: int | None = opt(None, lo=1, help="MLP hidden size (default 4*d_model, 8/3*d_model for swiglu); excludes mlp_ratio")
-    mlp_ratio: float | None = opt(None, lo=0.01, hi=64.0, help="MLP hidden size as round(mlp_ratio * d_model), e.g. 2 for the "
-                                                            "Sparse Transformer's half-size feed-forward; excludes mlp_hidden")
-    qk_ratio: float = opt(1.0, lo=0.01, hi=16.0, help="query/key projection width as a fraction of d_model (0.5: the Sparse "
-                                                     "Transformer's half-size query-key); values and output keep d_model")
+    mlp_hidden: int | None = opt(
+        None, lo=1, help="MLP hidden size (default 4*d_model, 8/3*d_model for swiglu); excludes mlp_ratio"
+    )
+    mlp_ratio: float | None = opt(
+        None,
+        lo=0.01,
+        hi=64.0,
+        help="MLP hidden size as round(mlp_ratio * d_model), e.g. 2 for the "
+        "Sparse Transformer's half-size feed-forward; excludes mlp_hidden",
+    )
+    qk_ratio: float = opt(
+        1.0,
+        lo=0.01,
+        hi=16.0,
+        help="query/key projection width as a fraction of d_model (0.5: the Sparse "
+        "Transformer's half-size query-key); values and output keep d_model",
+    )
     qk_norm: bool = opt(False)
     bias: bool = opt(True)
     tie_weights: bool = opt(True)
-    init: str = opt("gpt2", choices=["gpt2", "xavier", "sparse_transformer"],
-                    help="sparse_transformer: Child et al. 2019 (weights N(0, 0.125/sqrt(fan_in)), residual outputs "
-                         "also / sqrt(2*n_layer), embeddings N(0, 0.125/sqrt(d_model)); the output layer starts at zero, untied)")
-    init_std: float = opt(0.02, lo=1e-6, hi=1.0, help="gpt2: std of every weight (residual outputs / sqrt(2*n_layer)); "
-                                                     "xavier: std of the embeddings")
-    zero_init_logits: bool = opt(False, help="start the output layer at zero (uniform first prediction); unties weights")
-    checkpoint_activations: bool = opt(False, help="recompute each block in backward (less activation memory, "
-                                                   "about one more forward of compute)")
+    init: str = opt(
+        "gpt2",
+        choices=["gpt2", "xavier", "sparse_transformer"],
+        help="sparse_transformer: Child et al. 2019 (weights N(0, 0.125/sqrt(fan_in)), residual outputs "
+        "also / sqrt(2*n_layer), embeddings N(0, 0.125/sqrt(d_model)); the output layer starts at zero, untied)",
+    )
+    init_std: float = opt(
+        0.02,
+        lo=1e-6,
+        hi=1.0,
+        help="gpt2: std of every weight (residual outputs / sqrt(2*n_layer)); xavier: std of the embeddings",
+    )
+    zero_init_logits: bool = opt(
+        False, help="start the output layer at zero (uniform first prediction); unties weights"
+    )
+    checkpoint_activations: bool = opt(
+        False, help="recompute each block in backward (less activation memory, about one more forward of compute)"
+    )
 
     def check(self) -> None:
         """The rules that tie model fields together; ConfigError naming the keys to change."""
         if self.d_model % self.n_head:
-            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}: choose d_model as a multiple of n_head")
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}: choose d_model as a multiple of n_head"
+            )
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise ConfigError(f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: "
-                              f"choose a divisor of {self.n_head} (1 = multi-query attention) or leave n_kv_head unset")
+            raise ConfigError(
+                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: "
+                f"choose a divisor of {self.n_head} (1 = multi-query attention) or leave n_kv_head unset"
+            )
         head = self.d_model // self.n_head
         qk = self.qk_ratio * head
         if abs(qk - round(qk)) > 1e-6 or round(qk) < 1:
-            raise ConfigError(f"model.qk_ratio={self.qk_ratio} gives a query/key head size of {qk:g} (qk_ratio * d_model/n_head "
-                              f"= {self.qk_ratio} * {head}): choose a ratio that makes it a whole number >= 1")
+            raise ConfigError(
+                f"model.qk_ratio={self.qk_ratio} gives a query/key head size of {qk:g} (qk_ratio * d_model/n_head "
+                f"= {self.qk_ratio} * {head}): choose a ratio that makes it a whole number >= 1"
+            )
         if self.position == "rope" and round(qk) % 2:
-            raise ConfigError(f"model.position=rope needs an even head size for queries and keys, got qk_ratio * d_model/n_head "
-                              f"= {round(qk)}: change d_model, n_head or qk_ratio")
+            raise ConfigError(
+                f"model.position=rope needs an even head size for queries and keys, got qk_ratio * d_model/n_head "
+                f"= {round(qk)}: change d_model, n_head or qk_ratio"
+            )
         if self.mlp_hidden is not None and self.mlp_ratio is not None:
-            raise ConfigError(f"model.mlp_hidden={self.mlp_hidden} and model.mlp_ratio={self.mlp_ratio} are both set: keep one of them")
+            raise ConfigError(
+                f"model.mlp_hidden={self.mlp_hidden} and model.mlp_ratio={self.mlp_ratio} are both set: keep one of them"
+            )
         if self.mlp_ratio is not None and round(self.mlp_ratio * self.d_model) < 1:
-            raise ConfigError(f"model.mlp_ratio={self.mlp_ratio} gives an MLP hidden size of 0 with d_model={self.d_model}: use a larger ratio")
+            raise ConfigError(
+                f"model.mlp_ratio={self.mlp_ratio} gives an MLP hidden size of 0 with d_model={self.d_model}: use a larger ratio"
+            )
 
 
 @dataclass(init=False)
@@ -138,23 +200,45 @@ class AttentionConfig:
     """
 
     pattern: str = opt("dense", help="the pattern of every layer (attnlab patterns lists them with their parameters)")
-    schedule: list[str] = opt([], help="per-layer pattern names, repeated over the layers (e.g. local,local,local,strided); "
-                                       "overrides pattern")
-    layers: list[dict] = opt([], help="per-layer specs, repeated over the layers, each with its own parameters, e.g. "
-                                      "[{pattern: local, window: 64}, {pattern: dense}]; overrides pattern and schedule")
+    schedule: list[str] = opt(
+        [], help="per-layer pattern names, repeated over the layers (e.g. local,local,local,strided); overrides pattern"
+    )
+    layers: list[dict] = opt(
+        [],
+        help="per-layer specs, repeated over the layers, each with its own parameters, e.g. "
+        "[{pattern: local, window: 64}, {pattern: dense}]; overrides pattern and schedule",
+    )
     backend: str = opt("auto", choices=["auto", "reference", "sdpa", "blocksparse", "flex", "linear"])
-    plugins: list[str] = opt([], help="Python files (or importable modules) that register more patterns or modifiers; "
-                                      "each file is copied into the run directory")
-    modifiers: list[str] = opt([], help="score modifiers applied in order before the mask, e.g. alibi, "
-                                        "softcap(cap=30), relpos(buckets=32,max_distance=128); a layers entry may "
-                                        "set its own")
+    plugins: list[str] = opt(
+        [],
+        help="Python files (or importable modules) that register more patterns or modifiers; "
+        "each file is copied into the run directory",
+    )
+    modifiers: list[str] = opt(
+        [],
+        help="score modifiers applied in order before the mask, e.g. alibi, "
+        "softcap(cap=30), relpos(buckets=32,max_distance=128); a layers entry may "
+        "set its own",
+    )
     params: dict = field(default_factory=dict, metadata={"flat": True})
 
-    def __init__(self, pattern: str = "dense", schedule: list[str] | None = None, layers: list[dict] | None = None,
-                 backend: str = "auto", plugins: list[str] | None = None, modifiers: list[str] | None = None,
-                 params: dict | None = None, **flat: Any):
+    def __init__(
+        self,
+        pattern: str = "dense",
+        schedule: list[str] | None = None,
+        layers: list[dict] | None = None,
+        backend: str = "auto",
+        plugins: list[str] | None = None,
+        modifiers: list[str] | None = None,
+        params: dict | None = None,
+        **flat: Any,
+    ):
         self.pattern, self.backend = pattern, backend
-        self.schedule, self.layers, self.plugins = list(schedule or []), [dict(x) for x in layers or []], list(plugins or [])
+        self.schedule, self.layers, self.plugins = (
+            list(schedule or []),
+            [dict(x) for x in layers or []],
+            list(plugins or []),
+        )
         self.modifiers = list(modifiers or [])
         self.params = {**(params or {}), **flat}
 
@@ -220,17 +304,27 @@ class TrainConfig:
     time_budget_s: float | None = opt(None, lo=0.0, help="stop after this much training wall-clock")
     eval_every: int | None = opt(None, lo=1, help="evaluate every N steps")
     evals_per_epoch: int | None = opt(None, lo=1)
-    val_tokens: int | None = opt(None, lo=1, help="tokens scored by periodic evals (None = whole split); the final eval always scores the whole split")
+    val_tokens: int | None = opt(
+        None,
+        lo=1,
+        help="tokens scored by periodic evals (None = whole split); the final eval always scores the whole split",
+    )
     eval_batch_size: int = opt(32, lo=1)
     eval_stride: int | None = opt(None, lo=1, help="sliding-window stride for evaluation (default context)")
     early_stopping_patience: int | None = opt(None, lo=1, help="stop after N evals without val improvement")
     checkpoint_every: int | None = opt(None, lo=1, help="save a checkpoint every N steps (always at the end)")
     seed: int = opt(1337, lo=0)
     device: str = opt("auto", choices=["auto", "cpu", "cuda", "mps"])
-    dtype: str = opt("auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (auto: bf16 on supporting GPUs, fp32 on CPU)")
+    dtype: str = opt(
+        "auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="autocast dtype (auto: bf16 on supporting GPUs, fp32 on CPU)",
+    )
     compile: bool = opt(False)
     threads: int | None = opt(None, lo=1, help="CPU threads (default: torch's choice)")
-    parallel: str = opt("ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP replicas or FSDP2 sharding (ignored in one process)")
+    parallel: str = opt(
+        "ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP replicas or FSDP2 sharding (ignored in one process)"
+    )
 
 
 @dataclass
@@ -241,9 +335,16 @@ class LoggingConfig:
     wandb_project: str = opt("attnlab")
     tensorboard: bool = opt(False)
     sample_tokens: int = opt(0, lo=0, help="text: tokens to sample into samples/ at each evaluation (0 = none)")
-    sample_images: int = opt(0, lo=0, hi=256, help="images: a grid of this many samples into samples/ at each evaluation (0 = none)")
-    attention_stats: int = opt(4, lo=0, hi=64, help="per-head attention statistics over this many validation sequences "
-                                                     "at each evaluation (attention_stats events; 0 = off)")
+    sample_images: int = opt(
+        0, lo=0, hi=256, help="images: a grid of this many samples into samples/ at each evaluation (0 = none)"
+    )
+    attention_stats: int = opt(
+        4,
+        lo=0,
+        hi=64,
+        help="per-head attention statistics over this many validation sequences "
+        "at each evaluation (attention_stats events; 0 = off)",
+    )
 
 
 @dataclass
@@ -257,20 +358,26 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         validate(self)
         m = self.model
         m.check()
         if m.image_shape and (len(m.image_shape) != 3 or min(m.image_shape) < 1):
-            raise ConfigError(f"model.image_shape={m.image_shape} is not [height, width, channels]: set e.g. model.image_shape=32,32,3 "
-                              "(or leave it empty to take the dataset's)")
+            raise ConfigError(
+                f"model.image_shape={m.image_shape} is not [height, width, channels]: set e.g. model.image_shape=32,32,3 "
+                "(or leave it empty to take the dataset's)"
+            )
         t = self.train
         if t.epochs is not None and t.epochs <= 0:
-            raise ConfigError(f"train.epochs={t.epochs} trains no step: use train.epochs > 0 (e.g. 0.5 for half a pass)")
+            raise ConfigError(
+                f"train.epochs={t.epochs} trains no step: use train.epochs > 0 (e.g. 0.5 for half a pass)"
+            )
         if t.epochs is None and t.max_steps is None and t.time_budget_s is None:
             raise ConfigError("no stopping rule: set train.epochs, train.max_steps or train.time_budget_s")
         if t.eval_stride is not None and t.eval_stride > m.context:
-            raise ConfigError(f"train.eval_stride={t.eval_stride} exceeds model.context={m.context}: use a stride in [1, {m.context}]")
+            raise ConfigError(
+                f"train.eval_stride={t.eval_stride} exceeds model.context={m.context}: use a stride in [1, {m.context}]"
+            )
         if self.optim.beta2 >= 1.0 or self.optim.beta1 >= 1.0:
             raise ConfigError("optim.beta1 and optim.beta2 must be < 1: use e.g. beta1=0.9 beta2=0.95")
         check_attention(self.attention, m)
@@ -326,13 +433,15 @@ def _count_items(value: Any, limit: int) -> int:
         if id(v) not in memo:
             memo[id(v)] = 0  # a recursive alias counts as nothing more
             total = 1
-            for item in (v.values() if isinstance(v, dict) else v):
+            for item in v.values() if isinstance(v, dict) else v:
                 total += count(item)
                 if total > limit:
                     break
             memo[id(v)] = total
         return memo[id(v)]
+
     return count(value)
+
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -359,7 +468,11 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> None:
     if m.get("choices") and value not in m["choices"]:
         raise ConfigError(f"{key}={show(value)} is not allowed: use {_allowed(f)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value) or (m.get("lo") is not None and value < m["lo"]) or (m.get("hi") is not None and value > m["hi"]):
+        if (
+            not math.isfinite(value)
+            or (m.get("lo") is not None and value < m["lo"])
+            or (m.get("hi") is not None and value > m["hi"])
+        ):
             raise ConfigError(f"{key}={show(value)} is out of range: use {_allowed(f)}")
 
 
@@ -374,6 +487,7 @@ def validate(cfg: Config) -> None:
 
 
 # ------------------------------------------------------------ type coercion
+
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's declared type."""
@@ -465,7 +579,9 @@ def _coerce_layers(key: str, value: Any) -> list[dict]:
         except yaml.YAMLError:
             value = None
     if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
-        raise ConfigError(f"{key} expects a list of layer specs, e.g. {key}='[{{pattern: local, window: 64}}, {{pattern: dense}}]'")
+        raise ConfigError(
+            f"{key} expects a list of layer specs, e.g. {key}='[{{pattern: local, window: 64}}, {{pattern: dense}}]'"
+        )
     layers = []
     for i, entry in enumerate(value):
         where = f"{key}[{i}]"
@@ -523,13 +639,17 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(sub):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{key} is a section; set its keys, e.g. {key}.{dataclasses.fields(sub)[0].name}=...")
+                    raise ConfigError(
+                        f"{key} is a section; set its keys, e.g. {key}.{dataclasses.fields(sub)[0].name}=..."
+                    )
                 for k, v in value.items():
                     set_key(cfg, f"{key}.{k}", v)
                 return
             if _count_items(value, MAX_VALUE_ITEMS) > MAX_VALUE_ITEMS:  # before coercion copies it
-                raise ConfigError(f"{key} holds a value of more than {MAX_VALUE_ITEMS:,} items once its YAML aliases "
-                                  f"are expanded ({show(value)}): write the value out plainly")
+                raise ConfigError(
+                    f"{key} holds a value of more than {MAX_VALUE_ITEMS:,} items once its YAML aliases "
+                    f"are expanded ({show(value)}): write the value out plainly"
+                )
             value = _coerce(key, _hints(type(obj))[part], value)
             _check_value(key, f, value)
             if key == "attention.plugins":
@@ -548,8 +668,9 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
 
     def __init__(self, key: str, first_line: int, second_line: int, mark):
         self.key, self.lines = key, (first_line, second_line)
-        super().__init__(None, None, f"{show(key)} appears twice (lines {first_line} and {second_line}): keep one of them",
-                         mark)
+        super().__init__(
+            None, None, f"{show(key)} appears twice (lines {first_line} and {second_line}): keep one of them", mark
+        )
 
 
 class _Loader(yaml.SafeLoader):
@@ -586,8 +707,9 @@ _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def parse_override(arg: str) -> tuple[str, Any]:
@@ -616,7 +738,9 @@ def apply_pattern_spec(cfg: Config, spec: str, aliases: dict[str, str] | None = 
     name, *items = (s.strip() for s in spec.split(":"))
     try:
         if not name or "=" in name:
-            raise ConfigError("no pattern name comes first: write name:key=value (put config overrides before --patterns)")
+            raise ConfigError(
+                "no pattern name comes first: write name:key=value (put config overrides before --patterns)"
+            )
         pairs = []
         for item in items:
             if "=" not in item:
@@ -630,7 +754,9 @@ def apply_pattern_spec(cfg: Config, spec: str, aliases: dict[str, str] | None = 
         set_key(cfg, "attention.pattern", name)
         return cfg
     except ConfigError as e:
-        raise ConfigError(f"pattern spec {spec!r}: {e} (write name or name:key=value:..., e.g. local:window=256)") from None
+        raise ConfigError(
+            f"pattern spec {spec!r}: {e} (write name or name:key=value:..., e.g. local:window=256)"
+        ) from None
 
 
 def from_dict(d: dict, overrides: Sequence[str] = ()) -> Config:
@@ -651,6 +777,7 @@ def _settings_from_dataset(cfg: Config) -> None:
     if not cfg.data.dir:
         return
     import json
+
     try:
         prepared = json.loads((Path(cfg.data.dir) / "meta.json").read_text(encoding="utf-8")).get("data_config")
     except (OSError, ValueError, AttributeError):
@@ -680,13 +807,17 @@ def _read_yaml(p: Path) -> Any:
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not a UTF-8 text file (byte {e.start}): pass a YAML file "
-                          "such as configs/quickstart.yaml") from None
+        raise ConfigError(
+            f"config file {str(p)!r} is not a UTF-8 text file (byte {e.start}): pass a YAML file "
+            "such as configs/quickstart.yaml"
+        ) from None
     try:
         return yaml.load(text, Loader=_Loader) or {}
     except DuplicateKeyError as e:
-        raise ConfigError(f"config file {str(p)!r} has the key {show(e.key)} twice (lines {e.lines[0]} and "
-                          f"{e.lines[1]}): keep one of them") from None
+        raise ConfigError(
+            f"config file {str(p)!r} has the key {show(e.key)} twice (lines {e.lines[0]} and "
+            f"{e.lines[1]}): keep one of them"
+        ) from None
     except yaml.YAMLError as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         first = first if len(first) <= SHOW_LIMIT else first[:SHOW_LIMIT] + "..."

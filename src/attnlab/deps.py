@@ -16,14 +16,21 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # import name -> pip requirement (attnlab's own dependencies, then what its GPU check runs)
 PACKAGES = {
-    "numpy": "numpy>=1.24", "tokenizers": "tokenizers>=0.15", "safetensors": "safetensors>=0.4", "tqdm": "tqdm>=4.60",
-    "yaml": "pyyaml>=6", "matplotlib": "matplotlib>=3.7", "scipy": "scipy>=1.10",
-    "pytest": "pytest>=7", "hypothesis": "hypothesis>=6", "xdist": "pytest-xdist>=3",
+    "numpy": "numpy>=1.24",
+    "tokenizers": "tokenizers>=0.15",
+    "safetensors": "safetensors>=0.4",
+    "tqdm": "tqdm>=4.60",
+    "yaml": "pyyaml>=6",
+    "matplotlib": "matplotlib>=3.7",
+    "scipy": "scipy>=1.10",
+    "pytest": "pytest>=7",
+    "hypothesis": "hypothesis>=6",
+    "xdist": "pytest-xdist>=3",
 }
 PIP_FLAGS = ["--disable-pip-version-check", "--no-input", "--retries", "0", "--timeout", "10"]
 PIP_TIMEOUT_S = 240
@@ -32,7 +39,9 @@ PIP_TIMEOUT_S = 240
 def _pip(args: list[str], run: Callable) -> tuple[bool, str]:
     """Run ``python -m pip args``; (ok, last line of its output)."""
     try:
-        out = run([sys.executable, "-m", "pip", *args, *PIP_FLAGS], capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        out = run(
+            [sys.executable, "-m", "pip", *args, *PIP_FLAGS], capture_output=True, text=True, timeout=PIP_TIMEOUT_S
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return False, f"{type(e).__name__}: {e}"
     lines = (out.stdout + out.stderr).strip().splitlines()
@@ -45,8 +54,14 @@ def missing(find: Callable = importlib.util.find_spec) -> list[str]:
     return [name for name in PACKAGES if find(name) is None]
 
 
-def install_missing(root: str | Path, *, wheels: str | Path | None = None, find: Callable = importlib.util.find_spec,
-                    run: Callable = subprocess.run, log: Callable[[str], None] = print) -> dict:
+def install_missing(
+    root: str | Path,
+    *,
+    wheels: str | Path | None = None,
+    find: Callable = importlib.util.find_spec,
+    run: Callable = subprocess.run,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Install attnlab from ``root`` (no dependencies) and the missing ``PACKAGES``; returns what happened.
 
     ``wheels``: a folder of wheels (``pip download -d DIR ...`` on a machine with a network) to install
@@ -59,6 +74,7 @@ def install_missing(root: str | Path, *, wheels: str | Path | None = None, find:
     report: dict = {"torch": None, "attnlab": "", "missing_before": [], "installed": [], "still_missing": [], "pip": ""}
     if find("torch") is not None:
         from importlib.metadata import PackageNotFoundError, version
+
         try:
             report["torch"] = version("torch")
         except PackageNotFoundError:
@@ -92,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     report = install_missing(a.root, wheels=a.wheels or None)
     if report["torch"] is None:
-        print("attnlab: error: torch is not installed: install the machine's PyTorch build first "
-              "(https://pytorch.org/get-started/locally/), then rerun", file=sys.stderr)
+        print(
+            "attnlab: error: torch is not installed: install the machine's PyTorch build first "
+            "(https://pytorch.org/get-started/locally/), then rerun",
+            file=sys.stderr,
+        )
         return 2
     if a.report:
         Path(a.report).write_text(json.dumps(report, indent=2) + "\n")

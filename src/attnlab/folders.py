@@ -35,6 +35,7 @@ _KIND_NAMES = {"run": "run directory", "dataset": "dataset folder", "sweep": "sw
 
 # ------------------------------------------------------------------ locks
 
+
 def lock_path(path: str | Path) -> Path:
     path = Path(path).resolve()
     return path.with_name(f".{path.name}.lock")
@@ -46,8 +47,9 @@ def cannot_write(path: Path, e: OSError, fix: str, error: type[UserError] = Chec
 
 
 @contextlib.contextmanager
-def locked(path: str | Path, what: str = "run directory", *, wait: bool = False,
-           error: type[UserError] = CheckpointError):
+def locked(
+    path: str | Path, what: str = "run directory", *, wait: bool = False, error: type[UserError] = CheckpointError
+):
     """Hold the exclusive lock on the folder ``path`` (which need not exist yet; its parent must) for the with-block.
 
     Without ``wait`` a held lock raises ``InUse`` naming the holder's PID; with
@@ -76,10 +78,15 @@ def _acquire(lock: Path, path: Path, what: str, wait: bool, error: type[UserErro
             who = f"PID {holder}" if holder else "a process that is starting"
             if not wait:
                 os.close(fd)
-                raise InUse(f"{what} {path} is in use by another attnlab process ({who}): "
-                            f"wait for it to finish or stop it, then try again") from None
-            print(f"attnlab: waiting for another attnlab process ({who}) to finish writing {what} {path}",
-                  file=sys.stderr, flush=True)
+                raise InUse(
+                    f"{what} {path} is in use by another attnlab process ({who}): "
+                    f"wait for it to finish or stop it, then try again"
+                ) from None
+            print(
+                f"attnlab: waiting for another attnlab process ({who}) to finish writing {what} {path}",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         if _same_file(fd, lock):  # else its holder removed it while we waited: take the new one
             os.ftruncate(fd, 0)
@@ -123,8 +130,10 @@ def make_parent(path: Path, what: str, error: type[UserError] = CheckpointError)
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM raises KeyboardInterrupt like Ctrl-C, so cleanup code runs instead of the process just ending."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt
+
     try:
         old = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
@@ -138,8 +147,9 @@ def sigterm_as_interrupt():
 
 # ------------------------------------------------------------------ ownership and --force
 
+
 def kind_of(path: Path) -> str | None:
-    """"run", "dataset" or "sweep" when ``path`` holds attnlab's marker files for it, else None."""
+    """ "run", "dataset" or "sweep" when ``path`` holds attnlab's marker files for it, else None."""
     meta = _json_object(path / "meta.json")
     if (path / "config.yaml").is_file() and meta is not None and "versions" in meta:
         return "run"
@@ -162,8 +172,10 @@ def refuse_working_directory(path: Path, what: str, fix: str, error: type[UserEr
     """The working directory (or a folder holding it) is never a target: attnlab would write over the user's files."""
     p, cwd = path.resolve(), Path.cwd().resolve()
     if p == cwd or p in cwd.parents:
-        raise error(f"{path} is the current directory{' or holds it' if p != cwd else ''}, "
-                    f"which is never used as a {what}: {fix}")
+        raise error(
+            f"{path} is the current directory{' or holds it' if p != cwd else ''}, "
+            f"which is never used as a {what}: {fix}"
+        )
 
 
 def check_target(path: Path, kind: str, force: bool, fix: str, own_fix: str = "") -> None:
@@ -224,6 +236,7 @@ def replace_dir(new: Path, out: Path) -> None:
 
 # ------------------------------------------------------------------ run directories
 
+
 def create_run_dir(run_dir: Path, files: dict[str, str]) -> None:
     """Make ``run_dir`` holding ``files`` (name -> text) in one rename, so a run directory is never half made.
 
@@ -242,4 +255,6 @@ def create_run_dir(run_dir: Path, files: dict[str, str]) -> None:
 
 def check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist: pass a folder created by `attnlab train` (see runs/)")
+        raise CheckpointError(
+            f"run directory {run_dir} does not exist: pass a folder created by `attnlab train` (see runs/)"
+        )

@@ -20,30 +20,52 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/ for runkit, also when run as a script
 
-from runkit import write_corpus  # noqa: E402
-
 from attnlab import config  # noqa: E402
 from attnlab.training.logs import read_events  # noqa: E402
 from attnlab.training.trainer import train  # noqa: E402
+from runkit import write_corpus  # noqa: E402
 
 STEPS = 50
 REGENERATE = "python tests/golden/regenerate.py"
 
 _COMMON = [
-    "out_dir={out_dir}", "data.source={corpus}", "data.format=lines", "data.tokenizer=bytes", "data.val_frac=0.1",
-    "data.seed=1", "data.dir={data_dir}",
-    "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.context=32", "model.dropout=0.1",
-    "optim.name=adamw", "optim.lr=3e-3", "optim.warmup_steps=2",
-    "train.batch_size=4", f"train.max_steps={STEPS}", "train.eval_batch_size=8", "train.seed=7",
-    "train.device=cpu", "train.dtype=float32", "train.threads=1",  # one thread: one reduction order
-    "logging.progress=false", "logging.log_every=1",
+    "out_dir={out_dir}",
+    "data.source={corpus}",
+    "data.format=lines",
+    "data.tokenizer=bytes",
+    "data.val_frac=0.1",
+    "data.seed=1",
+    "data.dir={data_dir}",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.context=32",
+    "model.dropout=0.1",
+    "optim.name=adamw",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=2",
+    "train.batch_size=4",
+    f"train.max_steps={STEPS}",
+    "train.eval_batch_size=8",
+    "train.seed=7",
+    "train.device=cpu",
+    "train.dtype=float32",
+    "train.threads=1",  # one thread: one reduction order
+    "logging.progress=false",
+    "logging.log_every=1",
 ]
 
 # dense runs through SDPA; strided (split heads, l=8 on a 32-token context) through the blocksparse backend.
 SPECS: dict[str, list[str]] = {
     "dense": ["name=golden-dense", *_COMMON, "attention.pattern=dense"],
-    "strided": ["name=golden-strided", *_COMMON, "attention.pattern=strided", "attention.strided_mode=split",
-                "attention.local_attn_ctx=8", "attention.backend=blocksparse"],
+    "strided": [
+        "name=golden-strided",
+        *_COMMON,
+        "attention.pattern=strided",
+        "attention.strided_mode=split",
+        "attention.local_attn_ctx=8",
+        "attention.backend=blocksparse",
+    ],
 }
 
 
@@ -62,8 +84,11 @@ def run_curve(overrides: list[str], workdir: Path) -> dict:
     cfg = config.load(None, [o.format(**paths) for o in overrides])
     summary = train(cfg)
     steps = read_events(Path(cfg.out_dir) / cfg.name, "training_step")
-    return {"corpus_sha256": corpus_sha256(corpus), "losses": [e["loss"] for e in steps],
-            "val_bits_per_byte": summary["val_bits_per_byte"]}
+    return {
+        "corpus_sha256": corpus_sha256(corpus),
+        "losses": [e["loss"] for e in steps],
+        "val_bits_per_byte": summary["val_bits_per_byte"],
+    }
 
 
 def record(name: str, workdir: Path | None = None) -> dict:
@@ -72,8 +97,13 @@ def record(name: str, workdir: Path | None = None) -> dict:
     if workdir is None:
         with tempfile.TemporaryDirectory() as tmp:
             return record(name, Path(tmp))
-    return {"name": name, "steps": STEPS, "torch": torch.__version__, "overrides": overrides,
-            **run_curve(overrides, workdir)}
+    return {
+        "name": name,
+        "steps": STEPS,
+        "torch": torch.__version__,
+        "overrides": overrides,
+        **run_curve(overrides, workdir),
+    }
 
 
 def differences(old: dict, new: dict, rtol: float) -> list[str]:

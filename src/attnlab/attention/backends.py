@@ -14,15 +14,16 @@ Backends register themselves with a ``supports(pattern, device)`` predicate;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .heads import expand_kv
-from .patterns import Pattern, _grid
+from .patterns import Linear, Pattern, _grid
 
 BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float, bool], torch.Tensor]
 
@@ -31,8 +32,9 @@ BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float, 
 _LINEAR_EPS = 1e-6
 
 
-def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_start: int | None = None,
-                      modifier=None) -> torch.Tensor:
+def reference_weights(
+    q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_start: int | None = None, modifier=None
+) -> torch.Tensor:
     """The attention weights of the spec, ``[B, H, Tq, Tk]`` in fp32 (or wider): row i mixes the values of the keys.
 
     Softmax patterns: dense scores scaled by 1/sqrt(Dqk), the score ``modifier``
@@ -52,7 +54,8 @@ def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_star
     if pattern.mechanism == "linear":
         from .linear import _features
 
-        fq, fk, _ = _features(q, k, k[..., :0], getattr(pattern, "feature_map"))  # no values: only their dtype matters
+        feature_map = cast(Linear, pattern).feature_map
+        fq, fk, _ = _features(q, k, k[..., :0], feature_map)  # no values: only their dtype matters
         A = (fq @ fk.transpose(-2, -1)).masked_fill(~mask, 0.0)
         return A / (A.sum(-1, keepdim=True) + _LINEAR_EPS)
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[3] ** -0.5
@@ -63,8 +66,15 @@ def reference_weights(q: torch.Tensor, k: torch.Tensor, pattern: Pattern, q_star
     return weights.masked_fill(~mask, 0.0)
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-              dropout_p: float = 0.0, training: bool = False, modifier=None) -> torch.Tensor:
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    modifier=None,
+) -> torch.Tensor:
     """The spec: ``reference_weights`` (dense scores, the pattern's dense mask, softmax in fp32), dropout, @ v.
 
     Slow and O(T^2) memory on purpose: it is the obviously-correct version the
@@ -79,11 +89,14 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patter
     return (weights @ v.to(weights.dtype)).to(v.dtype)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-         dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, dropout_p: float = 0.0, training: bool = False
+) -> torch.Tensor:
     """PyTorch's fused ``scaled_dot_product_attention`` with its built-in causal mask (no T x T mask)."""
     if not pattern.is_dense_causal:
-        raise ConfigError(f"attention backend 'sdpa' runs only the dense causal pattern, not {pattern.name!r}: use backend=auto or reference")
+        raise ConfigError(
+            f"attention backend 'sdpa' runs only the dense causal pattern, not {pattern.name!r}: use backend=auto or reference"
+        )
     p = dropout_p if training else 0.0
     if k.shape[1] != q.shape[1]:  # shared key/value heads, never copied
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=True)
@@ -91,6 +104,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
 
 
 # ------------------------------------------------------------------ registry
+
 
 @dataclass(frozen=True)
 class BackendSpec:
@@ -106,9 +120,15 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {}
 
 
-def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torch.device | None], bool], why_not: str = "",
-                     preferred: Callable[[Pattern, torch.device | None], bool] | None = None, dropout: bool = True,
-                     modifiers: bool = False) -> None:
+def register_backend(
+    name: str,
+    fn: BackendFn,
+    supports: Callable[[Pattern, torch.device | None], bool],
+    why_not: str = "",
+    preferred: Callable[[Pattern, torch.device | None], bool] | None = None,
+    dropout: bool = True,
+    modifiers: bool = False,
+) -> None:
     """Add a backend; later registrations are less preferred by ``auto`` than earlier ones, except ``reference``,
     which is always last. ``preferred`` (default: ``supports``) narrows where ``auto`` picks it; ``dropout=False``
     keeps it away from models with attention dropout; ``modifiers=True`` says it applies score modifiers."""
@@ -118,6 +138,7 @@ def register_backend(name: str, fn: BackendFn, supports: Callable[[Pattern, torc
 
 
 # Fast backends live in their own modules, imported on first use: the registry stays light.
+
 
 def _softmax(pattern: Pattern) -> bool:
     return pattern.mechanism == "softmax"
@@ -156,19 +177,38 @@ def _linear(q, k, v, pattern, dropout_p=0.0, training=False):
     return linear_backend(q, k, v, pattern, dropout_p, training)
 
 
-register_backend("sdpa", sdpa, lambda pattern, device: pattern.is_dense_causal,
-                 "it only has the dense causal mask built in")
-register_backend("flex", _flex, _flex_supports, "it computes softmax attention on CUDA or CPU only",
-                 preferred=_flex_preferred, dropout=False, modifiers=True)
-register_backend("blocksparse", _blocksparse, lambda pattern, device: _softmax(pattern),
-                 "it computes softmax attention, not linear attention", modifiers=True)
-register_backend("linear", _linear, lambda pattern, device: pattern.mechanism == "linear",
-                 "it computes linear attention only")
+register_backend(
+    "sdpa", sdpa, lambda pattern, device: pattern.is_dense_causal, "it only has the dense causal mask built in"
+)
+register_backend(
+    "flex",
+    _flex,
+    _flex_supports,
+    "it computes softmax attention on CUDA or CPU only",
+    preferred=_flex_preferred,
+    dropout=False,
+    modifiers=True,
+)
+register_backend(
+    "blocksparse",
+    _blocksparse,
+    lambda pattern, device: _softmax(pattern),
+    "it computes softmax attention, not linear attention",
+    modifiers=True,
+)
+register_backend(
+    "linear", _linear, lambda pattern, device: pattern.mechanism == "linear", "it computes linear attention only"
+)
 register_backend("reference", reference, lambda pattern, device: True, modifiers=True)
 
 
-def select_backend(name: str, pattern: Pattern, device: torch.device | str | None = None,
-                   dropout: float = 0.0, modifiers: list[str] | None = None) -> tuple[str, BackendFn]:
+def select_backend(
+    name: str,
+    pattern: Pattern,
+    device: torch.device | str | None = None,
+    dropout: float = 0.0,
+    modifiers: list[str] | None = None,
+) -> tuple[str, BackendFn]:
     """Resolve ``name`` (``auto`` or a backend name) for ``pattern`` on ``device`` to ``(backend_name, fn)``,
     for a model with attention ``dropout`` and score ``modifiers`` (their specs).
 
@@ -178,24 +218,35 @@ def select_backend(name: str, pattern: Pattern, device: torch.device | str | Non
         device = torch.device(device)
     if name == "auto":
         for backend_name, spec in BACKENDS.items():
-            if spec.preferred(pattern, device) and (spec.dropout or dropout == 0.0) \
-                    and (spec.modifiers or not modifiers):
+            if (
+                spec.preferred(pattern, device)
+                and (spec.dropout or dropout == 0.0)
+                and (spec.modifiers or not modifiers)
+            ):
                 return backend_name, spec.fn
-        raise ConfigError(f"no attention backend can run pattern {pattern.name!r} on {device}")  # unreachable while reference exists
+        raise ConfigError(
+            f"no attention backend can run pattern {pattern.name!r} on {device}"
+        )  # unreachable while reference exists
     chosen = BACKENDS.get(name)
     if chosen is None:
         raise ConfigError(f"attention.backend={name!r} is unknown: use auto or one of {', '.join(BACKENDS)}")
     if not chosen.supports(pattern, device):
         reason = f" ({chosen.why_not})" if chosen.why_not else ""
-        raise ConfigError(f"attention.backend={name!r} cannot run pattern {pattern.name!r}{reason}: use attention.backend=auto or reference")
+        raise ConfigError(
+            f"attention.backend={name!r} cannot run pattern {pattern.name!r}{reason}: use attention.backend=auto or reference"
+        )
     if dropout > 0.0 and not chosen.dropout:
-        raise ConfigError(f"attention.backend={name!r} has no attention dropout but the model's is {dropout} "
-                          f"(model.attn_dropout, or model.dropout where it is unset): use attention.backend=auto, "
-                          f"blocksparse or reference, or model.attn_dropout=0")
+        raise ConfigError(
+            f"attention.backend={name!r} has no attention dropout but the model's is {dropout} "
+            f"(model.attn_dropout, or model.dropout where it is unset): use attention.backend=auto, "
+            f"blocksparse or reference, or model.attn_dropout=0"
+        )
     if modifiers and not chosen.modifiers:
         able = ", ".join(n for n, s in BACKENDS.items() if s.modifiers)
-        raise ConfigError(f"attention.backend={name!r} cannot apply score modifiers {list(modifiers)}: "
-                          f"use attention.backend=auto or one of {able}")
+        raise ConfigError(
+            f"attention.backend={name!r} cannot apply score modifiers {list(modifiers)}: "
+            f"use attention.backend=auto or one of {able}"
+        )
     return name, chosen.fn
 
 

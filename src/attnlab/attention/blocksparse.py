@@ -70,8 +70,10 @@ def plan(pattern: Pattern, T: int, n_head: int, device: torch.device) -> tuple[_
         comps = [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components]
         # Reordered or merged components copy their inputs: go one head at a time to keep those copies small.
         one_by_one = len(comps) > 1 or any(cp.order is not None for cp in comps)
-        groups += [_GroupPlan(_head_index(hs), comps, torch.tensor(hs, device=device).view(-1, 1, 1, 1))
-                   for hs in ([(h,) for h in g.heads] if one_by_one else [g.heads])]
+        groups += [
+            _GroupPlan(_head_index(hs), comps, torch.tensor(hs, device=device).view(-1, 1, 1, 1))
+            for hs in ([(h,) for h in g.heads] if one_by_one else [g.heads])
+        ]
     return tuple(groups)
 
 
@@ -104,13 +106,26 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
         n, kv = q1 - q0, ranked[q0:q1, :m]
         valid = kv < nk
         kv = torch.where(valid, kv, 0)
-        qpos = pos[q0 * qb_size:q1 * qb_size].view(n, qb_size, 1)
+        qpos = pos[q0 * qb_size : q1 * qb_size].view(n, qb_size, 1)
         kpos = pos[(kv.view(n, m, 1) * b + torch.arange(b)).view(n, 1, m * b)]
-        mask = pattern.allowed(qpos, kpos, torch.tensor(head)) & valid.repeat_interleave(b, dim=1).view(n, 1, m * b) & (kpos < T)
+        mask = (
+            pattern.allowed(qpos, kpos, torch.tensor(head))
+            & valid.repeat_interleave(b, dim=1).view(n, 1, m * b)
+            & (kpos < T)
+        )
         if comp.select is not None:
             mask = mask & comp.select(qpos, kpos)
-        chunks.append(_Chunk(q0, q1, kv.to(device), _mask_runs(mask, b, device), not bool(mask.any(-1).all()),
-                             qpos.to(device), kpos.to(device)))
+        chunks.append(
+            _Chunk(
+                q0,
+                q1,
+                kv.to(device),
+                _mask_runs(mask, b, device),
+                not bool(mask.any(-1).all()),
+                qpos.to(device),
+                kpos.to(device),
+            )
+        )
         q0 = q1
     return _ComponentPlan(b, r, length, None if order is None else order.to(device), chunks)
 
@@ -134,6 +149,7 @@ def _mask_runs(mask: torch.Tensor, block: int, device) -> list[tuple[slice, torc
 
 # ------------------------------------------------------------------ kernel
 
+
 def _to_order(x: torch.Tensor, cp: _ComponentPlan) -> torch.Tensor:
     """[B,H,T,D] in original order -> [B,H,length,D] in the component's order, zero-padded."""
     B, H, T, D = x.shape
@@ -155,7 +171,7 @@ def _rows(x: torch.Tensor, ch: _Chunk, cp: _ComponentPlan) -> torch.Tensor:
     """The chunk's query rows of [B,H,length,D']: [B,H,n,qb,D']."""
     B, H, _, D = x.shape
     q_block = cp.block * cp.q_group
-    return x[:, :, ch.q0 * q_block:ch.q1 * q_block].view(B, H, ch.q1 - ch.q0, q_block, D)
+    return x[:, :, ch.q0 * q_block : ch.q1 * q_block].view(B, H, ch.q1 - ch.q0, q_block, D)
 
 
 def _gather(x: torch.Tensor, kv: torch.Tensor, block: int) -> torch.Tensor:
@@ -212,8 +228,9 @@ def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> 
     return grads[0]
 
 
-def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool,
-                       mod=None, heads=None):
+def _forward_component(
+    q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool, mod=None, heads=None
+):
     """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1]."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
     out = v.new_empty(*q.shape[:3], v.shape[-1])
@@ -231,8 +248,23 @@ def _forward_component(q, k, v, cp: _ComponentPlan, scale: float, p: float, seed
     return out, lse
 
 
-def _backward_component(q, k, v, dout, lse, delta, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int,
-                        mod=None, heads=None, params=(), param_grads=()):
+def _backward_component(
+    q,
+    k,
+    v,
+    dout,
+    lse,
+    delta,
+    cp: _ComponentPlan,
+    scale: float,
+    p: float,
+    seed: int,
+    salt: int,
+    mod=None,
+    heads=None,
+    params=(),
+    param_grads=(),
+):
     """Gradients of one component, in its order. Alone (``lse`` None) its probabilities are its own softmax;
     as one of several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out).
     The modifier's parameter gradients are added to ``param_grads``."""
@@ -308,8 +340,9 @@ class _BlockSparse(torch.autograd.Function):
             h, several = gp.heads, len(gp.components) > 1
             parts = []
             for c, cp in enumerate(gp.components):
-                o, l = _forward_component(q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several,
-                                          mod, gp.head_idx)
+                o, l = _forward_component(
+                    q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several, mod, gp.head_idx
+                )
                 parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
             if several:
                 o, lses[g] = _merge(parts)
@@ -328,10 +361,16 @@ class _BlockSparse(torch.autograd.Function):
         param_grads = [torch.zeros_like(x) for x in params]
         mods = dict(mod=mod, params=params, param_grads=param_grads)
         cp0 = plans[0].components[0]
-        if len(plans) == 1 and len(plans[0].components) == 1 and cp0.order is None and cp0.length == q.shape[2] \
-                and plans[0].heads == slice(0, q.shape[1]):  # the common case: the component's grads are the grads
-            grads = _backward_component(q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0),
-                                        heads=plans[0].head_idx, **mods)
+        if (
+            len(plans) == 1
+            and len(plans[0].components) == 1
+            and cp0.order is None
+            and cp0.length == q.shape[2]
+            and plans[0].heads == slice(0, q.shape[1])
+        ):  # the common case: the component's grads are the grads
+            grads = _backward_component(
+                q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0), heads=plans[0].head_idx, **mods
+            )
             return (*grads, None, None, None, None, None, *param_grads)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g, gp in enumerate(plans):
@@ -339,8 +378,21 @@ class _BlockSparse(torch.autograd.Function):
             lse = ctx.lses.get(g)
             delta = None if lse is None else (dout[:, h] * out[:, h]).sum(-1, keepdim=True)
             for c, cp in enumerate(gp.components):
-                grads = _backward_component(q[:, h], k[:, h], v[:, h], dout[:, h], lse, delta,
-                                            cp, ctx.scale, ctx.p, ctx.seed, _salt(g, c), heads=gp.head_idx, **mods)
+                grads = _backward_component(
+                    q[:, h],
+                    k[:, h],
+                    v[:, h],
+                    dout[:, h],
+                    lse,
+                    delta,
+                    cp,
+                    ctx.scale,
+                    ctx.p,
+                    ctx.seed,
+                    _salt(g, c),
+                    heads=gp.head_idx,
+                    **mods,
+                )
                 for acc, grad in zip((dq, dk, dv), grads):
                     if isinstance(h, slice):
                         _add_from_order(acc[:, h], grad, cp)  # a view: accumulates in place
@@ -353,8 +405,15 @@ class _BlockSparse(torch.autograd.Function):
 
 
 @torch.compiler.disable  # a Python loop over cached plans: under train.compile it runs eagerly between graphs
-def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                dropout_p: float = 0.0, training: bool = False, modifier=None) -> torch.Tensor:
+def blocksparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    modifier=None,
+) -> torch.Tensor:
     """Attention backend: ``pattern`` computed block by block, forward and backward, on any device.
 
     q, k [B,H,T,Dqk] and v [B,H,T,Dv] may differ in head size; scores are scaled by 1/sqrt(Dqk).
@@ -369,5 +428,5 @@ def blocksparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Patt
     k, v = expand_kv(k, H), expand_kv(v, H)
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))  # the model hands in head-transposed views
     params = () if modifier is None else tuple(modifier.parameters())
-    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk ** -0.5, p, seed, modifier, *params)
+    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk**-0.5, p, seed, modifier, *params)
     return out.to(dtype)

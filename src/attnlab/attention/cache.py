@@ -46,8 +46,8 @@ streaming is seen from there by a translation-invariant modifier too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -138,8 +138,16 @@ class LayerCache:
 
     streams: bool = False  # True when memory is bounded, so decoding may run past the context
 
-    def __init__(self, pattern: Pattern, batch: int, n_head: int, max_len: int, n_kv_head: int | None = None,
-                 modifier=None, context: int | None = None):
+    def __init__(
+        self,
+        pattern: Pattern,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        n_kv_head: int | None = None,
+        modifier=None,
+        context: int | None = None,
+    ):
         self.pattern, self.batch, self.n_head, self.max_len = pattern, batch, n_head, max_len
         self.n_kv_head = n_kv_head or n_head
         self.group = n_head // self.n_kv_head  # query heads per key/value head
@@ -216,6 +224,7 @@ class Slots:
 
 # ------------------------------------------------------------------ the caches
 
+
 class AppendCache(LayerCache):
     """dense / block_layout: every position, appended in order; a step reads the filled prefix only."""
 
@@ -238,7 +247,9 @@ class AppendCache(LayerCache):
         if not self.pattern.is_dense_causal or self.modifier is not None:
             keys = torch.arange(n, device=q.device)
         if not self.pattern.is_dense_causal:  # block_layout or a fallback: the pattern's rule over the filled slots
-            mask = self.pattern.allowed(torch.tensor(pos, device=q.device), keys[None, :], self.heads.to(q.device))[:, None, :]
+            mask = self.pattern.allowed(torch.tensor(pos, device=q.device), keys[None, :], self.heads.to(q.device))[
+                :, None, :
+            ]
         return [Part(q, self.slots.k[:, :, :n], self.slots.v[:, :, :n], mask, keys, pos)]
 
     def held(self):
@@ -315,11 +326,11 @@ class SinkWindowCache(LayerCache):
         self.pos[slots] = positions
         self.full = self.full or bool((self.pos >= 0).all())
         if bool((positions < self.sinks).any()):
-            self.sink_keys = self.slots.k[:, :, :self.sinks].clone()
+            self.sink_keys = self.slots.k[:, :, : self.sinks].clone()
 
     def _parts(self, q, pos, shift_sinks):
         if shift_sinks is not None and self.sinks:
-            self.slots.k[:, :, :self.sinks] = shift_sinks(self.sink_keys)
+            self.slots.k[:, :, : self.sinks] = shift_sinks(self.sink_keys)
         q_pos = None
         if self.modifier is not None:  # the sinks are seen from where the last query of a training sequence saw them
             sink_from = pos if self.context is None else min(pos, self.context - 1)
@@ -390,11 +401,13 @@ class StridedCache(LayerCache):
         l, K, V = self.pattern.local_attn_ctx, self.all.k, self.all.v
         r = pos % l
         if not self.union:
-            return [Part(q, K[:, :, r:pos + 1:l], V[:, :, r:pos + 1:l], None, torch.arange(r, pos + 1, l), pos)]
+            return [Part(q, K[:, :, r : pos + 1 : l], V[:, :, r : pos + 1 : l], None, torch.arange(r, pos + 1, l), pos)]
         near = max(0, pos - l + 1)  # the window; the residue class continues below it
         far = slice(r, max(near, r), l)
-        return [Part(q, K[:, :, near:pos + 1], V[:, :, near:pos + 1], None, torch.arange(near, pos + 1), pos),
-                Part(q, K[:, :, far], V[:, :, far], None, torch.arange(far.start, far.stop, l), pos)]
+        return [
+            Part(q, K[:, :, near : pos + 1], V[:, :, near : pos + 1], None, torch.arange(near, pos + 1), pos),
+            Part(q, K[:, :, far], V[:, :, far], None, torch.arange(far.start, far.stop, l), pos),
+        ]
 
     def held(self):
         local = self.ring.held() if self.ring else set()
@@ -434,7 +447,9 @@ class FixedCache(LayerCache):
     @staticmethod
     def _visible(pattern: Fixed, n_head: int) -> torch.Tensor:
         l = pattern.local_attn_ctx
-        return pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], torch.arange(n_head)[:, None]).expand(n_head, l)
+        return pattern.allowed(torch.tensor(l), torch.arange(l)[None, :], torch.arange(n_head)[:, None]).expand(
+            n_head, l
+        )
 
     @classmethod
     def shares_heads(cls, pattern, n_head, n_kv_head):
@@ -445,8 +460,8 @@ class FixedCache(LayerCache):
         l, P = self.pattern.local_attn_ctx, k.shape[2]
         for c0 in range(0, P, l):
             n = min(l, P - c0)
-            self.slots.write(slice(self.n_summary, self.n_summary + n), k[:, :, c0:c0 + n], v[:, :, c0:c0 + n])
-            self.positions[:, :, self.n_summary:self.n_summary + n] = torch.arange(c0, c0 + n)
+            self.slots.write(slice(self.n_summary, self.n_summary + n), k[:, :, c0 : c0 + n], v[:, :, c0 : c0 + n])
+            self.positions[:, :, self.n_summary : self.n_summary + n] = torch.arange(c0, c0 + n)
             if n == l:
                 self._finish_chunk(c0)
         self.length = P
@@ -459,7 +474,7 @@ class FixedCache(LayerCache):
         k = self.slots.k[:, :, chunk].gather(2, index.expand(B, H, c, D))
         v = self.slots.v[:, :, chunk].gather(2, index.expand(B, H, c, self.slots.v.shape[-1]))
         self.slots.write(slice(self.n_summary, self.n_summary + c), k, v)
-        self.positions[:, 0, self.n_summary:self.n_summary + c] = start + self.offsets
+        self.positions[:, 0, self.n_summary : self.n_summary + c] = start + self.offsets
         self.n_summary += c
 
     def step(self, q, k, v, pos, shift_sinks=None):
@@ -471,10 +486,14 @@ class FixedCache(LayerCache):
         mask = None
         if self.own is not None and self.n_summary:  # shared columns: each query head reads only its own
             chunks = self.n_summary // self.offsets.shape[1]
-            mask = torch.cat([self.own.repeat(1, 1, chunks), self.own.new_ones(self.n_head, 1, end - self.n_summary)], -1)
+            mask = torch.cat(
+                [self.own.repeat(1, 1, chunks), self.own.new_ones(self.n_head, 1, end - self.n_summary)], -1
+            )
             mask = mask.to(q.device)
-        out = attend_parts([Part(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], mask,
-                                 self.positions[:, :, :end], pos)], self.modifier)
+        out = attend_parts(
+            [Part(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], mask, self.positions[:, :, :end], pos)],
+            self.modifier,
+        )
         if pos % l == l - 1:
             self._finish_chunk(pos - l + 1)
         return out
@@ -483,8 +502,10 @@ class FixedCache(LayerCache):
         l = self.pattern.local_attn_ctx
         done = self.length // l * l
         current = set(range(done, self.length))
-        own = [self.offsets[h // self.group][self.own[h, 0] if self.own is not None else slice(None)].tolist()
-               for h in range(self.n_head)]
+        own = [
+            self.offsets[h // self.group][self.own[h, 0] if self.own is not None else slice(None)].tolist()
+            for h in range(self.n_head)
+        ]
         return [current | {c0 + o for c0 in range(0, done, l) for o in own[h]} for h in range(self.n_head)]
 
     def _tensors(self):
@@ -559,7 +580,9 @@ class GenericCache(LayerCache):
 
     def _parts(self, q, pos, shift_sinks):
         held = self.ring.pos.to(q.device)
-        mask = self.pattern.allowed(torch.tensor(pos, device=q.device), held[None, :], self.heads.to(q.device)) & (held >= 0)
+        mask = self.pattern.allowed(torch.tensor(pos, device=q.device), held[None, :], self.heads.to(q.device)) & (
+            held >= 0
+        )
         return [Part(q, self.ring.slots.k, self.ring.slots.v, mask[:, None, :], self.ring.pos, pos)]
 
     def held(self):
@@ -598,8 +621,10 @@ def cache_kind(pattern: Pattern) -> type[LayerCache]:
     if isinstance(kind, type) and issubclass(kind, LayerCache):
         return kind
     if kind not in CACHES:
-        raise ValueError(f"pattern {pattern.name!r} names unknown cache kind {kind!r}: use one of {', '.join(CACHES)} "
-                         f"or a LayerCache subclass")
+        raise ValueError(
+            f"pattern {pattern.name!r} names unknown cache kind {kind!r}: use one of {', '.join(CACHES)} "
+            f"or a LayerCache subclass"
+        )
     return CACHES[kind]
 
 
@@ -611,8 +636,16 @@ def cache_streams(pattern: Pattern) -> bool:
     return kind.streams
 
 
-def make_cache(pattern: Pattern, batch: int, n_head: int, max_len: int, *, n_kv_head: int | None = None,
-               modifier=None, context: int | None = None) -> LayerCache:
+def make_cache(
+    pattern: Pattern,
+    batch: int,
+    n_head: int,
+    max_len: int,
+    *,
+    n_kv_head: int | None = None,
+    modifier=None,
+    context: int | None = None,
+) -> LayerCache:
     """An empty cache for one layer of ``pattern`` (see ``cache_kind``), storing ``n_kv_head`` key/value heads and
     applying the score ``modifier`` (see ``LayerCache``)."""
     kind = cache_kind(pattern)
@@ -640,5 +673,14 @@ class ModelCache:
         return sum(c.nbytes() for c in self.layers)
 
 
-__all__ = ["attend_parts", "Part", "LayerCache", "GenericCache", "ModelCache", "cache_kind", "cache_streams",
-           "make_cache", "CACHES"]
+__all__ = [
+    "attend_parts",
+    "Part",
+    "LayerCache",
+    "GenericCache",
+    "ModelCache",
+    "cache_kind",
+    "cache_streams",
+    "make_cache",
+    "CACHES",
+]

@@ -73,8 +73,11 @@ def flex_supported(pattern: Pattern, device: torch.device | str | None = None) -
 
 def _on_device(pattern: Pattern, device: torch.device) -> Pattern:
     """The pattern with its tensor fields (BlockLayout.blocks) on ``device``, so mask_mod does no copies."""
-    moved = {f.name: getattr(pattern, f.name).to(device) for f in dataclasses.fields(pattern)
-             if isinstance(getattr(pattern, f.name), torch.Tensor)}
+    moved = {
+        f.name: getattr(pattern, f.name).to(device)
+        for f in dataclasses.fields(pattern)
+        if isinstance(getattr(pattern, f.name), torch.Tensor)
+    }
     return dataclasses.replace(pattern, **moved) if moved else pattern
 
 
@@ -88,7 +91,7 @@ def _full_tiles(pattern: Pattern, active: torch.Tensor, head: int) -> torch.Tens
     tiles = active.nonzero()
     r = torch.arange(BLOCK)
     h = torch.tensor(head).view(1, 1, 1)
-    for chunk in tiles.split(max(1, _CHECK_PAIRS // BLOCK ** 2)):
+    for chunk in tiles.split(max(1, _CHECK_PAIRS // BLOCK**2)):
         q = chunk[:, 0].view(-1, 1, 1) * BLOCK + r.view(1, BLOCK, 1)
         k = chunk[:, 1].view(-1, 1, 1) * BLOCK + r.view(1, 1, BLOCK)
         ok = torch.broadcast_to(pattern.allowed(q, k, h), (len(chunk), BLOCK, BLOCK))
@@ -114,28 +117,45 @@ def block_mask(pattern: Pattern, T: int, H: int, device: torch.device | str) -> 
     for group in pattern.kernel_groups(H, T):  # heads of a group share a rule: check one, copy to all
         full[list(group.heads)] = _full_tiles(pattern, layout[group.heads[0]], group.heads[0])
     live = _on_device(pattern, device)
-    mask = BlockMask.from_kv_blocks(*_kv_blocks(layout & ~full), *_kv_blocks(full), BLOCK_SIZE=BLOCK,
-                                    mask_mod=lambda b, h, q_idx, kv_idx: live.allowed(q_idx, kv_idx, h),
-                                    seq_lengths=(T, T)).to(device)
+    mask = BlockMask.from_kv_blocks(
+        *_kv_blocks(layout & ~full),
+        *_kv_blocks(full),
+        BLOCK_SIZE=BLOCK,
+        mask_mod=lambda b, h, q_idx, kv_idx: live.allowed(q_idx, kv_idx, h),
+        seq_lengths=(T, T),
+    ).to(device)
     _masks[key] = mask
     if len(_masks) > _CACHE_SIZE:
         _masks.popitem(last=False)
     return mask
 
 
-def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-         dropout_p: float = 0.0, training: bool = False, modifier=None) -> torch.Tensor:
+def flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    modifier=None,
+) -> torch.Tensor:
     """Attention backend: compiled FlexAttention with the pattern's cached BlockMask (no T x T tensor),
     ``modifier`` (score modifiers) as its ``score_mod``; k and v may have fewer heads than q."""
     if pattern.mechanism != "softmax":
-        raise ConfigError(f"attention.backend=flex cannot run {pattern.mechanism} attention ({pattern.name!r}): "
-                          f"use attention.backend=auto, linear or reference")
+        raise ConfigError(
+            f"attention.backend=flex cannot run {pattern.mechanism} attention ({pattern.name!r}): "
+            f"use attention.backend=auto, linear or reference"
+        )
     if training and dropout_p > 0.0:
-        raise ConfigError("attention.backend=flex has no attention dropout: use attention.backend=blocksparse "
-                          "or reference, or model.attn_dropout=0")
+        raise ConfigError(
+            "attention.backend=flex has no attention dropout: use attention.backend=blocksparse "
+            "or reference, or model.attn_dropout=0"
+        )
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise ConfigError("attention.backend=flex runs on CPU for inference only: "
-                          "use attention.backend=blocksparse (or auto) for training")
+        raise ConfigError(
+            "attention.backend=flex runs on CPU for inference only: "
+            "use attention.backend=blocksparse (or auto) for training"
+        )
     if q.device.type == "cpu":  # no graph is recorded here; flex on CPU refuses inputs that require grad
         q, k, v = q.detach(), k.detach(), v.detach()
     H, T = q.shape[1], q.shape[2]

@@ -27,8 +27,9 @@ class Attention(nn.Module):
     backend: str | None
     modifier: ScoreModifiers | None
 
-    def __init__(self, attn_cfg, layer_idx: int, n_layer: int, n_head: int, dropout: float,
-                 modifiers: list[str] | None = None):
+    def __init__(
+        self, attn_cfg, layer_idx: int, n_layer: int, n_head: int, dropout: float, modifiers: list[str] | None = None
+    ):
         """``attn_cfg``: an ``AttentionConfig`` (anything with ``layer_spec`` and ``backend``)."""
         super().__init__()
         self.layer_idx = layer_idx
@@ -74,5 +75,7 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         mods = f", modifiers={self.specs}" if self.specs else ""
-        return (f"layer={self.layer_idx}, pattern={self.pattern.name}{mods}, backend={self.backend or self.requested}, "
-                f"dropout={self.dropout}")
+        return (
+            f"layer={self.layer_idx}, pattern={self.pattern.name}{mods}, backend={self.backend or self.requested}, "
+            f"dropout={self.dropout}"
+        )

@@ -20,8 +20,8 @@ There is no ``1/sqrt(Dh)`` scale: the denominator already normalises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,9 @@ def feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         return FEATURE_MAPS[name]
     except KeyError:
-        raise ConfigError(f"unknown linear attention feature map {name!r}: use one of {', '.join(FEATURE_MAPS)}") from None
+        raise ConfigError(
+            f"unknown linear attention feature map {name!r}: use one of {', '.join(FEATURE_MAPS)}"
+        ) from None
 
 
 def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -59,8 +61,9 @@ def _features(q, k, v, name: str, *more_dtypes: torch.dtype):
     return phi(q.to(dt)), phi(k.to(dt)), v.to(dt)
 
 
-def linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     feature_map: str = "elu1", eps: float = 1e-6) -> torch.Tensor:
+def linear_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str = "elu1", eps: float = 1e-6
+) -> torch.Tensor:
     """The spec, dense on purpose: ``A = tril(phi(q) phi(k)^T)``, ``out = A v / (A 1 + eps)``. O(T^2) memory."""
     fq, fk, vw = _features(q, k, v, feature_map)
     T = q.shape[-2]
@@ -69,8 +72,14 @@ def linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return ((A @ vw) / (A.sum(-1, keepdim=True) + eps)).to(q.dtype)
 
 
-def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str = "elu1",
-                   eps: float = 1e-6, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def linear_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str = "elu1",
+    eps: float = 1e-6,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
     """Training form: split T into chunks of ``chunk`` positions; for chunk ``c``
 
         out_c = (tril(Q_c K_c^T) V_c + Q_c S_{<c}) / (tril(Q_c K_c^T) 1 + Q_c z_{<c} + eps)
@@ -83,7 +92,9 @@ def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_ma
         raise ConfigError(f"linear attention chunk must be >= 1, got {chunk}")
     B, H, T, _ = q.shape
     if k.shape[-2] != T:
-        raise ValueError(f"linear_chunked needs as many queries as keys (got {T} and {k.shape[-2]}); decode with linear_step")
+        raise ValueError(
+            f"linear_chunked needs as many queries as keys (got {T} and {k.shape[-2]}); decode with linear_step"
+        )
     fq, fk, vw = _features(q, k, v, feature_map)
     n = -(-T // chunk)
     # Pad at the end: padded keys reach only padded queries (cropped below) and the
@@ -116,14 +127,28 @@ class LinearState:
     z: torch.Tensor
 
     @classmethod
-    def zeros(cls, B: int, H: int, Dh: int, Dv: int, device: torch.device | str | None = None,
-              dtype: torch.dtype = torch.float32) -> "LinearState":
-        return cls(torch.zeros(B, H, Dh, Dv, device=device, dtype=dtype),
-                   torch.zeros(B, H, Dh, device=device, dtype=dtype))
+    def zeros(
+        cls,
+        B: int,
+        H: int,
+        Dh: int,
+        Dv: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> LinearState:
+        return cls(
+            torch.zeros(B, H, Dh, Dv, device=device, dtype=dtype), torch.zeros(B, H, Dh, device=device, dtype=dtype)
+        )
 
 
-def linear_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: LinearState,
-                feature_map: str = "elu1", eps: float = 1e-6) -> tuple[torch.Tensor, LinearState]:
+def linear_step(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    state: LinearState,
+    feature_map: str = "elu1",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, LinearState]:
     """Recurrent form for ``t`` new positions ``[B, H, t, Dh]``, in order; for each:
 
         S += phi(k_i) v_i^T,   z += phi(k_i),   out_i = phi(q_i) S / (phi(q_i).z + eps)
@@ -144,20 +169,22 @@ def linear_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, state: 
     return out.to(q_t.dtype), LinearState(s.to(state.s.dtype), z.to(state.z.dtype))
 
 
-def linear_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     feature_map: str = "elu1", eps: float = 1e-6) -> torch.Tensor:
+def linear_recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str = "elu1", eps: float = 1e-6
+) -> torch.Tensor:
     """``linear_step`` one position at a time over the whole sequence, from a zero state (tests' RNN view)."""
     B, H, T, Dh = k.shape
     state = LinearState.zeros(B, H, Dh, v.shape[-1], q.device, dtype=_work_dtype(q.dtype, k.dtype, v.dtype))
     outs = []
     for i in range(T):
-        out, state = linear_step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], state, feature_map, eps)
+        out, state = linear_step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], state, feature_map, eps)
         outs.append(out)
     return torch.cat(outs, dim=-2) if outs else q.new_zeros(B, H, 0, v.shape[-1])
 
 
-def linear_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern,
-                   dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+def linear_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, dropout_p: float = 0.0, training: bool = False
+) -> torch.Tensor:
     """Backend signature over ``linear_chunked``, reading ``pattern.feature_map`` and ``pattern.chunk`` (default 64).
 
     ``dropout_p`` and ``training`` are accepted for the signature and ignored:
@@ -183,8 +210,13 @@ class _HeadByHead(torch.autograd.Function):
     def forward(ctx, q, k, v, feature_map, chunk):
         ctx.save_for_backward(q, k, v)
         ctx.feature_map, ctx.chunk = feature_map, chunk
-        return torch.cat([linear_chunked(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], feature_map, chunk=chunk)
-                          for h in range(q.shape[1])], dim=1)
+        return torch.cat(
+            [
+                linear_chunked(q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], feature_map, chunk=chunk)
+                for h in range(q.shape[1])
+            ],
+            dim=1,
+        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -192,8 +224,8 @@ class _HeadByHead(torch.autograd.Function):
         grads = [torch.empty_like(x) for x in (q, k, v)]
         for h in range(q.shape[1]):
             with torch.enable_grad():
-                qh, kh, vh = (x[:, h:h + 1].detach().requires_grad_() for x in (q, k, v))
+                qh, kh, vh = (x[:, h : h + 1].detach().requires_grad_() for x in (q, k, v))
                 out = linear_chunked(qh, kh, vh, ctx.feature_map, chunk=ctx.chunk)
-                for acc, g in zip(grads, torch.autograd.grad(out, (qh, kh, vh), grad[:, h:h + 1])):
-                    acc[:, h:h + 1] = g
+                for acc, g in zip(grads, torch.autograd.grad(out, (qh, kh, vh), grad[:, h : h + 1])):
+                    acc[:, h : h + 1] = g
         return (*grads, None, None)

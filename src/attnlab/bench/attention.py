@@ -81,6 +81,7 @@ MEMORY_METHOD = {
 
 # ------------------------------------------------------------------ parsing
 
+
 def parse_pattern_spec(spec: str, n_head: int) -> Pattern:
     """``name`` or ``name:key=value:key=value`` (attention keys, e.g. ``local:window=256``) -> Pattern."""
     cfg = apply_pattern_spec(Config(), spec)
@@ -107,6 +108,7 @@ def parse_list(text: str) -> list[str]:
 
 # ------------------------------------------------------------------ backends
 
+
 def sdpa_causal(q, k, v, pattern=None, dropout_p=0.0, training=False):
     """The baseline: PyTorch's fused attention with its built-in causal mask, nothing of attnlab around it."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -128,20 +130,25 @@ def resolve(backend: str, pattern: Pattern, T: int, pass_: str, device: torch.de
 
 # ------------------------------------------------------------------ measuring
 
+
 def _pass(fn, q, k, v, pattern, pass_, grad) -> Callable[[], None]:
     if pass_ == "fwd":
+
         def run():
             with torch.no_grad():
                 fn(q, k, v, pattern, 0.0, False)
     else:
+
         def run():
             q.grad = k.grad = v.grad = None
             fn(q, k, v, pattern, 0.0, True).backward(grad)
+
     return run
 
 
-def measure(run: Callable[[], None], device: torch.device, repeats: int, warmup: int,
-            baseline: Callable[[], None] | None = None) -> tuple[float, float, float | None]:
+def measure(
+    run: Callable[[], None], device: torch.device, repeats: int, warmup: int, baseline: Callable[[], None] | None = None
+) -> tuple[float, float, float | None]:
     """(median ms over ``repeats`` timed runs after ``warmup``, peak MB of one more run, baseline median ms).
 
     With ``baseline`` the two are timed alternately (A B A B ...), so a slow phase of a shared
@@ -185,7 +192,9 @@ def count_density(pattern: Pattern, T: int, heads: int, device: torch.device | s
     return allowed / (heads * T * (T + 1) / 2)
 
 
-def _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device) -> tuple[torch.dtype, torch.device]:
+def _check(
+    seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device
+) -> tuple[torch.dtype, torch.device]:
     if not seq_lens or min(seq_lens) < 1:
         raise ConfigError(f"seq_lens {seq_lens} must be positive integers, e.g. --seq-lens 1024,2048")
     bad = [p for p in passes if p not in PASSES]
@@ -210,10 +219,23 @@ def _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, dev
     return dtype, device
 
 
-def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends: list[str], passes=PASSES,
-                    repeats: int = 5, batch: int = 1, heads: int = 4, head_dim: int = 64, dtype="float32",
-                    device="cpu", out: str | Path | None = None, *, warmup: int = 2, plot: str | Path | bool | None = None,
-                    log: Callable[[str], None] = print) -> list[dict]:
+def bench_attention(
+    patterns: list[str | Pattern],
+    seq_lens: list[int],
+    backends: list[str],
+    passes=PASSES,
+    repeats: int = 5,
+    batch: int = 1,
+    heads: int = 4,
+    head_dim: int = 64,
+    dtype="float32",
+    device="cpu",
+    out: str | Path | None = None,
+    *,
+    warmup: int = 2,
+    plot: str | Path | bool | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Measure every (pattern, backend, seq_len, pass) that can run; returns the CSV rows as dicts.
 
     ``patterns`` are spec strings (``local:window=256``) or Pattern objects;
@@ -226,27 +248,35 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
     for b in backends:
         if b not in known:
             raise ConfigError(f"unknown backend {b!r}: use auto, {BASELINE} or one of {', '.join(BACKENDS)}")
-    specs = [(p if isinstance(p, str) else p.name, p if isinstance(p, Pattern) else parse_pattern_spec(p, heads))
-             for p in patterns]
+    specs = [
+        (p if isinstance(p, str) else p.name, p if isinstance(p, Pattern) else parse_pattern_spec(p, heads))
+        for p in patterns
+    ]
     pattern_backends = [b for b in dict.fromkeys(backends) if b != BASELINE]  # the baseline runs once per length
 
     writer = None
     if out is not None:
         out = Path(out)
         if out.suffix.lower() != ".csv":
-            raise ConfigError(f"--out {str(out)!r} must be a .csv file (machine.json, FILE.json and FILE.png go beside it)")
+            raise ConfigError(
+                f"--out {str(out)!r} must be a .csv file (machine.json, FILE.json and FILE.png go beside it)"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         f_csv = open(out, "w", newline="")
         writer = csv.DictWriter(f_csv, fieldnames=COLUMNS)
         writer.writeheader()
     rows, skipped, noted = [], [], set()
-    log(f"attention benchmark on {device}: batch {batch}, heads {heads}, head_dim {head_dim}, {str(dtype)[6:]}, "
-        f"warmup {warmup}, median of {repeats}")
+    log(
+        f"attention benchmark on {device}: batch {batch}, heads {heads}, head_dim {head_dim}, {str(dtype)[6:]}, "
+        f"warmup {warmup}, median of {repeats}"
+    )
     try:
         for T in seq_lens:
             gen = torch.Generator().manual_seed(T)
-            q, k, v = (torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype).requires_grad_(True)
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype).requires_grad_(True)
+                for _ in range(3)
+            )
             grad = torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype)
             jobs = [(BASELINE, Dense(), BASELINE)] + [(spec, pat, b) for spec, pat in specs for b in pattern_backends]
             density: dict[int, float] = {}
@@ -255,10 +285,14 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
                     try:
                         label, fn = resolve(backend, pattern, T, pass_, device)
                         base_run = None if backend == BASELINE else _pass(sdpa_causal, q, k, v, Dense(), pass_, grad)
-                        ms, mb, base_ms = measure(_pass(fn, q, k, v, pattern, pass_, grad), device, repeats, warmup, base_run)
+                        ms, mb, base_ms = measure(
+                            _pass(fn, q, k, v, pattern, pass_, grad), device, repeats, warmup, base_run
+                        )
                     except (UserError, RuntimeError) as e:  # RuntimeError: e.g. out of memory, dtype not implemented
                         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                        skipped.append({"pattern": spec, "backend": backend, "seq_len": T, "pass": pass_, "reason": reason})
+                        skipped.append(
+                            {"pattern": spec, "backend": backend, "seq_len": T, "pass": pass_, "reason": reason}
+                        )
                         if (spec, backend, reason) not in noted:
                             noted.add((spec, backend, reason))
                             log(f"  skip {spec} / {backend} (T={T} {pass_}): {reason}")
@@ -269,14 +303,24 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
                         if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal and device.type == "cpu":
                             log(f"  density of {spec} at T={T}: counting T^2 pairs, this may take a while")
                         density[id(pattern)] = pattern_density(pattern, T, heads, device)
-                    row = {"device": device.type, "pattern": pattern.name, "params": params_label(pattern), "backend": label,
-                           "seq_len": T, "pass": pass_, "median_ms": round(ms, 4), "peak_mb": round(mb, 3),
-                           "density": round(density[id(pattern)], 6)}
+                    row = {
+                        "device": device.type,
+                        "pattern": pattern.name,
+                        "params": params_label(pattern),
+                        "backend": label,
+                        "seq_len": T,
+                        "pass": pass_,
+                        "median_ms": round(ms, 4),
+                        "peak_mb": round(mb, 3),
+                        "density": round(density[id(pattern)], 6),
+                    }
                     rows.append(row if base_ms is None else {**row, "baseline_ms": round(base_ms, 4)})
                     if writer is not None:
                         writer.writerow(row)
                         f_csv.flush()
-                    log(f"  {spec:<28} {label:<20} T={T:<6} {pass_:<6} {ms:10.3f} ms {mb:10.2f} MB  density {row['density']:.4g}")
+                    log(
+                        f"  {spec:<28} {label:<20} T={T:<6} {pass_:<6} {ms:10.3f} ms {mb:10.2f} MB  density {row['density']:.4g}"
+                    )
             del q, k, v, grad
     finally:
         if writer is not None:
@@ -285,16 +329,34 @@ def bench_attention(patterns: list[str | Pattern], seq_lens: list[int], backends
     log(format_speedups(ups, seq_lens))
     if out is not None:
         plot_path = None if plot is False else Path(plot) if plot else out.with_suffix(".png")
-        _write_side_files(out, plot_path, rows, skipped, ups, device,
-                          dict(patterns=[s for s, _ in specs], seq_lens=list(seq_lens), backends=list(backends),
-                               passes=list(passes), repeats=repeats, warmup=warmup, batch=batch, heads=heads,
-                               head_dim=head_dim, dtype=str(dtype)[6:], device=device.type))
+        _write_side_files(
+            out,
+            plot_path,
+            rows,
+            skipped,
+            ups,
+            device,
+            dict(
+                patterns=[s for s, _ in specs],
+                seq_lens=list(seq_lens),
+                backends=list(backends),
+                passes=list(passes),
+                repeats=repeats,
+                warmup=warmup,
+                batch=batch,
+                heads=heads,
+                head_dim=head_dim,
+                dtype=str(dtype)[6:],
+                device=device.type,
+            ),
+        )
     elif plot:
         plot_attention(rows, plot)
     return rows
 
 
 # ------------------------------------------------------------------ reporting
+
 
 def _curve(row: dict) -> tuple[str, str, str]:
     return row["pattern"], row["params"], row["backend"]
@@ -308,8 +370,16 @@ def speedups(rows: list[dict]) -> list[dict]:
     for r in rows:
         b = r.get("baseline_ms") or base.get((r["seq_len"], r["pass"]))  # prefer the interleaved baseline
         if r["backend"] != BASELINE and b and r["median_ms"] > 0:
-            out.append({"pattern": r["pattern"], "params": r["params"], "backend": r["backend"], "pass": r["pass"],
-                        "seq_len": r["seq_len"], "speedup_vs_sdpa_causal": round(b / r["median_ms"], 4)})
+            out.append(
+                {
+                    "pattern": r["pattern"],
+                    "params": r["params"],
+                    "backend": r["backend"],
+                    "pass": r["pass"],
+                    "seq_len": r["seq_len"],
+                    "speedup_vs_sdpa_causal": round(b / r["median_ms"], 4),
+                }
+            )
     return out
 
 
@@ -319,13 +389,19 @@ def format_speedups(ups: list[dict], seq_lens: list[int]) -> str:
         return f"no rows to compare with {BASELINE}"
     table: dict[tuple, dict[int, float]] = {}
     for u in ups:
-        table.setdefault((u["pattern"], u["params"], u["backend"], u["pass"]), {})[u["seq_len"]] = u["speedup_vs_sdpa_causal"]
+        table.setdefault((u["pattern"], u["params"], u["backend"], u["pass"]), {})[u["seq_len"]] = u[
+            "speedup_vs_sdpa_causal"
+        ]
     names = {key: f"{key[0]}({key[1]}) {key[2]} {key[3]}" if key[1] else f"{key[0]} {key[2]} {key[3]}" for key in table}
     width = max(len(n) for n in names.values())
-    lines = [f"speed-up vs {BASELINE} (its time / this time; > 1 is faster)",
-             f"{'':<{width}}" + "".join(f"{'T=' + str(T):>10}" for T in seq_lens)]
+    lines = [
+        f"speed-up vs {BASELINE} (its time / this time; > 1 is faster)",
+        f"{'':<{width}}" + "".join(f"{'T=' + str(T):>10}" for T in seq_lens),
+    ]
     for key, by_t in table.items():
-        lines.append(f"{names[key]:<{width}}" + "".join(f"{by_t[T]:>9.2f}x" if T in by_t else f"{'-':>10}" for T in seq_lens))
+        lines.append(
+            f"{names[key]:<{width}}" + "".join(f"{by_t[T]:>9.2f}x" if T in by_t else f"{'-':>10}" for T in seq_lens)
+        )
     return "\n".join(lines)
 
 
@@ -347,19 +423,29 @@ def plot_attention(rows: list[dict], path: str | Path, title: str = "") -> None:
     handles = {}
     for ax, pass_ in zip(axes, passes):
         for key in keys:
-            pts = sorted((int(r["seq_len"]), float(r["median_ms"])) for r in rows
-                         if r["pass"] == pass_ and _curve(r) == key and math.isfinite(float(r["median_ms"])))
+            pts = sorted(
+                (int(r["seq_len"]), float(r["median_ms"]))
+                for r in rows
+                if r["pass"] == pass_ and _curve(r) == key and math.isfinite(float(r["median_ms"]))
+            )
             if not pts:
                 continue
             xs, ys = zip(*pts)
             pattern, params, backend = key
             if backend == BASELINE:
-                line, = ax.plot(xs, ys, color="k", ls="--", marker="o", ms=3, lw=1.8, zorder=3)
+                (line,) = ax.plot(xs, ys, color="k", ls="--", marker="o", ms=3, lw=1.8, zorder=3)
                 label = f"dense {BASELINE} (baseline)"
             else:
                 ls, marker = styles[backends.index(backend) % len(styles)]
-                line, = ax.plot(xs, ys, color=colors[patterns.index((pattern, params)) % len(colors)], ls=ls,
-                                marker=marker, ms=3.5, lw=1.2)
+                (line,) = ax.plot(
+                    xs,
+                    ys,
+                    color=colors[patterns.index((pattern, params)) % len(colors)],
+                    ls=ls,
+                    marker=marker,
+                    ms=3.5,
+                    lw=1.2,
+                )
                 label = f"{pattern}({params.replace(';', ', ')}) {backend}" if params else f"{pattern} {backend}"
             handles.setdefault(label, line)
         ax.set_xscale("log", base=2)
@@ -380,13 +466,23 @@ def plot_attention(rows: list[dict], path: str | Path, title: str = "") -> None:
 def _write_side_files(out: Path, plot: Path | None, rows, skipped, ups, device, settings) -> None:
     info = machine_info(device)
     (out.parent / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
-    summary = {"settings": settings, "memory_method": MEMORY_METHOD[device.type],
-               "peak_mb_available": device.type == "cuda" or cpu_peak_supported(),
-               "timing": f"median of {settings['repeats']} runs after {settings['warmup']} warm-up runs; "
-                         "fwd under torch.no_grad, fwdbwd = forward + backward(random grad)",
-               "skipped": skipped, "speedups": ups, "machine": info, "argv": sys.argv}
+    summary = {
+        "settings": settings,
+        "memory_method": MEMORY_METHOD[device.type],
+        "peak_mb_available": device.type == "cuda" or cpu_peak_supported(),
+        "timing": f"median of {settings['repeats']} runs after {settings['warmup']} warm-up runs; "
+        "fwd under torch.no_grad, fwdbwd = forward + backward(random grad)",
+        "skipped": skipped,
+        "speedups": ups,
+        "machine": info,
+        "argv": sys.argv,
+    }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     s = settings
     if plot is not None:
-        plot_attention(rows, plot, f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
-                                   f"{s['dtype']}, on {info['device_name']}")
+        plot_attention(
+            rows,
+            plot,
+            f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
+            f"{s['dtype']}, on {info['device_name']}",
+        )

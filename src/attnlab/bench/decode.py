@@ -31,8 +31,19 @@ from .generate import row_config
 from .measure import params_label
 from .train import _vocab
 
-COLUMNS = ("spec", "pattern", "params", "backend", "length", "mode", "ms_per_token", "tokens_per_s", "cache_mb",
-           "speedup", "compile_s")
+COLUMNS = (
+    "spec",
+    "pattern",
+    "params",
+    "backend",
+    "length",
+    "mode",
+    "ms_per_token",
+    "tokens_per_s",
+    "cache_mb",
+    "speedup",
+    "compile_s",
+)
 FLAT_SPECS = ("local", "sink_window")  # bounded caches: time per token should not grow with L
 FLAT_TOLERANCE = 0.10
 
@@ -63,8 +74,15 @@ def _timed_steps(step: Callable, cache, token: torch.Tensor, n: int, device: tor
 
 
 @torch.no_grad()
-def decode_ms(model: GPT, length: int, window: int, device: torch.device, step: Callable | None = None,
-              warm: int = 0, seed: int = 0) -> tuple[float, float, float]:
+def decode_ms(
+    model: GPT,
+    length: int,
+    window: int,
+    device: torch.device,
+    step: Callable | None = None,
+    warm: int = 0,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """(median ms per cached step at ``length``, cache MB, seconds of the ``warm`` untimed steps before)."""
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.vocab_size, (1, length - window - warm), generator=gen).to(device)
@@ -83,7 +101,9 @@ def decode_ms(model: GPT, length: int, window: int, device: torch.device, step: 
 @torch.no_grad()
 def recompute_ms(model: GPT, length: int, repeats: int, device: torch.device, seed: int = 1) -> float:
     """Median ms of one full forward over the last ``context`` of ``length`` random tokens (+ argmax)."""
-    idx = torch.randint(0, model.vocab_size, (1, min(length, model.context)), generator=torch.Generator().manual_seed(seed))
+    idx = torch.randint(
+        0, model.vocab_size, (1, min(length, model.context)), generator=torch.Generator().manual_seed(seed)
+    )
     idx = idx.to(device)
     times = []
     for _ in range(repeats + 1):  # the first one is untimed (one-time costs)
@@ -94,20 +114,46 @@ def recompute_ms(model: GPT, length: int, repeats: int, device: torch.device, se
     return statistics.median(times[1:])
 
 
-def _row(spec: str, model: GPT, length: int, mode: str, ms: float, cache_mb: float | None = None,
-         speedup: float | None = None, compile_s: float | None = None) -> dict:
+def _row(
+    spec: str,
+    model: GPT,
+    length: int,
+    mode: str,
+    ms: float,
+    cache_mb: float | None = None,
+    speedup: float | None = None,
+    compile_s: float | None = None,
+) -> dict:
     core = model.blocks[0].attn.core
-    return {"spec": spec, "pattern": core.pattern.name, "params": params_label(core.pattern), "backend": core.backend,
-            "length": length, "mode": mode, "ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 1),
-            "cache_mb": None if cache_mb is None else round(cache_mb, 3),
-            "speedup": None if speedup is None else round(speedup, 2),
-            "compile_s": None if compile_s is None else round(compile_s, 2)}
+    return {
+        "spec": spec,
+        "pattern": core.pattern.name,
+        "params": params_label(core.pattern),
+        "backend": core.backend,
+        "length": length,
+        "mode": mode,
+        "ms_per_token": round(ms, 4),
+        "tokens_per_s": round(1e3 / ms, 1),
+        "cache_mb": None if cache_mb is None else round(cache_mb, 3),
+        "speedup": None if speedup is None else round(speedup, 2),
+        "compile_s": None if compile_s is None else round(compile_s, 2),
+    }
 
 
-def bench_decode(cfg: Config, specs: Sequence[str], lengths: Sequence[int], *, window: int = 32, repeats: int = 3,
-                 device: str | torch.device = "cpu", compile_specs: Sequence[str] = (), compile_mode: str | None = None,
-                 compile_backend: str = "inductor", compile_warm: int = 8,
-                 on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+def bench_decode(
+    cfg: Config,
+    specs: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    window: int = 32,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+    compile_specs: Sequence[str] = (),
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
+    compile_warm: int = 8,
+    on_row: Callable[[dict], None] = lambda row: None,
+) -> list[dict]:
     """Cached and recomputed per-token time for every spec and length, then compiled cached steps for
     ``compile_specs`` at the shortest length; each row goes to ``on_row`` as soon as it is measured."""
     device, lengths = torch.device(device), sorted(set(lengths))
@@ -128,6 +174,7 @@ def bench_decode(cfg: Config, specs: Sequence[str], lengths: Sequence[int], *, w
     for spec in compile_specs:
         model = build(cfg, spec, lengths[-1], device)
         compiled = torch.compile(model, mode=compile_mode, backend=compile_backend)
+
         def step(tok, c, f=compiled):
             return f(tok, cache=c, last_only=True)
 
@@ -145,7 +192,13 @@ def flatness(rows: list[dict]) -> list[dict]:
         lengths = sorted(L for s, L in cache if s == spec)
         if spec.split(":")[0] in FLAT_SPECS and len(lengths) > 1:
             ratio = cache[(spec, lengths[-1])] / cache[(spec, lengths[0])]
-            out.append({"spec": spec, "from": lengths[0], "to": lengths[-1], "ratio": round(ratio, 3),
-                        "met": ratio <= 1 + FLAT_TOLERANCE})
+            out.append(
+                {
+                    "spec": spec,
+                    "from": lengths[0],
+                    "to": lengths[-1],
+                    "ratio": round(ratio, 3),
+                    "met": ratio <= 1 + FLAT_TOLERANCE,
+                }
+            )
     return out
-

@@ -39,6 +39,7 @@ WRAP_UP_S = 15.0  # what a stage keeps for itself after stopping its subprocess 
 
 # ------------------------------------------------------------------ a stage's surroundings
 
+
 def md_table(header: list[str], rows: list[list]) -> str:
     def cell(v) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -46,6 +47,7 @@ def md_table(header: list[str], rows: list[list]) -> str:
         if isinstance(v, float):
             return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
         return str(v).replace("|", "\\|")
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
 
@@ -100,10 +102,21 @@ def run_logged(cmd: list[str], log: Path, timeout: float, cwd: Path = REPO) -> t
             return None, True
 
 
-def attnlab_train(stage: Stage, preset: str, name: str, overrides: list[str], out_dir: Path) -> tuple[dict | None, bool]:
+def attnlab_train(
+    stage: Stage, preset: str, name: str, overrides: list[str], out_dir: Path
+) -> tuple[dict | None, bool]:
     """``attnlab train`` of a preset into out_dir/name within the stage's time; (summary or None, timed out)."""
-    cmd = [sys.executable, "-m", "attnlab", "train", str(REPO / "configs" / preset), f"name={name}",
-           f"out_dir={out_dir}", "logging.progress=false", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnlab",
+        "train",
+        str(REPO / "configs" / preset),
+        f"name={name}",
+        f"out_dir={out_dir}",
+        "logging.progress=false",
+        *overrides,
+    ]
     stage.log(" ".join(cmd))
     rc, timed_out = run_logged(cmd, stage.folder / f"{name}.log", stage.remaining() - WRAP_UP_S)
     summary = out_dir / name / "summary.json"
@@ -142,6 +155,7 @@ def events(run: Path, kind: str) -> list[dict]:
 def write_tiny_corpus(path: Path, n_docs: int = 400) -> Path:
     """A small seeded text of short lines, for the dry run's training stages (no dataset needed)."""
     import random
+
     words = "the a model attention head layer token sparse dense window stride block learns predicts next byte".split()
     rng = random.Random(0)
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + "." for _ in range(n_docs)]
@@ -163,7 +177,11 @@ def parse_pytest(text: str) -> dict:
         if _PROGRESS.search(line) and (m := _OUTCOME.search(line)):
             counts[m.group(1).lower()] = counts.get(m.group(1).lower(), 0) + 1
     summaries = [m.group(1) for line in text.splitlines() if (m := _SUMMARY.match(line.strip()))]
-    failed = [line.split()[1] for line in text.splitlines() if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1]
+    failed = [
+        line.split()[1]
+        for line in text.splitlines()
+        if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1
+    ]
     return {"counts": counts, "summary": summaries[-1] if summaries else None, "failed": failed}
 
 
@@ -173,9 +191,24 @@ def cuda_tests(stage: Stage) -> tuple[str, str]:
     tests = REPO / "tests"
     if not (tests / "test_cuda.py").is_file():
         return "skipped", f"no tests at {tests}: run the check from a checkout of attnlab"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", *(str(REPO / t) for t in stage.p["paths"]), "-v", "-rfEs",
-           "-o", "addopts=", "-p", "no:randomly", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-           f"--junitxml={stage.folder / 'junit.xml'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        *(str(REPO / t) for t in stage.p["paths"]),
+        "-v",
+        "-rfEs",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={stage.folder / 'junit.xml'}",
+    ]
     workers = stage.p["workers"]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(workers)]
@@ -201,23 +234,40 @@ def cuda_tests(stage: Stage) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ 2. attention speed
 
+
 def attention(stage: Stage) -> tuple[str, str]:
     from .attention import BASELINE, bench_attention, plot_attention
 
     p, rows, skipped = stage.p, [], []
-    common = dict(repeats=p["repeats"], warmup=p["warmup"], batch=p["batch"], heads=p["heads"], head_dim=p["head_dim"],
-                  dtype=p["dtype"], device=stage.device, log=stage.log)
+    common = dict(
+        repeats=p["repeats"],
+        warmup=p["warmup"],
+        batch=p["batch"],
+        heads=p["heads"],
+        head_dim=p["head_dim"],
+        dtype=p["dtype"],
+        device=stage.device,
+        log=stage.log,
+    )
     for T in p["seq_lens"]:
         for group, patterns, backends in (("dense", ["dense"], ["auto"]), ("sparse", p["patterns"], p["backends"])):
             raw = stage.folder / "raw" / f"{group}-{T}.csv"
-            got = bench_attention(patterns, [T], backends, p["passes"], out=raw, plot=False, **common)  # one plot at the end
+            got = bench_attention(
+                patterns, [T], backends, p["passes"], out=raw, plot=False, **common
+            )  # one plot at the end
             rows += [r for r in got if group == "dense" or r["backend"] != BASELINE]  # one baseline per length
             skipped += json.loads(raw.with_suffix(".json").read_text())["skipped"]  # rows a backend could not run
         attention_tables(stage, rows, skipped)  # after every length: a stage cut short keeps the lengths it finished
-    plot_attention(rows, stage.folder / "attention.png",
-                   f"attention, batch {p['batch']} x heads {p['heads']} x head_dim {p['head_dim']}, {p['dtype']}")
-    return "ok", (f"{len(rows)} rows, T={','.join(map(str, p['seq_lens']))}"
-                  + (f", {len(skipped)} not measured (see the summary)" if skipped else "") + "; see attention.csv")
+    plot_attention(
+        rows,
+        stage.folder / "attention.png",
+        f"attention, batch {p['batch']} x heads {p['heads']} x head_dim {p['head_dim']}, {p['dtype']}",
+    )
+    return "ok", (
+        f"{len(rows)} rows, T={','.join(map(str, p['seq_lens']))}"
+        + (f", {len(skipped)} not measured (see the summary)" if skipped else "")
+        + "; see attention.csv"
+    )
 
 
 def attention_rows(rows: list[dict]) -> list[dict]:
@@ -230,8 +280,15 @@ def attention_rows(rows: list[dict]) -> list[dict]:
         b = r.get("baseline_ms") or base.get((r["seq_len"], r["pass"]))
         speedup = b / r["median_ms"] if b and r["backend"] != BASELINE else None
         ideal = 1 / r["density"] if r["density"] else None
-        out.append({**r, "sdpa_ms": b, "speedup": speedup, "ideal_speedup": ideal,
-                    "of_ideal": speedup / ideal if speedup and ideal and r["pattern"] != "dense" else None})
+        out.append(
+            {
+                **r,
+                "sdpa_ms": b,
+                "speedup": speedup,
+                "ideal_speedup": ideal,
+                "of_ideal": speedup / ideal if speedup and ideal and r["pattern"] != "dense" else None,
+            }
+        )
     return out
 
 
@@ -244,18 +301,43 @@ def attention_tables(stage: Stage, rows: list[dict], skipped: list[dict]) -> Non
         w.writeheader()
         w.writerows(table)
     dense = [r for r in table if r["pattern"] == "dense" and r["speedup"] is not None]
-    stage.table("dense through attnlab vs raw SDPA (sdpa ms / attnlab ms; target >= 0.95 fwd+bwd)",
-                md_table(["T", "pass", "backend", "attnlab ms", "SDPA ms", "ratio"],
-                         [[r["seq_len"], r["pass"], r["backend"], r["median_ms"], r["sdpa_ms"], r["speedup"]] for r in dense]))
+    stage.table(
+        "dense through attnlab vs raw SDPA (sdpa ms / attnlab ms; target >= 0.95 fwd+bwd)",
+        md_table(
+            ["T", "pass", "backend", "attnlab ms", "SDPA ms", "ratio"],
+            [[r["seq_len"], r["pass"], r["backend"], r["median_ms"], r["sdpa_ms"], r["speedup"]] for r in dense],
+        ),
+    )
     sparse = [r for r in table if r["pattern"] != "dense" and r["speedup"] is not None]
-    stage.table("sparse patterns: measured speed-up over dense SDPA beside the ideal 1/density",
-                md_table(["pattern", "params", "backend", "T", "pass", "ms", "density", "ideal", "measured", "of ideal"],
-                         [[r["pattern"], r["params"], r["backend"], r["seq_len"], r["pass"], r["median_ms"], r["density"],
-                           r["ideal_speedup"], r["speedup"], r["of_ideal"]] for r in sparse]))
+    stage.table(
+        "sparse patterns: measured speed-up over dense SDPA beside the ideal 1/density",
+        md_table(
+            ["pattern", "params", "backend", "T", "pass", "ms", "density", "ideal", "measured", "of ideal"],
+            [
+                [
+                    r["pattern"],
+                    r["params"],
+                    r["backend"],
+                    r["seq_len"],
+                    r["pass"],
+                    r["median_ms"],
+                    r["density"],
+                    r["ideal_speedup"],
+                    r["speedup"],
+                    r["of_ideal"],
+                ]
+                for r in sparse
+            ],
+        ),
+    )
     if skipped:
-        stage.table("not measured (the backend refused or failed)",
-                    md_table(["pattern", "backend", "T", "pass", "reason"],
-                             [[r["pattern"], r["backend"], r["seq_len"], r["pass"], r["reason"]] for r in skipped]))
+        stage.table(
+            "not measured (the backend refused or failed)",
+            md_table(
+                ["pattern", "backend", "T", "pass", "reason"],
+                [[r["pattern"], r["backend"], r["seq_len"], r["pass"], r["reason"]] for r in skipped],
+            ),
+        )
     stage.table("targets", attention_targets(table, stage.dry))
 
 
@@ -266,19 +348,31 @@ def attention_targets(table: list[dict], dry: bool) -> str:
     dense = [r for r in table if r["pattern"] == "dense" and r["pass"] == "fwdbwd" and r["speedup"] is not None]
     if dense:
         worst = min(dense, key=lambda r: r["speedup"])
-        lines.append(f"- dense through attnlab >= 0.95x raw SDPA fwd+bwd at every T: worst {worst['speedup']:.3f}x at "
-                     f"T={worst['seq_len']}: {'met' if worst['speedup'] >= 0.95 else 'NOT met'}")
+        lines.append(
+            f"- dense through attnlab >= 0.95x raw SDPA fwd+bwd at every T: worst {worst['speedup']:.3f}x at "
+            f"T={worst['seq_len']}: {'met' if worst['speedup'] >= 0.95 else 'NOT met'}"
+        )
     for name in ("local", "strided", "fixed"):
-        sel = [r for r in table if r["pattern"] == name and r["backend"] == "flex" and r["seq_len"] >= 8192
-               and r["pass"] == "fwdbwd" and r["of_ideal"] is not None]
+        sel = [
+            r
+            for r in table
+            if r["pattern"] == name
+            and r["backend"] == "flex"
+            and r["seq_len"] >= 8192
+            and r["pass"] == "fwdbwd"
+            and r["of_ideal"] is not None
+        ]
         if sel:
             worst = min(sel, key=lambda r: r["of_ideal"])
-            lines.append(f"- {name} through flex >= 0.6 of its ideal speed-up at T >= 8k (fwd+bwd): worst "
-                         f"{worst['of_ideal']:.2f} at T={worst['seq_len']}: {'met' if worst['of_ideal'] >= 0.6 else 'NOT met'}")
+            lines.append(
+                f"- {name} through flex >= 0.6 of its ideal speed-up at T >= 8k (fwd+bwd): worst "
+                f"{worst['of_ideal']:.2f} at T={worst['seq_len']}: {'met' if worst['of_ideal'] >= 0.6 else 'NOT met'}"
+            )
     return "\n".join(lines) or "no rows to judge"
 
 
 # ------------------------------------------------------------------ 3. training throughput and MFU
+
 
 def train_throughput(stage: Stage) -> tuple[str, str]:
     import torch
@@ -296,14 +390,29 @@ def train_throughput(stage: Stage) -> tuple[str, str]:
             per_token = flops.flops_per_token(GPT(cfg.model, cfg.attention, _vocab(cfg)), cfg.model.context)
         for backend in p["compile"][shape]:
             m = measure("attnlab", cfg, p["steps"], p["warmup"], compile=backend)
-            rows.append({"shape": shape, "compile": backend or "off", "layers": cfg.model.n_layer, "d_model": cfg.model.d_model,
-                         "context": cfg.model.context, "batch": cfg.train.batch_size, "params": m["params"],
-                         "tokens_per_s": m["tokens_per_second"], "step_ms": m["step_ms"], "peak_mb": m["peak_memory_mb"],
-                         "flops_per_token": per_token, "mfu": flops.mfu(per_token, m["tokens_per_second"], peak)})
+            rows.append(
+                {
+                    "shape": shape,
+                    "compile": backend or "off",
+                    "layers": cfg.model.n_layer,
+                    "d_model": cfg.model.d_model,
+                    "context": cfg.model.context,
+                    "batch": cfg.train.batch_size,
+                    "params": m["params"],
+                    "tokens_per_s": m["tokens_per_second"],
+                    "step_ms": m["step_ms"],
+                    "peak_mb": m["peak_memory_mb"],
+                    "flops_per_token": per_token,
+                    "mfu": flops.mfu(per_token, m["tokens_per_second"], peak),
+                }
+            )
             stage.log(json.dumps(rows[-1]))
             train_tables(stage, rows, peak)
-    return "ok", "; ".join(f"{r['shape']} compile={r['compile']}: {r['tokens_per_s']:,.0f} tok/s"
-                           + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else "") for r in rows)
+    return "ok", "; ".join(
+        f"{r['shape']} compile={r['compile']}: {r['tokens_per_s']:,.0f} tok/s"
+        + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else "")
+        for r in rows
+    )
 
 
 def train_tables(stage: Stage, rows: list[dict], peak: float | None) -> None:
@@ -313,20 +422,54 @@ def train_tables(stage: Stage, rows: list[dict], peak: float | None) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    stage.table(f"training throughput (bf16 peak: {f'{peak:g} TFLOPS' if peak else 'unknown here'}; "
-                "MFU = FLOPs/token x tokens/s / peak)",
-                md_table(["shape", "compile", "layers", "d_model", "context", "batch", "params", "tokens/s", "step ms",
-                          "peak MB", "GFLOPs/token", "MFU"],
-                         [[r["shape"], r["compile"], r["layers"], r["d_model"], r["context"], r["batch"], r["params"],
-                           r["tokens_per_s"], r["step_ms"], r["peak_mb"], r["flops_per_token"] / 1e9,
-                           None if r["mfu"] is None else f"{r['mfu']:.1%}"] for r in rows]))
+    stage.table(
+        f"training throughput (bf16 peak: {f'{peak:g} TFLOPS' if peak else 'unknown here'}; "
+        "MFU = FLOPs/token x tokens/s / peak)",
+        md_table(
+            [
+                "shape",
+                "compile",
+                "layers",
+                "d_model",
+                "context",
+                "batch",
+                "params",
+                "tokens/s",
+                "step ms",
+                "peak MB",
+                "GFLOPs/token",
+                "MFU",
+            ],
+            [
+                [
+                    r["shape"],
+                    r["compile"],
+                    r["layers"],
+                    r["d_model"],
+                    r["context"],
+                    r["batch"],
+                    r["params"],
+                    r["tokens_per_s"],
+                    r["step_ms"],
+                    r["peak_mb"],
+                    r["flops_per_token"] / 1e9,
+                    None if r["mfu"] is None else f"{r['mfu']:.1%}",
+                ]
+                for r in rows
+            ],
+        ),
+    )
     best = [r for r in rows if r["shape"] == "gpt2-small" and r["compile"] != "off" and r["mfu"] is not None]
     if best and not stage.dry:
-        stage.table("targets", f"- MFU >= 40% bf16 for the GPT-2-small shape with compile: {best[0]['mfu']:.1%}: "
-                               f"{'met' if best[0]['mfu'] >= 0.40 else 'NOT met'}")
+        stage.table(
+            "targets",
+            f"- MFU >= 40% bf16 for the GPT-2-small shape with compile: {best[0]['mfu']:.1%}: "
+            f"{'met' if best[0]['mfu'] >= 0.40 else 'NOT met'}",
+        )
 
 
 # ------------------------------------------------------------------ 4. the mainrun protocol
+
 
 def mainrun(stage: Stage) -> tuple[str, str]:
     """The mainrun preset (and mainrun-best where that preset exists), each a whole run; records kept."""
@@ -337,8 +480,13 @@ def mainrun(stage: Stage) -> tuple[str, str]:
         overrides = list(p["overrides"])
         if stage.dry:
             corpus = write_tiny_corpus(Path(tmp) / "titles.txt")
-            overrides = [f"data.source={corpus}", "data.path=none", "data.format=lines", f"data.dir={Path(tmp) / 'data'}",
-                         *overrides]
+            overrides = [
+                f"data.source={corpus}",
+                "data.path=none",
+                "data.format=lines",
+                f"data.dir={Path(tmp) / 'data'}",
+                *overrides,
+            ]
         else:
             data = Path(p["data_path"])
             if not data.exists():
@@ -353,33 +501,50 @@ def mainrun(stage: Stage) -> tuple[str, str]:
             mainrun_table(stage, name, folder, summary)
             steps = events(folder, "training_step")
             if timed_out or summary is None:
-                return "timed out", f"{name} stopped at step {steps[-1]['step'] if steps else 0} before the cap; " \
-                                    f"records in {folder.name}/"
-            details.append(f"{name}: mainrun-compatible val loss {summary['mainrun_val_loss']:.4f} in "
-                           f"{summary['train_seconds'] / 60:.1f} min of training")
+                return (
+                    "timed out",
+                    f"{name} stopped at step {steps[-1]['step'] if steps else 0} before the cap; "
+                    f"records in {folder.name}/",
+                )
+            details.append(
+                f"{name}: mainrun-compatible val loss {summary['mainrun_val_loss']:.4f} in "
+                f"{summary['train_seconds'] / 60:.1f} min of training"
+            )
     return "ok", "; ".join(details) + f" (target {MAINRUN_TARGET} +- {MAINRUN_TOLERANCE})"
 
 
 def mainrun_table(stage: Stage, name: str, folder: Path, summary: dict | None) -> None:
     evals, steps = events(folder, "validation_step"), events(folder, "training_step")
     mfu = [e["mfu"] for e in steps if "mfu" in e]
-    rows = [["evaluations", len(evals)], ["last logged step", steps[-1]["step"] if steps else None],
-            ["median MFU", statistics.median(mfu) if mfu else None]]
+    rows = [
+        ["evaluations", len(evals)],
+        ["last logged step", steps[-1]["step"] if steps else None],
+        ["median MFU", statistics.median(mfu) if mfu else None],
+    ]
     if summary:
-        rows = [["val bits/byte", summary["val_bits_per_byte"]],
-                ["mainrun-compatible val loss (nats/char)", summary["mainrun_val_loss"]],
-                ["epochs", summary["epochs"]], ["steps", summary["steps"]],
-                ["train minutes", summary["train_seconds"] / 60], ["wall minutes", summary["wall_seconds"] / 60],
-                ["tokens/s", summary["tokens_per_second"]], ["peak MB", summary["peak_memory_mb"]]] + rows
+        rows = [
+            ["val bits/byte", summary["val_bits_per_byte"]],
+            ["mainrun-compatible val loss (nats/char)", summary["mainrun_val_loss"]],
+            ["epochs", summary["epochs"]],
+            ["steps", summary["steps"]],
+            ["train minutes", summary["train_seconds"] / 60],
+            ["wall minutes", summary["wall_seconds"] / 60],
+            ["tokens/s", summary["tokens_per_second"]],
+            ["peak MB", summary["peak_memory_mb"]],
+        ] + rows
     stage.table(f"{name} (run records in {folder.name}/)", md_table(["", "value"], rows))
     if summary and name == "mainrun" and not stage.dry:
         number = summary["mainrun_val_loss"]
         met = abs(number - MAINRUN_TARGET) <= MAINRUN_TOLERANCE
-        stage.table("targets", f"- mainrun baseline within +-{MAINRUN_TOLERANCE} of {MAINRUN_TARGET}: {number:.4f}: "
-                               f"{'met' if met else 'NOT met'}")
+        stage.table(
+            "targets",
+            f"- mainrun baseline within +-{MAINRUN_TOLERANCE} of {MAINRUN_TARGET}: {number:.4f}: "
+            f"{'met' if met else 'NOT met'}",
+        )
 
 
 # ------------------------------------------------------------------ 5. CIFAR-10 dense vs strided
+
 
 def cifar10(stage: Stage) -> tuple[str, str]:
     p = stage.p
@@ -392,25 +557,41 @@ def cifar10(stage: Stage) -> tuple[str, str]:
         else:
             data = Path(p["data_path"])
             if not data.exists():
-                return "skipped", (f"CIFAR-10 is not at {data}: pass --cifar10 PATH (the official archive, its "
-                                   "extracted folder or the npz parts)")
+                return "skipped", (
+                    f"CIFAR-10 is not at {data}: pass --cifar10 PATH (the official archive, its "
+                    "extracted folder or the npz parts)"
+                )
             common = [f"data.path={data.resolve()}", *common]
         rows, stopped = [], False
         for pattern, extra in p["runs"].items():
             if stage.remaining() < WRAP_UP_S * 2:
                 stopped = True
                 break
-            summary, timed_out = attnlab_train(stage, "cifar10-sparse-transformer.yaml", f"cifar10-{pattern}",
-                                               common + extra, Path(tmp))
+            summary, timed_out = attnlab_train(
+                stage, "cifar10-sparse-transformer.yaml", f"cifar10-{pattern}", common + extra, Path(tmp)
+            )
             run = Path(tmp) / f"cifar10-{pattern}"
             keep_run(run, stage.folder / f"cifar10-{pattern}")
             grids = sorted((run / "samples").glob("*.png")) if (run / "samples").exists() else []
             if grids:
                 shutil.copy2(grids[-1], stage.folder / f"samples-{pattern}.png")
             rows.append(cifar_row(pattern, summary, bool(grids)))
-            stage.table("equal training wall-clock each; bits/dim of the whole test split",
-                        md_table(["pattern", "backend", "steps", "train s", "val bits/dim", "test bits/dim",
-                                  "test images", "samples"], rows))
+            stage.table(
+                "equal training wall-clock each; bits/dim of the whole test split",
+                md_table(
+                    [
+                        "pattern",
+                        "backend",
+                        "steps",
+                        "train s",
+                        "val bits/dim",
+                        "test bits/dim",
+                        "test images",
+                        "samples",
+                    ],
+                    rows,
+                ),
+            )
             if timed_out or summary is None:
                 stopped = True
                 break
@@ -423,12 +604,20 @@ def cifar_row(pattern: str, summary: dict | None, grid: bool) -> list:
     if summary is None:
         return [pattern, None, None, None, None, None, None, "-"]
     backends = ",".join(dict.fromkeys(a["backend"] for a in summary["attention"]))
-    return [pattern, backends, summary["steps"], summary["train_seconds"], summary.get("val_bits_per_dim"),
-            summary.get("test_bits_per_dim"), summary.get("test_images_scored"),
-            f"samples-{pattern}.png" if grid else "-"]
+    return [
+        pattern,
+        backends,
+        summary["steps"],
+        summary["train_seconds"],
+        summary.get("val_bits_per_dim"),
+        summary.get("test_bits_per_dim"),
+        summary.get("test_images_scored"),
+        f"samples-{pattern}.png" if grid else "-",
+    ]
 
 
 # ------------------------------------------------------------------ 6. generation
+
 
 def generate(stage: Stage) -> tuple[str, str]:
     import csv
@@ -449,37 +638,85 @@ def generate(stage: Stage) -> tuple[str, str]:
             stage.log(json.dumps(row))
             generate_tables(stage, rows, flatness(rows))
 
-        bench_decode(cfg, p["specs"], p["lengths"], window=p["window"], repeats=p["repeats"], device=stage.device,
-                     compile_specs=p["compile_specs"], compile_mode=p["compile_mode"],
-                     compile_backend=p["compile_backend"], on_row=on_row)
+        bench_decode(
+            cfg,
+            p["specs"],
+            p["lengths"],
+            window=p["window"],
+            repeats=p["repeats"],
+            device=stage.device,
+            compile_specs=p["compile_specs"],
+            compile_mode=p["compile_mode"],
+            compile_backend=p["compile_backend"],
+            on_row=on_row,
+        )
     flat = flatness(rows)
-    return "ok", "; ".join(f"{t['spec']} {t['from']}->{t['to']}: x{t['ratio']:.2f}" for t in flat) or f"{len(rows)} rows"
+    return "ok", "; ".join(
+        f"{t['spec']} {t['from']}->{t['to']}: x{t['ratio']:.2f}" for t in flat
+    ) or f"{len(rows)} rows"
 
 
 def generate_tables(stage: Stage, rows: list[dict], flat: list[dict]) -> None:
     rec = {(r["spec"], r["length"]): r["ms_per_token"] for r in rows if r["mode"] == "recompute"}
     cached = [r for r in rows if r["mode"] == "cache"]
-    stage.table("per-token time: KV cache (prefill, then timed steps) vs recompute",
-                md_table(["spec", "backend", "length", "cached ms/token", "cached tokens/s", "recompute ms/token",
-                          "speed-up", "cache MB"],
-                         [[r["spec"], r["backend"], r["length"], r["ms_per_token"], r["tokens_per_s"],
-                           rec.get((r["spec"], r["length"])), r["speedup"], r["cache_mb"]] for r in cached]))
+    stage.table(
+        "per-token time: KV cache (prefill, then timed steps) vs recompute",
+        md_table(
+            [
+                "spec",
+                "backend",
+                "length",
+                "cached ms/token",
+                "cached tokens/s",
+                "recompute ms/token",
+                "speed-up",
+                "cache MB",
+            ],
+            [
+                [
+                    r["spec"],
+                    r["backend"],
+                    r["length"],
+                    r["ms_per_token"],
+                    r["tokens_per_s"],
+                    rec.get((r["spec"], r["length"])),
+                    r["speedup"],
+                    r["cache_mb"],
+                ]
+                for r in cached
+            ],
+        ),
+    )
     compiled = [r for r in rows if r["mode"] == "cache+compile"]
     if compiled:
         eager = {(r["spec"], r["length"]): r["ms_per_token"] for r in cached}
-        stage.table(f"decode step compiled (mode={stage.p['compile_mode']}, backend={stage.p['compile_backend']})",
-                    md_table(["spec", "length", "eager ms/token", "compiled ms/token", "compile + warm-up s"],
-                             [[r["spec"], r["length"], eager.get((r["spec"], r["length"])), r["ms_per_token"],
-                               r["compile_s"]] for r in compiled]))
+        stage.table(
+            f"decode step compiled (mode={stage.p['compile_mode']}, backend={stage.p['compile_backend']})",
+            md_table(
+                ["spec", "length", "eager ms/token", "compiled ms/token", "compile + warm-up s"],
+                [
+                    [r["spec"], r["length"], eager.get((r["spec"], r["length"])), r["ms_per_token"], r["compile_s"]]
+                    for r in compiled
+                ],
+            ),
+        )
     if flat:
-        stage.table("bounded caches: ms/token at the longest length over the shortest (flat: within 10%)",
-                    md_table(["spec", "from", "to", "ratio", "flat"],
-                             [[t["spec"], t["from"], t["to"], t["ratio"], "met" if t["met"] else "NOT met"] for t in flat]))
+        stage.table(
+            "bounded caches: ms/token at the longest length over the shortest (flat: within 10%)",
+            md_table(
+                ["spec", "from", "to", "ratio", "flat"],
+                [[t["spec"], t["from"], t["to"], t["ratio"], "met" if t["met"] else "NOT met"] for t in flat],
+            ),
+        )
 
 
 STAGES: dict[str, Callable[[Stage], tuple[str, str]]] = {
-    "cuda-tests": cuda_tests, "attention": attention, "train": train_throughput, "mainrun": mainrun,
-    "cifar10": cifar10, "generate": generate,
+    "cuda-tests": cuda_tests,
+    "attention": attention,
+    "train": train_throughput,
+    "mainrun": mainrun,
+    "cifar10": cifar10,
+    "generate": generate,
 }
 
 

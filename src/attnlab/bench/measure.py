@@ -72,11 +72,13 @@ def reset_peak_rss() -> bool:
 
 def rss_mb(peak_ok: bool) -> dict:
     """Peak RSS since the last reset and current RSS, in MB (NaN where unavailable)."""
+
     def mb(field: str) -> float:
         try:
             return status_kb(field) / 1024
         except OSError:
             return math.nan
+
     rss = mb("VmRSS")  # first: the peak read after it cannot be below it
     return {"peak_rss_mb": mb("VmHWM") if peak_ok else math.nan, "rss_mb": rss}
 

@@ -35,8 +35,10 @@ def _vocab(cfg) -> int:
 def build(impl: str, cfg):
     if impl == "attnlab":
         from ..model.gpt import GPT
+
         return GPT(cfg.model, cfg.attention, _vocab(cfg))
     from .nanogpt import NanoGPT
+
     m = cfg.model
     return NanoGPT(_vocab(cfg), m.context, m.d_model, m.n_layer, m.n_head, m.dropout)
 
@@ -51,6 +53,7 @@ def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False
 
     from ..training.optim import build_optimizer
     from ..training.runtime import keep_freed_memory, peak_memory_mb, pick_device, pick_dtype
+
     torch.manual_seed(0)
     device = pick_device(cfg.train.device)
     if impl == "attnlab" and device.type == "cpu" and not plain_runtime:
@@ -81,16 +84,24 @@ def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"impl": impl, "step_ms": step_s * 1e3, "tokens_per_second": B * T / step_s,
-            "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "impl": impl,
+        "step_ms": step_s * 1e3,
+        "tokens_per_second": B * T / step_s,
+        "peak_memory_mb": peak_memory_mb(device),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _child(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool) -> dict:
-    code = ("import json,sys; from attnlab import config; from attnlab.bench.train import measure; "
-            "cfg = config.from_dict(json.loads(sys.argv[1])); "
-            f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup}, {plain_runtime})))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(config_mod.to_dict(cfg))],
-                         capture_output=True, text=True, check=True)
+    code = (
+        "import json,sys; from attnlab import config; from attnlab.bench.train import measure; "
+        "cfg = config.from_dict(json.loads(sys.argv[1])); "
+        f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup}, {plain_runtime})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(config_mod.to_dict(cfg))], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -103,32 +114,52 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
-def bench_train(cfg, *, steps: int, warmup: int, repeats: int, out: str | None, baseline: bool = True,
-                plain_runtime: bool = False) -> dict:
+def bench_train(
+    cfg, *, steps: int, warmup: int, repeats: int, out: str | None, baseline: bool = True, plain_runtime: bool = False
+) -> dict:
     impls = IMPLS if baseline else IMPLS[:1]
     rows = []
     for r in range(repeats):
-        for impl in (impls if r % 2 == 0 else impls[::-1]):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
             row = {"repeat": r, **_child(impl, cfg, steps, warmup, plain_runtime)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"machine": machine(), "config": cfg.name, "batch_size": cfg.train.batch_size,
-              "context": cfg.model.context, "steps": steps, "warmup": warmup, "repeats": repeats,
-              "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory"}
+    result = {
+        "machine": machine(),
+        "config": cfg.name,
+        "batch_size": cfg.train.batch_size,
+        "context": cfg.model.context,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory",
+    }
     for impl in impls:
         sel = [r for r in rows if r["impl"] == impl]
-        result[impl] = {k: statistics.median(r[k] for r in sel) for k in ("tokens_per_second", "step_ms", "peak_memory_mb")}
+        result[impl] = {
+            k: statistics.median(r[k] for r in sel) for k in ("tokens_per_second", "step_ms", "peak_memory_mb")
+        }
     if baseline:
-        result["speed_ratio_attnlab_over_nanogpt"] = result["attnlab"]["tokens_per_second"] / result["nanogpt"]["tokens_per_second"]
-        result["memory_ratio_attnlab_over_nanogpt"] = result["attnlab"]["peak_memory_mb"] / result["nanogpt"]["peak_memory_mb"]
+        result["speed_ratio_attnlab_over_nanogpt"] = (
+            result["attnlab"]["tokens_per_second"] / result["nanogpt"]["tokens_per_second"]
+        )
+        result["memory_ratio_attnlab_over_nanogpt"] = (
+            result["attnlab"]["peak_memory_mb"] / result["nanogpt"]["peak_memory_mb"]
+        )
     if out:
         _write(Path(out), rows, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}))
@@ -148,13 +179,18 @@ def _write(out: Path, rows: list[dict], result: dict) -> None:
     impls = [i for i in IMPLS if i in result]
     fig = Figure(figsize=(8, 3.2))
     axes = fig.subplots(1, 2)
-    for ax, key, label in zip(axes, ("tokens_per_second", "peak_memory_mb"), ("training tokens/s (median)", "peak memory MB (median)")):
+    for ax, key, label in zip(
+        axes, ("tokens_per_second", "peak_memory_mb"), ("training tokens/s (median)", "peak memory MB (median)")
+    ):
         for i, impl in enumerate(impls):
             pts = [r[key] for r in rows if r["impl"] == impl]
             ax.scatter([i] * len(pts), pts, s=12, color="grey", zorder=3)
             ax.bar(i, result[impl][key], color=("tab:blue", "tab:orange")[i], alpha=0.8)
         ax.set_xticks(range(len(impls)), impls)
         ax.set_title(label, fontsize=9)
-    fig.suptitle(f"{result['config']}: batch {result['batch_size']} x context {result['context']} on {result['machine']['cpu']}", fontsize=8)
+    fig.suptitle(
+        f"{result['config']}: batch {result['batch_size']} x context {result['context']} on {result['machine']['cpu']}",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(out / "train_throughput.png", dpi=120)

@@ -22,15 +22,26 @@ from ..errors import ConfigError, DataError
 
 
 class BatchIterator:
-    def __init__(self, tokens: np.ndarray, batch_size: int, context: int, seed: int,
-                 rank: int = 0, world_size: int = 1, *, name: str = "train.bin"):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        context: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        name: str = "train.bin",
+    ):
         if batch_size < 1 or context < 1:
             raise ValueError(f"batch_size and context must be >= 1, got {batch_size}, {context}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if batch_size % world_size:
-            raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {world_size} data-parallel processes: "
-                              f"use a multiple of {world_size}")
+            raise ConfigError(
+                f"train.batch_size={batch_size} is not divisible by the {world_size} data-parallel processes: "
+                f"use a multiple of {world_size}"
+            )
         self.tokens = tokens  # kept as is (a memmap stays a memmap)
         self.batch_size, self.context, self.seed = batch_size, context, seed
         self.rank, self.world_size = rank, world_size
@@ -49,8 +60,10 @@ class BatchIterator:
 
     def _too_small(self, name: str) -> str:
         n, b, c = len(self.tokens), self.batch_size, self.context
-        return (f"{name} has {n} tokens, fewer than one batch of {b} x ({c}+1) (needs {b * c + c}): "
-                "lower train.batch_size or model.context, or use more data")
+        return (
+            f"{name} has {n} tokens, fewer than one batch of {b} x ({c}+1) (needs {b * c + c}): "
+            "lower train.batch_size or model.context, or use more data"
+        )
 
     def _random_offset(self, rng: np.random.Generator) -> int:
         return int(rng.integers(0, self.context))
@@ -73,7 +86,7 @@ class BatchIterator:
         """Token index of each window of this rank's slice of global batch `step` in `epoch`."""
         offset, order = self._plan(epoch)
         lo = step * self.batch_size + self.rank * self.local_batch
-        return offset + order[lo: lo + self.local_batch].astype(np.int64) * self.context
+        return offset + order[lo : lo + self.local_batch].astype(np.int64) * self.context
 
     # -------------------------------------------------------------- iterate
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,20 +109,30 @@ class BatchIterator:
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """The cursor plus what it is only valid for; plain ints (JSON and weights_only safe)."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
-                "context": self.context, "n_tokens": len(self.tokens)}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "context": self.context,
+            "n_tokens": len(self.tokens),
+        }
 
     def load_state_dict(self, d: dict) -> None:
         """Continue from a saved cursor; refuses one saved for different data or batch shape."""
         mine = self.state_dict()
         for key in ("seed", "batch_size", "context", "n_tokens"):
             if key in d and int(d[key]) != mine[key]:
-                raise DataError(f"the saved batch position is for {key}={d[key]}, but this run has {key}={mine[key]}: "
-                                "resume with the same dataset, train.batch_size, model.context and train.seed")
+                raise DataError(
+                    f"the saved batch position is for {key}={d[key]}, but this run has {key}={mine[key]}: "
+                    "resume with the same dataset, train.batch_size, model.context and train.seed"
+                )
         epoch, step = int(d["epoch"]), int(d["step"])
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
-            raise DataError(f"the saved batch position (epoch {epoch}, step {step}) is outside an epoch of "
-                            f"{self.steps_per_epoch} steps: resume with the same data and batch settings")
+            raise DataError(
+                f"the saved batch position (epoch {epoch}, step {step}) is outside an epoch of "
+                f"{self.steps_per_epoch} steps: resume with the same data and batch settings"
+            )
         self.epoch, self.step = epoch, step
 
 
@@ -121,8 +144,18 @@ class ImageBatches(BatchIterator):
     target exactly once and no image sees another.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, tokens_per_image: int, seed: int, sos: int,
-                 rank: int = 0, world_size: int = 1, *, name: str = "train.bin"):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        tokens_per_image: int,
+        seed: int,
+        sos: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        name: str = "train.bin",
+    ):
         self.sos = sos
         super().__init__(tokens, batch_size, tokens_per_image, seed, rank, world_size, name=name)
 
@@ -130,8 +163,10 @@ class ImageBatches(BatchIterator):
         return n // self.context
 
     def _too_small(self, name: str) -> str:
-        return (f"{name} has {len(self.tokens) // self.context} images, fewer than one batch of {self.batch_size}: "
-                "lower train.batch_size or use more images")
+        return (
+            f"{name} has {len(self.tokens) // self.context} images, fewer than one batch of {self.batch_size}: "
+            "lower train.batch_size or use more images"
+        )
 
     def _random_offset(self, rng: np.random.Generator) -> int:
         return 0  # images start at multiples of their size

@@ -75,7 +75,14 @@ def _features(datasets, metas: list[dict], columns: list[str]):
     feats = {"text": datasets.Value("string")}
     for c in columns:
         sample = next((m[c] for m in metas if m.get(c) is not None), "")
-        kind = "bool" if isinstance(sample, bool) else "int64" if isinstance(sample, int) else \
-            "float64" if isinstance(sample, float) else "string"
+        kind = (
+            "bool"
+            if isinstance(sample, bool)
+            else "int64"
+            if isinstance(sample, int)
+            else "float64"
+            if isinstance(sample, float)
+            else "string"
+        )
         feats[c] = datasets.Value(kind)
     return datasets.Features(feats)

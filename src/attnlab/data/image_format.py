@@ -16,7 +16,7 @@ VOCAB_SIZE = 256
 # Models read a start-of-image token before the bytes: their vocabulary is the bytes plus SOS.
 SOS = VOCAB_SIZE
 IMAGE_VOCAB = VOCAB_SIZE + 1
-TOKEN_DTYPE = np.dtype(np.uint16)   # the store's dtype for vocabularies <= 65536
+TOKEN_DTYPE = np.dtype(np.uint16)  # the store's dtype for vocabularies <= 65536
 LABEL_DTYPE = np.dtype(np.int16)
 
 

@@ -35,9 +35,9 @@ import sysconfig
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..config import DataConfig
 from ..errors import DataError
@@ -55,25 +55,36 @@ HN_HUB = "julien040/hacker-news-posts"
 ARXIV_HUB = "gfissore/arxiv-abstracts-2021"
 
 DOWNLOAD_TIMEOUT_S = 15.0  # a URL download must fail fast when offline
-PROBE_TIMEOUT_S = 5.0      # `datasets` retries for ~25 s offline; probe the hub first
+PROBE_TIMEOUT_S = 5.0  # `datasets` retries for ~25 s offline; probe the hub first
 
 # stdlib folders that are not "library code" (tests, GUIs, demos, installed packages)
 STDLIB_EXCLUDE = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 
-_EXT_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+_EXT_FORMAT = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
 
 
 @dataclass
 class Documents:
-    docs: list[str]                            # one string per document, deterministic order
-    info: dict = field(default_factory=dict)   # provenance for meta.json
-    meta: list[dict] | None = None             # per-document fields (arXiv id, categories, ...) for --export-hf
+    docs: list[str]  # one string per document, deterministic order
+    info: dict = field(default_factory=dict)  # provenance for meta.json
+    meta: list[dict] | None = None  # per-document fields (arXiv id, categories, ...) for --export-hf
 
 
 def load_documents(cfg: DataConfig) -> Documents:
     """Load the documents of ``cfg.source`` (a named source or a local path)."""
-    loaders = {"python-stdlib": _python_stdlib, "hn-titles": _hn_titles,
-               "shakespeare": _shakespeare, "arxiv-abstracts": _arxiv_abstracts}
+    loaders = {
+        "python-stdlib": _python_stdlib,
+        "hn-titles": _hn_titles,
+        "shakespeare": _shakespeare,
+        "arxiv-abstracts": _arxiv_abstracts,
+    }
     if cfg.source in loaders:
         result = loaders[cfg.source](cfg)
     elif cfg.source.startswith(HF_PREFIX):
@@ -91,8 +102,10 @@ def _finish(result: Documents, cfg: DataConfig) -> Documents:
     docs = [d for d in docs if d]
     if not docs:
         where = f" in {result.info['path']}" if result.info.get("path") else ""
-        raise DataError(f"data source {cfg.source!r} gave 0 documents{where}: check the file content, data.format/data.field"
-                        + (" and data.categories" if cfg.categories else ""))
+        raise DataError(
+            f"data source {cfg.source!r} gave 0 documents{where}: check the file content, data.format/data.field"
+            + (" and data.categories" if cfg.categories else "")
+        )
     digest = hashlib.sha256()
     for d in docs:
         digest.update(d.encode("utf-8", "surrogatepass") + b"\0")
@@ -103,6 +116,7 @@ def _finish(result: Documents, cfg: DataConfig) -> Documents:
 
 
 # ------------------------------------------------------------------ file I/O
+
 
 def _read_raw(path: Path) -> bytes:
     try:
@@ -129,7 +143,9 @@ def _decode(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8-sig")  # -sig: a leading BOM is encoding, not text
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 (byte {e.start}): convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
+        raise DataError(
+            f"{path} is not valid UTF-8 (byte {e.start}): convert it to UTF-8 (e.g. iconv -t UTF-8)"
+        ) from None
 
 
 def _sha256(data: bytes) -> str:
@@ -149,19 +165,23 @@ def infer_format(path: Path) -> str:
 
 # ------------------------------------------------------------- local files
 
+
 def _local(cfg: DataConfig) -> Documents:
     path = Path(cfg.source).expanduser()
     if not path.exists():
-        raise DataError(f"data source {cfg.source!r} is neither a named source ({', '.join(NAMED_SOURCES)}) "
-                        f"nor an existing file or folder: fix data.source")
+        raise DataError(
+            f"data source {cfg.source!r} is neither a named source ({', '.join(NAMED_SOURCES)}) "
+            f"nor an existing file or folder: fix data.source"
+        )
     fmt = infer_format(path) if cfg.format == "auto" else cfg.format
     metas = [] if fmt == "arxiv" else None
     docs, info = read_path(path, fmt, cfg.field or "text", cfg.categories, metas)
     return Documents(docs, {"kind": "local", "format": fmt, **info}, metas)
 
 
-def read_path(path: Path, fmt: str, field_: str = "text", categories: Iterable[str] = (),
-              metas: list | None = None) -> tuple[list[str], dict]:
+def read_path(
+    path: Path, fmt: str, field_: str = "text", categories: Iterable[str] = (), metas: list | None = None
+) -> tuple[list[str], dict]:
     """Documents of a file or a folder (its files, sorted by relative path) in format `fmt`.
 
     ``metas``, a list, receives each arXiv document's metadata (format ``arxiv`` only)."""
@@ -194,7 +214,9 @@ def _folder_files(root: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _parse_file(path: Path, data: bytes, fmt: str, field_: str, categories: list[str], metas: list | None = None) -> list[str]:
+def _parse_file(
+    path: Path, data: bytes, fmt: str, field_: str, categories: list[str], metas: list | None = None
+) -> list[str]:
     if fmt == "parquet":
         return _parquet(path, data, field_)
     text = _decode(data, path)
@@ -221,9 +243,13 @@ def _jsonl(text: str, path: Path) -> Iterator[dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {i} is not valid JSON ({e.msg}): fix the line, or use data.format=lines/text") from None
+            raise DataError(
+                f"{path} line {i} is not valid JSON ({e.msg}): fix the line, or use data.format=lines/text"
+            ) from None
         if not isinstance(rec, dict):
-            raise DataError(f"{path} line {i} is a JSON {type(rec).__name__}, not an object: write one JSON object per line")
+            raise DataError(
+                f"{path} line {i} is a JSON {type(rec).__name__}, not an object: write one JSON object per line"
+            )
         yield rec
 
 
@@ -235,8 +261,10 @@ def _missing_field(path: Path, field_: str, available: Iterable[str]) -> DataErr
 def _as_text(value, field_: str, path: Path, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    raise DataError(f"{path} {where}: field {field_!r} holds a {type(value).__name__}, not text: "
-                    "choose a text field with data.field")
+    raise DataError(
+        f"{path} {where}: field {field_!r} holds a {type(value).__name__}, not text: "
+        "choose a text field with data.field"
+    )
 
 
 def _jsonl_field(records: Iterable[dict], field_: str, path: Path) -> list[str]:
@@ -279,11 +307,14 @@ def _parquet(path: Path, data: bytes, field_: str) -> list[str]:
 
 # ------------------------------------------------------------ python-stdlib
 
+
 def _python_stdlib(cfg: DataConfig) -> Documents:
     """The `.py` files of the standard library (or of the folder `data.path`), one document each."""
     root = Path(cfg.path).expanduser() if cfg.path else Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
-        raise DataError(f"python-stdlib folder {root} does not exist: pass data.path=/path/to/lib/python3.X or unset data.path")
+        raise DataError(
+            f"python-stdlib folder {root} does not exist: pass data.path=/path/to/lib/python3.X or unset data.path"
+        )
     docs, skipped = [], 0
     digest = hashlib.sha256()
     for rel, path in _stdlib_files(root):
@@ -295,8 +326,14 @@ def _python_stdlib(cfg: DataConfig) -> Documents:
             continue
         digest.update(rel.encode() + b"\0" + raw + b"\0")
         docs.append(text)
-    info = {"kind": "builtin", "path": str(root), "files": len(docs), "skipped_not_utf8": skipped,
-            "sha256": digest.hexdigest(), "sha256_of": "relpath NUL content NUL, per file in order"}
+    info = {
+        "kind": "builtin",
+        "path": str(root),
+        "files": len(docs),
+        "skipped_not_utf8": skipped,
+        "sha256": digest.hexdigest(),
+        "sha256_of": "relpath NUL content NUL, per file in order",
+    }
     if not cfg.path:
         info["python_version"] = sys.version.split()[0]
         info["python_implementation"] = sys.implementation.name
@@ -316,6 +353,7 @@ def _stdlib_files(root: Path) -> list[tuple[str, Path]]:
 
 # -------------------------------------------------------------- hn-titles
 
+
 def _hn_titles(cfg: DataConfig) -> Documents:
     field_ = cfg.field or "title"
     if cfg.path:
@@ -331,6 +369,7 @@ def _hn_titles(cfg: DataConfig) -> Documents:
 
 # ------------------------------------------------------------ shakespeare
 
+
 def _shakespeare(cfg: DataConfig) -> Documents:
     if cfg.path:
         path = _existing(cfg.path, "shakespeare", "input.txt")
@@ -342,16 +381,28 @@ def _shakespeare(cfg: DataConfig) -> Documents:
         origin = {"url": SHAKESPEARE_URL, "path": str(path)}
     sha, md5 = _sha256(raw), hashlib.md5(raw).hexdigest()
     if sha != SHAKESPEARE_SHA256:
-        raise DataError(f"{path} is not tiny-shakespeare input.txt (sha256 {sha[:12]}... != {SHAKESPEARE_SHA256[:12]}...): "
-                        f"use the original file from {SHAKESPEARE_URL}")
+        raise DataError(
+            f"{path} is not tiny-shakespeare input.txt (sha256 {sha[:12]}... != {SHAKESPEARE_SHA256[:12]}...): "
+            f"use the original file from {SHAKESPEARE_URL}"
+        )
     text = _decode(raw, path)
     # Speeches are separated by blank lines: documents at that level allow a document-level split.
     docs = [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text)]
-    return Documents(docs, {"kind": "shakespeare", **origin, "sha256": sha, "md5": md5, "checksum_ok": True,
-                            "document_unit": "blank-line separated paragraph (speech)"})
+    return Documents(
+        docs,
+        {
+            "kind": "shakespeare",
+            **origin,
+            "sha256": sha,
+            "md5": md5,
+            "checksum_ok": True,
+            "document_unit": "blank-line separated paragraph (speech)",
+        },
+    )
 
 
 # --------------------------------------------------------- arxiv-abstracts
+
 
 def _arxiv_abstracts(cfg: DataConfig) -> Documents:
     metas: list | None = []
@@ -402,10 +453,13 @@ def _category_match(cats, filters: list[str]) -> bool:
 
 # --------------------------------------------------------------- helpers
 
+
 def _existing(path: str, source: str, example: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data.path {path!r} for {source} does not exist: pass data.path=/path/to/{example} (a local copy)")
+        raise DataError(
+            f"data.path {path!r} for {source} does not exist: pass data.path=/path/to/{example} (a local copy)"
+        )
     return p
 
 
@@ -424,7 +478,9 @@ def cache_dir() -> Path:
 
 def _no_network(source: str, reason: str, example: str) -> DataError:
     reason = " ".join(str(reason).split())[:160]
-    return DataError(f"cannot download {source} (no network: {reason}): pass data.path=/path/to/{example} (a local copy)")
+    return DataError(
+        f"cannot download {source} (no network: {reason}): pass data.path=/path/to/{example} (a local copy)"
+    )
 
 
 def _fetch(url: str, timeout: float) -> bytes:
@@ -444,8 +500,10 @@ def _download(source: str, url: str, digest: str, filename: str, algorithm: str 
         raise _no_network(source, getattr(e, "reason", e), filename) from None
     got = hashlib.new(algorithm, raw).hexdigest()
     if got != digest:
-        raise DataError(f"download of {url} has the wrong {algorithm} (got {got[:12]}...): "
-                        f"retry later or pass data.path=/path/to/{filename} (a verified local copy)")
+        raise DataError(
+            f"download of {url} has the wrong {algorithm} (got {got[:12]}...): "
+            f"retry later or pass data.path=/path/to/{filename} (a verified local copy)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(raw)
@@ -455,7 +513,10 @@ def _download(source: str, url: str, digest: str, filename: str, algorithm: str 
 
 def _probe_hub() -> None:
     """Fail fast when the hub is unreachable (`datasets` itself retries for ~25 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in (
+        "",
+        "0",
+    ):
         return  # offline mode: let `datasets` use its cache
     host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     with socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S):
@@ -466,8 +527,10 @@ def _load_hub(source: str, name: str, example: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"loading {source} from the hub needs the `datasets` package: pip install 'attnlab[data]', "
-                        f"or pass data.path=/path/to/{example.split()[0]} (a local copy)") from None
+        raise DataError(
+            f"loading {source} from the hub needs the `datasets` package: pip install 'attnlab[data]', "
+            f"or pass data.path=/path/to/{example.split()[0]} (a local copy)"
+        ) from None
     try:
         _probe_hub()
         return datasets.load_dataset(name, split="train")
@@ -476,8 +539,7 @@ def _load_hub(source: str, name: str, example: str):
 
 
 def _hub_info(ds, name: str) -> dict:
-    return {"hub_dataset": name, "split": "train", "rows": len(ds),
-            "fingerprint": getattr(ds, "_fingerprint", None)}
+    return {"hub_dataset": name, "split": "train", "rows": len(ds), "fingerprint": getattr(ds, "_fingerprint", None)}
 
 
 def _hub_column(source: str, name: str, field_: str, example: str) -> tuple[list[str], dict]:
@@ -503,13 +565,15 @@ HF_EXAMPLE = "a local copy (a save_to_disk folder or parquet files)"
 
 
 def load_hf(cfg: DataConfig) -> Documents:
-    name = cfg.source[len(HF_PREFIX):]
+    name = cfg.source[len(HF_PREFIX) :]
     if not name:
         raise DataError("data.source='hf:' names no dataset: use hf:NAME (a hub dataset) or hf:/path/to/folder")
     datasets = _import_datasets(cfg.source)
     local = Path(cfg.path or name).expanduser()
     if (cfg.path or name.startswith(("/", ".", "~"))) and not local.exists():
-        raise DataError(f"{local} (for {cfg.source}) does not exist: pass an existing path, or data.path=/path/to/{HF_EXAMPLE}")
+        raise DataError(
+            f"{local} (for {cfg.source}) does not exist: pass an existing path, or data.path=/path/to/{HF_EXAMPLE}"
+        )
     split = cfg.split or "train"
     if local.exists():
         ds, origin = _hf_load_local(datasets, local, split, cfg.config), {"path": str(local.resolve())}
@@ -519,8 +583,15 @@ def load_hf(cfg: DataConfig) -> Documents:
     if field_ not in ds.column_names:
         raise _missing_field(Path(cfg.source), field_, ds.column_names)
     docs, metas = _hf_rows(ds, field_, cfg.source)
-    info = {"kind": "hf", **origin, "split": split, "config": cfg.config, "field": field_, "rows": len(ds),
-            "fingerprint": getattr(ds, "_fingerprint", None)}
+    info = {
+        "kind": "hf",
+        **origin,
+        "split": split,
+        "config": cfg.config,
+        "field": field_,
+        "rows": len(ds),
+        "fingerprint": getattr(ds, "_fingerprint", None),
+    }
     return Documents(docs, info, metas)
 
 
@@ -546,8 +617,9 @@ def _hf_load_local(datasets, path: Path, split: str, config: str | None):
         raise
     except Exception as e:  # datasets raises many types for unreadable folders
         reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise DataError(f"{path} is not a readable Hugging Face dataset ({reason}): pass a save_to_disk folder "
-                        "or parquet files") from None
+        raise DataError(
+            f"{path} is not a readable Hugging Face dataset ({reason}): pass a save_to_disk folder or parquet files"
+        ) from None
 
 
 def _pick_split(dd, split: str, path: Path):
@@ -562,8 +634,10 @@ def _hf_load_hub(datasets, source: str, name: str, split: str, config: str | Non
         return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline: ConnectionError, OSError, hub errors...
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
-        raise DataError(f"cannot load {source} from the Hugging Face hub (no network or no such dataset: {reason}): "
-                        f"pass data.path=/path/to/{HF_EXAMPLE}") from None
+        raise DataError(
+            f"cannot load {source} from the Hugging Face hub (no network or no such dataset: {reason}): "
+            f"pass data.path=/path/to/{HF_EXAMPLE}"
+        ) from None
 
 
 def _hf_rows(ds, field_: str, source: str) -> tuple[list[str], list[dict]]:
@@ -572,7 +646,9 @@ def _hf_rows(ds, field_: str, source: str) -> tuple[list[str], list[dict]]:
     texts = list(ds[field_])  # plain lists: indexing a `datasets` column row by row is slow
     bad = next((v for v in texts if not isinstance(v, (str, type(None)))), None)
     if bad is not None:
-        raise DataError(f"{source}: column {field_!r} holds {type(bad).__name__}, not text: choose a text column with data.field")
+        raise DataError(
+            f"{source}: column {field_!r} holds {type(bad).__name__}, not text: choose a text column with data.field"
+        )
     columns = {c: list(ds[c]) for c in keep}
     docs, metas = [], []
     for i, text in enumerate(texts):

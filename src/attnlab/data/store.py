@@ -43,9 +43,9 @@ from .text import EOS, Tokenizer, load_tokenizer, token_dtype, tokenizer_from_fi
 FORMAT_VERSION = 1
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 SPLITS = ("train", "val", "test")
-ENCODE_CHUNK_DOCS = 512      # documents per encode_batch call
+ENCODE_CHUNK_DOCS = 512  # documents per encode_batch call
 ENCODE_CHUNK_CHARS = 4 << 20  # ... or fewer, to bound memory on long documents
-ID_CHECK_CHUNK = 1 << 24      # tokens read at a time when checking the id range
+ID_CHECK_CHUNK = 1 << 24  # tokens read at a time when checking the id range
 
 
 @dataclass
@@ -67,8 +67,9 @@ class Dataset:
         """Read-only memmap of a split's token ids."""
         info = self.split_info(split)
         if split not in self._memmaps:
-            self._memmaps[split] = np.memmap(self.dir / info["file"], dtype=DTYPES[self.meta["dtype"]], mode="r",
-                                             shape=(info["tokens"],))
+            self._memmaps[split] = np.memmap(
+                self.dir / info["file"], dtype=DTYPES[self.meta["dtype"]], mode="r", shape=(info["tokens"],)
+            )
         return self._memmaps[split]
 
     @property
@@ -81,7 +82,7 @@ class Dataset:
 
     @property
     def kind(self) -> str:
-        """"text" or "image" (datasets from before images have no kind: text)."""
+        """ "text" or "image" (datasets from before images have no kind: text)."""
         return self.meta.get("kind", "text")
 
 
@@ -130,8 +131,10 @@ def select_indices(docs: list[str], cfg: DataConfig) -> list[int]:
                 break
             keep += 1
         if keep == 0 and order:
-            raise DataError(f"data.max_bytes={cfg.max_bytes} is smaller than the first (shuffled) document "
-                            f"({len(docs[order[0]].encode('utf-8'))} bytes): raise data.max_bytes")
+            raise DataError(
+                f"data.max_bytes={cfg.max_bytes} is smaller than the first (shuffled) document "
+                f"({len(docs[order[0]].encode('utf-8'))} bytes): raise data.max_bytes"
+            )
         order = order[:keep]
     return order
 
@@ -143,16 +146,19 @@ def split_documents(docs: list[str], val_frac: float) -> dict[str, list[str]]:
     if val_frac > 0 and n >= 2:
         n_val = min(max(n_val, 1), n - 1)
     elif val_frac > 0:
-        raise DataError(f"only {n} document after the caps, so no validation split is possible: "
-                        "raise data.max_docs/data.max_bytes, use a source with more documents, or set data.val_frac=0")
+        raise DataError(
+            f"only {n} document after the caps, so no validation split is possible: "
+            "raise data.max_docs/data.max_bytes, use a source with more documents, or set data.val_frac=0"
+        )
     splits = {"train": docs[n_val:]}
     if n_val:
         splits["val"] = docs[:n_val]
     return splits
 
 
-def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, wait: bool = False,
-            export_hf=None) -> dict:
+def prepare(
+    cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = True, wait: bool = False, export_hf=None
+) -> dict:
     """Load, shuffle, split, encode and write a dataset folder (text or images); returns its meta.
 
     The folder is locked while it is written (another process preparing it
@@ -162,8 +168,10 @@ def prepare(cfg: DataConfig, out_dir, *, force: bool = False, progress: bool = T
     """
     out = Path(out_dir)
     if tasks.is_task(cfg):
-        raise DataError(f"{cfg.source} problems are generated while training, so there is nothing to prepare: "
-                        f"train with data.source={cfg.source}")
+        raise DataError(
+            f"{cfg.source} problems are generated while training, so there is nothing to prepare: "
+            f"train with data.source={cfg.source}"
+        )
     if export_hf is not None:
         if cfg.source in image_sources.IMAGE_SOURCES:
             raise DataError(f"--export-hf writes text documents; {cfg.source} holds images: drop --export-hf")
@@ -225,8 +233,10 @@ def _check_not_prepared(cfg: DataConfig) -> None:
     for key in ("path", "source"):
         value = getattr(cfg, key)
         if value and is_prepared_dataset(Path(value).expanduser()):
-            raise DataError(f"data.{key}={value!r} is a prepared dataset: use data.dir={value} "
-                            "(data.source and data.path name the raw text or images)")
+            raise DataError(
+                f"data.{key}={value!r} is a prepared dataset: use data.dir={value} "
+                "(data.source and data.path name the raw text or images)"
+            )
 
 
 def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> dict:
@@ -242,8 +252,13 @@ def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> d
     tok.save(tmp / "tokenizer.json")
     if export_hf is not None:
         hf_export.export_splits(export_hf, documents.docs, documents.meta, split_idx)
-    tok_meta = {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "file": "tokenizer.json",
-                "sha256": file_sha256(tmp / "tokenizer.json")}
+    tok_meta = {
+        "kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "file": "tokenizer.json",
+        "sha256": file_sha256(tmp / "tokenizer.json"),
+    }
     if cfg.tokenizer_file:
         tok_meta.update(from_file=str(Path(cfg.tokenizer_file).resolve()), eos_token=tok.eos_token)
     return {
@@ -263,7 +278,7 @@ def _chunks(docs: list[str]):
     for i, d in enumerate(docs):
         size += len(d)
         if i + 1 - start >= ENCODE_CHUNK_DOCS or size >= ENCODE_CHUNK_CHARS:
-            yield docs[start: i + 1]
+            yield docs[start : i + 1]
             start, size = i + 1, 0
     if start < len(docs):
         yield docs[start:]
@@ -304,6 +319,7 @@ def _write_split(path: Path, name: str, docs: list[str], tok: Tokenizer, progres
 
 # ----------------------------------------------------------------- load
 
+
 def _fix(dir: Path) -> str:
     return f"re-create it with `attnlab prepare ... --out {dir} --force`"
 
@@ -313,7 +329,9 @@ def load(dir, *, verify: bool = True) -> Dataset:
     d = Path(dir)
     meta_path = d / "meta.json"
     if not d.is_dir():
-        raise DataError(f"dataset folder {d} does not exist: create it with `attnlab prepare --out {d}` (or set data.dir)")
+        raise DataError(
+            f"dataset folder {d} does not exist: create it with `attnlab prepare --out {d}` (or set data.dir)"
+        )
     meta = _read_meta(meta_path, d)
     dtype = _meta_dtype(meta, meta_path, d)
     for name, info in meta["splits"].items():
@@ -329,8 +347,10 @@ def load(dir, *, verify: bool = True) -> Dataset:
         raise DataError(f"{tok_path} does not match meta.json (sha256 differs): the tokenizer was changed; {_fix(d)}")
     tok = load_tokenizer(tok_path)
     if tok.vocab_size != meta["vocab_size"]:
-        raise DataError(f"{d / 'tokenizer.json'} has {tok.vocab_size} tokens but meta.json says {meta['vocab_size']}: "
-                        f"the files do not belong together; {_fix(d)}")
+        raise DataError(
+            f"{d / 'tokenizer.json'} has {tok.vocab_size} tokens but meta.json says {meta['vocab_size']}: "
+            f"the files do not belong together; {_fix(d)}"
+        )
     return Dataset(d, meta, tok)
 
 
@@ -338,16 +358,22 @@ def _read_meta(meta_path: Path, d: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{meta_path} is missing, so {d} is not a prepared dataset: "
-                        f"run `attnlab prepare --out {d}` (add --force to replace the folder)") from None
+        raise DataError(
+            f"{meta_path} is missing, so {d} is not a prepared dataset: "
+            f"run `attnlab prepare --out {d}` (add --force to replace the folder)"
+        ) from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{meta_path} is not valid JSON ({type(e).__name__}): the dataset is corrupted; {_fix(d)}") from None
+        raise DataError(
+            f"{meta_path} is not valid JSON ({type(e).__name__}): the dataset is corrupted; {_fix(d)}"
+        ) from None
     required = ("format_version", "vocab_size", "dtype", "splits")
     if not isinstance(meta, dict) or any(k not in meta for k in required) or not isinstance(meta["splits"], dict):
         raise DataError(f"{meta_path} lacks required entries ({', '.join(required)}): {_fix(d)}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{meta_path} has format_version {_show(meta['format_version'])}, this attnlab reads "
-                        f"{FORMAT_VERSION}: {_fix(d)}")
+        raise DataError(
+            f"{meta_path} has format_version {_show(meta['format_version'])}, this attnlab reads "
+            f"{FORMAT_VERSION}: {_fix(d)}"
+        )
     _check_structure(meta, meta_path, d)
     if "train" not in meta["splits"]:
         raise DataError(f"{meta_path} lists no train split: {_fix(d)}")
@@ -356,6 +382,7 @@ def _read_meta(meta_path: Path, d: Path) -> dict:
 
 def _show(value) -> str:
     from ..config import show
+
     return show(value)
 
 
@@ -365,8 +392,10 @@ def _count(value) -> bool:
 
 def _check_structure(meta: dict, meta_path: Path, d: Path) -> None:
     """The types load() relies on, so a tampered meta.json is one line, not a traceback deep inside."""
+
     def bad(what: str) -> DataError:
         return DataError(f"{meta_path} is damaged: {what}; {_fix(d)}")
+
     if not _count(meta["vocab_size"]) or meta["vocab_size"] < 1:
         raise bad(f"vocab_size {_show(meta['vocab_size'])} is not a positive integer")
     if not isinstance(meta["dtype"], str):
@@ -374,8 +403,11 @@ def _check_structure(meta: dict, meta_path: Path, d: Path) -> None:
     for name, info in meta["splits"].items():
         if not isinstance(info, dict):
             raise bad(f"the {name} split is not an object ({_show(info)})")
-        for key, ok, kind in (("tokens", _count, "a count"), ("file", lambda v: isinstance(v, str), "a file name"),
-                              ("sha256", lambda v: isinstance(v, str), "a hex digest")):
+        for key, ok, kind in (
+            ("tokens", _count, "a count"),
+            ("file", lambda v: isinstance(v, str), "a file name"),
+            ("sha256", lambda v: isinstance(v, str), "a hex digest"),
+        ):
             if key not in info and key != "file":
                 raise bad(f"the {name} split has no {key!r}")
             if key in info and not ok(info[key]):
@@ -393,8 +425,10 @@ def _check_structure(meta: dict, meta_path: Path, d: Path) -> None:
 def _local_file(d: Path, name, what: str) -> Path:
     """`d / name` for a plain file name from meta.json; anything that could leave the folder is refused."""
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", "..") or "\x00" in name:
-        raise DataError(f"{d / 'meta.json'} names a file outside the dataset folder for {what} ({_show(name)}): "
-                        f"only plain file names inside {d} are read; {_fix(d)}")
+        raise DataError(
+            f"{d / 'meta.json'} names a file outside the dataset folder for {what} ({_show(name)}): "
+            f"only plain file names inside {d} are read; {_fix(d)}"
+        )
     return d / name
 
 
@@ -403,8 +437,10 @@ def _meta_dtype(meta: dict, meta_path: Path, d: Path) -> np.dtype:
     if name not in DTYPES:
         raise DataError(f"{meta_path} has unknown token dtype {name!r} (expected uint16 or uint32): {_fix(d)}")
     if np.dtype(name) != token_dtype(int(meta["vocab_size"])):
-        raise DataError(f"{meta_path} says dtype {name} for vocab_size {meta['vocab_size']} "
-                        f"(expected {token_dtype(int(meta['vocab_size'])).name}): {_fix(d)}")
+        raise DataError(
+            f"{meta_path} says dtype {name} for vocab_size {meta['vocab_size']} "
+            f"(expected {token_dtype(int(meta['vocab_size'])).name}): {_fix(d)}"
+        )
     return np.dtype(name)
 
 
@@ -414,8 +450,10 @@ def _check_split(d: Path, name: str, info: dict, dtype: np.dtype, verify: bool) 
         raise DataError(f"{path} is missing (meta.json lists the {name} split): {_fix(d)}")
     size, expected = path.stat().st_size, int(info["tokens"]) * dtype.itemsize
     if size != expected:
-        raise DataError(f"{path} does not match meta.json (size {size} bytes, expected {expected} = "
-                        f"{info['tokens']} tokens x {dtype.itemsize}): the file is truncated or corrupted; {_fix(d)}")
+        raise DataError(
+            f"{path} does not match meta.json (size {size} bytes, expected {expected} = "
+            f"{info['tokens']} tokens x {dtype.itemsize}): the file is truncated or corrupted; {_fix(d)}"
+        )
     if verify and file_sha256(path) != info.get("sha256"):
         raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
 
@@ -426,29 +464,37 @@ def _check_ids(path: Path, n_tokens: int, dtype: np.dtype, vocab_size: int, d: P
         return
     ids = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
     for start in range(0, n_tokens, ID_CHECK_CHUNK):
-        chunk = ids[start:start + ID_CHECK_CHUNK]
+        chunk = ids[start : start + ID_CHECK_CHUNK]
         top = int(chunk.max())
         if top >= vocab_size:
             where = start + int(np.argmax(chunk >= vocab_size))
-            raise DataError(f"{path} holds token id {top} (first bad one at position {where}) but the dataset's "
-                            f"vocab_size {vocab_size} allows ids 0..{vocab_size - 1}: the file is corrupted; {_fix(d)}")
+            raise DataError(
+                f"{path} holds token id {top} (first bad one at position {where}) but the dataset's "
+                f"vocab_size {vocab_size} allows ids 0..{vocab_size - 1}: the file is corrupted; {_fix(d)}"
+            )
     del ids
 
 
 def _check_labels(d: Path, name: str, info: dict, tokens_per_image: int, verify: bool) -> None:
     """An image split: whole images, a labels file with one int16 label per image, and (with `verify`) its sha256."""
     if info["tokens"] != info["images"] * tokens_per_image:
-        raise DataError(f"meta.json says the {name} split has {info['tokens']} tokens, not {info['images']} images x "
-                        f"{tokens_per_image}: the dataset is corrupted; {_fix(d)}")
+        raise DataError(
+            f"meta.json says the {name} split has {info['tokens']} tokens, not {info['images']} images x "
+            f"{tokens_per_image}: the dataset is corrupted; {_fix(d)}"
+        )
     path = _local_file(d, info.get("labels_file", f"{name}.labels.npy"), f"the {name} split's labels")
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path} cannot be read ({type(e).__name__}): the labels of the {name} split are missing or "
-                        f"corrupted; {_fix(d)}") from None
+        raise DataError(
+            f"{path} cannot be read ({type(e).__name__}): the labels of the {name} split are missing or "
+            f"corrupted; {_fix(d)}"
+        ) from None
     if labels.shape != (info["images"],) or labels.dtype != np.int16:
-        raise DataError(f"{path} holds {labels.dtype}{list(labels.shape)}, expected int16 [{info['images']}]: "
-                        f"the file is corrupted; {_fix(d)}")
+        raise DataError(
+            f"{path} holds {labels.dtype}{list(labels.shape)}, expected int16 [{info['images']}]: "
+            f"the file is corrupted; {_fix(d)}"
+        )
     if verify and file_sha256(path) != info.get("labels_sha256"):
         raise DataError(f"{path} does not match meta.json (sha256 differs): the file is corrupted; {_fix(d)}")
 

@@ -31,7 +31,7 @@ from .text import CharTokenizer
 TASK_SOURCES = ("addition", "subtraction", "multiplication")
 OPS = {"addition": ("+", operator.add), "subtraction": ("-", operator.sub), "multiplication": ("*", operator.mul)}
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
-MAX_DIGITS = 18      # operands stay within int64 for numpy's generator
+MAX_DIGITS = 18  # operands stay within int64 for numpy's generator
 VOCAB = sorted("0123456789+-*=")  # one vocabulary for every task: runs can be compared and fine-tuned across tasks
 
 
@@ -43,9 +43,9 @@ def is_task(cfg: DataConfig) -> bool:
 class Problem:
     a: int
     b: int
-    digits: int    # the longer operand's number of digits
-    prompt: str    # "123+45="
-    answer: str    # "168" as the model writes it (reversed with data.reverse_answer)
+    digits: int  # the longer operand's number of digits
+    prompt: str  # "123+45="
+    answer: str  # "168" as the model writes it (reversed with data.reverse_answer)
 
 
 class ArithmeticTask:
@@ -57,8 +57,9 @@ class ArithmeticTask:
         self.eval_problems = cfg.eval_problems
         bad = [d for d in [self.digits, *self.eval_digits] if not 1 <= d <= MAX_DIGITS]
         if bad:
-            raise ConfigError(f"data.digits / data.eval_digits must lie in [1, {MAX_DIGITS}], got {bad[0]}: "
-                              "choose shorter operands")
+            raise ConfigError(
+                f"data.digits / data.eval_digits must lie in [1, {MAX_DIGITS}], got {bad[0]}: choose shorter operands"
+            )
         self.tokenizer = CharTokenizer(VOCAB)
         self._held_out: list[Problem] | None = None
 
@@ -67,8 +68,9 @@ class ArithmeticTask:
         if self.name == "subtraction" and a < b:
             a, b = b, a  # answers stay non-negative
         answer = str(self._fn(a, b))
-        return Problem(a, b, max(len(str(a)), len(str(b))), f"{a}{self.symbol}{b}=",
-                       answer[::-1] if self.reverse else answer)
+        return Problem(
+            a, b, max(len(str(a)), len(str(b))), f"{a}{self.symbol}{b}=", answer[::-1] if self.reverse else answer
+        )
 
     def answer_length(self, digits: int) -> int:
         """The longest answer for operands of at most `digits` digits."""
@@ -127,15 +129,24 @@ class ArithmeticTask:
         for i, p in enumerate(problems):
             ids, n_prompt = self.encode(p)
             if len(ids) - 1 > context:
-                raise ConfigError(f"model.context={context} is shorter than the problem {p.prompt}{p.answer} "
-                                  f"({len(ids) - 1} tokens): set model.context={self.context_needed}")
-            x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[i, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])  # the answer digits and the final <eos>
+                raise ConfigError(
+                    f"model.context={context} is shorter than the problem {p.prompt}{p.answer} "
+                    f"({len(ids) - 1} tokens): set model.context={self.context_needed}"
+                )
+            x[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+            y[i, n_prompt - 1 : len(ids) - 1] = torch.tensor(ids[n_prompt:])  # the answer digits and the final <eos>
         return x, y
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": "arithmetic", "digits": self.digits, "eval_digits": self.eval_digits,
-                "eval_problems": self.eval_problems, "reverse_answer": self.reverse, "seed": self.seed}
+        return {
+            "name": self.name,
+            "kind": "arithmetic",
+            "digits": self.digits,
+            "eval_digits": self.eval_digits,
+            "eval_problems": self.eval_problems,
+            "reverse_answer": self.reverse,
+            "seed": self.seed,
+        }
 
 
 def _draw(rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
@@ -146,13 +157,18 @@ def _draw(rng: np.random.Generator, digits: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------ batches
 
+
 class TaskBatches:
     """Generated training batches with the BatchIterator interface: the cursor is the step."""
 
-    def __init__(self, task: ArithmeticTask, batch_size: int, context: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, task: ArithmeticTask, batch_size: int, context: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         if batch_size % world_size:
-            raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {world_size} data-parallel processes: "
-                              f"use a multiple of {world_size}")
+            raise ConfigError(
+                f"train.batch_size={batch_size} is not divisible by the {world_size} data-parallel processes: "
+                f"use a multiple of {world_size}"
+            )
         self.task, self.batch_size, self.context, self.seed = task, batch_size, context, seed
         self.rank, self.local_batch = rank, batch_size // world_size
         self.step = 0
@@ -163,7 +179,7 @@ class TaskBatches:
         problems = self.task.training_problems(self.seed, self.step, self.batch_size)  # the global batch
         self.step += 1
         lo = self.rank * self.local_batch
-        return self.task.rows(problems[lo:lo + self.local_batch], self.context)
+        return self.task.rows(problems[lo : lo + self.local_batch], self.context)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "context": self.context}
@@ -171,12 +187,15 @@ class TaskBatches:
     def load_state_dict(self, d: dict) -> None:
         for key in ("seed", "batch_size", "context"):
             if int(d.get(key, getattr(self, key))) != getattr(self, key):
-                raise DataError(f"the saved batch position is for {key}={d[key]}, but this run has {key}={getattr(self, key)}: "
-                                "resume with the same train.batch_size, model.context and train.seed")
+                raise DataError(
+                    f"the saved batch position is for {key}={d[key]}, but this run has {key}={getattr(self, key)}: "
+                    "resume with the same train.batch_size, model.context and train.seed"
+                )
         self.step = int(d["step"])
 
 
 # ------------------------------------------------------------ the dataset stand-in
+
 
 @dataclass
 class TaskDataset:
@@ -191,9 +210,13 @@ class TaskDataset:
     def from_config(cls, cfg: DataConfig) -> TaskDataset:
         task = ArithmeticTask(cfg)
         tok = task.tokenizer
-        meta = {"kind": "task", "source": task.describe(), "vocab_size": tok.vocab_size,
-                "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
-                "splits": {"val": {"problems": len(task.held_out()), "tokens": len(_stream(task))}}}
+        meta = {
+            "kind": "task",
+            "source": task.describe(),
+            "vocab_size": tok.vocab_size,
+            "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            "splits": {"val": {"problems": len(task.held_out()), "tokens": len(_stream(task))}},
+        }
         return cls(task, Path(f"generated:{task.name}"), meta)
 
     @property
@@ -211,7 +234,9 @@ class TaskDataset:
     def tokens(self, split: str) -> np.ndarray:
         """The held-out problems as one <eos>-separated stream (what attention statistics read)."""
         if split != "val":
-            raise DataError(f"the generated {self.task.name} task has only a 'val' split (held-out problems): use --split val")
+            raise DataError(
+                f"the generated {self.task.name} task has only a 'val' split (held-out problems): use --split val"
+            )
         return _stream(self.task)
 
 
@@ -226,9 +251,13 @@ def check_config(cfg) -> None:
     """Training rules of a generated task; ConfigError naming the key."""
     t = cfg.train
     if t.epochs is not None or t.evals_per_epoch is not None:
-        raise ConfigError(f"{cfg.data.source} problems are generated without end, so there are no epochs: "
-                          "use train.max_steps and train.eval_every instead of train.epochs / train.evals_per_epoch")
+        raise ConfigError(
+            f"{cfg.data.source} problems are generated without end, so there are no epochs: "
+            "use train.max_steps and train.eval_every instead of train.epochs / train.evals_per_epoch"
+        )
     need = ArithmeticTask(cfg.data).context_needed
     if cfg.model.context < need:
-        raise ConfigError(f"model.context={cfg.model.context} is shorter than the longest {cfg.data.source} problem "
-                          f"with its answer ({need} tokens): set model.context={need}")
+        raise ConfigError(
+            f"model.context={cfg.model.context} is shorter than the longest {cfg.data.source} problem "
+            f"with its answer ({need} tokens): set model.context={need}"
+        )

@@ -74,6 +74,7 @@ def _write_json(path, obj: dict) -> None:
 
 # ---------------------------------------------------------------- bytes
 
+
 class ByteTokenizer(Tokenizer):
     kind = "bytes"
     vocab_size = 256
@@ -93,6 +94,7 @@ class ByteTokenizer(Tokenizer):
 
 # ----------------------------------------------------------------- char
 
+
 class CharTokenizer(Tokenizer):
     kind = "char"
     eos_id = 0
@@ -107,7 +109,7 @@ class CharTokenizer(Tokenizer):
         self._codepoints = np.array([ord(c) for c in chars], dtype=np.int64)
 
     @classmethod
-    def train(cls, docs: list[str]) -> "CharTokenizer":
+    def train(cls, docs: list[str]) -> CharTokenizer:
         seen: set[str] = set()
         for d in docs:
             seen.update(d)
@@ -127,10 +129,13 @@ class CharTokenizer(Tokenizer):
         return "".join(self.vocab[i] for i in _ids(ids))
 
     def save(self, path) -> None:
-        _write_json(path, {"kind": "char", "vocab_size": self.vocab_size, "eos_id": 0, "unk_id": 1, "vocab": self.vocab})
+        _write_json(
+            path, {"kind": "char", "vocab_size": self.vocab_size, "eos_id": 0, "unk_id": 1, "vocab": self.vocab}
+        )
 
 
 # ------------------------------------------------------------------ bpe
+
 
 class BPETokenizer(Tokenizer):
     kind = "bpe"
@@ -148,19 +153,24 @@ class BPETokenizer(Tokenizer):
         self._encode_batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast skips offsets
 
     @classmethod
-    def train(cls, docs: list[str], vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    def train(cls, docs: list[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
         return cls(tok)
 
     @classmethod
-    def from_file(cls, path) -> "BPETokenizer":
+    def from_file(cls, path) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls(HFTokenizer.from_file(str(path)))
@@ -179,6 +189,7 @@ class BPETokenizer(Tokenizer):
 
 
 # ------------------------------------------------------------- factory
+
 
 def train_tokenizer(kind: str, train_docs: list[str], vocab_size: int) -> Tokenizer:
     """A tokenizer of `kind` fitted to the training documents (vocab_size is used by bpe only)."""
@@ -201,16 +212,20 @@ def tokenizer_from_file(path, kind: str = "bpe") -> BPETokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     if kind != "bpe":
-        raise DataError(f"data.tokenizer_file replaces the trained BPE tokenizer, but data.tokenizer={kind}: "
-                        "set data.tokenizer=bpe (or drop data.tokenizer_file)")
+        raise DataError(
+            f"data.tokenizer_file replaces the trained BPE tokenizer, but data.tokenizer={kind}: "
+            "set data.tokenizer=bpe (or drop data.tokenizer_file)"
+        )
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data.tokenizer_file {str(path)!r} does not exist: pass a Hugging Face tokenizer.json")
     try:
         hf = HFTokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises plain Exception on bad content
-        raise DataError(f"{p} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:120]}): "
-                        "pass the tokenizer.json of a `tokenizers`/`transformers` tokenizer") from None
+        raise DataError(
+            f"{p} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:120]}): "
+            "pass the tokenizer.json of a `tokenizers`/`transformers` tokenizer"
+        ) from None
     hf.no_truncation()
     hf.no_padding()
     if not any(hf.token_to_id(t) is not None for t in EOS_TOKENS):
@@ -240,5 +255,7 @@ def load_tokenizer(path) -> Tokenizer:
         if isinstance(obj, dict) and "model" in obj:
             return BPETokenizer.from_file(path)
     except Exception as e:  # tokenizers raises plain Exception on bad JSON content
-        raise DataError(f"{path} is not a valid {kind or 'bpe'} tokenizer ({str(e).splitlines()[0][:120]}): {fix}") from None
+        raise DataError(
+            f"{path} is not a valid {kind or 'bpe'} tokenizer ({str(e).splitlines()[0][:120]}): {fix}"
+        ) from None
     raise DataError(f"{path} is not an attnlab tokenizer (no 'kind' or 'model' entry): {fix}")

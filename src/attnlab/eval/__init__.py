@@ -13,5 +13,14 @@ from .generation.image_samples import complete_images, sample_images
 from .generation.loop import generate, sample_text
 from .metrics.scoring import image_metrics, score_images, score_tokens, text_metrics
 
-__all__ = ["SamplingConfig", "complete_images", "generate", "image_metrics", "sample_images", "sample_text",
-           "score_images", "score_tokens", "text_metrics"]
+__all__ = [
+    "SamplingConfig",
+    "complete_images",
+    "generate",
+    "image_metrics",
+    "sample_images",
+    "sample_text",
+    "score_images",
+    "score_tokens",
+    "text_metrics",
+]

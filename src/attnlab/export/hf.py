@@ -36,8 +36,22 @@ from ..model.gpt import GPT, mlp_hidden
 from ..run.open import load_run
 
 # ModelConfig fields that only shape training (or whose effect is read from the built model): any value exports.
-TRAINING_ONLY = {"dropout", "attn_dropout", "init", "init_std", "checkpoint_activations", "zero_init_logits",
-                 "tie_weights", "mlp_hidden", "mlp_ratio", "context", "n_layer", "n_head", "d_model", "image_shape"}
+TRAINING_ONLY = {
+    "dropout",
+    "attn_dropout",
+    "init",
+    "init_std",
+    "checkpoint_activations",
+    "zero_init_logits",
+    "tie_weights",
+    "mlp_hidden",
+    "mlp_ratio",
+    "context",
+    "n_layer",
+    "n_head",
+    "d_model",
+    "image_shape",
+}
 # Fields checked below, target by target.
 CHECKED = {"position", "norm", "norm_position", "mlp", "qk_ratio", "qk_norm", "bias", "n_kv_head"}
 
@@ -52,17 +66,20 @@ def _refuse(what: str, fix: str) -> ExportError:
 
 # ------------------------------------------------------------------ which architecture
 
+
 @dataclasses.dataclass(frozen=True)
 class Target:
-    arch: str               # gpt2, llama or mistral
-    window: int | None      # mistral's sliding window
+    arch: str  # gpt2, llama or mistral
+    window: int | None  # mistral's sliding window
 
 
 def plan(model: GPT, cfg: Config) -> Target:
     """The transformers architecture computing exactly what ``model`` computes, or ExportError naming the key."""
     m = cfg.model
     if m.position not in ("learned", "rope"):
-        raise _refuse(f"model.position={m.position} has no counterpart", "GPT-2 needs model.position=learned, Llama rope")
+        raise _refuse(
+            f"model.position={m.position} has no counterpart", "GPT-2 needs model.position=learned, Llama rope"
+        )
     _check_unknown_fields(m)
     _check_shared(m)
     window = _attention_window(model, cfg)
@@ -95,8 +112,10 @@ def _attention_window(model: GPT, cfg: Config) -> int | None:
     """None when every layer is dense; w when every layer is local(w); else ExportError naming the layer's key."""
     modifiers = getattr(cfg.attention, "modifiers", None)
     if modifiers:
-        raise _refuse(f"attention.modifiers={','.join(map(str, modifiers))} (score modifiers)",
-                      "transformers' GPT-2, Llama and Mistral add nothing to the attention scores")
+        raise _refuse(
+            f"attention.modifiers={','.join(map(str, modifiers))} (score modifiers)",
+            "transformers' GPT-2, Llama and Mistral add nothing to the attention scores",
+        )
     windows = set()
     for i, block in enumerate(model.blocks):
         core = block.attn.core
@@ -108,12 +127,17 @@ def _attention_window(model: GPT, cfg: Config) -> int | None:
         elif type(pattern) is Local:
             windows.add(pattern.window)
         else:
-            raise _refuse(f"{_layer_key(cfg, i)}={pattern.name} (layer {i}) has no counterpart",
-                          "only dense attention, or local attention on every layer (as Mistral's sliding window), maps")
+            raise _refuse(
+                f"{_layer_key(cfg, i)}={pattern.name} (layer {i}) has no counterpart",
+                "only dense attention, or local attention on every layer (as Mistral's sliding window), maps",
+            )
     if len(windows) > 1:
-        raise _refuse("layers differ in their attention (" + ", ".join("dense" if w is None else f"local({w})"
-                                                                      for w in sorted(windows, key=str)) + ")",
-                      "transformers' models use one attention for every layer")
+        raise _refuse(
+            "layers differ in their attention ("
+            + ", ".join("dense" if w is None else f"local({w})" for w in sorted(windows, key=str))
+            + ")",
+            "transformers' models use one attention for every layer",
+        )
     return windows.pop()
 
 
@@ -129,13 +153,20 @@ def _check_gpt2(model: GPT, m: ModelConfig, window: int | None) -> None:
     if m.norm != "layernorm":
         raise _refuse(f"model.norm={m.norm} with learned positions", "GPT-2 uses model.norm=layernorm")
     if m.mlp == "swiglu":
-        raise _refuse("model.mlp=swiglu with learned positions", "GPT-2's MLP is gelu or relu (Llama's SwiGLU needs model.position=rope)")
+        raise _refuse(
+            "model.mlp=swiglu with learned positions",
+            "GPT-2's MLP is gelu or relu (Llama's SwiGLU needs model.position=rope)",
+        )
     if window is not None:
-        raise _refuse(f"attention.pattern=local (window {window}) with learned positions",
-                      "GPT-2 has no sliding window; local attention maps for Llama-shaped models "
-                      "(model.position=rope, model.norm=rmsnorm, model.mlp=swiglu), as Mistral")
+        raise _refuse(
+            f"attention.pattern=local (window {window}) with learned positions",
+            "GPT-2 has no sliding window; local attention maps for Llama-shaped models "
+            "(model.position=rope, model.norm=rmsnorm, model.mlp=swiglu), as Mistral",
+        )
     if (getattr(m, "n_kv_head", None) or m.n_head) != m.n_head:
-        raise _refuse(f"model.n_kv_head={m.n_kv_head} with learned positions", "GPT-2 has one key/value head per query head")
+        raise _refuse(
+            f"model.n_kv_head={m.n_kv_head} with learned positions", "GPT-2 has one key/value head per query head"
+        )
     _gpt2_activation(model)
 
 
@@ -159,22 +190,41 @@ def _gpt2_activation(model: GPT) -> str:
 
 # ------------------------------------------------------------------ config.json
 
+
 def _common_config(model: GPT, cfg: Config, eos_id: int) -> dict:
     dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")  # the checkpoint's, kept as it is
-    return {"vocab_size": model.vocab_size, "bos_token_id": eos_id, "eos_token_id": eos_id,
-            "tie_word_embeddings": bool(model.tied), "torch_dtype": dtype, "dtype": dtype,
-            "attnlab_version": __version__}
+    return {
+        "vocab_size": model.vocab_size,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "tie_word_embeddings": bool(model.tied),
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "attnlab_version": __version__,
+    }
 
 
 def gpt2_config(model: GPT, cfg: Config, eos_id: int) -> dict:
     m, ln = cfg.model, model.blocks[0].norm1
     attn_drop = getattr(m, "attn_dropout", None)
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": m.context,
-            "n_embd": m.d_model, "n_layer": m.n_layer, "n_head": m.n_head, "n_inner": mlp_hidden(m),
-            "activation_function": _gpt2_activation(model), "layer_norm_epsilon": ln.eps,
-            "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout if attn_drop is None else attn_drop,
-            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-            **_common_config(model, cfg, eos_id)}
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_positions": m.context,
+        "n_embd": m.d_model,
+        "n_layer": m.n_layer,
+        "n_head": m.n_head,
+        "n_inner": mlp_hidden(m),
+        "activation_function": _gpt2_activation(model),
+        "layer_norm_epsilon": ln.eps,
+        "resid_pdrop": m.dropout,
+        "embd_pdrop": m.dropout,
+        "attn_pdrop": m.dropout if attn_drop is None else attn_drop,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        **_common_config(model, cfg, eos_id),
+    }
 
 
 def llama_config(model: GPT, cfg: Config, eos_id: int, target: Target) -> dict:
@@ -182,13 +232,26 @@ def llama_config(model: GPT, cfg: Config, eos_id: int, target: Target) -> dict:
     eps = model.blocks[0].norm1.eps
     eps = torch.finfo(torch.float32).eps if eps is None else eps  # torch's RMSNorm default: the dtype's epsilon
     attn_drop = getattr(m, "attn_dropout", None)
-    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": m.d_model,
-           "intermediate_size": mlp_hidden(m), "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head,
-           "num_key_value_heads": getattr(m, "n_kv_head", None) or m.n_head, "head_dim": m.d_model // m.n_head,
-           "hidden_act": "silu", "max_position_embeddings": m.context, "rms_norm_eps": eps,
-           "rope_theta": model.pos_emb.base, "rope_parameters": {"rope_type": "default", "rope_theta": model.pos_emb.base},
-           "attention_bias": m.bias, "mlp_bias": m.bias, "attention_dropout": m.dropout if attn_drop is None else attn_drop,
-           "pretraining_tp": 1, **_common_config(model, cfg, eos_id)}
+    out = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": m.d_model,
+        "intermediate_size": mlp_hidden(m),
+        "num_hidden_layers": m.n_layer,
+        "num_attention_heads": m.n_head,
+        "num_key_value_heads": getattr(m, "n_kv_head", None) or m.n_head,
+        "head_dim": m.d_model // m.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.context,
+        "rms_norm_eps": eps,
+        "rope_theta": model.pos_emb.base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.pos_emb.base},
+        "attention_bias": m.bias,
+        "mlp_bias": m.bias,
+        "attention_dropout": m.dropout if attn_drop is None else attn_drop,
+        "pretraining_tp": 1,
+        **_common_config(model, cfg, eos_id),
+    }
     if target.arch == "mistral":
         del out["attention_bias"], out["mlp_bias"], out["pretraining_tp"]
         out.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=target.window)
@@ -196,6 +259,7 @@ def llama_config(model: GPT, cfg: Config, eos_id: int, target: Target) -> dict:
 
 
 # ------------------------------------------------------------------ weights
+
 
 def _t(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to("cpu").contiguous().clone()
@@ -218,8 +282,12 @@ def gpt2_weights(model: GPT) -> dict[str, torch.Tensor]:
     for i, b in enumerate(model.blocks):
         p = f"transformer.h.{i}"
         w |= _norm(f"{p}.ln_1", b.norm1, bias=True) | _norm(f"{p}.ln_2", b.norm2, bias=True)
-        for name, linear in (("attn.c_attn", b.attn.qkv), ("attn.c_proj", b.attn.proj),
-                             ("mlp.c_fc", b.mlp.fc), ("mlp.c_proj", b.mlp.proj)):
+        for name, linear in (
+            ("attn.c_attn", b.attn.qkv),
+            ("attn.c_proj", b.attn.proj),
+            ("mlp.c_fc", b.mlp.fc),
+            ("mlp.c_proj", b.mlp.proj),
+        ):
             w[f"{p}.{name}.weight"] = _t(linear.weight.T)
             w[f"{p}.{name}.bias"] = _linear_bias(linear)
     w |= _norm("transformer.ln_f", model.norm_f, bias=True)
@@ -257,6 +325,7 @@ def _split(linear: nn.Linear, sizes) -> list[tuple[torch.Tensor, torch.Tensor | 
 
 # ------------------------------------------------------------------ tokenizer
 
+
 def tokenizer_json(tokenizer) -> str:
     """The run's tokenizer as a ``tokenizers`` JSON whose encoding starts with ``<eos>``, as attnlab reads a document."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -277,8 +346,9 @@ def tokenizer_json(tokenizer) -> str:
         start = EOS
     else:
         raise UserError(f"cannot export the tokenizer {tokenizer!r}: only bpe, bytes and char tokenizers export")
-    tok.post_processor = processors.TemplateProcessing(single=f"{start} $A", pair=f"{start} $A {start} $B:1",
-                                                       special_tokens=[(start, tokenizer.eos_id)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{start} $A", pair=f"{start} $A {start} $B:1", special_tokens=[(start, tokenizer.eos_id)]
+    )
     return tok.to_str()
 
 
@@ -294,17 +364,27 @@ def tokenizer_files(tokenizer, context: int) -> dict[str, str]:
     special = {"bos_token": start, "eos_token": start}
     if isinstance(tokenizer, CharTokenizer):
         special["unk_token"] = UNK
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": context,
-           # attnlab encodes a literal "<eos>" in text as text, never as the separator
-           "split_special_tokens": True, "clean_up_tokenization_spaces": False}
-    return {"tokenizer.json": tokenizer_json(tokenizer), "tokenizer_config.json": json.dumps(cfg, indent=2, ensure_ascii=False),
-            "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False)}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": context,
+        # attnlab encodes a literal "<eos>" in text as text, never as the separator
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    return {
+        "tokenizer.json": tokenizer_json(tokenizer),
+        "tokenizer_config.json": json.dumps(cfg, indent=2, ensure_ascii=False),
+        "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False),
+    }
 
 
 # ------------------------------------------------------------------ the folder
 
-def export_hf(run_dir: str | Path, out: str | Path, *, checkpoint: str | Path | None = None, force: bool = False,
-              **load_options) -> dict:
+
+def export_hf(
+    run_dir: str | Path, out: str | Path, *, checkpoint: str | Path | None = None, force: bool = False, **load_options
+) -> dict:
     """Write ``out``: config.json, model.safetensors, generation_config.json and the tokenizer files.
 
     ``load_options`` go to ``runs.load_run`` (such as where the run's dataset is now)."""
@@ -312,8 +392,10 @@ def export_hf(run_dir: str | Path, out: str | Path, *, checkpoint: str | Path | 
     _check_target(out, force)
     run = load_run(run_dir, checkpoint, device="cpu", **load_options)
     if run.dataset.kind == "image" or run.dataset.tokenizer is None:
-        raise _refuse(f"{run.dir} models images (data.source={run.cfg.data.source}: bytes of pixels, no tokenizer)",
-                      "only text runs export")
+        raise _refuse(
+            f"{run.dir} models images (data.source={run.cfg.data.source}: bytes of pixels, no tokenizer)",
+            "only text runs export",
+        )
     target = plan(run.model, run.cfg)
     eos = run.dataset.tokenizer.eos_id
     if target.arch == "gpt2":
@@ -323,12 +405,23 @@ def export_hf(run_dir: str | Path, out: str | Path, *, checkpoint: str | Path | 
     files = tokenizer_files(run.dataset.tokenizer, run.cfg.model.context)
     files["config.json"] = json.dumps(config, indent=2)
     files["generation_config.json"] = json.dumps({"bos_token_id": eos, "eos_token_id": eos}, indent=2)
-    files["attnlab_export.json"] = json.dumps({"run": str(run.dir), "checkpoint": str(run.checkpoint),
-                                               "architecture": config["architectures"][0],
-                                               "attnlab_version": __version__}, indent=2)
+    files["attnlab_export.json"] = json.dumps(
+        {
+            "run": str(run.dir),
+            "checkpoint": str(run.checkpoint),
+            "architecture": config["architectures"][0],
+            "attnlab_version": __version__,
+        },
+        indent=2,
+    )
     _write_folder(out, files, weights, force)
-    return {"out": str(out), "architecture": config["architectures"][0], "checkpoint": str(run.checkpoint),
-            "params": sum(t.numel() for t in weights.values()), "sliding_window": target.window}
+    return {
+        "out": str(out),
+        "architecture": config["architectures"][0],
+        "checkpoint": str(run.checkpoint),
+        "params": sum(t.numel() for t in weights.values()),
+        "sliding_window": target.window,
+    }
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -336,10 +429,14 @@ def _check_target(out: Path, force: bool) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not force:
-        raise UserError(f"{out} exists and is not empty: choose another --out folder or pass --force to replace an export")
+        raise UserError(
+            f"{out} exists and is not empty: choose another --out folder or pass --force to replace an export"
+        )
     if not (out / "attnlab_export.json").is_file():
-        raise UserError(f"{out} is not an attnlab export folder (no attnlab_export.json): --force replaces only "
-                        "an earlier export; choose another --out folder")
+        raise UserError(
+            f"{out} is not an attnlab export folder (no attnlab_export.json): --force replaces only "
+            "an earlier export; choose another --out folder"
+        )
 
 
 def _write_folder(out: Path, files: dict[str, str], weights: dict[str, torch.Tensor], force: bool) -> None:

@@ -21,7 +21,7 @@ class LearnedPositionalEmbedding(nn.Embedding):
         """[T, d_model] (or positions.shape + [d_model]) to add to the token embeddings."""
         if positions is not None:
             return super().forward(positions)
-        return self.weight[offset:offset + T]  # a slice: no index tensor, cheaper than an embedding lookup
+        return self.weight[offset : offset + T]  # a slice: no index tensor, cheaper than an embedding lookup
 
 
 def sinusoidal_table(n_pos: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
@@ -48,7 +48,7 @@ class SinusoidalPositionalEmbedding(nn.Module):
             return self.table[positions]
         if offset + T > self.table.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
             return sinusoidal_table(offset + T, self.table.shape[1], self.base)[offset:].to(self.table.device)
-        return self.table[offset:offset + T]
+        return self.table[offset : offset + T]
 
 
 class Rotary(nn.Module):
@@ -74,13 +74,15 @@ class Rotary(nn.Module):
         angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(positions.device)
         return torch.cos(angles).float(), torch.sin(angles).float()
 
-    def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, T: int, offset: int = 0, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [T, head_dim/2], for ``apply_rotary``."""
         if positions is not None:
             return self.cos[positions], self.sin[positions]
         if offset + T > self.cos.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
             return self._angles(torch.arange(offset, offset + T, device=self.cos.device))
-        return self.cos[offset:offset + T], self.sin[offset:offset + T]
+        return self.cos[offset : offset + T], self.sin[offset : offset + T]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -119,8 +121,9 @@ class ImageEmbedding(nn.Module):
         return out if self.absolute is None else out + self.absolute(T, positions=positions)
 
 
-def build_positional(position: str, context: int, d_model: int, rope_dim: int,
-                     image_shape: list[int] | None = None) -> nn.Module | None:
+def build_positional(
+    position: str, context: int, d_model: int, rope_dim: int, image_shape: list[int] | None = None
+) -> nn.Module | None:
     """The positional module for ``ModelConfig.position`` (None for ``none``); RoPE rotates ``rope_dim``-wide q/k heads."""
     if position in ("image", "image+learned"):
         return ImageEmbedding(image_shape, d_model, context, absolute=position == "image+learned")

@@ -92,12 +92,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d, d, bias=cfg.bias)
         self.q_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
         self.k_norm = HeadRMSNorm(self.qk_head) if cfg.qk_norm else None
-        self.core = Attention(attn_cfg, layer_idx, cfg.n_layer, cfg.n_head, attention_dropout(cfg),
-                              modifier_specs(attn_cfg, cfg, layer_idx))
+        self.core = Attention(
+            attn_cfg,
+            layer_idx,
+            cfg.n_layer,
+            cfg.n_head,
+            attention_dropout(cfg),
+            modifier_specs(attn_cfg, cfg, layer_idx),
+        )
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,
-                sink_shift: RopeCache = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None, sink_shift: RopeCache = None
+    ) -> torch.Tensor:
         """Without ``cache``: attention over x. With one: an empty cache is filled from x (the prompt);
         otherwise x is the next position and attends to the cache (``sink_shift``: see attention.cache)."""
         B, T, C = x.shape
@@ -153,8 +160,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None,
-                sink_shift: RopeCache = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None, sink_shift: RopeCache = None
+    ) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), rope, cache, sink_shift)
             return x + self.mlp(self.norm2(x))
@@ -169,8 +177,10 @@ class GPT(nn.Module):
         super().__init__()
         cfg.check()
         if cfg.position.startswith("image") and len(cfg.image_shape) != 3:
-            raise ConfigError(f"model.position={cfg.position} needs model.image_shape=[height,width,channels]: train on an image "
-                              "dataset (its shape is taken from there) or set e.g. model.image_shape=32,32,3")
+            raise ConfigError(
+                f"model.position={cfg.position} needs model.image_shape=[height,width,channels]: train on an image "
+                "dataset (its shape is taken from there) or set e.g. model.image_shape=32,32,3"
+            )
         self.cfg, self.attn_cfg, self.vocab_size = cfg, attn_cfg, vocab_size
         self.context = cfg.context
         self.max_len = cfg.context  # longest full forward; longer_windows() raises it for evaluation past the context
@@ -226,7 +236,9 @@ class GPT(nn.Module):
         if cfg.init == "gpt2":
             nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std * depth)
         elif cfg.init == "sparse_transformer":
-            nn.init.normal_(module.weight, mean=0.0, std=SPARSE_TRANSFORMER_GAIN / math.sqrt(module.in_features) * depth)
+            nn.init.normal_(
+                module.weight, mean=0.0, std=SPARSE_TRANSFORMER_GAIN / math.sqrt(module.in_features) * depth
+            )
         else:
             nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
@@ -279,8 +291,10 @@ class GPT(nn.Module):
         or image position table has nothing to give past the length it was trained on."""
         if self.cfg.position in STREAMING_POSITIONS:
             return None
-        return (f"model.position={self.cfg.position} has no positions past the training context "
-                f"{self.context} (only rope and none extrapolate)")
+        return (
+            f"model.position={self.cfg.position} has no positions past the training context "
+            f"{self.context} (only rope and none extrapolate)"
+        )
 
     @contextlib.contextmanager
     def longer_windows(self, n: int):
@@ -297,7 +311,9 @@ class GPT(nn.Module):
         if start and T != 1:
             raise ValueError(f"a filled KV cache takes one token per call, got {T}")
         if start + T > self.max_len and not (start and self.can_stream(cache)):
-            raise ValueError(f"sequence length {start + T} exceeds the model context {self.context}: feed at most {self.context} tokens")
+            raise ValueError(
+                f"sequence length {start + T} exceeds the model context {self.context}: feed at most {self.context} tokens"
+            )
 
     # ------------------------------------------------------------ decoding
 
@@ -308,8 +324,17 @@ class GPT(nn.Module):
         for block in self.blocks:
             core = block.attn.core
             limit = max_len if streams and cache_streams(core.pattern) else min(max_len, self.context)
-            layers.append(make_cache(core.pattern, batch, self.cfg.n_head, limit, n_kv_head=block.attn.n_kv_head,
-                                     modifier=core.modifier, context=self.context))
+            layers.append(
+                make_cache(
+                    core.pattern,
+                    batch,
+                    self.cfg.n_head,
+                    limit,
+                    n_kv_head=block.attn.n_kv_head,
+                    modifier=core.modifier,
+                    context=self.context,
+                )
+            )
         return ModelCache(layers, self.context)
 
     def can_stream(self, cache: ModelCache | None) -> bool:

@@ -31,6 +31,7 @@ LAYOUT_COPY = "attention_layout.npy"
 
 # ------------------------------------------------------------------ record
 
+
 def dataset_record(ds: store.Dataset) -> dict:
     """Where the dataset is and the sha256 of every file it is made of (from its verified meta.json)."""
     if ds.kind == "task":  # generated problems: no folder, no files; the settings say it all
@@ -66,8 +67,10 @@ def record(run_dir: Path, cfg: Config, ds: store.Dataset) -> dict:
     """Copy the layout into the run and write identity.json (after config.yaml is written)."""
     from ..training.checkpoint import atomic_write_text  # late import: train depends on this module
 
-    rec = {"config": {"file": "config.yaml", "sha256": file_sha256(run_dir / "config.yaml")},
-           "dataset": {**dataset_record(ds), "settings": rebuild_settings(ds, cfg.data)}}
+    rec = {
+        "config": {"file": "config.yaml", "sha256": file_sha256(run_dir / "config.yaml")},
+        "dataset": {**dataset_record(ds), "settings": rebuild_settings(ds, cfg.data)},
+    }
     if cfg.attention.layout:
         copy = run_dir / LAYOUT_COPY
         shutil.copyfile(cfg.attention.layout, copy)
@@ -96,11 +99,14 @@ def read(run_dir: Path) -> dict | None:
             raise ValueError("not an object")
         return rec
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}): the run's record of its data and config "
-                              "is damaged; start a new run from its config.yaml (name=...)") from None
+        raise CheckpointError(
+            f"{path} is unreadable ({type(e).__name__}): the run's record of its data and config "
+            "is damaged; start a new run from its config.yaml (name=...)"
+        ) from None
 
 
 # ------------------------------------------------------------------ checks
+
 
 def check_config_file(run_dir: Path) -> None:
     """config.yaml must be the file the run started with."""
@@ -109,9 +115,11 @@ def check_config_file(run_dir: Path) -> None:
     if rec is None or "config" not in rec or not path.exists():
         return
     if file_sha256(path) != rec["config"].get("sha256"):
-        raise CheckpointError(f"{path} was edited after the run started (its sha256 differs from the one in "
-                              f"{Path(run_dir) / IDENTITY}): restore the original to continue or evaluate the run, or "
-                              f"start a new run from the edited file with `attnlab train {path} name=NEW_NAME`")
+        raise CheckpointError(
+            f"{path} was edited after the run started (its sha256 differs from the one in "
+            f"{Path(run_dir) / IDENTITY}): restore the original to continue or evaluate the run, or "
+            f"start a new run from the edited file with `attnlab train {path} name=NEW_NAME`"
+        )
 
 
 def layout_overrides(run_dir: Path) -> list[str]:
@@ -123,8 +131,10 @@ def layout_overrides(run_dir: Path) -> list[str]:
     copy = Path(run_dir) / layout["file"]
     if not copy.is_file() or file_sha256(copy) != layout["sha256"]:
         state = "is missing" if not copy.is_file() else "changed after the run started"
-        raise CheckpointError(f"the run's block layout {copy} {state} (sha256 recorded in {Path(run_dir) / IDENTITY}): "
-                              f"restore it (the run started from {layout.get('original')}) or start a new run")
+        raise CheckpointError(
+            f"the run's block layout {copy} {state} (sha256 recorded in {Path(run_dir) / IDENTITY}): "
+            f"restore it (the run started from {layout.get('original')}) or start a new run"
+        )
     return [f"attention.layout={copy}"]
 
 
@@ -156,16 +166,21 @@ def check_dataset(run_dir: Path, ds: store.Dataset, hint: str, rebuilt_from: str
     differ = sorted(n for n in want["files"].keys() | have.keys() if want["files"].get(n) != have.get(n))
     if not differ:
         return
-    what = f"dataset {ds.dir}" + (f" (rebuilt from data.source={rebuilt_from!r}, as it was missing)" if rebuilt_from else "")
+    what = f"dataset {ds.dir}" + (
+        f" (rebuilt from data.source={rebuilt_from!r}, as it was missing)" if rebuilt_from else ""
+    )
     cause = "the source changed since the run started" if rebuilt_from else "it holds other data"
     where = "" if Path(want["dir"]) == Path(ds.dir).resolve() else f" ({want['dir']})"
-    raise DataError(f"{what} is not the one {run_dir} was trained on: {', '.join(differ)} differ from the run's "
-                    f"{IDENTITY} ({cause}); point at a copy of the run's data{where} with {hint}")
+    raise DataError(
+        f"{what} is not the one {run_dir} was trained on: {', '.join(differ)} differ from the run's "
+        f"{IDENTITY} ({cause}); point at a copy of the run's data{where} with {hint}"
+    )
 
 
 def missing_dataset(run_dir: Path, path: Path, hint: str) -> DataError:
     want = recorded_dataset(run_dir)
     origin = f" (recorded at {want['dir']})" if want and Path(want["dir"]) != Path(path).resolve() else ""
-    return DataError(f"dataset {path} of {run_dir} is missing{origin}: point at a copy of the run's data with {hint}, "
-                     "or re-create it with `attnlab prepare` from the run's config.yaml data settings")
-
+    return DataError(
+        f"dataset {path} of {run_dir} is missing{origin}: point at a copy of the run's data with {hint}, "
+        "or re-create it with `attnlab prepare` from the run's config.yaml data settings"
+    )

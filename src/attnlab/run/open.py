@@ -27,6 +27,8 @@ from . import identity
 from .plugins import load_run_plugins
 
 EVAL_DATA_HINT = "--data-dir DIR"
+
+
 def default_data_dir(data_cfg) -> Path:
     """data/<source>-<tokenizer>-<hash of the data config>: distinct settings never collide."""
     record = json.dumps(store.config_record(data_cfg), sort_keys=True)
@@ -57,8 +59,9 @@ def open_dataset(data_cfg, *, progress: bool = True) -> store.Dataset:
 RESUME_DATA_HINT = "data.dir=DIR after --resume RUN_DIR"
 
 
-def open_run_dataset(run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, hint: str,
-                     progress: bool = True) -> store.Dataset:
+def open_run_dataset(
+    run_dir: Path, data_cfg, *, data_dir=None, rebuild: bool, hint: str, progress: bool = True
+) -> store.Dataset:
     """A run's dataset, checked against the one it recorded (identity.json).
 
     It is looked for at ``data_dir`` (the user's pointer to a copy), else in the
@@ -92,8 +95,10 @@ def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
     differ = [k for k in keys if k in explicit and have[k] != want[k]]
     if differ:
         listed = lambda d: ", ".join(f"data.{k}={d[k]!r}" for k in differ)
-        raise DataError(f"{path} was prepared with {listed(have)} but the config says {listed(want)}: drop these keys "
-                        f"(data.dir alone takes the dataset's settings) or set data.dir to another folder")
+        raise DataError(
+            f"{path} was prepared with {listed(have)} but the config says {listed(want)}: drop these keys "
+            f"(data.dir alone takes the dataset's settings) or set data.dir to another folder"
+        )
 
 
 def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]:
@@ -109,21 +114,28 @@ def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]
     shape, n = [image["height"], image["width"], image["channels"]], int(ds.meta["tokens_per_image"])
     m = cfg.model
     if m.context != n:
-        raise ConfigError(f"model.context={m.context} must equal the bytes of one image ({'x'.join(map(str, shape))} = {n}) "
-                          f"for the image dataset {ds.dir}: set model.context={n}")
+        raise ConfigError(
+            f"model.context={m.context} must equal the bytes of one image ({'x'.join(map(str, shape))} = {n}) "
+            f"for the image dataset {ds.dir}: set model.context={n}"
+        )
     if m.image_shape and list(m.image_shape) != shape:
-        raise ConfigError(f"model.image_shape={m.image_shape} does not match the dataset's {shape}: "
-                          f"set model.image_shape={','.join(map(str, shape))} or leave it empty")
+        raise ConfigError(
+            f"model.image_shape={m.image_shape} does not match the dataset's {shape}: "
+            f"set model.image_shape={','.join(map(str, shape))} or leave it empty"
+        )
     return IMAGE_VOCAB, dataclasses.replace(m, image_shape=shape)
 
 
 # ------------------------------------------------------------------ run directory
 
+
 def load_run_config(run_dir: Path) -> Config:
     """The run's config.yaml (checked against identity.json), reading the block layout from the run's own copy."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml): pass the folder that `attnlab train` created")
+        raise CheckpointError(
+            f"{run_dir} is not a run directory (no config.yaml): pass the folder that `attnlab train` created"
+        )
     identity.check_config_file(run_dir)
     load_run_plugins(run_dir)  # the run's own copies, before its config names their patterns
     return config_mod.load(path, identity.layout_overrides(run_dir))
@@ -139,8 +151,9 @@ class LoadedRun:
     device: torch.device
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto",
-             data_dir: str | Path | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None
+) -> LoadedRun:
     """A run's config, its own dataset (never prepared here; ``data_dir`` points at a copy) and a checkpoint's model.
 
     The config, dataset and block layout must be the ones the run recorded (identity.json)."""
@@ -149,7 +162,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     cfg = load_run_config(run_dir)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     if path is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint yet: wait for the first checkpoint or resume the run")
+        raise CheckpointError(
+            f"{run_dir} has no complete checkpoint yet: wait for the first checkpoint or resume the run"
+        )
     dataset = open_run_dataset(run_dir, cfg.data, data_dir=data_dir, rebuild=False, hint=EVAL_DATA_HINT, progress=False)
     dev = pick_device(device)
     vocab, model_cfg = fit_model_to_data(cfg, dataset)
@@ -159,4 +174,3 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     ckpt.check_finite(path, weights)
     model.to(dev).eval().resolve_backends(dev)
     return LoadedRun(run_dir, cfg, dataset, model, path, dev)
-

@@ -47,6 +47,8 @@ def load_run_plugins(run_dir: Path) -> None:
             continue
         copy = Path(run_dir) / entry["copy"]
         if not copy.is_file() or hashlib.sha256(copy.read_bytes()).hexdigest() != entry["sha256"]:
-            raise CheckpointError(f"{copy} is missing or differs from the plugin the run trained with (sha256 "
-                                  f"{entry['sha256'][:12]}): restore the run's plugins/ folder")
+            raise CheckpointError(
+                f"{copy} is missing or differs from the plugin the run trained with (sha256 "
+                f"{entry['sha256'][:12]}): restore the run's plugins/ folder"
+            )
         provide_plugin(ref, str(copy))

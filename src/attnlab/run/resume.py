@@ -25,8 +25,10 @@ def check_resume_overrides(run_dir: Path, overrides: list[str]) -> None:
         return
     arg = next((a for a in refused if _changes(run_dir, a)), refused[0])
     key = arg.split("=", 1)[0].strip()
-    raise ConfigError(f"--resume takes no overrides ({_short(arg)} given): a resumed run continues exactly as "
-                      f"configured; to change {key}, start a new run from {run_dir / 'config.yaml'} with name=...")
+    raise ConfigError(
+        f"--resume takes no overrides ({_short(arg)} given): a resumed run continues exactly as "
+        f"configured; to change {key}, start a new run from {run_dir / 'config.yaml'} with name=..."
+    )
 
 
 def _changes(run_dir: Path, arg: str) -> bool:
@@ -41,7 +43,7 @@ def _changes(run_dir: Path, arg: str) -> bool:
 
 
 def _short(text: str, n: int = 80) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> Config:
@@ -51,9 +53,11 @@ def _as_saved(run_dir: Path, saved: Config, cfg: Config) -> Config:
     attention = cfg.attention
     if attention.layout != saved.attention.layout and identity.layout_overrides(run_dir):  # the run reads its copy
         if not identity.same_layout(run_dir, attention.layout):
-            raise CheckpointError(f"--resume {run_dir} with attention.layout={attention.layout}: its content differs "
-                                  f"from the run's copy {saved.attention.layout}: resume without config/overrides, or "
-                                  "start a new run with another name")
+            raise CheckpointError(
+                f"--resume {run_dir} with attention.layout={attention.layout}: its content differs "
+                f"from the run's copy {saved.attention.layout}: resume without config/overrides, or "
+                "start a new run with another name"
+            )
         attention = dataclasses.replace(attention, layout=saved.attention.layout)
     return dataclasses.replace(cfg, data=data, attention=attention)
 
@@ -68,9 +72,11 @@ def check_resume_config(run_dir: Path, cfg: Config | None) -> Config:
         if changed:
             flat_s, flat_c = (config_mod.flatten(config_mod.to_dict(c)) for c in (saved, cfg))
             k = changed[0]
-            raise CheckpointError(f"--resume {run_dir} with a changed config ({k}: {flat_s.get(k)!r} -> {flat_c.get(k)!r}"
-                                  f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): "
-                                  f"resume without config/overrides, or start a new run with another name")
+            raise CheckpointError(
+                f"--resume {run_dir} with a changed config ({k}: {flat_s.get(k)!r} -> {flat_c.get(k)!r}"
+                f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): "
+                f"resume without config/overrides, or start a new run with another name"
+            )
     return saved
 
 

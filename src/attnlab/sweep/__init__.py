@@ -16,5 +16,19 @@ from .runner import SweepRunsFailed, run_sweep, run_threads, train_command
 from .spec import Param, RunSpec, Sweep, expand, load_sweep, run_name, sweep_from_dict
 from .wandb_sweep import run_one, to_wandb, write_wandb
 
-__all__ = ["Param", "RunSpec", "Sweep", "SweepRunsFailed", "expand", "load_sweep", "run_name", "run_one", "run_sweep",
-           "run_threads", "sweep_from_dict", "to_wandb", "train_command", "write_wandb"]
+__all__ = [
+    "Param",
+    "RunSpec",
+    "Sweep",
+    "SweepRunsFailed",
+    "expand",
+    "load_sweep",
+    "run_name",
+    "run_one",
+    "run_sweep",
+    "run_threads",
+    "sweep_from_dict",
+    "to_wandb",
+    "train_command",
+    "write_wandb",
+]

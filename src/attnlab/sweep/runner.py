@@ -29,9 +29,15 @@ class SweepRunsFailed(UserError):
     exit_code = 1
 
 
-
-def run_sweep(sweep: Sweep, *, parallel: int | None = None, resume: bool = False, force: bool = False,
-              report: bool = True, echo: Callable[[str], None] | None = None) -> dict:
+def run_sweep(
+    sweep: Sweep,
+    *,
+    parallel: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    report: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> dict:
     """Train every run of the sweep (N at a time), record each in runs.json and build one report."""
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     parallel = sweep.parallel if parallel is None else parallel
@@ -45,8 +51,15 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, resume: bool = False
         return _run_locked(sweep, specs, parallel, resume, force, report, echo)
 
 
-def _run_locked(sweep: Sweep, specs: list[RunSpec], parallel: int, resume: bool, force: bool, report: bool,
-                echo: Callable[[str], None]) -> dict:
+def _run_locked(
+    sweep: Sweep,
+    specs: list[RunSpec],
+    parallel: int,
+    resume: bool,
+    force: bool,
+    report: bool,
+    echo: Callable[[str], None],
+) -> dict:
     previous = _check_folder(sweep, resume=resume, force=force)
     _prepare_datasets(specs)  # before any run: parallel runs must not race to write the same dataset folder
     if force and sweep.folder.exists():
@@ -66,10 +79,14 @@ def _check_folder(sweep: Sweep, *, resume: bool, force: bool) -> dict[str, dict]
         return {}
     saved = folder / "sweep.yaml"
     if not saved.is_file():
-        raise UserError(f"{folder} exists and is not a sweep folder (no sweep.yaml): choose another sweep name or out_dir")
+        raise UserError(
+            f"{folder} exists and is not a sweep folder (no sweep.yaml): choose another sweep name or out_dir"
+        )
     if not (resume or force):
-        raise UserError(f"sweep folder {folder} already exists: pass --resume to finish its missing runs, "
-                        "--force to replace it, or choose another sweep name")
+        raise UserError(
+            f"sweep folder {folder} already exists: pass --resume to finish its missing runs, "
+            "--force to replace it, or choose another sweep name"
+        )
     if resume:
         _check_same_sweep(sweep, yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
         runs = folder / "runs.json"
@@ -83,17 +100,20 @@ def _check_same_sweep(sweep: Sweep, saved: dict) -> None:
     for k in sorted(set(now) | set(saved)):
         if k != "parallel" and now.get(k) != saved.get(k):
             was, new = (_short(repr(x)) for x in (saved.get(k), now.get(k)))
-            raise UserError(f"--resume {sweep.folder} with a changed sweep ({k}: {was} -> {new}): "
-                            "resume with the sweep file it was started from, or choose another sweep name")
+            raise UserError(
+                f"--resume {sweep.folder} with a changed sweep ({k}: {was} -> {new}): "
+                "resume with the sweep file it was started from, or choose another sweep name"
+            )
 
 
 def _short(text: str, n: int = 80) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _prepare_datasets(specs: list[RunSpec]) -> None:
     from ..data import store
     from ..run.open import open_dataset
+
     seen = set()
     for spec in specs:
         key = json.dumps([spec.config.data.dir, store.config_record(spec.config.data)], sort_keys=True, default=str)
@@ -104,11 +124,23 @@ def _prepare_datasets(specs: list[RunSpec]) -> None:
 
 def _record(sweep: Sweep, spec: RunSpec, before: dict | None) -> dict:
     run_dir = sweep.folder / spec.name
-    rec = {"name": spec.name, "run_dir": str(run_dir), "log": str(sweep.folder / "logs" / f"{spec.name}.log"),
-           "choices": spec.choices, "overrides": spec.overrides, "action": _action(run_dir), "status": "pending",
-           "exit_code": None, "seconds": None, sweep.metric: None, "error": None}
+    rec = {
+        "name": spec.name,
+        "run_dir": str(run_dir),
+        "log": str(sweep.folder / "logs" / f"{spec.name}.log"),
+        "choices": spec.choices,
+        "overrides": spec.overrides,
+        "action": _action(run_dir),
+        "status": "pending",
+        "exit_code": None,
+        "seconds": None,
+        sweep.metric: None,
+        "error": None,
+    }
     if rec["action"] == "skip":
-        rec.update(status="ok", seconds=(before or {}).get("seconds"), **{sweep.metric: _metric_value(run_dir, sweep.metric)})
+        rec.update(
+            status="ok", seconds=(before or {}).get("seconds"), **{sweep.metric: _metric_value(run_dir, sweep.metric)}
+        )
     return rec
 
 
@@ -118,6 +150,7 @@ def _action(run_dir: Path) -> str:
         return "skip"
     if run_dir.is_dir() and any(run_dir.iterdir()):
         from ..training.checkpoint import latest_checkpoint
+
         return "resume" if (run_dir / "config.yaml").is_file() and latest_checkpoint(run_dir) else "restart"
     return "train"
 
@@ -168,8 +201,16 @@ def _execute(sweep: Sweep, specs: list[RunSpec], records: list[dict], parallel: 
         raise
 
 
-def _loop(sweep: Sweep, queue: list, running: list[_Job], parallel: int, threads: int | None, total: int, echo,
-          records: list[dict]) -> None:
+def _loop(
+    sweep: Sweep,
+    queue: list,
+    running: list[_Job],
+    parallel: int,
+    threads: int | None,
+    total: int,
+    echo,
+    records: list[dict],
+) -> None:
     while queue or running:
         while queue and len(running) < parallel:
             running.append(_start(sweep, *queue.pop(0), threads))
@@ -238,14 +279,19 @@ def _last_error(log: Path) -> str:
 def _describe(rec: dict, metric: str) -> str:
     if rec["status"] == "ok":
         value = rec.get(metric)
-        return f"{rec['name']}: ok in {rec['seconds']} s" + (f" ({metric} {value:.4f})" if isinstance(value, float) else "")
+        return f"{rec['name']}: ok in {rec['seconds']} s" + (
+            f" ({metric} {value:.4f})" if isinstance(value, float) else ""
+        )
     return f"{rec['name']}: {rec['status']} (exit {rec['exit_code']}): {rec['error']} (log: {rec['log']})"
 
 
 def _write_runs(sweep: Sweep, records: list[dict]) -> None:
     path = sweep.folder / "runs.json"
     tmp = path.with_name(".runs.json.tmp")
-    tmp.write_text(json.dumps({"sweep": sweep.name, "metric": sweep.metric, "runs": records}, indent=2, default=str), encoding="utf-8")
+    tmp.write_text(
+        json.dumps({"sweep": sweep.name, "metric": sweep.metric, "runs": records}, indent=2, default=str),
+        encoding="utf-8",
+    )
     os.replace(tmp, path)
 
 
@@ -254,6 +300,7 @@ def _report(sweep: Sweep, records: list[dict]) -> Path | None:
     if not done:
         return None
     from ..eval.report.build import build_report
+
     # The report folder belongs to the sweep: rebuilding it on --resume is expected.
     return Path(build_report(done, out=sweep.folder / "report", title=f"sweep {sweep.name}", force=True))
 
@@ -262,9 +309,13 @@ def _summary(sweep: Sweep, records: list[dict], report: Path | None) -> dict:
     ok = [r for r in records if r["status"] == "ok"]
     scored = [r for r in ok if isinstance(r.get(sweep.metric), (int, float))]
     best = min(scored, key=lambda r: r[sweep.metric]) if scored else None
-    return {"sweep": str(sweep.folder), "runs": len(records), "ok": len(ok),
-            "failed": sum(r["status"] != "ok" for r in records), "skipped": sum(r["action"] == "skip" for r in records),
-            "best": best["name"] if best else None, sweep.metric: best[sweep.metric] if best else None,
-            "report": str(report) if report else None}
-
-
+    return {
+        "sweep": str(sweep.folder),
+        "runs": len(records),
+        "ok": len(ok),
+        "failed": sum(r["status"] != "ok" for r in records),
+        "skipped": sum(r["action"] == "skip" for r in records),
+        "best": best["name"] if best else None,
+        sweep.metric: best[sweep.metric] if best else None,
+        "report": str(report) if report else None,
+    }

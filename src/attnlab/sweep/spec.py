@@ -29,6 +29,7 @@ NAME_MAX = 100
 
 # ------------------------------------------------------------------ the sweep
 
+
 @dataclass(frozen=True)
 class Param:
     """One swept parameter: values (plain, or bundles of overrides with labels) or a distribution (random only)."""
@@ -99,8 +100,12 @@ class Sweep:
         d = {"name": self.name, "base": self.base, "overrides": list(self.overrides), "method": self.method}
         if self.method == "random":
             d.update(count=self.count, seed=self.seed)
-        d.update(metric=self.metric, parallel=self.parallel, out_dir=self.out_dir,
-                 parameters={p.key: p.to_dict() for p in self.parameters})
+        d.update(
+            metric=self.metric,
+            parallel=self.parallel,
+            out_dir=self.out_dir,
+            parameters={p.key: p.to_dict() for p in self.parameters},
+        )
         return d
 
 
@@ -114,6 +119,7 @@ class RunSpec:
 
 # ------------------------------------------------------------------ loading and validation
 
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; ConfigError naming the key and the fix."""
     p = Path(path)
@@ -122,9 +128,13 @@ def load_sweep(path: str | Path) -> Sweep:
     try:
         d = yaml.load(p.read_text(encoding="utf-8"), Loader=config_mod._Loader)  # YAML 1.2 booleans, as presets
     except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax") from None
+        raise ConfigError(
+            f"sweep file {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax"
+        ) from None
     if not isinstance(d, dict):
-        raise ConfigError(f"sweep file {str(p)!r} must hold a mapping (name, base, parameters, ...): see configs/sweeps/patterns.yaml")
+        raise ConfigError(
+            f"sweep file {str(p)!r} must hold a mapping (name, base, parameters, ...): see configs/sweeps/patterns.yaml"
+        )
     return sweep_from_dict(d, path=p)
 
 
@@ -133,7 +143,10 @@ def sweep_from_dict(d: dict, *, path: Path | None = None) -> Sweep:
     for k in d:
         if k not in TOP_KEYS:
             close = difflib.get_close_matches(str(k), TOP_KEYS, n=1, cutoff=0.5)
-            raise ConfigError(f"unknown sweep key {k!r}: " + (f"did you mean {close[0]}?" if close else "valid keys: " + ", ".join(TOP_KEYS)))
+            raise ConfigError(
+                f"unknown sweep key {k!r}: "
+                + (f"did you mean {close[0]}?" if close else "valid keys: " + ", ".join(TOP_KEYS))
+            )
     for k in ("name", "base", "parameters"):
         if d.get(k) in (None, "", {}, []):
             raise ConfigError(f"sweep key {k!r} is missing: see configs/sweeps/patterns.yaml for a complete sweep")
@@ -142,12 +155,24 @@ def sweep_from_dict(d: dict, *, path: Path | None = None) -> Sweep:
         raise ConfigError(f"sweep method {method!r} is not supported: use grid or random")
     overrides = _fixed_overrides(d.get("overrides") or [])
     base_cfg = _load_base(d["base"], overrides)
-    sweep = Sweep(name=_sweep_name(d["name"]), base=str(d["base"]), overrides=overrides,
-                  method=method, count=_count(d, method), seed=_seed(d, method), metric=_metric(d.get("metric", "val_bits_per_byte")),
-                  parallel=_int_at_least("parallel", d.get("parallel", 1), 1), out_dir=_text("out_dir", d.get("out_dir", "runs/sweeps")),
-                  path=path, base_config=base_cfg, parameters=[])
+    sweep = Sweep(
+        name=_sweep_name(d["name"]),
+        base=str(d["base"]),
+        overrides=overrides,
+        method=method,
+        count=_count(d, method),
+        seed=_seed(d, method),
+        metric=_metric(d.get("metric", "val_bits_per_byte")),
+        parallel=_int_at_least("parallel", d.get("parallel", 1), 1),
+        out_dir=_text("out_dir", d.get("out_dir", "runs/sweeps")),
+        path=path,
+        base_config=base_cfg,
+        parameters=[],
+    )
     if not isinstance(d["parameters"], dict):
-        raise ConfigError("sweep key 'parameters' must map config keys to {values: [...]} or {distribution: ..., min: ..., max: ...}")
+        raise ConfigError(
+            "sweep key 'parameters' must map config keys to {values: [...]} or {distribution: ..., min: ..., max: ...}"
+        )
     sweep.parameters = [_param(str(k), spec, method, base_cfg) for k, spec in d["parameters"].items()]
     _check_overlaps(sweep)
     return sweep
@@ -168,14 +193,18 @@ def _int_at_least(key: str, v, lo: int) -> int:
 def _sweep_name(v) -> str:
     name = _text("name", str(v) if isinstance(v, (int, float)) else v)
     if _safe(name) != name:
-        raise ConfigError(f"sweep name {name!r} is not a plain folder name: use letters, digits, '-', '_' or '.' (e.g. {_safe(name)!r})")
+        raise ConfigError(
+            f"sweep name {name!r} is not a plain folder name: use letters, digits, '-', '_' or '.' (e.g. {_safe(name)!r})"
+        )
     return name
 
 
 def _count(d: dict, method: str) -> int | None:
     if method == "grid":
         if "count" in d:
-            raise ConfigError("sweep key 'count' applies to method: random (a grid runs every combination): remove it or use method: random")
+            raise ConfigError(
+                "sweep key 'count' applies to method: random (a grid runs every combination): remove it or use method: random"
+            )
         return None
     if "count" not in d:
         raise ConfigError("method: random needs 'count', the number of runs to sample: add e.g. count: 8")
@@ -185,34 +214,44 @@ def _count(d: dict, method: str) -> int | None:
 def _seed(d: dict, method: str) -> int | None:
     if method == "grid":
         if "seed" in d:
-            raise ConfigError("sweep key 'seed' seeds the random sampler: remove it for method: grid (sweep train.seed as a parameter instead)")
+            raise ConfigError(
+                "sweep key 'seed' seeds the random sampler: remove it for method: grid (sweep train.seed as a parameter instead)"
+            )
         return None
     return _int_at_least("seed", d.get("seed", 0), 0)
 
 
 def _metric(v) -> str:
     if not isinstance(v, str) or not re.fullmatch(r"val_\w+", v):
-        raise ConfigError(f"sweep metric {v!r} is not a validation metric: use a summary key such as val_bits_per_byte "
-                          "(text) or val_bits_per_dim (images)")
+        raise ConfigError(
+            f"sweep metric {v!r} is not a validation metric: use a summary key such as val_bits_per_byte "
+            "(text) or val_bits_per_dim (images)"
+        )
     return v
 
 
 def _fixed_overrides(v) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ConfigError(f"sweep key 'overrides' must be a list of key=value strings, got {v!r}: write e.g. [train.max_steps=300]")
+        raise ConfigError(
+            f"sweep key 'overrides' must be a list of key=value strings, got {v!r}: write e.g. [train.max_steps=300]"
+        )
     for arg in v:
         key, _ = config_mod.parse_override(arg)
         if key in RESERVED:
-            raise ConfigError(f"sweep overrides set {key!r}, which the sweep sets for every run: "
-                              "remove it (runs go to <out_dir>/<sweep name>/<run name>)")
+            raise ConfigError(
+                f"sweep overrides set {key!r}, which the sweep sets for every run: "
+                "remove it (runs go to <out_dir>/<sweep name>/<run name>)"
+            )
     return list(v)
 
 
 def _load_base(base, overrides: list[str]) -> Config:
     base = _text("base", base)
     if not Path(base).is_file():
-        raise ConfigError(f"sweep base {base!r} not found (it is relative to the current directory): "
-                          "run from the project root or give the preset's absolute path")
+        raise ConfigError(
+            f"sweep base {base!r} not found (it is relative to the current directory): "
+            "run from the project root or give the preset's absolute path"
+        )
     try:
         return config_mod.load(base, overrides)
     except ConfigError as e:
@@ -234,14 +273,20 @@ def _param(key: str, spec, method: str, base_cfg: Config) -> Param:
     if isinstance(spec, list):
         spec = {"values": spec}
     if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be {{values: [...]}} or {{distribution: ..., min: ..., max: ...}}, got {spec!r}")
+        raise ConfigError(
+            f"{where} must be {{values: [...]}} or {{distribution: ..., min: ..., max: ...}}, got {spec!r}"
+        )
     for k in spec:
         if k not in PARAM_KEYS:
-            raise ConfigError(f"{where} has an unknown key {k!r}: use values (with labels for bundles), or distribution, min and max")
+            raise ConfigError(
+                f"{where} has an unknown key {k!r}: use values (with labels for bundles), or distribution, min and max"
+            )
     if "values" in spec:
         return _values_param(key, spec, where, base_cfg)
     if method == "grid":
-        raise ConfigError(f"{where}: method grid needs a list of values, not a distribution: give values: [...] or use method: random")
+        raise ConfigError(
+            f"{where}: method grid needs a list of values, not a distribution: give values: [...] or use method: random"
+        )
     return _distribution_param(key, spec, where, base_cfg)
 
 
@@ -266,7 +311,9 @@ def _values_param(key: str, spec: dict, where: str, base_cfg: Config) -> Param:
 def _bundle_param(key: str, spec: dict, where: str, base_cfg: Config) -> Param:
     values = spec["values"]
     if not all(isinstance(v, dict) and v for v in values):
-        raise ConfigError(f"{where} mixes override bundles and plain values: make every value a mapping of config keys to values")
+        raise ConfigError(
+            f"{where} mixes override bundles and plain values: make every value a mapping of config keys to values"
+        )
     for bundle in values:
         for k, v in bundle.items():
             _try_set(base_cfg, where, str(k), v)
@@ -275,7 +322,9 @@ def _bundle_param(key: str, spec: dict, where: str, base_cfg: Config) -> Param:
         raise ConfigError(f"{where}: labels must be a list with one short name per bundle ({len(values)})")
     labels = [str(x) for x in labels]
     if any(_safe(x) != x for x in labels) or len(set(labels)) < len(labels):
-        raise ConfigError(f"{where}: labels {labels} must be distinct plain names (letters, digits, '-', '_', '.', '+')")
+        raise ConfigError(
+            f"{where}: labels {labels} must be distinct plain names (letters, digits, '-', '_', '.', '+')"
+        )
     return Param(key, tuple({str(k): v for k, v in b.items()} for b in values), tuple(labels))
 
 
@@ -286,14 +335,18 @@ def _default_labels(bundles: list[dict], where: str) -> list[str]:
         names = [_safe(_name_text(b.get(k))) for b in bundles]
         if len(set(names)) == len(names):
             return names
-    raise ConfigError(f"{where}: no single key tells its bundles apart: add labels: [...] with one short name per bundle")
+    raise ConfigError(
+        f"{where}: no single key tells its bundles apart: add labels: [...] with one short name per bundle"
+    )
 
 
 def _distribution_param(key: str, spec: dict, where: str, base_cfg: Config) -> Param:
     dist = spec.get("distribution")
     if dist not in DISTRIBUTIONS:
-        raise ConfigError(f"{where} needs values: [...] or distribution: {' | '.join(DISTRIBUTIONS)} with min and max "
-                          f"(got distribution {dist!r})")
+        raise ConfigError(
+            f"{where} needs values: [...] or distribution: {' | '.join(DISTRIBUTIONS)} with min and max "
+            f"(got distribution {dist!r})"
+        )
     lo, hi = spec.get("min"), spec.get("max")
     for name, v in (("min", lo), ("max", hi)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -301,7 +354,9 @@ def _distribution_param(key: str, spec: dict, where: str, base_cfg: Config) -> P
     if lo > hi:
         raise ConfigError(f"{where}: min {lo} > max {hi}: swap them")
     if dist == "log_uniform_values" and lo <= 0:
-        raise ConfigError(f"{where}: log_uniform_values needs min > 0, got {lo}: use a positive lower bound or distribution: uniform")
+        raise ConfigError(
+            f"{where}: log_uniform_values needs min > 0, got {lo}: use a positive lower bound or distribution: uniform"
+        )
     if dist == "int_uniform" and not (isinstance(lo, int) and isinstance(hi, int)):
         raise ConfigError(f"{where}: int_uniform needs integer min and max, got {lo} and {hi}")
     for v in (lo, hi):
@@ -322,6 +377,7 @@ def _check_overlaps(sweep: Sweep) -> None:
 
 
 # ------------------------------------------------------------------ expansion
+
 
 def expand(sweep: Sweep) -> list[RunSpec]:
     """One RunSpec per run, named from its swept values; every run's config is validated here."""
@@ -399,5 +455,3 @@ def override_text(v) -> str:
 def _safe(s: str) -> str:
     """A file-system-safe name: letters, digits and . _ - = , + (anything else becomes _)."""
     return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", s).strip("._-") or "run"
-
-

@@ -12,17 +12,28 @@ from ..errors import UserError
 from .spec import Param, RunSpec, Sweep, override_text, run_config, run_name
 
 
-
 def to_wandb(sweep: Sweep) -> dict:
     """The same sweep as a wandb sweep config. Each agent run calls ``attnlab sweep --one SWEEP key=value ...``,
     which names the run like a local sweep and expands bundle labels into their overrides."""
     if sweep.path is None:
         raise UserError("to_wandb needs a sweep loaded from a file (the wandb command names it): use load_sweep(path)")
-    d = {"name": sweep.name, "method": sweep.method,
-         "metric": {"name": f"validation/{sweep.metric}", "goal": "minimize"},
-         "parameters": {p.key: _wandb_param(p) for p in sweep.parameters},
-         "command": ["${env}", "${interpreter}", "-m", "attnlab", "sweep", "--one", str(sweep.path),  # --one first: argparse
-                     "logging.wandb=online", "${args_no_hyphens}"]}                       # reads what follows as choices
+    d = {
+        "name": sweep.name,
+        "method": sweep.method,
+        "metric": {"name": f"validation/{sweep.metric}", "goal": "minimize"},
+        "parameters": {p.key: _wandb_param(p) for p in sweep.parameters},
+        "command": [
+            "${env}",
+            "${interpreter}",
+            "-m",
+            "attnlab",
+            "sweep",
+            "--one",
+            str(sweep.path),  # --one first: argparse
+            "logging.wandb=online",
+            "${args_no_hyphens}",
+        ],
+    }  # reads what follows as choices
     if sweep.method == "random":
         d["run_cap"] = sweep.count
     return d
@@ -69,6 +80,7 @@ def run_one(sweep: Sweep, assignments: list[str], *, argv: list[str] | None = No
     spec = RunSpec(name, choices, [o for p in sweep.parameters for o in p.overrides(choices[p.key])])
     cfg = run_config(sweep, spec, extra)
     from ..training.trainer import train
+
     return train(cfg, argv=argv or sys.argv)
 
 

@@ -48,8 +48,16 @@ from torch import nn
 from ..errors import CheckpointError
 from ..files import file_sha256
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints",
-           "rng_state", "set_rng_state", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "prune_checkpoints",
+    "rng_state",
+    "set_rng_state",
+    "atomic_write_bytes",
+    "atomic_write_text",
+]
 
 FORMAT = 1
 WEIGHTS, STATE, MARKER = "model.safetensors", "state.pt", "COMPLETE"
@@ -68,6 +76,7 @@ class NonFiniteState(CheckpointError):
 
 
 # ------------------------------------------------------------ atomic files
+
 
 def _fsync_dir(path: Path) -> None:
     # Makes a rename/creation inside ``path`` durable; not supported on every platform.
@@ -110,6 +119,7 @@ def atomic_write_text(path, text: str) -> None:
 
 # ------------------------------------------------------------ rng
 
+
 def rng_state(device=None) -> dict:
     """Python, numpy and torch generator states as tensors and plain values (weights_only-loadable).
 
@@ -121,10 +131,13 @@ def rng_state(device=None) -> dict:
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": {"version": version, "state": list(mt), "gauss": gauss},
-        "numpy": {"bit_generator": np_state["bit_generator"],
-                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if kind == "cuda" and torch.cuda.is_available():
@@ -139,9 +152,14 @@ def set_rng_state(d: dict) -> None:
     py = d["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     n = d["numpy"]
-    np.random.set_state({"bit_generator": n["bit_generator"],
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
     torch.set_rng_state(d["torch"].cpu())
     if "cuda" in d and torch.cuda.is_available():
         for i, s in enumerate(d["cuda"][: torch.cuda.device_count()]):
@@ -151,6 +169,7 @@ def set_rng_state(d: dict) -> None:
 
 
 # ------------------------------------------------------------ folder bookkeeping
+
 
 def _ckpt_root(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
@@ -250,6 +269,7 @@ def prune_checkpoints(run_dir, keep: int = 2) -> None:
 
 # ------------------------------------------------------------ weights
 
+
 def _tensor_key(t: torch.Tensor) -> tuple:
     if hasattr(t, "to_local"):  # an FSDP2 DTensor: tied parameters share their local shard
         t = t.to_local()
@@ -299,6 +319,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------ state
 
+
 def _plain(obj, where: str = "state"):
     """Check that ``obj`` loads with weights_only=True; numpy scalars become Python numbers."""
     if isinstance(obj, np.generic):
@@ -310,14 +331,18 @@ def _plain(obj, where: str = "state"):
     if isinstance(obj, (list, tuple)):
         items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
-    raise TypeError(f"{where} is a {type(obj).__name__}, which a weights_only checkpoint cannot hold: "
-                    "store tensors, numbers, strings, lists or dicts")
+    raise TypeError(
+        f"{where} is a {type(obj).__name__}, which a weights_only checkpoint cannot hold: "
+        "store tensors, numbers, strings, lists or dicts"
+    )
 
 
 # ------------------------------------------------------------ save / load
 
-def save_checkpoint(run_dir, step: int, model: nn.Module, state: dict,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+
+def save_checkpoint(
+    run_dir, step: int, model: nn.Module, state: dict, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write ``run_dir/checkpoints/step_XXXXXXXX`` crash-safely and return its path.
 
     ``state`` must be plain data (tensors, numbers, strings, lists, dicts), e.g.
@@ -376,6 +401,7 @@ def _chmod_like_umask(path: Path) -> None:
 
 # ------------------------------------------------------------ finite numbers and room on disk
 
+
 def first_non_finite(tree, where: str = "") -> str | None:
     """The name of the first floating-point tensor or number in ``tree`` holding NaN/inf, else None."""
     if isinstance(tree, torch.Tensor):
@@ -399,12 +425,15 @@ def check_finite(ckpt: Path, weights: dict[str, torch.Tensor]) -> None:
     """Refuse weights holding NaN/inf (from an older attnlab, or written by other tools)."""
     bad = first_non_finite(weights)
     if bad:
-        raise CheckpointError(f"checkpoint {ckpt} holds weights that are not finite ({bad}): the training diverged "
-                              f"before it was saved; use an earlier checkpoint (--checkpoint) or retrain")
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds weights that are not finite ({bad}): the training diverged "
+            f"before it was saved; use an earlier checkpoint (--checkpoint) or retrain"
+        )
 
 
 def _bytes_needed(tensors: dict[str, torch.Tensor], state: dict) -> int:
     """About the size of the checkpoint's files: its tensors' bytes plus room for headers and small values."""
+
     def size(tree) -> int:
         if isinstance(tree, torch.Tensor):
             return tree.numel() * tree.element_size()
@@ -413,6 +442,7 @@ def _bytes_needed(tensors: dict[str, torch.Tensor], state: dict) -> int:
         if isinstance(tree, (list, tuple)):
             return sum(size(v) for v in tree)
         return 0
+
     return size(tensors) + size(state) + (1 << 16)
 
 
@@ -440,8 +470,10 @@ def _no_room(final: Path, need: int, free: int, code: int) -> str:
     else:
         why = f"it needs about {_mb(need)} and {final.parent} has {_mb(free)} free"
         fix = "free some disk space"
-    return (f"cannot write checkpoint {final}: {why}; the previous checkpoint is kept: {fix}, "
-            f"then continue with attnlab train --resume {run_dir}")
+    return (
+        f"cannot write checkpoint {final}: {why}; the previous checkpoint is kept: {fix}, "
+        f"then continue with attnlab train --resume {run_dir}"
+    )
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -461,16 +493,20 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 def _resolve(path_or_run_dir) -> Path:
     p = Path(path_or_run_dir)
     if not p.exists():
-        raise CheckpointError(f"checkpoint path {p} not found: pass a run directory (runs/<name>) "
-                              "or one of its checkpoints/step_* folders")
+        raise CheckpointError(
+            f"checkpoint path {p} not found: pass a run directory (runs/<name>) "
+            "or one of its checkpoints/step_* folders"
+        )
     is_run_dir = (p / "checkpoints").is_dir() or p.name == "checkpoints"
     if (p / MARKER).exists() or (p / WEIGHTS).exists() or (_NAME.match(p.name) and not is_run_dir):
         return p  # a checkpoint folder (complete or not: _verify says which)
     run_dir = p.parent if p.name == "checkpoints" else p
     latest = latest_checkpoint(run_dir)
     if latest is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint: train it first (attnlab train) "
-                              "or pass a run directory that has runs/<name>/checkpoints/step_*")
+        raise CheckpointError(
+            f"{run_dir} has no complete checkpoint: train it first (attnlab train) "
+            "or pass a run directory that has runs/<name>/checkpoints/step_*"
+        )
     return latest
 
 
@@ -481,21 +517,24 @@ def _config_hint(ckpt: Path) -> str:
 
 def _verify(ckpt: Path) -> dict:
     if not (ckpt / MARKER).exists():
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {MARKER} marker: its save was interrupted): "
-                              f"load the run directory {ckpt.parent.parent} to use its newest complete checkpoint")
+        raise CheckpointError(
+            f"checkpoint {ckpt} is incomplete (no {MARKER} marker: its save was interrupted): "
+            f"load the run directory {ckpt.parent.parent} to use its newest complete checkpoint"
+        )
     marker = _read_marker(ckpt)
     if marker is None:
-        raise CheckpointError(f"checkpoint {ckpt} has an unreadable {MARKER} marker: "
-                              f"{_FALLBACK}")
+        raise CheckpointError(f"checkpoint {ckpt} has an unreadable {MARKER} marker: {_FALLBACK}")
     if marker.get("format", FORMAT) > FORMAT:
-        raise CheckpointError(f"checkpoint {ckpt} has format {marker['format']} (this attnlab reads {FORMAT}): "
-                              "upgrade attnlab")
+        raise CheckpointError(
+            f"checkpoint {ckpt} has format {marker['format']} (this attnlab reads {FORMAT}): upgrade attnlab"
+        )
     for name, info in marker["files"].items():
         if not (ckpt / name).is_file():
             raise CheckpointError(f"checkpoint {ckpt} is missing {name}: {_FALLBACK}")
         if file_sha256(ckpt / name) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {ckpt} is corrupted ({name} does not match its sha256 in {MARKER}): "
-                                  f"{_FALLBACK}")
+            raise CheckpointError(
+                f"checkpoint {ckpt} is corrupted ({name} does not match its sha256 in {MARKER}): {_FALLBACK}"
+            )
     return marker
 
 
@@ -545,8 +584,7 @@ def load_checkpoint(path_or_run_dir, model: nn.Module | None = None) -> tuple[di
         weights = _load_weights(ckpt / WEIGHTS)
         state = torch.load(ckpt / STATE, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any parse failure means an unusable file
-        raise CheckpointError(f"checkpoint {ckpt} cannot be read safely ({_load_problem(e)}): "
-                              f"{_FALLBACK}") from None
+        raise CheckpointError(f"checkpoint {ckpt} cannot be read safely ({_load_problem(e)}): {_FALLBACK}") from None
     if model is not None:
         check_matches(ckpt, weights, model)
         model.load_state_dict(weights, strict=True)

@@ -26,8 +26,23 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["Dist", "from_env", "init", "shutdown", "barrier", "main_first", "wrap", "grad_sync", "agree",
-           "all_reduce_sum", "check_config", "reseed_for_step", "full_state", "load_full_state", "is_fsdp"]
+__all__ = [
+    "Dist",
+    "from_env",
+    "init",
+    "shutdown",
+    "barrier",
+    "main_first",
+    "wrap",
+    "grad_sync",
+    "agree",
+    "all_reduce_sum",
+    "check_config",
+    "reseed_for_step",
+    "full_state",
+    "load_full_state",
+    "is_fsdp",
+]
 
 TIMEOUT_ENV = "ATTNLAB_DIST_TIMEOUT_S"  # how long a rank waits for the others at a collective
 DEFAULT_TIMEOUT_S = 1800
@@ -76,19 +91,28 @@ def init(d: Dist, device: torch.device) -> torch.device:
     if not d.enabled:
         return device
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"multi-process training runs on CPU or CUDA, not {device.type}: set train.device=cpu or cuda")
+        raise ConfigError(
+            f"multi-process training runs on CPU or CUDA, not {device.type}: set train.device=cpu or cuda"
+        )
     if device.type == "cuda":
         if d.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={d.local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                              f"use --nproc_per_node {torch.cuda.device_count()} or fewer")
+            raise ConfigError(
+                f"LOCAL_RANK={d.local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                f"use --nproc_per_node {torch.cuda.device_count()} or fewer"
+            )
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         global _owns_group
         # A rank that dies makes torchrun stop the others; the timeout bounds a wait that nobody ends.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_attempt_store(d),
-                                rank=d.rank, world_size=d.world_size, timeout=_timeout(),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=_attempt_store(d),
+            rank=d.rank,
+            world_size=d.world_size,
+            timeout=_timeout(),
+            device_id=device if device.type == "cuda" else None,
+        )
         _owns_group = True
     return device
 
@@ -129,8 +153,10 @@ def main_first(d: Dist):
 
 # ------------------------------------------------------------ wrapping
 
+
 def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
@@ -139,16 +165,22 @@ def check_config(cfg, d: Dist) -> None:
     if not d.enabled:
         return
     if cfg.train.batch_size % d.world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {d.world_size} "
-                          f"data-parallel processes: use a multiple of {d.world_size}")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the {d.world_size} "
+            f"data-parallel processes: use a multiple of {d.world_size}"
+        )
     if cfg.train.parallel != "fsdp":
         return
     if cfg.optim.name == "muon":
-        raise ConfigError("optim.name=muon orthogonalises whole matrices, which FSDP shards across ranks: "
-                          "use train.parallel=ddp with muon (or another optimizer with fsdp)")
+        raise ConfigError(
+            "optim.name=muon orthogonalises whole matrices, which FSDP shards across ranks: "
+            "use train.parallel=ddp with muon (or another optimizer with fsdp)"
+        )
     if cfg.train.dtype == "float16":
-        raise ConfigError("train.parallel=fsdp does not support train.dtype=float16 (its loss scaler is per rank): "
-                          "use train.dtype=bfloat16 or float32")
+        raise ConfigError(
+            "train.parallel=fsdp does not support train.dtype=float16 (its loss scaler is per rank): "
+            "use train.dtype=bfloat16 or float32"
+        )
 
 
 def wrap(model: nn.Module, d: Dist, parallel: str, device: torch.device) -> nn.Module:
@@ -160,10 +192,12 @@ def wrap(model: nn.Module, d: Dist, parallel: str, device: torch.device) -> nn.M
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
         mesh = init_device_mesh(device.type, (d.world_size,))
         for block in model.blocks:  # one all-gather per block; the root holds embeddings, final norm, lm_head
             fully_shard(block, mesh=mesh)
@@ -175,6 +209,7 @@ def wrap(model: nn.Module, d: Dist, parallel: str, device: torch.device) -> nn.M
 def grad_sync(wrapped: nn.Module, sync: bool):
     """Context for one micro-step: gradients are reduced across ranks only when ``sync`` (the last micro-step)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     if isinstance(wrapped, DDP):
         return contextlib.nullcontext() if sync else wrapped.no_sync()
     if is_fsdp(wrapped):
@@ -183,6 +218,7 @@ def grad_sync(wrapped: nn.Module, sync: bool):
 
 
 # ------------------------------------------------------------ agreement between ranks
+
 
 def _reduce_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -247,26 +283,30 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     """
     if not is_fsdp(model):
         return None, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
     options = StateDictOptions(**_FULL)
     weights = get_model_state_dict(model, options=options)
     named = get_optimizer_state_dict(model, optimizer, options=options)
     if not named:
         return weights, {}
     by_name, _ = _param_index(model, optimizer)
-    indexed = {"state": {by_name[n]: s for n, s in named["state"].items()},
-               "param_groups": [{**g, "params": [by_name[n] for n in g["params"]]} for g in named["param_groups"]]}
+    indexed = {
+        "state": {by_name[n]: s for n, s in named["state"].items()},
+        "param_groups": [{**g, "params": [by_name[n] for n in g["params"]]} for g in named["param_groups"]],
+    }
     return weights, indexed
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim_state: dict) -> None:
     """Load a checkpoint's full weights and optimizer state into an FSDP2 model (each rank keeps its shard)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
     _, names = _param_index(model, optimizer)
-    named = {"state": {names[int(i)]: s for i, s in optim_state["state"].items()},
-             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
+    named = {
+        "state": {names[int(i)]: s for i, s in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]],
+    }
     set_optimizer_state_dict(model, optimizer, named, options=options)

@@ -24,10 +24,10 @@ from torch import nn
 
 # (device-name pattern, dense bf16 TFLOPS). First match wins: specific names before their prefixes.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    (r"H200", 989.0),       # H200 SXM (GH200 matches too: the same Hopper tensor cores)
+    (r"H200", 989.0),  # H200 SXM (GH200 matches too: the same Hopper tensor cores)
     (r"H100.*PCIe", 756.0),
     (r"H100.*NVL", 835.0),
-    (r"H100", 989.0),       # H100 SXM
+    (r"H100", 989.0),  # H100 SXM
     (r"H800", 989.0),
     (r"A100", 312.0),
     (r"A800", 312.0),

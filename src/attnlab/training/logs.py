@@ -53,8 +53,14 @@ def sink_scalars(event: str, fields: dict) -> dict[str, float]:
     if event in ("training_step", "validation_step"):
         return {f"{event.split('_')[0]}/{k}": v for k, v in fields.items() if _number(v) and k != "step"}
     if event == "attention_stats":
-        return {f"attention/L{layer}H{head}/{k}": x for k, v in fields.items() if isinstance(v, list)
-                for layer, row in enumerate(v) for head, x in enumerate(row) if _number(x)}
+        return {
+            f"attention/L{layer}H{head}/{k}": x
+            for k, v in fields.items()
+            if isinstance(v, list)
+            for layer, row in enumerate(v)
+            for head, x in enumerate(row)
+            if _number(x)
+        }
     return {}
 
 
@@ -71,8 +77,10 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
         except UnicodeDecodeError as e:
             if i == len(lines) and not data.endswith(b"\n"):
                 continue  # a line cut by a crash inside a character
-            raise CheckpointError(f"{path} line {i} is not valid UTF-8 (byte {e.start}): the run's log was altered or "
-                                  "damaged; restore it or delete that line") from None
+            raise CheckpointError(
+                f"{path} line {i} is not valid UTF-8 (byte {e.start}): the run's log was altered or "
+                "damaged; restore it or delete that line"
+            ) from None
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -87,7 +95,9 @@ class _TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            raise ConfigError(
+                "logging.tensorboard=true needs the tensorboard package: pip install tensorboard"
+            ) from None
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, scalars: dict, step: int) -> None:
@@ -103,10 +113,18 @@ class _Wandb:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("logging.wandb needs the wandb package: pip install wandb (or set logging.wandb=off)") from None
+            raise ConfigError(
+                "logging.wandb needs the wandb package: pip install wandb (or set logging.wandb=off)"
+            ) from None
         from ..config import to_dict
-        self.run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=str(run_dir),
-                              mode=cfg.logging.wandb, config=to_dict(cfg))
+
+        self.run = wandb.init(
+            project=cfg.logging.wandb_project,
+            name=cfg.name,
+            dir=str(run_dir),
+            mode=cfg.logging.wandb,
+            config=to_dict(cfg),
+        )
 
     def log(self, scalars: dict, step: int) -> None:
         self.run.log(scalars, step=step)
@@ -118,6 +136,7 @@ class _Wandb:
 def check_loggers(cfg) -> None:
     """Fail before the run directory exists when an enabled logger is not installed."""
     import importlib.util
+
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard")
     if cfg.logging.wandb != "off" and importlib.util.find_spec("wandb") is None:

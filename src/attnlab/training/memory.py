@@ -25,7 +25,7 @@ ACTIVATION_FLOATS_PER_LAYER = 8  # per token and d_model kept for backward (resi
 @dataclass(frozen=True)
 class Estimate:
     params: int
-    state_bytes: int       # weights (+ gradients and optimizer state when training)
+    state_bytes: int  # weights (+ gradients and optimizer state when training)
     activation_bytes: int
 
     @property
@@ -36,6 +36,7 @@ class Estimate:
 def count_params(model_cfg: ModelConfig, attn_cfg, vocab: int) -> int | None:
     """Exact parameter count from a shapes-only build; None if the model cannot be built that way."""
     from ..model.gpt import GPT  # late import: the model module is heavy
+
     try:
         with torch.device("meta"):
             return GPT(model_cfg, attn_cfg, vocab).num_params()
@@ -43,8 +44,9 @@ def count_params(model_cfg: ModelConfig, attn_cfg, vocab: int) -> int | None:
         return None
 
 
-def estimate(cfg: Config, vocab: int, *, training: bool, batch_size: int | None = None,
-             model_cfg: ModelConfig | None = None) -> Estimate | None:
+def estimate(
+    cfg: Config, vocab: int, *, training: bool, batch_size: int | None = None, model_cfg: ModelConfig | None = None
+) -> Estimate | None:
     """``model_cfg``: the model config as built (completed from the dataset), default ``cfg.model``."""
     m, t = model_cfg or cfg.model, cfg.train
     params = count_params(m, cfg.attention, vocab)
@@ -83,8 +85,15 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def check_fits(cfg: Config, vocab: int, device: torch.device, *, training: bool, batch_size: int | None = None,
-               model_cfg: ModelConfig | None = None) -> None:
+def check_fits(
+    cfg: Config,
+    vocab: int,
+    device: torch.device,
+    *,
+    training: bool,
+    batch_size: int | None = None,
+    model_cfg: ModelConfig | None = None,
+) -> None:
     """ConfigError with the estimate when the model cannot fit in `device`'s free memory."""
     free = available_bytes(torch.device(device))
     if free is None:
@@ -94,8 +103,10 @@ def check_fits(cfg: Config, vocab: int, device: torch.device, *, training: bool,
         return
     m = model_cfg or cfg.model
     state = "weights, gradients and optimizer state" if training else "weights"
-    raise ConfigError(f"the model does not fit in memory: {est.params / 1e9:,.2f} billion parameters need at least "
-                      f"{_gb(est.bytes)} to {'train' if training else 'evaluate'} ({state} {_gb(est.state_bytes)}, "
-                      f"activations {_gb(est.activation_bytes)}) but only {_gb(free)} is available on {device}: "
-                      f"use a smaller model (model.d_model={m.d_model}, model.n_layer={m.n_layer}, "
-                      f"model.context={m.context}) or a smaller batch")
+    raise ConfigError(
+        f"the model does not fit in memory: {est.params / 1e9:,.2f} billion parameters need at least "
+        f"{_gb(est.bytes)} to {'train' if training else 'evaluate'} ({state} {_gb(est.state_bytes)}, "
+        f"activations {_gb(est.activation_bytes)}) but only {_gb(free)} is available on {device}: "
+        f"use a smaller model (model.d_model={m.d_model}, model.n_layer={m.n_layer}, "
+        f"model.context={m.context}) or a smaller batch"
+    )

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ __all__ = ["CombinedOptimizer", "build_optimizer", "build_scheduler", "lr_factor
 
 
 # ------------------------------------------------------------ param groups
+
 
 def param_groups(model: nn.Module, cfg: OptimConfig, muon: bool = False) -> list[dict]:
     """nanoGPT-style groups; with ``muon`` a third group holds the 2-D weights under ``blocks.``.
@@ -95,11 +96,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     raise ConfigError(f"optim.name={cfg.name!r} is not allowed: use one of adamw, adam, sgd, adagrad, muon")
 
 
-def _build_muon(model: nn.Module, cfg: OptimConfig) -> "CombinedOptimizer":
+def _build_muon(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
     muon_cls = getattr(torch.optim, "Muon", None)
     if muon_cls is None:
-        raise ConfigError(f"optim.name=muon needs torch>=2.9 (installed {torch.__version__}): "
-                          "upgrade torch or use optim.name=adamw")
+        raise ConfigError(
+            f"optim.name=muon needs torch>=2.9 (installed {torch.__version__}): upgrade torch or use optim.name=adamw"
+        )
     decay, no_decay, hidden = param_groups(model, cfg, muon=True)
     if not hidden["params"]:
         raise ConfigError("optim.name=muon found no 2-D weights under blocks.: use optim.name=adamw for this model")
@@ -111,6 +113,7 @@ def _build_muon(model: nn.Module, cfg: OptimConfig) -> "CombinedOptimizer":
 
 
 # ------------------------------------------------------------ combined optimizer
+
 
 class CombinedOptimizer(torch.optim.Optimizer):
     """Several torch optimizers stepped as one (Muon for hidden matrices + AdamW for the rest).
@@ -129,9 +132,14 @@ class CombinedOptimizer(torch.optim.Optimizer):
             raise ValueError("CombinedOptimizer needs at least one optimizer")
         self.optimizers = list(optimizers)
         self.defaults = {}
-        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+        for hooks in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
             setattr(self, hooks, OrderedDict())
         self._patch_step_function()
 
@@ -164,8 +172,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         parts = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
         if not isinstance(parts, list) or len(parts) != len(self.optimizers):
-            raise CheckpointError(f"the saved optimizer state does not match {self!r}: resume with the optim "
-                                  "settings the run was trained with (its config.yaml)")
+            raise CheckpointError(
+                f"the saved optimizer state does not match {self!r}: resume with the optim "
+                "settings the run was trained with (its config.yaml)"
+            )
         for opt, sd in zip(self.optimizers, parts):
             opt.load_state_dict(sd)
 
@@ -183,6 +193,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
 
 # ------------------------------------------------------------ schedules
+
 
 @dataclass(frozen=True)
 class RunClock:
@@ -265,8 +276,9 @@ def _towards_min(decayed: float, min_frac: float) -> float:
     return min(1.0, max(min_frac, 1.0 - (1.0 - min_frac) * decayed))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
-                    clock: RunClock | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, clock: RunClock | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR applying ``lr_factor``; call ``scheduler.step()`` after each ``optimizer.step()`` (and, with a
     budget ``clock``, after the step's seconds are counted, so the lr follows the budget used).
 

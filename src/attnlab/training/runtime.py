@@ -114,7 +114,11 @@ def git_dirty() -> bool | None:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    info = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -125,5 +129,12 @@ def versions() -> dict:
     import tokenizers
 
     from .. import __version__
-    return {"attnlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "tokenizers": tokenizers.__version__, "platform": platform.platform()}
+
+    return {
+        "attnlab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "tokenizers": tokenizers.__version__,
+        "platform": platform.platform(),
+    }

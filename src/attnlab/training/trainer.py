@@ -47,6 +47,7 @@ from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
 
 # ------------------------------------------------------------------ state kept across resumes
 
+
 @dataclass
 class Progress:
     step: int = 0
@@ -81,25 +82,25 @@ class Trainer:
 
     # Built by setup(), from the config and the dataset; everything else reads these.
     device: torch.device = _built_in_setup()
-    amp_dtype: torch.dtype | None = _built_in_setup()                     # None: plain float32
+    amp_dtype: torch.dtype | None = _built_in_setup()  # None: plain float32
     ds: store.Dataset = _built_in_setup()
-    image: bool = _built_in_setup()                                       # an image dataset (bytes after SOS)
-    task: tasks.ArithmeticTask | None = _built_in_setup()                 # a generated task (no train.bin)
-    train_tokens: np.ndarray = _built_in_setup()                          # memmaps of the splits
+    image: bool = _built_in_setup()  # an image dataset (bytes after SOS)
+    task: tasks.ArithmeticTask | None = _built_in_setup()  # a generated task (no train.bin)
+    train_tokens: np.ndarray = _built_in_setup()  # memmaps of the splits
     val_tokens: np.ndarray = _built_in_setup()
-    batches: BatchIterator = _built_in_setup()                            # ImageBatches for images
-    model: GPT = _built_in_setup()                                        # the unwrapped model (checkpoints, eval)
-    parallel: torch.nn.Module = _built_in_setup()                         # model, DDP around it, or FSDP2-sharded
-    forward: Callable[[torch.Tensor], torch.Tensor] = _built_in_setup()   # parallel, maybe compiled
+    batches: BatchIterator = _built_in_setup()  # ImageBatches for images
+    model: GPT = _built_in_setup()  # the unwrapped model (checkpoints, eval)
+    parallel: torch.nn.Module = _built_in_setup()  # model, DDP around it, or FSDP2-sharded
+    forward: Callable[[torch.Tensor], torch.Tensor] = _built_in_setup()  # parallel, maybe compiled
     optimizer: torch.optim.Optimizer = _built_in_setup()
     steps_per_epoch: int = _built_in_setup()
     total_steps: int = _built_in_setup()
     scheduler: torch.optim.lr_scheduler.LambdaLR = _built_in_setup()
-    clock: RunClock = _built_in_setup()                                    # what the lr schedule follows
-    scaler: torch.amp.GradScaler | None = _built_in_setup()               # float16 autocast only
+    clock: RunClock = _built_in_setup()  # what the lr schedule follows
+    scaler: torch.amp.GradScaler | None = _built_in_setup()  # float16 autocast only
     eval_every: int | None = _built_in_setup()
-    progress: Progress = _built_in_setup()                                # what a checkpoint restores
-    saved_step: int | None = _built_in_setup()                            # the step of the last checkpoint written
+    progress: Progress = _built_in_setup()  # what a checkpoint restores
+    saved_step: int | None = _built_in_setup()  # the step of the last checkpoint written
 
     def setup(self) -> None:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
@@ -115,8 +116,14 @@ class Trainer:
             if not self.resuming:
                 self.ds = open_dataset(cfg.data, progress=progress)
             else:  # resuming: the run's own dataset, checked against its record
-                self.ds = open_run_dataset(self.run_dir, cfg.data, data_dir=self.data_dir, rebuild=True,
-                                           hint=RESUME_DATA_HINT, progress=progress)
+                self.ds = open_run_dataset(
+                    self.run_dir,
+                    cfg.data,
+                    data_dir=self.data_dir,
+                    rebuild=True,
+                    hint=RESUME_DATA_HINT,
+                    progress=progress,
+                )
         vocab, model_cfg = fit_model_to_data(cfg, self.ds)
         self.image = self.ds.kind == "image"
         self.task = self.ds.task if self.ds.kind == "task" else None
@@ -126,14 +133,23 @@ class Trainer:
             raise DataError(f"{self.ds.dir} has an empty validation split: raise data.val_frac")
         if self.task:  # generated problems with a masked loss (data/tasks.py)
             tasks.check_config(cfg)
-            self.batches = tasks.TaskBatches(self.task, cfg.train.batch_size, cfg.model.context, cfg.train.seed,
-                                             rank=rank, world_size=world)
+            self.batches = tasks.TaskBatches(
+                self.task, cfg.train.batch_size, cfg.model.context, cfg.train.seed, rank=rank, world_size=world
+            )
         elif self.image:
-            self.batches = ImageBatches(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, sos=SOS,
-                                        rank=rank, world_size=world)
+            self.batches = ImageBatches(
+                self.train_tokens,
+                cfg.train.batch_size,
+                cfg.model.context,
+                cfg.train.seed,
+                sos=SOS,
+                rank=rank,
+                world_size=world,
+            )
         else:
-            self.batches = BatchIterator(self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed,
-                                         rank=rank, world_size=world)
+            self.batches = BatchIterator(
+                self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, rank=rank, world_size=world
+            )
         check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
@@ -148,8 +164,11 @@ class Trainer:
         self.steps_per_epoch = max(1, self.batches.steps_per_epoch // cfg.train.grad_accum)
         self.total_steps = self._total_steps()
         self.progress = Progress()
-        self.clock = RunClock(self.total_steps if self.total_steps < UNPLANNED else None, cfg.train.time_budget_s,
-                              lambda: self.progress.train_seconds)
+        self.clock = RunClock(
+            self.total_steps if self.total_steps < UNPLANNED else None,
+            cfg.train.time_budget_s,
+            lambda: self.progress.train_seconds,
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.clock)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.eval_every = self._eval_every()
@@ -180,19 +199,41 @@ class Trainer:
             log.log("run_resumed", step=self.progress.step, argv=self.argv, world_size=self.dist.world_size)
             return
         log.log("hyperparameters_configured", config=config_mod.to_dict(cfg), argv=self.argv)
-        log.log("device_info", **runtime.device_info(self.device),
-                autocast_dtype=str(self.amp_dtype) if self.amp_dtype else "float32")
-        log.log("dataset_info", dir=str(self.ds.dir), vocab_size=self.ds.vocab_size,
-                tokenizer=self.ds.meta["tokenizer"], splits=self.ds.meta["splits"], source=self.ds.meta.get("source"))
+        log.log(
+            "device_info",
+            **runtime.device_info(self.device),
+            autocast_dtype=str(self.amp_dtype) if self.amp_dtype else "float32",
+        )
+        log.log(
+            "dataset_info",
+            dir=str(self.ds.dir),
+            vocab_size=self.ds.vocab_size,
+            tokenizer=self.ds.meta["tokenizer"],
+            splits=self.ds.meta["splits"],
+            source=self.ds.meta.get("source"),
+        )
         # The model as built: its config completed from the dataset (image shape), which config.yaml leaves as given.
-        log.log("model_configured", model=dataclasses.asdict(self.model.cfg), attention=config_mod.to_dict(cfg)["attention"])
-        log.log("model_info", **self.model.describe(), steps_per_epoch=self.steps_per_epoch,
-                total_steps=self.clock.total_steps, schedule_follows=self.clock.follows)
+        log.log(
+            "model_configured", model=dataclasses.asdict(self.model.cfg), attention=config_mod.to_dict(cfg)["attention"]
+        )
+        log.log(
+            "model_info",
+            **self.model.describe(),
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.clock.total_steps,
+            schedule_follows=self.clock.follows,
+        )
 
     def meta_text(self) -> str:
-        meta = {"versions": runtime.versions(), "git_sha": runtime.git_sha(), "git_dirty": runtime.git_dirty(),
-                **runtime.device_info(self.device),
-                "seed": self.cfg.train.seed, "argv": self.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        meta = {
+            "versions": runtime.versions(),
+            "git_sha": runtime.git_sha(),
+            "git_dirty": runtime.git_dirty(),
+            **runtime.device_info(self.device),
+            "seed": self.cfg.train.seed,
+            "argv": self.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         if self.dist.enabled:
             meta["distributed"] = {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
         return json.dumps(meta, indent=2)
@@ -205,9 +246,14 @@ class Trainer:
         weights, optimizer = distributed.full_state(self.model, self.optimizer)  # FSDP: every rank gathers
         self._check_finite(log, weights, optimizer)
         if self.dist.is_main:  # the full state, in the single-process format (any rank count can resume it)
-            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                     "rng": ckpt.rng_state(self.device), "data": self.batches.state_dict(),
-                     "step": self.progress.step, "trainer": self.progress.state()}
+            state = {
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(self.device),
+                "data": self.batches.state_dict(),
+                "step": self.progress.step,
+                "trainer": self.progress.state(),
+            }
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
             path = ckpt.save_checkpoint(self.run_dir, self.progress.step, self.model, state, weights)
@@ -221,7 +267,9 @@ class Trainer:
         """Stop like a diverged loss if weights or optimizer state hold NaN/inf: such a checkpoint is never saved."""
         bad = None
         if self.dist.is_main:
-            bad = ckpt.first_non_finite(weights or self.model.state_dict()) or ckpt.first_non_finite(optimizer, "optimizer")
+            bad = ckpt.first_non_finite(weights or self.model.state_dict()) or ckpt.first_non_finite(
+                optimizer, "optimizer"
+            )
         if self.dist.enabled:  # every rank stops, not only the one that looked
             bad = bad or ("a tensor" if distributed.all_reduce_sum(self.dist, [float(bad is not None)])[0] else None)
         if bad:
@@ -230,8 +278,10 @@ class Trainer:
     def restore(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
-            raise CheckpointError(f"{self.run_dir} has no complete checkpoint to resume from: start a new run "
-                                  f"(attnlab train {self.run_dir}/config.yaml name=...)")
+            raise CheckpointError(
+                f"{self.run_dir} has no complete checkpoint to resume from: start a new run "
+                f"(attnlab train {self.run_dir}/config.yaml name=...)"
+            )
         if distributed.is_fsdp(self.model):
             weights, state = ckpt.load_checkpoint(path)
             ckpt.check_matches(path, weights, self.model)
@@ -266,8 +316,12 @@ class Trainer:
                 with self.autocast():
                     logits = self.forward(x)
                     # Targets equal to IGNORE_INDEX (a task's problem tokens and padding) contribute nothing.
-                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                           ignore_index=tasks.IGNORE_INDEX) / t.grad_accum
+                    loss = (
+                        F.cross_entropy(
+                            logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=tasks.IGNORE_INDEX
+                        )
+                        / t.grad_accum
+                    )
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
@@ -287,23 +341,40 @@ class Trainer:
         t, context = self.cfg.train, self.cfg.model.context
         if self.task:
             from ..eval.metrics.accuracy import task_metrics
-            return task_metrics(self.model, self.task, device=self.device, batch_size=t.eval_batch_size,
-                                autocast_dtype=self.amp_dtype)
+
+            return task_metrics(
+                self.model, self.task, device=self.device, batch_size=t.eval_batch_size, autocast_dtype=self.amp_dtype
+            )
         tokens = self.ds.tokens(split)
         limit = None if full else t.val_tokens
-        run = dict(batch_size=t.eval_batch_size, device=self.device, autocast_dtype=self.amp_dtype,
-                   progress=progress and self.dist.is_main, rank=self.dist.rank, world_size=self.dist.world_size)
+        run = dict(
+            batch_size=t.eval_batch_size,
+            device=self.device,
+            autocast_dtype=self.amp_dtype,
+            progress=progress and self.dist.is_main,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         if self.image:
             n_images = len(tokens) // context
             max_images = None if limit is None else max(1, limit // context)
-            score = self._reduce(score_images(self.model, tokens, tokens_per_image=context, sos=SOS,
-                                              max_images=max_images, **run))
-            return {**image_metrics(score, context), "loss": score.nll_nats / score.tokens,
-                    "partial": score.tokens < n_images * context}
+            score = self._reduce(
+                score_images(self.model, tokens, tokens_per_image=context, sos=SOS, max_images=max_images, **run)
+            )
+            return {
+                **image_metrics(score, context),
+                "loss": score.nll_nats / score.tokens,
+                "partial": score.tokens < n_images * context,
+            }
         partial = limit is not None and limit < len(tokens) - 1
-        score = self._reduce(score_tokens(self.model, tokens, context=context, stride=t.eval_stride, max_tokens=limit, **run))
-        return {**text_metrics(score, self.ds.meta["splits"][split], partial=partial),
-                "loss": score.nll_nats / score.tokens, "partial": partial}
+        score = self._reduce(
+            score_tokens(self.model, tokens, context=context, stride=t.eval_stride, max_tokens=limit, **run)
+        )
+        return {
+            **text_metrics(score, self.ds.meta["splits"][split], partial=partial),
+            "loss": score.nll_nats / score.tokens,
+            "partial": partial,
+        }
 
     def _reduce(self, score: Score) -> Score:
         """Each rank scored its share of the split: sum the shares (float64)."""
@@ -337,8 +408,14 @@ class Trainer:
 
     def fit(self, log: EventLog) -> str:
         cfg, p = self.cfg, self.progress
-        bar = tqdm(total=self.total_steps if self.total_steps < UNPLANNED else None, initial=p.step,
-                   disable=not (cfg.logging.progress and self.dist.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=self.total_steps if self.total_steps < UNPLANNED else None,
+            initial=p.step,
+            disable=not (cfg.logging.progress and self.dist.is_main),
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context
         reason = self.should_stop()
         with _deferred_interrupts() as interrupted:
@@ -356,8 +433,16 @@ class Trainer:
                 p.last_loss = loss
                 lr = self.scheduler.get_last_lr()[0]
                 if p.step % cfg.logging.log_every == 0 or p.step == 1:
-                    log.log("training_step", step=p.step, loss=loss, lr=lr, tokens_per_second=tokens_per_step / dt,
-                            epoch=self.batches.epoch_float, tokens=p.tokens, **self._mfu(tokens_per_step / dt))
+                    log.log(
+                        "training_step",
+                        step=p.step,
+                        loss=loss,
+                        lr=lr,
+                        tokens_per_second=tokens_per_step / dt,
+                        epoch=self.batches.epoch_float,
+                        tokens=p.tokens,
+                        **self._mfu(tokens_per_step / dt),
+                    )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
                 if self.eval_every and p.step % self.eval_every == 0:
@@ -385,19 +470,29 @@ class Trainer:
         last = ckpt.latest_checkpoint(self.run_dir)
         log.log("training_diverged", step=step, loss=loss, tensor=tensor, last_checkpoint=str(last) if last else None)
         kept = f"kept the last good checkpoint {last}" if last else "no checkpoint was saved yet"
-        what = f"weights are not finite at step {step} ({tensor}; {kept})" if tensor else f"loss became {loss} at step {step} ({kept})"
-        raise TrainingDiverged(f"{what}: lower optim.lr, enable optim.grad_clip "
-                               f"or use train.dtype=float32, then start a new run")
+        what = (
+            f"weights are not finite at step {step} ({tensor}; {kept})"
+            if tensor
+            else f"loss became {loss} at step {step} ({kept})"
+        )
+        raise TrainingDiverged(
+            f"{what}: lower optim.lr, enable optim.grad_clip or use train.dtype=float32, then start a new run"
+        )
 
     def _split_summary(self, split: str, m: dict) -> dict:
         if self.task:
             return {f"{split}_{k}": v for k, v in m.items() if k != "partial"}
         if self.image:
-            return {f"{split}_bits_per_dim": m["bits_per_dim"], f"{split}_nats_per_image": m["nats_per_image"],
-                    f"{split}_images_scored": m["images"]}
+            return {
+                f"{split}_bits_per_dim": m["bits_per_dim"],
+                f"{split}_nats_per_image": m["nats_per_image"],
+                f"{split}_images_scored": m["images"],
+            }
         out = {f"{split}_bits_per_byte": m["bits_per_byte"], f"{split}_nats_per_token": m["nats_per_token"]}
         if split == "val":
-            out.update(val_perplexity=m["perplexity"], mainrun_val_loss=m["mainrun_loss"], val_tokens_scored=m["tokens"])
+            out.update(
+                val_perplexity=m["perplexity"], mainrun_val_loss=m["mainrun_loss"], val_tokens_scored=m["tokens"]
+            )
         return out
 
     def write_samples(self, log: EventLog) -> None:
@@ -412,13 +507,18 @@ class Trainer:
         seed = self.cfg.train.seed + step  # its own generator: the training RNG streams are untouched
         if self.image:
             from ..eval.generation.image_samples import sample_images, save_grid
-            grid = sample_images(self.model, n, tuple(self.model.cfg.image_shape), seed=seed, device=self.device,
-                                 progress=False)
+
+            grid = sample_images(
+                self.model, n, tuple(self.model.cfg.image_shape), seed=seed, device=self.device, progress=False
+            )
             if self.dist.is_main:
                 save_grid(grid, path)
         else:
             from ..eval.generation.loop import sample_text
-            (text,), _ = sample_text(self.model, self.ds.tokenizer, "", n, seed=seed, device=self.device, stop_at_eos=False)
+
+            (text,), _ = sample_text(
+                self.model, self.ds.tokenizer, "", n, seed=seed, device=self.device, stop_at_eos=False
+            )
             if self.dist.is_main:
                 ckpt.atomic_write_text(path, text)
         log.log("samples_written", step=step, path=str(path))
@@ -432,24 +532,41 @@ class Trainer:
         """One ``attention_stats`` event on ``logging.attention_stats`` validation sequences (0 = none)."""
         n = self.cfg.logging.attention_stats
         if n:
-            fields = attention_stats_event(self.model, self.val_tokens, n, context=self.cfg.model.context,
-                                           image=self.image, device=self.device, autocast_dtype=self.amp_dtype)
+            fields = attention_stats_event(
+                self.model,
+                self.val_tokens,
+                n,
+                context=self.cfg.model.context,
+                image=self.image,
+                device=self.device,
+                autocast_dtype=self.amp_dtype,
+            )
             log.log("attention_stats", step=self.progress.step, **fields, **extra)
 
     def _log_eval(self, log: EventLog, m: dict, **extra) -> None:
         p = self.progress  # tokens and train_seconds let a report plot against tokens and wall-clock
-        log.log("validation_step", step=p.step, tokens=p.tokens, train_seconds=p.train_seconds,
-                val_loss=m["loss"], partial=m["partial"],
-                **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")}, **extra)
+        log.log(
+            "validation_step",
+            step=p.step,
+            tokens=p.tokens,
+            train_seconds=p.train_seconds,
+            val_loss=m["loss"],
+            partial=m["partial"],
+            **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")},
+            **extra,
+        )
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
         p, final_start = self.progress, time.time()
         self.save(log)
         planned = self.clock.total_steps
         if reason == "time_budget" and planned is not None and p.step < planned and self.dist.is_main:
-            print(f"attnlab: warning: train.time_budget_s={self.cfg.train.time_budget_s:g} ended the run at step {p.step} "
-                  f"of {planned} planned (the lr schedule followed the budget and is annealed); a faster or quieter "
-                  f"machine trains further", file=sys.stderr)
+            print(
+                f"attnlab: warning: train.time_budget_s={self.cfg.train.time_budget_s:g} ended the run at step {p.step} "
+                f"of {planned} planned (the lr schedule followed the budget and is annealed); a faster or quieter "
+                f"machine trains further",
+                file=sys.stderr,
+            )
         log.log("training_finished", step=p.step, reason=reason)
         val = self.evaluate("val", full=True, progress=self.cfg.logging.progress)
         self._log_eval(log, val, final=True)
@@ -457,16 +574,24 @@ class Trainer:
         summary = {
             **self._split_summary("val", val),
             "tokens_per_second": p.tokens / p.train_seconds if p.train_seconds else 0.0,
-            "peak_memory_mb": runtime.peak_memory_mb(self.device), "params": self.model.num_params(),
-            "steps": p.step, "epochs": self.batches.epoch_float, "train_tokens": p.tokens,
-            "final_train_loss": p.last_loss, "stop_reason": reason, "schedule_follows": self.clock.follows,
-            "planned_steps": self.clock.total_steps, "final_lr": self.scheduler.get_last_lr()[0],
+            "peak_memory_mb": runtime.peak_memory_mb(self.device),
+            "params": self.model.num_params(),
+            "steps": p.step,
+            "epochs": self.batches.epoch_float,
+            "train_tokens": p.tokens,
+            "final_train_loss": p.last_loss,
+            "stop_reason": reason,
+            "schedule_follows": self.clock.follows,
+            "planned_steps": self.clock.total_steps,
+            "final_lr": self.scheduler.get_last_lr()[0],
             "train_seconds": p.train_seconds,
             "attention": self.model.describe()["attention"],  # each layer's pattern and the backend that ran it
             "attn_dropout": attention_dropout(self.cfg.model),
         }
         if not self.image:
-            summary.update(eval_context=self.cfg.model.context, eval_stride=self.cfg.train.eval_stride or self.cfg.model.context)
+            summary.update(
+                eval_context=self.cfg.model.context, eval_stride=self.cfg.train.eval_stride or self.cfg.model.context
+            )
         if "test" in self.ds.meta["splits"]:
             summary.update(self._split_summary("test", self.evaluate("test", full=True)))
         self.write_samples(log)
@@ -485,8 +610,10 @@ class Trainer:
 def _deferred_interrupts():
     """Turn Ctrl-C / SIGTERM into a flag the loop checks between steps."""
     hit = []
+
     def handler(signum, frame):
         hit.append(signum)
+
     try:
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
@@ -498,8 +625,15 @@ def _deferred_interrupts():
             signal.signal(s, h)
 
 
-def train(cfg: Config | None = None, *, resume: str | Path | None = None, force: bool = False,
-          argv: list[str] | None = None, auto_resume: bool = False, data_dir: str | Path | None = None) -> dict:
+def train(
+    cfg: Config | None = None,
+    *,
+    resume: str | Path | None = None,
+    force: bool = False,
+    argv: list[str] | None = None,
+    auto_resume: bool = False,
+    data_dir: str | Path | None = None,
+) -> dict:
     """Run (or resume) training and return summary.json's content.
 
     Under torchrun every rank calls this (each returns the summary); rank 0
@@ -511,8 +645,10 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
     """
     wall_start = time.time()
     if auto_resume and (resume is not None or force or cfg is None):
-        raise UserError("--auto-resume takes a config and picks start or resume itself: "
-                        "drop --resume/--force (or drop --auto-resume)")
+        raise UserError(
+            "--auto-resume takes a config and picks start or resume itself: "
+            "drop --resume/--force (or drop --auto-resume)"
+        )
     if resume is None:
         cfg.validate()
         run_dir = Path(cfg.out_dir) / cfg.name
@@ -525,8 +661,9 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, force:
     made = dist.is_main and resume is None and _make_out_dir(run_dir.parent)  # it holds the lock file
     try:
         with folders.locked(run_dir) if dist.is_main else contextlib.nullcontext():
-            return _train_locked(cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start,
-                                 data_dir)
+            return _train_locked(
+                cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start, data_dir
+            )
     finally:
         if made:  # refused before the run existed: leave no empty out_dir behind
             with contextlib.suppress(OSError):
@@ -546,8 +683,17 @@ def _make_out_dir(out_dir: Path) -> bool:
     return True
 
 
-def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, auto_resume: bool,
-                  argv: list[str], dist: distributed.Dist, wall_start: float, data_dir: str | Path | None) -> dict:
+def _train_locked(
+    cfg: Config | None,
+    run_dir: Path,
+    resume: bool,
+    force: bool,
+    auto_resume: bool,
+    argv: list[str],
+    dist: distributed.Dist,
+    wall_start: float,
+    data_dir: str | Path | None,
+) -> dict:
     if auto_resume:
         target, force = auto_resume_target(cfg)
         resume = target is not None
@@ -556,9 +702,13 @@ def _train_locked(cfg: Config | None, run_dir: Path, resume: bool, force: bool, 
         if dist.is_main:
             for d in (run_dir, run_dir / "checkpoints"):
                 if d.is_dir():
-                    folders.check_writable(d, "make the run directory writable, or copy it somewhere writable and resume the copy")
+                    folders.check_writable(
+                        d, "make the run directory writable, or copy it somewhere writable and resume the copy"
+                    )
     elif dist.is_main:
-        folders.check_target(run_dir, "run", force, "choose another name (name=...)", f", continue it with --resume {run_dir}")
+        folders.check_target(
+            run_dir, "run", force, "choose another name (name=...)", f", continue it with --resume {run_dir}"
+        )
     trainer = Trainer(cfg, run_dir, argv, dist, data_dir, resuming=resume)
     trainer.setup()  # data and model errors surface before anything is written
     if resume:

@@ -11,5 +11,15 @@ from . import alibi, relpos, softcap  # noqa: F401 - registers the built-ins
 from .base import MODIFIERS, Modifier, Param, ScoreModifiers, register_modifier
 from .spec import build_modifiers, check_modifiers, join_specs, modifier_specs, parse_spec
 
-__all__ = ["MODIFIERS", "Modifier", "Param", "ScoreModifiers", "register_modifier", "build_modifiers",
-           "check_modifiers", "join_specs", "modifier_specs", "parse_spec"]
+__all__ = [
+    "MODIFIERS",
+    "Modifier",
+    "Param",
+    "ScoreModifiers",
+    "register_modifier",
+    "build_modifiers",
+    "check_modifiers",
+    "join_specs",
+    "modifier_specs",
+    "parse_spec",
+]

@@ -18,11 +18,12 @@ from .base import Modifier, register_modifier
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """[n_head] fp32 slopes, largest first."""
+
     def power_of_two(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
 
     m = 2 ** math.floor(math.log2(n_head))
-    slopes = power_of_two(m) + power_of_two(2 * m)[0::2][:n_head - m]
+    slopes = power_of_two(m) + power_of_two(2 * m)[0::2][: n_head - m]
     return torch.tensor(slopes, dtype=torch.float32)
 
 

@@ -20,12 +20,12 @@ the training context exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
-
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,10 @@ def relative_bucket(distance: torch.Tensor, buckets: int, max_distance: int) -> 
 class RelativePositionBias(Modifier):
     """scores + b[bucket(i - j), h], b learned (starts at zero: no bias)."""
 
-    params = {"buckets": Param(int, 32, lo=2, hi=1024, help="distance buckets per head"),
-              "max_distance": Param(int, 128, lo=2, hi=1 << 20, help="distances from here on share the last bucket")}
+    params = {
+        "buckets": Param(int, 32, lo=2, hi=1024, help="distance buckets per head"),
+        "max_distance": Param(int, 128, lo=2, hi=1 << 20, help="distances from here on share the last bucket"),
+    }
     translation_invariant = True
 
     def __init__(self, n_head: int, **values):
@@ -42,8 +44,10 @@ class RelativePositionBias(Modifier):
     def check(self):
         b, d = int(self.values["buckets"]), int(self.values["max_distance"])
         if d <= b // 2:
-            raise ConfigError(f"attention.modifiers entry 'relpos(buckets={b},max_distance={d})': max_distance must "
-                              f"exceed buckets/2 = {b // 2} (the exact buckets): raise max_distance or lower buckets")
+            raise ConfigError(
+                f"attention.modifiers entry 'relpos(buckets={b},max_distance={d})': max_distance must "
+                f"exceed buckets/2 = {b // 2} (the exact buckets): raise max_distance or lower buckets"
+            )
 
     def score(self, scores, q_idx, k_idx, head):
         bucket = relative_bucket(q_idx - k_idx, int(self.values["buckets"]), int(self.values["max_distance"]))

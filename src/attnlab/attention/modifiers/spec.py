@@ -42,8 +42,12 @@ def _value(spec: str, cls: type[Modifier], key: str, raw: str) -> Any:
         if number != int(number):
             raise bad
         number = int(number)
-    if (p.lo is not None and number < p.lo) or (p.hi is not None and number > p.hi) or \
-            (p.above is not None and number <= p.above) or number != number:
+    if (
+        (p.lo is not None and number < p.lo)
+        or (p.hi is not None and number > p.hi)
+        or (p.above is not None and number <= p.above)
+        or number != number
+    ):
         raise bad
     return number
 
@@ -64,8 +68,9 @@ def parse_spec(spec: str) -> tuple[type[Modifier], dict[str, Any]]:
             continue
         key, eq, raw = (s.strip() for s in item.partition("="))
         if not eq or key not in cls.params:
-            raise ConfigError(f"{KEY} entry {spec!r}: {cls.name} has no parameter {key!r}; "
-                              f"its parameters are {_param_list(cls)}")
+            raise ConfigError(
+                f"{KEY} entry {spec!r}: {cls.name} has no parameter {key!r}; its parameters are {_param_list(cls)}"
+            )
         values[key] = _value(spec, cls, key, raw)
     return cls, values
 
@@ -74,7 +79,11 @@ def modifier_specs(attn_cfg, model_cfg, layer_idx: int = 0) -> list[str]:
     """The modifiers layer ``layer_idx`` applies: its ``attention.layers`` entry's or ``attention.modifiers``, with
     alibi first for ``model.position=alibi`` (unless listed already), so ``position=alibi`` and ``position=none``
     + ``modifiers=[alibi]`` are one model."""
-    own = attn_cfg.layer_modifiers(layer_idx) if hasattr(attn_cfg, "layer_modifiers") else getattr(attn_cfg, "modifiers", None)
+    own = (
+        attn_cfg.layer_modifiers(layer_idx)
+        if hasattr(attn_cfg, "layer_modifiers")
+        else getattr(attn_cfg, "modifiers", None)
+    )
     specs = join_specs(list(own or []))
     if getattr(model_cfg, "position", None) == "alibi" and not any(parse_spec(s)[0].name == "alibi" for s in specs):
         specs = ["alibi", *specs]
@@ -97,5 +106,7 @@ def check_modifiers(specs: list[str], pattern, n_head: int, layer: int | None = 
     build_modifiers(specs, n_head)
     if specs and pattern.mechanism != "softmax":
         where = "" if layer is None else f" (layer {layer})"
-        raise ConfigError(f"{KEY}={list(specs)} change softmax scores, but pattern {pattern.name!r}{where} is "
-                          f"{pattern.mechanism} attention, which has none: drop {KEY} or use a softmax pattern")
+        raise ConfigError(
+            f"{KEY}={list(specs)} change softmax scores, but pattern {pattern.name!r}{where} is "
+            f"{pattern.mechanism} attention, which has none: drop {KEY} or use a softmax pattern"
+        )

@@ -21,16 +21,16 @@ from .base import (
     rule_block_layout,
     strided_orig_layout,
 )
-from .registry import PATTERNS, get_pattern, listing, load_plugin, make_pattern, param_owners, register_pattern
+from .block_layout import BlockLayout, load_layout  # noqa: E402
 
 # Built-in patterns register themselves on import.
 from .dense import Dense  # noqa: E402  (isort: after the registry)
-from .local import Local  # noqa: E402
-from .strided import Strided  # noqa: E402
 from .fixed import Fixed  # noqa: E402
-from .sink_window import SinkWindow  # noqa: E402
-from .block_layout import BlockLayout, load_layout  # noqa: E402
 from .linear import Linear  # noqa: E402
+from .local import Local  # noqa: E402
+from .registry import PATTERNS, get_pattern, listing, load_plugin, make_pattern, param_owners, register_pattern
+from .sink_window import SinkWindow  # noqa: E402
+from .strided import Strided  # noqa: E402
 
 
 def build_pattern(attn_cfg, layer_idx: int, n_layer: int, n_head: int, context: int | None = None) -> Pattern:
@@ -40,8 +40,33 @@ def build_pattern(attn_cfg, layer_idx: int, n_layer: int, n_head: int, context: 
 
 
 __all__ = [
-    "KERNEL_BLOCK", "Component", "HeadGroup", "LayerContext", "Pattern", "_grid", "band_layout", "causal_layout",
-    "derived_head_groups", "grouped_causal_layout", "param", "rule_block_layout", "strided_orig_layout",
-    "PATTERNS", "get_pattern", "listing", "load_plugin", "make_pattern", "param_owners", "register_pattern",
-    "Dense", "Local", "Strided", "Fixed", "SinkWindow", "BlockLayout", "load_layout", "Linear", "build_pattern",
+    "KERNEL_BLOCK",
+    "Component",
+    "HeadGroup",
+    "LayerContext",
+    "Pattern",
+    "_grid",
+    "band_layout",
+    "causal_layout",
+    "derived_head_groups",
+    "grouped_causal_layout",
+    "param",
+    "rule_block_layout",
+    "strided_orig_layout",
+    "PATTERNS",
+    "get_pattern",
+    "listing",
+    "load_plugin",
+    "make_pattern",
+    "param_owners",
+    "register_pattern",
+    "Dense",
+    "Local",
+    "Strided",
+    "Fixed",
+    "SinkWindow",
+    "BlockLayout",
+    "load_layout",
+    "Linear",
+    "build_pattern",
 ]

@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -177,7 +178,7 @@ class Pattern:
         for group in groups:
             lay = torch.zeros(nb, nb, dtype=torch.bool)
             for c in group.components:
-                lay |= (strided_orig_layout(c.stride)(qb, kb, block, T) if c.stride else c.layout(qb, kb, block, T))
+                lay |= strided_orig_layout(c.stride)(qb, kb, block, T) if c.stride else c.layout(qb, kb, block, T)
             out[list(group.heads)] = lay
         return out
 
@@ -193,39 +194,47 @@ def _grid(q_start: int, n_q: int, T: int, n_head: int, device) -> tuple[torch.Te
 # ------------------------------------------------------------- block layouts
 # Each answers "can any query of block qb attend to any key of block kb?" exactly.
 
+
 def causal_layout(qb, kb, block, T):
     return kb <= qb
 
 
 def band_layout(window: int) -> LayoutFn:
     """Blocks holding some pair with 0 <= i - j < window."""
+
     def layout(qb, kb, block, T):
         min_dist = (qb - kb) * block - (block - 1)
         return (kb <= qb) & (min_dist < window)
+
     return layout
 
 
 def strided_orig_layout(stride: int) -> LayoutFn:
     """Blocks (original order) holding some pair with i - j >= 0 a multiple of ``stride``."""
+
     def layout(qb, kb, block, T):
         lo = ((qb - kb) * block - (block - 1)).clamp(min=0)
         hi = (qb - kb) * block + (block - 1)
         return (kb <= qb) & (hi // stride * stride >= lo)
+
     return layout
 
 
 def grouped_causal_layout(stride: int) -> LayoutFn:
     """In the strided order (groups of T/stride positions with the same p mod stride), causal blocks
     whose query and key blocks share a group."""
+
     def layout(qb, kb, block, T):
         group = T // stride  # T is padded to a multiple of stride
         q_lo, q_hi = qb * block // group, (qb * block + block - 1) // group
         k_lo, k_hi = kb * block // group, (kb * block + block - 1) // group
         return (kb <= qb) & (k_hi >= q_lo) & (k_lo <= q_hi)
+
     return layout
 
 
 # ------------------------------------------------- layouts derived from the rule
+
 
 def rule_block_layout(pattern: Pattern, head: int, T: int, block: int, digest=None) -> torch.Tensor:
     """Bool [nb, nb]: True where some query of the query block may attend to some key of the key block,
@@ -239,7 +248,11 @@ def rule_block_layout(pattern: Pattern, head: int, T: int, block: int, digest=No
     for q0 in range(0, nb, step):
         q1 = min(nb, q0 + step)
         queries = torch.arange(q0 * block, q1 * block).view(-1, 1)
-        ok = pattern.allowed(queries, keys, torch.tensor(head)).expand(queries.shape[0], length) & (keys < T) & (queries < T)
+        ok = (
+            pattern.allowed(queries, keys, torch.tensor(head)).expand(queries.shape[0], length)
+            & (keys < T)
+            & (queries < T)
+        )
         if digest is not None:
             digest.update(np.packbits(ok.numpy()).tobytes())
         out[q0:q1] = ok.reshape(q1 - q0, block, nb, block).any(3).any(1)
@@ -256,15 +269,18 @@ def derived_head_groups(pattern: Pattern, n_head: int, T: int, block: int = KERN
         digest = hashlib.sha256()
         lay = rule_block_layout(pattern, h, T, block, digest)
         groups.setdefault(digest.digest(), ([], lay))[0].append(h)
-    return [HeadGroup(tuple(heads), (Component(_fixed_layout(lay, block), block=block),))
-            for heads, lay in groups.values()]
+    return [
+        HeadGroup(tuple(heads), (Component(_fixed_layout(lay, block), block=block),)) for heads, lay in groups.values()
+    ]
 
 
 def _fixed_layout(lay: torch.Tensor, derived_block: int) -> LayoutFn:
     """A LayoutFn reading a precomputed block layout (valid for the block size it was derived with)."""
+
     def layout(qb, kb, block, T):
         if block != derived_block:  # plans always ask with the component's own block
             raise ValueError(f"layout derived for block {derived_block}, asked for {block}")
         nb = lay.shape[0]
         return lay[qb.clamp(max=nb - 1), kb.clamp(max=nb - 1)] & (qb < nb) & (kb < nb)
+
     return layout

@@ -1,9 +1,9 @@
 """``dense``: full causal attention, every key j <= i.
 
-    x...
-    xx..
-    xxx.
-    xxxx
+x...
+xx..
+xxx.
+xxxx
 """
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
 """``fixed``: Child et al.'s fixed attention with openai/sparse_attention's summary columns.
 
-    fixed(local_attn_ctx=4, blocksize=1, vertsize=1), N=12
-    x...........
-    xx..........
-    xxx.........
-    xxxx........
-    ...xx.......
-    ...xxx......
-    ...xxxx.....
-    ...xxxxx....
-    ...x...xx...
-    ...x...xxx..
-    ...x...xxxx.
-    ...x...xxxxx
+fixed(local_attn_ctx=4, blocksize=1, vertsize=1), N=12
+x...........
+xx..........
+xxx.........
+xxxx........
+...xx.......
+...xxx......
+...xxxx.....
+...xxxxx....
+...x...xx...
+...x...xxx..
+...x...xxxx.
+...x...xxxxx
 """
 
 from __future__ import annotations
@@ -50,20 +50,28 @@ class Fixed(Pattern):
         p = cls(**params)
         l, b = p.local_attn_ctx, p.blocksize  # noqa: E741
         if l % b:
-            raise ConfigError(f"attention.blocksize={b} must divide attention.local_attn_ctx={l} (chunks are whole blocks): "
-                              f"choose e.g. blocksize={math.gcd(l, b)}")
+            raise ConfigError(
+                f"attention.blocksize={b} must divide attention.local_attn_ctx={l} (chunks are whole blocks): "
+                f"choose e.g. blocksize={math.gcd(l, b)}"
+            )
         if p.vertsize * p.num_verts > l // b:
-            raise ConfigError(f"attention.vertsize*num_verts={p.vertsize * p.num_verts} exceeds the {l // b} blocks per chunk "
-                              f"(local_attn_ctx/blocksize): lower vertsize or num_verts")
+            raise ConfigError(
+                f"attention.vertsize*num_verts={p.vertsize * p.num_verts} exceeds the {l // b} blocks per chunk "
+                f"(local_attn_ctx/blocksize): lower vertsize or num_verts"
+            )
         if layer.n_head % p.num_verts:
-            raise ConfigError(f"attention.num_verts={p.num_verts} must divide model.n_head={layer.n_head} "
-                              f"(each summary-column set gets the same number of heads): choose a divisor of {layer.n_head}")
+            raise ConfigError(
+                f"attention.num_verts={p.num_verts} must divide model.n_head={layer.n_head} "
+                f"(each summary-column set gets the same number of heads): choose a divisor of {layer.n_head}"
+            )
         return p
 
     def check(self, context):
         if context % self.local_attn_ctx:
-            raise ConfigError(f"attention.local_attn_ctx={self.local_attn_ctx} must divide model.context={context} "
-                              f"(the context is a whole number of chunks): choose a divisor of {context}")
+            raise ConfigError(
+                f"attention.local_attn_ctx={self.local_attn_ctx} must divide model.context={context} "
+                f"(the context is a whole number of chunks): choose a divisor of {context}"
+            )
 
     def _summary_block(self, key_block: torch.Tensor, head) -> torch.Tensor:
         per_chunk = self.local_attn_ctx // self.blocksize
@@ -87,13 +95,19 @@ class Fixed(Pattern):
                 k_lo, k_hi = kb * block, kb * block + block - 1
                 same_chunk = (qb * block) // l <= k_hi // l  # the query block's first chunk reaches the key block
                 start = k_lo % l  # residues start..start+block-1 (mod l) occur in the key block
-                summary = (block >= l) | _overlaps(start, start + block - 1, first, last) \
+                summary = (
+                    (block >= l)
+                    | _overlaps(start, start + block - 1, first, last)
                     | _overlaps(start, start + block - 1, first + l, last + l)
+                )
                 return (kb <= qb) & (same_chunk | summary)
+
             return layout
 
-        return [HeadGroup(tuple(range(g, n_head, self.num_verts)), (Component(layout_for(g), block=b, q_group=per_chunk),))
-                for g in range(min(self.num_verts, n_head))]
+        return [
+            HeadGroup(tuple(range(g, n_head, self.num_verts)), (Component(layout_for(g), block=b, q_group=per_chunk),))
+            for g in range(min(self.num_verts, n_head))
+        ]
 
 
 def _overlaps(a_lo, a_hi, b_lo, b_hi):

@@ -1,9 +1,9 @@
 """``linear``: causal linear attention (no softmax), every key j <= i weighted by phi(q_i).phi(k_j).
 
-    x...
-    xx..
-    xxx.
-    xxxx
+x...
+xx..
+xxx.
+xxxx
 """
 
 from __future__ import annotations

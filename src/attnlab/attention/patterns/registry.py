@@ -29,8 +29,10 @@ def register_pattern(cls: type[Pattern]) -> type[Pattern]:
         if PATTERNS[cls.name].__qualname__ == cls.__qualname__ and PATTERNS[cls.name].__module__ == cls.__module__:
             PATTERNS[cls.name] = cls  # the same plugin file loaded again: the newer definition wins
             return cls
-        raise ConfigError(f"attention pattern {cls.name!r} is registered twice "
-                          f"({PATTERNS[cls.name].__module__} and {cls.__module__}): give the new one another name")
+        raise ConfigError(
+            f"attention pattern {cls.name!r} is registered twice "
+            f"({PATTERNS[cls.name].__module__} and {cls.__module__}): give the new one another name"
+        )
     PATTERNS[cls.name] = cls
     return cls
 
@@ -38,8 +40,10 @@ def register_pattern(cls: type[Pattern]) -> type[Pattern]:
 def get_pattern(name: str, key: str = "attention.pattern") -> type[Pattern]:
     cls = PATTERNS.get(name)
     if cls is None:
-        raise ConfigError(f"{key} names unknown pattern {name!r}: use one of {', '.join(sorted(PATTERNS))} "
-                          f"(or register your own with attention.plugins=[file.py])")
+        raise ConfigError(
+            f"{key} names unknown pattern {name!r}: use one of {', '.join(sorted(PATTERNS))} "
+            f"(or register your own with attention.plugins=[file.py])"
+        )
     return cls
 
 
@@ -80,13 +84,17 @@ def load_plugin(ref: str) -> str:
     path = Path(ref)
     if ref.endswith(".py"):
         if not path.is_file():
-            raise ConfigError(f"attention.plugins: {ref!r} not found: give a .py file path or an importable module name")
+            raise ConfigError(
+                f"attention.plugins: {ref!r} not found: give a .py file path or an importable module name"
+            )
         _LOADED[ref] = _exec_file(ref, path)
         return _LOADED[ref]
     try:
         module = importlib.import_module(ref)
     except ImportError as e:
-        raise ConfigError(f"attention.plugins: cannot import {ref!r} ({e}): give a .py file path or an importable module") from None
+        raise ConfigError(
+            f"attention.plugins: cannot import {ref!r} ({e}): give a .py file path or an importable module"
+        ) from None
     file = getattr(module, "__file__", None)
     _LOADED[ref] = hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else ""
     return _LOADED[ref]
@@ -116,7 +124,9 @@ def _exec_file(ref: str, path: Path) -> str:
         raise
     except Exception as e:  # a broken plugin: say which file and what, in one line
         del sys.modules[name]
-        raise ConfigError(f"attention.plugins: {ref!r} failed to load ({type(e).__name__}: {e}): fix the plugin file") from None
+        raise ConfigError(
+            f"attention.plugins: {ref!r} failed to load ({type(e).__name__}: {e}): fix the plugin file"
+        ) from None
     return sha
 
 
@@ -131,9 +141,20 @@ def listing() -> str:
         hints = typing.get_type_hints(cls)
         for pname, f in cls.parameters().items():
             m = f.metadata
-            allowed = ("one of " + ", ".join(map(str, m["choices"]))) if m.get("choices") else \
-                " ".join(x for x in (f">= {m['lo']}" if m.get("lo") is not None else "",
-                                     f"<= {m['hi']}" if m.get("hi") is not None else "") if x)
+            allowed = (
+                ("one of " + ", ".join(map(str, m["choices"])))
+                if m.get("choices")
+                else " ".join(
+                    x
+                    for x in (
+                        f">= {m['lo']}" if m.get("lo") is not None else "",
+                        f"<= {m['hi']}" if m.get("hi") is not None else "",
+                    )
+                    if x
+                )
+            )
             tp = getattr(hints[pname], "__name__", str(hints[pname]))
-            lines.append(f"    {pname} ({tp}, default {f.default!r}{', ' + allowed if allowed else ''}): {m.get('help', '')}")
+            lines.append(
+                f"    {pname} ({tp}, default {f.default!r}{', ' + allowed if allowed else ''}): {m.get('help', '')}"
+            )
     return "\n".join(lines)

@@ -46,8 +46,11 @@ class Strided(Pattern):
     cache: ClassVar[str] = "strided"
     translation_invariant: ClassVar[bool] = True
     local_attn_ctx: int = param(128, lo=1, help="the stride l (the Sparse Transformer's local_attn_ctx)")
-    strided_mode: str = param("split", choices=["split", "interleave", "union"],
-                              help="local and strided parts across heads, across layers, or in each head")
+    strided_mode: str = param(
+        "split",
+        choices=["split", "interleave", "union"],
+        help="local and strided parts across heads, across layers, or in each head",
+    )
     n_head: int = field(default=1)  # split: the first n_head // 2 heads are local
     part: str = field(default="both")  # interleave: "local" or "stride" for this layer
 
@@ -55,15 +58,19 @@ class Strided(Pattern):
     def create(cls, params, layer: LayerContext):
         mode = params.get("strided_mode", "split")
         if mode == "split" and layer.n_head % 2:
-            raise ConfigError(f"attention.strided_mode=split gives half the heads to each part, but model.n_head={layer.n_head} "
-                              f"is odd: use an even n_head or strided_mode=union")
+            raise ConfigError(
+                f"attention.strided_mode=split gives half the heads to each part, but model.n_head={layer.n_head} "
+                f"is odd: use an even n_head or strided_mode=union"
+            )
         part = ("local" if layer.layer_idx % 2 == 0 else "stride") if mode == "interleave" else "both"
         return cls(**params, n_head=layer.n_head, part=part)
 
     def check(self, context):
         if context % self.local_attn_ctx:
-            raise ConfigError(f"attention.local_attn_ctx={self.local_attn_ctx} must divide model.context={context} "
-                              f"(the context is a whole number of strides): choose a divisor of {context}")
+            raise ConfigError(
+                f"attention.local_attn_ctx={self.local_attn_ctx} must divide model.context={context} "
+                f"(the context is a whole number of strides): choose a divisor of {context}"
+            )
 
     @property
     def mode(self) -> str:
@@ -86,7 +93,9 @@ class Strided(Pattern):
         if self.mode == "union":  # disjoint pieces: the window, and the strided keys beyond it
             near = lambda q, k: q - k < l  # noqa: E731
             far = lambda q, k: q - k >= l  # noqa: E731
-            return [HeadGroup(everyone, (dataclasses.replace(local, select=near), dataclasses.replace(stride, select=far)))]
+            return [
+                HeadGroup(everyone, (dataclasses.replace(local, select=near), dataclasses.replace(stride, select=far)))
+            ]
         if self.mode == "interleave":
             return [HeadGroup(everyone, (local if self.part == "local" else stride,))]
         half = n_head // 2

@@ -34,8 +34,9 @@ def _check_top_k(k: int) -> None:
 
 def _check_repetition_penalty(penalty: float) -> None:
     if not penalty > 0:
-        raise ConfigError(f"repetition_penalty={penalty} must be > 0 (1.0 disables it): "
-                          "use e.g. repetition_penalty=1.2")
+        raise ConfigError(
+            f"repetition_penalty={penalty} must be > 0 (1.0 disables it): use e.g. repetition_penalty=1.2"
+        )
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ class SamplingConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first bad value and a fix."""
         if not (0 <= self.temperature < math.inf):
-            raise ConfigError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy): "
-                              "use e.g. temperature=0.8")
+            raise ConfigError(
+                f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy): use e.g. temperature=0.8"
+            )
         if self.top_k is not None:
             _check_top_k(self.top_k)
         if self.top_p is not None:
@@ -159,8 +161,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def process_logits(logits: torch.Tensor, cfg: SamplingConfig,
-                   previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, cfg: SamplingConfig, previous_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
     """The float32 logits ``next_token`` draws from, in HF's order.
 
     1. repetition penalty on the raw logits (needs ``previous_tokens``);
@@ -185,8 +188,12 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig,
     return logits
 
 
-def next_token(logits: torch.Tensor, cfg: SamplingConfig, previous_tokens: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    previous_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Choose one token per row of logits [B, V]; returns [B, 1] long on the logits' device.
 
     Order (as in HF transformers): repetition penalty on the raw logits over
@@ -231,7 +238,7 @@ class StopStrings:
         if not self._found(generated):
             return None
         n = len(generated)
-        while n > 1 and self._found(generated[:n - 1]):
+        while n > 1 and self._found(generated[: n - 1]):
             n -= 1
         return n
 

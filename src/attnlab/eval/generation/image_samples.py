@@ -37,8 +37,18 @@ Shape = tuple[int, int, int]
 
 # ------------------------------------------------------------------ sampling
 
-def sample_images(model, n: int, shape: Shape, *, sampling: SamplingConfig | None = None, seed: int = 0,
-                  batch_size: int = 16, device: torch.device | str = "cpu", progress: bool = True) -> np.ndarray:
+
+def sample_images(
+    model,
+    n: int,
+    shape: Shape,
+    *,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """``n`` unconditional samples, uint8 [n, H, W, C] for ``shape`` = (H, W, C).
 
     The model must already be on ``device``; see the module docstring for what ``seed`` reproduces.
@@ -49,9 +59,17 @@ def sample_images(model, n: int, shape: Shape, *, sampling: SamplingConfig | Non
     return _sample(model, prefixes, tuple(shape), sampling, seed, batch_size, device, progress)
 
 
-def complete_images(model, images: np.ndarray, *, keep_rows: int | None = None, sampling: SamplingConfig | None = None,
-                    seed: int = 0, batch_size: int = 16, device: torch.device | str = "cpu",
-                    progress: bool = True) -> np.ndarray:
+def complete_images(
+    model,
+    images: np.ndarray,
+    *,
+    keep_rows: int | None = None,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """Keep the top ``keep_rows`` rows (default H // 2) of each image [K, H, W, C] and sample the rest, as in Image GPT.
 
     The kept rows are the first keep_rows*W*C bytes of each sequence, so they are
@@ -60,12 +78,20 @@ def complete_images(model, images: np.ndarray, *, keep_rows: int | None = None, 
     images = _as_images(images)
     _, h, w, c = images.shape
     keep_rows = _keep_rows(keep_rows, h)
-    prefixes = to_sequence(images)[:, :keep_rows * w * c]
+    prefixes = to_sequence(images)[:, : keep_rows * w * c]
     return _sample(model, prefixes, (h, w, c), sampling, seed, batch_size, device, progress)
 
 
-def _sample(model, prefixes: np.ndarray, shape: Shape, sampling: SamplingConfig | None, seed: int,
-            batch_size: int, device: torch.device | str, progress: bool) -> np.ndarray:
+def _sample(
+    model,
+    prefixes: np.ndarray,
+    shape: Shape,
+    sampling: SamplingConfig | None,
+    seed: int,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool,
+) -> np.ndarray:
     """Extend [SOS] + each prefix [K, P] to a whole image, ``batch_size`` sequences at a time."""
     n_bytes = _check_model(model, shape)
     if batch_size < 1:
@@ -75,10 +101,11 @@ def _sample(model, prefixes: np.ndarray, shape: Shape, sampling: SamplingConfig 
     out = []
     with tqdm(total=len(prefixes), desc="images", unit="img", disable=not progress) as bar:
         for start in range(0, len(prefixes), batch_size):
-            prefix = torch.from_numpy(prefixes[start:start + batch_size].astype(np.int64)).to(device)
+            prefix = torch.from_numpy(prefixes[start : start + batch_size].astype(np.int64)).to(device)
             prompt = torch.cat([torch.full((len(prefix), 1), SOS, device=device), prefix], dim=1)
-            seq = generate(model, prompt, n_new, sampling=sampling, generator=generator, banned_ids=(SOS,),
-                           progress=progress)
+            seq = generate(
+                model, prompt, n_new, sampling=sampling, generator=generator, banned_ids=(SOS,), progress=progress
+            )
             out.append(seq[:, 1:].cpu().numpy().astype(np.uint8))
             bar.update(len(prefix))
     return from_sequence(np.concatenate(out), *shape)
@@ -88,12 +115,16 @@ def _check_model(model, shape: Shape) -> int:
     """Bytes per image; refuses a model that does not follow the SOS convention for this shape."""
     n_bytes = math.prod(shape)
     if model.vocab_size != IMAGE_VOCAB:
-        raise ConfigError(f"the model has vocabulary {model.vocab_size}, not {IMAGE_VOCAB} (bytes + start-of-image): "
-                          "sample from a model trained on an image dataset")
+        raise ConfigError(
+            f"the model has vocabulary {model.vocab_size}, not {IMAGE_VOCAB} (bytes + start-of-image): "
+            "sample from a model trained on an image dataset"
+        )
     if model.context != n_bytes:
         h, w, c = shape
-        raise ConfigError(f"the model's context {model.context} is not one {h}x{w}x{c} image ({n_bytes} bytes): "
-                          "pass the shape of the images it was trained on")
+        raise ConfigError(
+            f"the model's context {model.context} is not one {h}x{w}x{c} image ({n_bytes} bytes): "
+            "pass the shape of the images it was trained on"
+        )
     return n_bytes
 
 
@@ -118,13 +149,15 @@ def _as_images(images: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ grids
 
+
 def default_scale(width: int) -> int:
     """Integer zoom that makes small images (8x8 digits) about 64 pixels wide when saved."""
     return max(1, 64 // width)
 
 
-def image_grid(images: np.ndarray, ncol: int | None = None, scale: int = 1, pad: int = 1,
-               pad_value: int = 255) -> np.ndarray:
+def image_grid(
+    images: np.ndarray, ncol: int | None = None, scale: int = 1, pad: int = 1, pad_value: int = 255
+) -> np.ndarray:
     """Images [N, H, W, C] (C = 1 or 3) tiled row by row into one RGB uint8 picture [Hg, Wg, 3].
 
     Exact pixels: each image is zoomed by repeating pixels ``scale`` times and
@@ -146,12 +179,13 @@ def image_grid(images: np.ndarray, ncol: int | None = None, scale: int = 1, pad:
     grid = np.full((rows * cell_h + pad, ncol * cell_w + pad, 3), pad_value, dtype=np.uint8)
     for i, image in enumerate(zoomed):
         top, left = pad + (i // ncol) * cell_h, pad + (i % ncol) * cell_w
-        grid[top:top + h * scale, left:left + w * scale] = image
+        grid[top : top + h * scale, left : left + w * scale] = image
     return grid
 
 
-def completion_grid(originals: np.ndarray, completions: np.ndarray, keep_rows: int | None = None,
-                    scale: int = 1, pad: int = 1) -> np.ndarray:
+def completion_grid(
+    originals: np.ndarray, completions: np.ndarray, keep_rows: int | None = None, scale: int = 1, pad: int = 1
+) -> np.ndarray:
     """One row per image, original | completion, with red ticks in the padding beside the first sampled row.
 
     The ticks (only when pad > 0 and 0 < keep_rows < H) leave every image pixel as it is.
@@ -167,7 +201,7 @@ def completion_grid(originals: np.ndarray, completions: np.ndarray, keep_rows: i
         cell_w = originals.shape[2] * scale + pad
         ticks = pad + np.arange(n) * (h * scale + pad) + keep_rows * scale
         for left in range(0, grid.shape[1], cell_w):  # the three vertical padding strips
-            grid[ticks, left:left + pad] = MARKER
+            grid[ticks, left : left + pad] = MARKER
     return grid
 
 
@@ -177,8 +211,14 @@ def save_grid(images: np.ndarray, path: str | PathLike, **grid_kw) -> Path:
     return _save_png(image_grid(images, **grid_kw), path)
 
 
-def save_completion_grid(originals: np.ndarray, completions: np.ndarray, path: str | PathLike,
-                         keep_rows: int | None = None, scale: int | None = None, pad: int = 1) -> Path:
+def save_completion_grid(
+    originals: np.ndarray,
+    completions: np.ndarray,
+    path: str | PathLike,
+    keep_rows: int | None = None,
+    scale: int | None = None,
+    pad: int = 1,
+) -> Path:
     """Write ``completion_grid`` as a PNG (scale defaults to ``default_scale``); returns the path."""
     scale = default_scale(np.shape(originals)[2]) if scale is None else scale
     return _save_png(completion_grid(originals, completions, keep_rows, scale, pad), path)

@@ -11,7 +11,7 @@ a seed reproduces a sample exactly.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -24,10 +24,20 @@ StopTest = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, sampling: SamplingConfig | None = None,
-             generator: torch.Generator | None = None, stop_id: int | None = None, stop: StopTest | None = None,
-             use_cache: bool = True, on_token: Callable[[torch.Tensor], None] | None = None,
-             progress: bool = False, banned_ids: Sequence[int] = ()) -> torch.Tensor:
+def generate(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    stop_id: int | None = None,
+    stop: StopTest | None = None,
+    use_cache: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    progress: bool = False,
+    banned_ids: Sequence[int] = (),
+) -> torch.Tensor:
     """Extend ``prompt`` [B, T] by up to ``max_new_tokens`` tokens; returns [B, T + n].
 
     A row that produced ``stop_id`` (or that ``stop`` reports) is finished: it is
@@ -68,9 +78,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, sampling: Samp
 def _check_finite(logits: torch.Tensor) -> None:
     """Sampling from NaN/inf logits would crash deep in torch.multinomial: say what it means instead."""
     if not bool(torch.isfinite(logits).all()):
-        raise CheckpointError("the model's predictions are not finite (NaN or infinite logits): its weights come from a "
-                              "run that diverged; sample an earlier checkpoint (--checkpoint) or retrain with a lower "
-                              "optim.lr")
+        raise CheckpointError(
+            "the model's predictions are not finite (NaN or infinite logits): its weights come from a "
+            "run that diverged; sample an earlier checkpoint (--checkpoint) or retrain with a lower "
+            "optim.lr"
+        )
 
 
 class _Decoder:
@@ -85,10 +97,10 @@ class _Decoder:
         if self.cache is None:
             return self._recompute(self.prompt)
         streams = self.model.can_stream(self.cache)
-        head = self.prompt[:, :self.context] if streams else self.prompt[:, -self.context:]
+        head = self.prompt[:, : self.context] if streams else self.prompt[:, -self.context :]
         logits = self.model(head, cache=self.cache, last_only=True)[:, -1].float()
         for t in range(head.size(1), self.prompt.size(1) if streams else 0):
-            logits = self.model(self.prompt[:, t:t + 1], cache=self.cache, last_only=True)[:, -1].float()
+            logits = self.model(self.prompt[:, t : t + 1], cache=self.cache, last_only=True)[:, -1].float()
         return logits
 
     def next(self, idx: torch.Tensor) -> torch.Tensor:
@@ -98,7 +110,7 @@ class _Decoder:
         return self._recompute(idx)
 
     def _recompute(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.model(idx[:, -self.context:], last_only=True)[:, -1].float()
+        return self.model(idx[:, -self.context :], last_only=True)[:, -1].float()
 
 
 class TextStreamer:
@@ -115,10 +127,21 @@ class TextStreamer:
             self.pending = []
 
 
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, num_samples: int = 1,
-                sampling: SamplingConfig | None = None, seed: int = 0, stops: list[str] = (),
-                stop_at_eos: bool = True, use_cache: bool = True, stream: Callable[[str], None] | None = None,
-                device: torch.device | str = "cpu") -> tuple[list[str], int]:
+def sample_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    num_samples: int = 1,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    stops: list[str] = (),
+    stop_at_eos: bool = True,
+    use_cache: bool = True,
+    stream: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[list[str], int]:
     """``num_samples`` continuations of ``prompt`` (batched), each cut at the end of its document or a stop string.
 
     Returns the texts (prompt included) and the number of decoding steps taken.
@@ -128,14 +151,24 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, *, num_sampl
     stopper = StopStrings(stops, tokenizer.decode) if stops else None
     stop = None
     if stopper is not None:
-        stop = lambda idx: torch.tensor([stopper.check(row, len(ids)) is not None for row in idx.tolist()], device=idx.device)
-    out = generate(model, x, max_new_tokens, sampling=sampling, generator=torch.Generator().manual_seed(seed),
-                   stop_id=tokenizer.eos_id if stop_at_eos else None, stop=stop, use_cache=use_cache,
-                   on_token=None if stream is None else TextStreamer(tokenizer.decode, stream))
+        stop = lambda idx: torch.tensor(
+            [stopper.check(row, len(ids)) is not None for row in idx.tolist()], device=idx.device
+        )
+    out = generate(
+        model,
+        x,
+        max_new_tokens,
+        sampling=sampling,
+        generator=torch.Generator().manual_seed(seed),
+        stop_id=tokenizer.eos_id if stop_at_eos else None,
+        stop=stop,
+        use_cache=use_cache,
+        on_token=None if stream is None else TextStreamer(tokenizer.decode, stream),
+    )
     texts = []
-    for row in out[:, len(ids):].tolist():
+    for row in out[:, len(ids) :].tolist():
         if stop_at_eos and tokenizer.eos_id in row:
-            row = row[:row.index(tokenizer.eos_id)]
+            row = row[: row.index(tokenizer.eos_id)]
         text = tokenizer.decode(row)
         texts.append(prompt + (stopper.trim(text) if stopper else text))
     return texts, out.size(1) - len(ids)

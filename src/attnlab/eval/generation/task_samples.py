@@ -17,7 +17,9 @@ def pick_problems(task, n: int, seed: int, prompt: str = ""):
     if prompt:
         m = PROBLEM.match(prompt)
         if not m or m.group(2) != task.symbol:
-            raise UserError(f"--prompt {prompt!r} is not a {task.name} problem: write it as A{task.symbol}B, e.g. 123{task.symbol}45")
+            raise UserError(
+                f"--prompt {prompt!r} is not a {task.name} problem: write it as A{task.symbol}B, e.g. 123{task.symbol}45"
+            )
         return [task.problem(int(m.group(1)), int(m.group(3)))]
     held = task.held_out()
     order = np.random.default_rng(seed).permutation(len(held))[:n]

@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -56,8 +56,13 @@ LayerCallback = Callable[[LayerAttention], None]
 
 
 @contextlib.contextmanager
-def capture_attention(model, keep: Iterable[int] | None = None, *, on_layer: LayerCallback | None = None,
-                      chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[dict[int, torch.Tensor]]:
+def capture_attention(
+    model,
+    keep: Iterable[int] | None = None,
+    *,
+    on_layer: LayerCallback | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Iterator[dict[int, torch.Tensor]]:
     """Route every layer of ``model`` (a GPT) through the reference path while the block runs.
 
     Yields a dict filled by each forward: layer -> weights [B, H, Tq, Tk] (fp32, on CPU) for the layers in
@@ -82,17 +87,20 @@ def capture_attention(model, keep: Iterable[int] | None = None, *, on_layer: Lay
             del core.forward
 
 
-def _reference_forward(core, layer: int, keep: bool, captured: dict, on_layer: LayerCallback | None,
-                       chunk_elements: int):
+def _reference_forward(
+    core, layer: int, keep: bool, captured: dict, on_layer: LayerCallback | None, chunk_elements: int
+):
     def forward(q, k, v):
         if core.training and core.dropout > 0:
-            raise ValueError("capture_attention needs the model in eval mode (model.eval()): the reference path applies no dropout")
+            raise ValueError(
+                "capture_attention needs the model in eval mode (model.eval()): the reference path applies no dropout"
+            )
         B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         k, v = expand_kv(k, H), expand_kv(v, H)  # shared key/value heads (grouped-query): one per query head
         rows = max(1, chunk_elements // max(1, B * H * Tk))
         outs, kept = [], []
         for s in range(0, Tq, rows):
-            qc = q[:, :, s:s + rows]
+            qc = q[:, :, s : s + rows]
             w = reference_weights(qc, k, core.pattern, q_start=Tk - Tq + s, modifier=core.modifier)
             outs.append((w @ v.to(w.dtype)).to(v.dtype))
             if on_layer is not None:
@@ -102,6 +110,7 @@ def _reference_forward(core, layer: int, keep: bool, captured: dict, on_layer: L
         if keep:
             captured[layer] = torch.cat(kept, dim=2)
         return torch.cat(outs, dim=2)
+
     return forward
 
 
@@ -120,6 +129,7 @@ def model_weights(model, x: torch.Tensor, layers: list[int]) -> dict[int, torch.
 
 # ------------------------------------------------------------------ selections and inputs
 
+
 def parse_selection(spec: str | None, n: int, what: str) -> list[int]:
     """``None``/``all`` -> 0..n-1; ``"0,2"`` or ``"1-3"`` -> those indices, each checked against [0, n)."""
     if spec is None or spec.strip().lower() == "all":
@@ -130,19 +140,21 @@ def parse_selection(spec: str | None, n: int, what: str) -> list[int]:
             lo, _, hi = part.partition("-")
             out += range(int(lo), int(hi) + 1) if hi else [int(lo)]
     except ValueError:
-        raise UserError(f"--{what} {spec!r} is not a list of indices: write e.g. --{what} 0,2 or --{what} 0-3 or all") from None
+        raise UserError(
+            f"--{what} {spec!r} is not a list of indices: write e.g. --{what} 0,2 or --{what} 0-3 or all"
+        ) from None
     bad = [i for i in out if not 0 <= i < n]
     if bad or not out:
-        raise UserError(f"--{what} {bad[0] if bad else spec!r} is outside [0, {n}) (the model has {n} {what}): "
-                        f"pick indices below {n}")
+        raise UserError(
+            f"--{what} {bad[0] if bad else spec!r} is outside [0, {n}) (the model has {n} {what}): "
+            f"pick indices below {n}"
+        )
     return sorted(set(out))
-
-
 
 
 def image_input(tokens: np.ndarray, index: int, n_bytes: int, sos: int) -> torch.Tensor:
     """The model input of image ``index`` as scored: [SOS, byte 0, ..., byte n-2] (position p predicts byte p)."""
-    image = np.asarray(tokens[index * n_bytes:(index + 1) * n_bytes], dtype=np.int64)
+    image = np.asarray(tokens[index * n_bytes : (index + 1) * n_bytes], dtype=np.int64)
     return torch.from_numpy(np.concatenate([[sos], image[:-1]]))[None]
 
 
@@ -161,7 +173,7 @@ def image_query_map(weights_row: np.ndarray, shape: tuple[int, int, int]) -> tup
     H, W, C = shape
     per_byte = np.zeros(H * W * C, dtype=np.float64)
     n = min(len(weights_row) - 1, H * W * C)
-    per_byte[:n] = weights_row[1:n + 1]
+    per_byte[:n] = weights_row[1 : n + 1]
     return per_byte.reshape(H, W, C).sum(-1), float(weights_row[0])
 
 
@@ -183,6 +195,7 @@ def parse_pixel(spec: str | None, shape: tuple[int, int, int]) -> tuple[int, int
 
 
 # ------------------------------------------------------------------ pictures
+
 
 def _figure(n_panels: int, size: float, max_cols: int = 4):
     from matplotlib.figure import Figure  # no pyplot: no global state
@@ -208,9 +221,13 @@ def draw_text_maps(weights: np.ndarray, heads: list[int], labels: list[str], pat
     fig, axes = _figure(len(heads), size, max_cols=4 if len(ticks) <= 24 else 2)
     font = 7
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")  # grey: weight exactly 0 (outside the pattern)
-    shown = [labels[i] if step == 1 else f"{i} {labels[i]}" for i in ticks]  # positions, when some tokens are unlabelled
+    shown = [
+        labels[i] if step == 1 else f"{i} {labels[i]}" for i in ticks
+    ]  # positions, when some tokens are unlabelled
     for ax, h, w in zip(axes, heads, weights):
-        im = ax.imshow(np.ma.masked_equal(w, 0.0), cmap=cmap, norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
+        im = ax.imshow(
+            np.ma.masked_equal(w, 0.0), cmap=cmap, norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest"
+        )
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xticks(ticks, shown, rotation=90, fontsize=font)
         ax.set_yticks(ticks, shown, fontsize=font)
@@ -222,8 +239,9 @@ def draw_text_maps(weights: np.ndarray, heads: list[int], labels: list[str], pat
     return fig
 
 
-def draw_image_maps(image: np.ndarray, maps: list[tuple[int, np.ndarray, float]], pixel: tuple[int, int, int],
-                    path: Path, title: str):
+def draw_image_maps(
+    image: np.ndarray, maps: list[tuple[int, np.ndarray, float]], pixel: tuple[int, int, int], path: Path, title: str
+):
     """The image, then per head the query pixel's attention (summed over channels) over the image."""
     shown = image[..., 0] if image.shape[-1] == 1 else image
     cmap = "gray" if image.shape[-1] == 1 else None
@@ -238,8 +256,11 @@ def draw_image_maps(image: np.ndarray, maps: list[tuple[int, np.ndarray, float]]
         ax.plot([pixel[1]], [pixel[0]], marker="s", ms=6, mfc="none", mec="cyan", mew=1.5)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title + "\nbright: the weight on each pixel's bytes (summed over channels, each panel scaled "
-                 "to its maximum); cyan: the query pixel", fontsize=9)
+    fig.suptitle(
+        title + "\nbright: the weight on each pixel's bytes (summed over channels, each panel scaled "
+        "to its maximum); cyan: the query pixel",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=110)
     return fig
 
@@ -247,10 +268,18 @@ def draw_image_maps(image: np.ndarray, maps: list[tuple[int, np.ndarray, float]]
 # ------------------------------------------------------------------ attnlab viz attention
 
 
-
-def write_attention_maps(run, out: str | Path, *, text: str | None = None, image: int | None = None,
-                         split: str = "val", pixel: str | None = None, layers: str | None = None,
-                         heads: str | None = None, force: bool = False) -> dict:
+def write_attention_maps(
+    run,
+    out: str | Path,
+    *,
+    text: str | None = None,
+    image: int | None = None,
+    split: str = "val",
+    pixel: str | None = None,
+    layers: str | None = None,
+    heads: str | None = None,
+    force: bool = False,
+) -> dict:
     """``attnlab viz attention``: per chosen layer a PNG, and ``weights.npy`` [layers, heads, T, T]; returns a description."""
     is_image = run.dataset.kind == "image"
     _check_source(run, text, image, is_image)
@@ -262,16 +291,25 @@ def write_attention_maps(run, out: str | Path, *, text: str | None = None, image
     out.mkdir(parents=True, exist_ok=True)
     weights = model_weights(run.model, x.to(run.device), layer_ids)
     T = x.shape[1]
-    raw = np.lib.format.open_memmap(out / "weights.npy", mode="w+", dtype=np.float32,
-                                    shape=(len(layer_ids), len(head_ids), T, T))
+    raw = np.lib.format.open_memmap(
+        out / "weights.npy", mode="w+", dtype=np.float32, shape=(len(layer_ids), len(head_ids), T, T)
+    )
     pngs = []
     for n, layer in enumerate(layer_ids):
         raw[n] = w = weights.pop(layer)[0, head_ids].numpy()  # freed layer by layer
         pngs.append(str(_draw_layer(run, out, layer, w, head_ids, info, picture)))
     raw.flush()
     del raw
-    desc = {"out": str(out), "pngs": pngs, "weights": str(out / "weights.npy"), "shape": [len(layer_ids), len(head_ids), T, T],
-            "layers": layer_ids, "heads": head_ids, "tokens": T, **info}
+    desc = {
+        "out": str(out),
+        "pngs": pngs,
+        "weights": str(out / "weights.npy"),
+        "shape": [len(layer_ids), len(head_ids), T, T],
+        "layers": layer_ids,
+        "heads": head_ids,
+        "tokens": T,
+        **info,
+    }
     (out / "attention.json").write_text(json.dumps(desc, indent=2, ensure_ascii=False), encoding="utf-8")
     return desc
 
@@ -283,7 +321,9 @@ def _draw_layer(run, out: Path, layer: int, w: np.ndarray, head_ids: list[int], 
         draw_text_maps(w, head_ids, info["labels"], path, title)
     else:
         maps = [(h, *image_query_map(w[i, info["query"]], info["image_shape"])) for i, h in enumerate(head_ids)]
-        draw_image_maps(picture, maps, info["pixel"], path, title + f", query pixel {info['pixel']} (row, col, channel)")
+        draw_image_maps(
+            picture, maps, info["pixel"], path, title + f", query pixel {info['pixel']} (row, col, channel)"
+        )
     return path
 
 
@@ -293,9 +333,9 @@ def _check_source(run, text, image, is_image: bool) -> None:
     if is_image and text is not None:
         raise UserError(f"{run.dir} models images: use --image K (image K of the split) instead of --text")
     if not is_image and image is not None:
-        raise UserError(f"{run.dir} models text: use --text \"...\" instead of --image")
+        raise UserError(f'{run.dir} models text: use --text "..." instead of --image')
     if text is None and image is None:
-        raise UserError("nothing to look at: pass --text \"...\" for a text run or --image K for an image run")
+        raise UserError('nothing to look at: pass --text "..." for a text run or --image K for an image run')
 
 
 def _text_source(run, text: str) -> tuple[torch.Tensor, dict, None]:
@@ -308,6 +348,7 @@ def _image_source(run, index: int, split: str, pixel: str | None) -> tuple[torch
     """Image ``index`` of ``split`` as the model reads it, the query that predicts the chosen pixel, and its pixels."""
     from ...data.image_format import SOS
     from ...data.store import read_images
+
     splits = run.dataset.meta["splits"]
     if split not in splits:
         raise UserError(f"--split {split!r} is not in {run.dataset.dir}: use one of {', '.join(splits)}")
@@ -316,7 +357,15 @@ def _image_source(run, index: int, split: str, pixel: str | None) -> tuple[torch
     tokens = run.dataset.tokens(split)
     n_images = len(tokens) // n_bytes
     if not 0 <= index < n_images:
-        raise UserError(f"--image {index} is outside [0, {n_images}) (the {split} split has {n_images} images): pick a smaller index")
+        raise UserError(
+            f"--image {index} is outside [0, {n_images}) (the {split} split has {n_images} images): pick a smaller index"
+        )
     px = parse_pixel(pixel, shape)
-    info = {"split": split, "image": index, "image_shape": list(shape), "pixel": list(px), "query": pixel_query(px, shape)}
+    info = {
+        "split": split,
+        "image": index,
+        "image_shape": list(shape),
+        "pixel": list(px),
+        "query": pixel_query(px, shape),
+    }
     return image_input(tokens, index, n_bytes, SOS), info, read_images(run.dataset, split)[index]

@@ -26,8 +26,14 @@ from .attention_maps import LayerAttention, capture_attention
 WEIGHT_STATS = ("entropy", "first_token_mass", "distance")
 NORM_STATS = ("q_norm", "k_norm", "v_norm")
 STATS = WEIGHT_STATS + NORM_STATS
-UNITS = {"entropy": "nats", "first_token_mass": "weight on position 0", "distance": "tokens back",
-         "q_norm": "L2 norm", "k_norm": "L2 norm", "v_norm": "L2 norm"}
+UNITS = {
+    "entropy": "nats",
+    "first_token_mass": "weight on position 0",
+    "distance": "tokens back",
+    "q_norm": "L2 norm",
+    "k_norm": "L2 norm",
+    "v_norm": "L2 norm",
+}
 
 
 def weight_sums(weights: torch.Tensor, q_start: int) -> dict[str, torch.Tensor]:
@@ -88,7 +94,9 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch
 
 
 @torch.no_grad()
-def model_attention_stats(model, x: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> dict[str, list[list[float]]]:
+def model_attention_stats(
+    model, x: torch.Tensor, autocast_dtype: torch.dtype | None = None
+) -> dict[str, list[list[float]]]:
     """Run ``model`` on ids ``x`` [B, T] in eval mode through the reference path; stat -> [layer][head] means."""
     from ..metrics.scoring import _scoring
 
@@ -100,21 +108,30 @@ def model_attention_stats(model, x: torch.Tensor, autocast_dtype: torch.dtype | 
 
 # ------------------------------------------------------------------ during training
 
+
 def stats_batch(tokens: np.ndarray, context: int, n: int, *, image: bool, sos: int | None = None) -> torch.Tensor:
     """The fixed validation batch: text, the first ``n`` windows of ``context`` tokens (one shorter window if the
     split is shorter); images, the first ``n`` images each read from its start token."""
     if image:
         n = min(n, len(tokens) // context)
-        y = np.asarray(tokens[:n * context], dtype=np.int64).reshape(n, context)
+        y = np.asarray(tokens[: n * context], dtype=np.int64).reshape(n, context)
         return torch.from_numpy(np.concatenate([np.full((n, 1), sos), y[:, :-1]], axis=1))
     if len(tokens) < context:
         return torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
     n = min(n, len(tokens) // context)
-    return torch.from_numpy(np.asarray(tokens[:n * context], dtype=np.int64).reshape(n, context))
+    return torch.from_numpy(np.asarray(tokens[: n * context], dtype=np.int64).reshape(n, context))
 
 
-def attention_stats_event(model, val_tokens: np.ndarray, n: int, *, context: int, image: bool, device: torch.device,
-                          autocast_dtype: torch.dtype | None = None) -> dict:
+def attention_stats_event(
+    model,
+    val_tokens: np.ndarray,
+    n: int,
+    *,
+    context: int,
+    image: bool,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
     """The fields of one ``attention_stats`` event: ``model`` on the first ``n`` validation sequences
     (``stats_batch``); sequences, tokens, then stat -> [layer][head] means."""
     x = stats_batch(val_tokens, context, n, image=image, sos=SOS)
@@ -123,6 +140,7 @@ def attention_stats_event(model, val_tokens: np.ndarray, n: int, *, context: int
 
 
 # ------------------------------------------------------------------ attnlab viz stats
+
 
 def plot_attention_stats(run_dir: str | Path, out: str | Path, force: bool = False) -> dict:
     """One panel per statistic against step: per layer its mean over heads (thick) and each head (thin)."""
@@ -135,8 +153,10 @@ def plot_attention_stats(run_dir: str | Path, out: str | Path, force: bool = Fal
         raise UserError(f"{run_dir} is not a run directory (no events.jsonl): pass a folder created by `attnlab train`")
     events = _by_step(read_events(run_dir, "attention_stats"))
     if not events:
-        raise UserError(f"{run_dir} has no attention_stats events: train with logging.attention_stats=N "
-                        f"(N validation sequences, e.g. 4; 0 turns them off) and an evaluation schedule (train.eval_every)")
+        raise UserError(
+            f"{run_dir} has no attention_stats events: train with logging.attention_stats=N "
+            f"(N validation sequences, e.g. 4; 0 turns them off) and an evaluation schedule (train.eval_every)"
+        )
     if out.exists() and not force:
         raise UserError(f"{out} already exists: choose another --out or pass --force to replace it")
     steps = [e["step"] for e in events]
@@ -155,8 +175,11 @@ def plot_attention_stats(run_dir: str | Path, out: str | Path, force: bool = Fal
         ax.set_ylabel(UNITS[name], fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title="mean over heads\n(thin: each head)", title_fontsize=7)
-    fig.suptitle(f"{run_dir.name}: attention statistics over {events[0]['sequences']} validation sequences "
-                 f"of {events[0]['tokens']} tokens", fontsize=11)
+    fig.suptitle(
+        f"{run_dir.name}: attention statistics over {events[0]['sequences']} validation sequences "
+        f"of {events[0]['tokens']} tokens",
+        fontsize=11,
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

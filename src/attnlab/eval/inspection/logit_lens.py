@@ -102,11 +102,6 @@ def read_out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- labels and table
 
 
-
-
-
-
-
 def lens_rows(result: LensResult, tokenizer, k: int) -> list[dict]:
     """One row per (position, layer): ids, token texts, top-k with probabilities, p(true next); ordered by position."""
     vocab = result.log_probs.shape[-1]
@@ -123,12 +118,19 @@ def lens_rows(result: LensResult, tokenizer, k: int) -> list[dict]:
         nxt = ids[t + 1] if t + 1 < len(ids) else None
         for layer in range(result.n_layers):
             tops = top_ids[layer, t].tolist()
-            rows.append({
-                "layer": layer, "layer_name": names[layer], "position": t, "input_id": tok, "input": text[tok],
-                "next_id": nxt, "next": None if nxt is None else text[nxt],
-                "p_next": None if nxt is None else float(p_next[layer, t]),
-                "top": [(i, text[i], float(p)) for i, p in zip(tops, top_p[layer, t].tolist())],
-            })
+            rows.append(
+                {
+                    "layer": layer,
+                    "layer_name": names[layer],
+                    "position": t,
+                    "input_id": tok,
+                    "input": text[tok],
+                    "next_id": nxt,
+                    "next": None if nxt is None else text[nxt],
+                    "p_next": None if nxt is None else float(p_next[layer, t]),
+                    "top": [(i, text[i], float(p)) for i, p in zip(tops, top_p[layer, t].tolist())],
+                }
+            )
     return rows
 
 
@@ -156,10 +158,15 @@ def _md(text: str) -> str:
 
 def write_markdown(rows: list[dict], path: Path, title: str) -> None:
     k = len(rows[0]["top"])
-    lines = [f"# Logit lens: {title}", "",
-             "Rows by position, then layer (embed = the embeddings, block i = the output of block i). "
-             "Tokens are shown with spaces as ␣.", "",
-             f"| layer | pos | input | true next | p(true next) | top-{k} (p) |", "| --- | ---: | --- | --- | ---: | --- |"]
+    lines = [
+        f"# Logit lens: {title}",
+        "",
+        "Rows by position, then layer (embed = the embeddings, block i = the output of block i). "
+        "Tokens are shown with spaces as ␣.",
+        "",
+        f"| layer | pos | input | true next | p(true next) | top-{k} (p) |",
+        "| --- | ---: | --- | --- | ---: | --- |",
+    ]
     for r in rows:
         p = "—" if r["p_next"] is None else f"{r['p_next']:.3f}"
         nxt = "—" if r["next"] is None else _md(r["next"])
@@ -169,6 +176,7 @@ def write_markdown(rows: list[dict], path: Path, title: str) -> None:
 
 
 # ---------------------------------------------------------------- picture
+
 
 def draw_lens(result: LensResult, tokenizer, path: Path, title: str = "") -> None:
     """Rows = layers (embed at the bottom), columns = positions labelled with the input tokens,
@@ -190,8 +198,15 @@ def draw_lens(result: LensResult, tokenizer, path: Path, title: str = "") -> Non
     for layer in range(L1):
         for t in range(T):
             dark = np.isnan(grid[layer, t]) or grid[layer, t] > 0.6
-            ax.text(t, layer, label[int(top1[layer, t])], ha="center", va="center", fontsize=8,
-                    color="black" if dark else "white")
+            ax.text(
+                t,
+                layer,
+                label[int(top1[layer, t])],
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black" if dark else "white",
+            )
     inputs = [label[i] for i in result.ids.tolist()]
     ax.set_xticks(range(T), inputs, rotation=90 if max(map(len, inputs)) > 2 else 0, fontsize=8)
     ax.set_yticks(range(L1), result.layer_names(), fontsize=8)
@@ -203,8 +218,6 @@ def draw_lens(result: LensResult, tokenizer, path: Path, title: str = "") -> Non
 
 
 # ---------------------------------------------------------------- command
-
-
 
 
 def _encode_text(run, text: str) -> torch.Tensor:
@@ -231,6 +244,12 @@ def logit_lens_report(run, text: str, out: str | Path, *, top_k: int = 5, force:
     write_markdown(rows, paths["md"], title)
     write_csv(rows, paths["csv"])
     final = result.p_next()[-1]
-    return {"out": str(out), **{k: str(v) for k, v in paths.items()}, "checkpoint": str(run.checkpoint),
-            "tokens": int(ids.numel()), "layers": result.n_layers, "top_k": top_k,
-            "final_mean_p_next": round(final.mean().item(), 6) if final.numel() else None}  # None: one token
+    return {
+        "out": str(out),
+        **{k: str(v) for k, v in paths.items()},
+        "checkpoint": str(run.checkpoint),
+        "tokens": int(ids.numel()),
+        "layers": result.n_layers,
+        "top_k": top_k,
+        "final_mean_p_next": round(final.mean().item(), 6) if final.numel() else None,
+    }  # None: one token

@@ -50,16 +50,23 @@ def pattern_from_overrides(overrides: list[str] | dict, n_head: int, layer: int 
     if n_head < 1:
         raise ConfigError(f"--heads {n_head} must be >= 1")
     if not 0 <= layer < n_layer:
-        raise ConfigError(f"--layer {layer} is outside [0, {n_layer}) (--layers {n_layer}): pick a layer index below --layers")
+        raise ConfigError(
+            f"--layer {layer} is outside [0, {n_layer}) (--layers {n_layer}): pick a layer index below --layers"
+        )
     items = list(overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides))
     # vars(AttentionConfig) holds the pattern parameters in one `params` dict: they are set flat
-    items = [kv for key, value in items for kv in
-             ([(f"attention.{k}", v) for k, v in value.items()] if key == "attention.params" else [(key, value)])]
+    items = [
+        kv
+        for key, value in items
+        for kv in ([(f"attention.{k}", v) for k, v in value.items()] if key == "attention.params" else [(key, value)])
+    ]
     cfg = Config()
     for key, value in items:
         if not key.startswith("attention."):
-            raise ConfigError(f"{key}={value} is not an attention setting: only attention.* overrides apply here, "
-                              f"e.g. attention.pattern=local attention.window=64")
+            raise ConfigError(
+                f"{key}={value} is not an attention setting: only attention.* overrides apply here, "
+                f"e.g. attention.pattern=local attention.window=64"
+            )
         set_key(cfg, key, value)
     return build_pattern(cfg.attention, layer, n_layer, n_head)
 
@@ -68,8 +75,10 @@ def _check_len(seq_len: int) -> None:
     if seq_len < 1:
         raise ConfigError(f"--seq-len {seq_len} must be >= 1")
     if seq_len > MAX_PICTURE_LEN:
-        raise ConfigError(f"--seq-len {seq_len} is too long to draw or save: the picture is N x N per head; "
-                          f"use --seq-len <= {MAX_PICTURE_LEN} (the pattern repeats, so a shorter one shows its shape)")
+        raise ConfigError(
+            f"--seq-len {seq_len} is too long to draw or save: the picture is N x N per head; "
+            f"use --seq-len <= {MAX_PICTURE_LEN} (the pattern repeats, so a shorter one shows its shape)"
+        )
 
 
 def head_mask(pattern: Pattern, seq_len: int, head: int, pool: int = 1) -> np.ndarray:
@@ -87,7 +96,7 @@ def head_mask(pattern: Pattern, seq_len: int, head: int, pool: int = 1) -> np.nd
             pad = np.zeros((-(-rows // pool) * pool, n * pool), dtype=bool)
             pad[:rows, :seq_len] = m
             m = pad.reshape(-1, pool, n, pool).any(axis=(1, 3))
-        out[start // pool:start // pool + m.shape[0]] = m
+        out[start // pool : start // pool + m.shape[0]] = m
     return out
 
 
@@ -142,7 +151,9 @@ def draw_pattern(pattern: Pattern, seq_len: int, n_head: int, path: str | Path, 
     path = Path(path)
     formats = Figure().canvas.get_supported_filetypes()
     if path.suffix and path.suffix[1:].lower() not in formats:
-        raise ConfigError(f"cannot save a picture as {path.name!r}: use one of .{', .'.join(sorted(formats))} (e.g. mask.png)")
+        raise ConfigError(
+            f"cannot save a picture as {path.name!r}: use one of .{', .'.join(sorted(formats))} (e.g. mask.png)"
+        )
     groups = pattern.kernel_groups(n_head, seq_len)
     density = pattern.density(seq_len, n_head)
     pool = max(1, math.ceil(seq_len / MAX_PIXELS))
@@ -152,13 +163,19 @@ def draw_pattern(pattern: Pattern, seq_len: int, n_head: int, path: str | Path, 
     axes = fig.subplots(rows, cols, squeeze=False)
     extent = (-0.5, seq_len - 0.5, seq_len - 0.5, -0.5)  # axes in token positions, query 0 at the top
     for ax, group in zip(axes.flat, groups):
-        ax.imshow(head_mask(pattern, seq_len, group.heads[0], pool), cmap="Greys", vmin=0, vmax=1,
-                  interpolation="nearest", extent=extent)
+        ax.imshow(
+            head_mask(pattern, seq_len, group.heads[0], pool),
+            cmap="Greys",
+            vmin=0,
+            vmax=1,
+            interpolation="nearest",
+            extent=extent,
+        )
         ax.set_title(heads_label(group.heads), fontsize=9)
         ax.set_xlabel("key j", fontsize=8)
         ax.set_ylabel("query i", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         fig.delaxes(ax)
     params = format_params(pattern.params()).replace(";", ", ")
     title = f"{pattern.name}({params})" if params else pattern.name

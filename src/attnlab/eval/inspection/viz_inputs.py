@@ -16,11 +16,13 @@ def encode_text(run, text: str) -> torch.Tensor:
     """``--text`` as the run's token ids [T], refusing empty text and text longer than the model's context."""
     ids = run.dataset.tokenizer.encode(text)
     if not ids:
-        raise UserError("--text is empty: pass some text, e.g. --text \"the model\"")
+        raise UserError('--text is empty: pass some text, e.g. --text "the model"')
     context = run.cfg.model.context
     if len(ids) > context:
-        raise UserError(f"--text is {len(ids)} tokens, longer than the model's context of {context}: "
-                        f"shorten it to at most {context} tokens")
+        raise UserError(
+            f"--text is {len(ids)} tokens, longer than the model's context of {context}: "
+            f"shorten it to at most {context} tokens"
+        )
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -37,8 +39,10 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 def token_label(text: str, limit: int = LABEL_CHARS) -> str:
     """A token's text made visible and short: spaces as '␣', control characters escaped, at most ``limit`` chars."""
-    out = "".join("␣" if c == " " else c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return out if len(out) <= limit else out[:limit - 1] + "…"
+    out = "".join(
+        "␣" if c == " " else c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+    return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -46,4 +50,6 @@ def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} already exists and is not empty: choose another --out or pass --force to write into it")
+        raise UserError(
+            f"--out {out} already exists and is not empty: choose another --out or pass --force to write into it"
+        )

@@ -47,14 +47,14 @@ def solve(model, task, problems, *, device, batch_size: int = 256) -> list[str]:
         by_len[len(p.prompt)].append(i)
     for idx in by_len.values():
         for lo in range(0, len(idx), batch_size):
-            chunk = idx[lo:lo + batch_size]
+            chunk = idx[lo : lo + batch_size]
             prompts = torch.tensor([[tok.eos_id] + tok.encode(problems[i].prompt) for i in chunk], device=device)
             room = model.context - prompts.size(1)  # the answer and its <eos> must fit the context
             n_new = max(1, min(task.answer_length(max(problems[i].digits for i in chunk)) + 1, room))
-            ids = generate(model, prompts, n_new, sampling=GREEDY, stop_id=tok.eos_id)[:, prompts.size(1):]
+            ids = generate(model, prompts, n_new, sampling=GREEDY, stop_id=tok.eos_id)[:, prompts.size(1) :]
             for i, row in zip(chunk, ids.tolist()):
                 # An answer that never ends gets <unk> appended: it can never match.
-                out[i] = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row + [tok.unk_id])
+                out[i] = tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row + [tok.unk_id])
     return out
 
 
@@ -67,7 +67,7 @@ def answer_loss(model, task, problems, *, device, batch_size: int = 256, autocas
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     try:
         for lo in range(0, len(problems), batch_size):
-            x, y = task.rows(problems[lo:lo + batch_size], model.context)
+            x, y = task.rows(problems[lo : lo + batch_size], model.context)
             x, y = x.to(device), y.to(device)
             with ctx:
                 logits = model(x)
@@ -88,11 +88,22 @@ def task_metrics(model, task, *, device, batch_size: int = 256, autocast_dtype=N
     per = accuracy_by_digits(problems, predictions)
     seen = [p for p in problems if p.digits <= task.digits]
     longer = [p for p in problems if p.digits > task.digits]
-    loss = lambda ps: answer_loss(model, task, ps, device=device, batch_size=batch_size,  # noqa: E731
-                                  autocast_dtype=autocast_dtype)
-    out = {"loss": loss(seen or problems), **({"loss_longer": loss(longer)} if seen and longer else {}),
-           "accuracy": exact_match(predictions, [p.answer for p in problems]),
-           **{f"accuracy_d{d}": acc for d, acc in per.items()}, "problems": len(problems), "partial": False}
+    loss = lambda ps: answer_loss(
+        model,
+        task,
+        ps,
+        device=device,
+        batch_size=batch_size,  # noqa: E731
+        autocast_dtype=autocast_dtype,
+    )
+    out = {
+        "loss": loss(seen or problems),
+        **({"loss_longer": loss(longer)} if seen and longer else {}),
+        "accuracy": exact_match(predictions, [p.answer for p in problems]),
+        **{f"accuracy_d{d}": acc for d, acc in per.items()},
+        "problems": len(problems),
+        "partial": False,
+    }
     return out
 
 

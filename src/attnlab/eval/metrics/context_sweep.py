@@ -22,11 +22,19 @@ def context_sweep(run, split: str, contexts: list[int], *, batch_size: int, prog
     tokens, split_meta = run.dataset.tokens(split), run.dataset.meta["splits"][split]
     for n in contexts:
         with run.model.longer_windows(n):
-            score = score_tokens(run.model, tokens, context=n, stride=n, batch_size=batch_size,
-                                 device=run.device, progress=progress)
+            score = score_tokens(
+                run.model, tokens, context=n, stride=n, batch_size=batch_size, device=run.device, progress=progress
+            )
         m = text_metrics(score, split_meta)
-        rows.append({"context": n, "bits_per_byte": m["bits_per_byte"], "nats_per_token": m["nats_per_token"],
-                     "tokens_scored": m["tokens"], "past_training_context": n > run.model.context})
+        rows.append(
+            {
+                "context": n,
+                "bits_per_byte": m["bits_per_byte"],
+                "nats_per_token": m["nats_per_token"],
+                "tokens_scored": m["tokens"],
+                "past_training_context": n > run.model.context,
+            }
+        )
     return rows
 
 

@@ -34,7 +34,7 @@ LN2 = math.log(2.0)
 
 @dataclass(frozen=True)
 class Window:
-    start: int   # first input position
+    start: int  # first input position
     length: int  # input tokens; targets are start+1 .. start+length
     scored: int  # how many of the last targets this window scores
 
@@ -66,7 +66,7 @@ def shard(items: list, rank: int = 0, world_size: int = 1) -> list[tuple[object,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
     per_rank = -(-len(items) // world_size)
-    mine = items[rank * per_rank:(rank + 1) * per_rank]
+    mine = items[rank * per_rank : (rank + 1) * per_rank]
     return [(x, True) for x in mine] + [(items[0], False)] * (per_rank - len(mine))
 
 
@@ -76,10 +76,20 @@ class Score:
     tokens: int
 
 
-def score_tokens(model, tokens: np.ndarray, *, context: int, stride: int | None = None,
-                 batch_size: int = 32, device: str | torch.device = "cpu",
-                 autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
-                 progress: bool = False, rank: int = 0, world_size: int = 1) -> Score:
+def score_tokens(
+    model,
+    tokens: np.ndarray,
+    *,
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    max_tokens: int | None = None,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Score:
     """Sum of next-token NLL (nats) over the split, each target scored once.
 
     ``max_tokens`` limits scoring to the first targets (periodic evals during
@@ -100,7 +110,7 @@ def score_tokens(model, tokens: np.ndarray, *, context: int, stride: int | None 
                 continue
             nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
             for row, w in zip(nll, group):
-                total += row[-w.scored:].double().sum().item()
+                total += row[-w.scored :].double().sum().item()
                 count += w.scored
     return Score(total, count)
 
@@ -110,8 +120,11 @@ def _scoring(model, device, autocast_dtype: torch.dtype | None):
     """Eval mode (restored after), no autograd, and autocast when a dtype is given."""
     was_training = model.training
     model.eval()
-    amp = (torch.autocast(torch.device(device).type, dtype=autocast_dtype)
-           if autocast_dtype is not None else contextlib.nullcontext())
+    amp = (
+        torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     try:
         with torch.no_grad(), amp:
             yield
@@ -131,7 +144,7 @@ def _group(windows: list[Window], batch_size: int) -> list[list[Window]]:
 
 
 def _stack(tokens: np.ndarray, group: list[Window], device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([np.asarray(tokens[w.start: w.start + w.length + 1], dtype=np.int64) for w in group])
+    rows = np.stack([np.asarray(tokens[w.start : w.start + w.length + 1], dtype=np.int64) for w in group])
     t = torch.from_numpy(rows).to(device)
     return t[:, :-1], t[:, 1:]
 
@@ -154,10 +167,20 @@ def text_metrics(score: Score, split_meta: dict, *, partial: bool = False) -> di
     return m
 
 
-def score_images(model, tokens: np.ndarray, *, tokens_per_image: int, sos: int, batch_size: int = 32,
-                 device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 max_images: int | None = None, progress: bool = False,
-                 rank: int = 0, world_size: int = 1) -> Score:
+def score_images(
+    model,
+    tokens: np.ndarray,
+    *,
+    tokens_per_image: int,
+    sos: int,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    max_images: int | None = None,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Score:
     """Sum of NLL (nats) of every byte of every image, each image predicted from SOS alone.
 
     Per-image sums are accumulated in float64 in image order, so the batch size
@@ -170,7 +193,9 @@ def score_images(model, tokens: np.ndarray, *, tokens_per_image: int, sos: int, 
     starts = shard(list(range(0, n, batch_size)), rank, world_size) if n else []
     with _scoring(model, device, autocast_dtype):
         for first, counted in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-            rows = np.asarray(tokens[first * tokens_per_image:min(first + batch_size, n) * tokens_per_image], dtype=np.int64)
+            rows = np.asarray(
+                tokens[first * tokens_per_image : min(first + batch_size, n) * tokens_per_image], dtype=np.int64
+            )
             y = torch.from_numpy(rows.reshape(-1, tokens_per_image)).to(device)
             x = torch.cat([torch.full_like(y[:, :1], sos), y[:, :-1]], dim=1)
             logits = model(x)

@@ -56,8 +56,14 @@ def _draw_group(ax, group: Group, color: str, x: str, train: bool) -> bool:
         at = [[s[k] for s in series if k in s] for k in steps]  # (x, y) of every seed that reached the step
         xs = np.array([np.mean([p[0] for p in a]) for a in at])
         ys = [np.array([p[1] for p in a]) for a in at]
-        ax.plot(xs, [y.mean() for y in ys], marker=marker, ms=3, color=color,
-                label=f"{group.short} (mean of {len(series)} seeds, band min–max)")
+        ax.plot(
+            xs,
+            [y.mean() for y in ys],
+            marker=marker,
+            ms=3,
+            color=color,
+            label=f"{group.short} (mean of {len(series)} seeds, band min–max)",
+        )
         ax.fill_between(xs, [y.min() for y in ys], [y.max() for y in ys], color=color, alpha=0.2, lw=0)
     return bool(series)
 
@@ -89,7 +95,11 @@ class PatternPicture:
 
 def _pattern_key(run: RunData) -> str:
     cfg = run.cfg
-    return json.dumps([cfg.model.n_head, cfg.model.n_layer, cfg.model.context, config_mod.to_dict(cfg)["attention"]], sort_keys=True, default=str)
+    return json.dumps(
+        [cfg.model.n_head, cfg.model.n_layer, cfg.model.context, config_mod.to_dict(cfg)["attention"]],
+        sort_keys=True,
+        default=str,
+    )
 
 
 def pattern_pictures(runs: list[RunData], scratch: Path) -> list[PatternPicture]:
@@ -112,8 +122,12 @@ def pattern_pictures(runs: list[RunData], scratch: Path) -> list[PatternPicture]
         note = f"layer 0 of {n_layer}; the pattern differs per layer" if per_layer else ""
         path = scratch / f"pattern-{i:02d}.png"
         draw_pattern(layers[0], seq_len, h, path, subtitle=note)
-        caption = (f"{layers[0].name}: N={seq_len}, {h} heads" + (f" ({note})" if note else "")
-                   + "; used by " + ", ".join(r.name for r in members))
+        caption = (
+            f"{layers[0].name}: N={seq_len}, {h} heads"
+            + (f" ({note})" if note else "")
+            + "; used by "
+            + ", ".join(r.name for r in members)
+        )
         out.append(PatternPicture(path.read_bytes(), caption, [r.name for r in members]))
         path.unlink()
     return out

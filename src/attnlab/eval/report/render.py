@@ -77,17 +77,21 @@ def _html_block(b: Block) -> str:
     if isinstance(b, Figure):
         data = base64.b64encode(b.png).decode("ascii")
         alt = html.escape(b.caption, quote=True)
-        return (f'<figure><img class="figure" alt="{alt}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(b.caption)}</figcaption></figure>")
+        return (
+            f'<figure><img class="figure" alt="{alt}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(b.caption)}</figcaption></figure>"
+        )
     return f"<pre>{html.escape(b.text)}</pre>"
 
 
 def render_html(title: str, blocks: list[Block]) -> str:
     figures = sum(isinstance(b, Figure) for b in blocks)
     body = "\n".join(_html_block(b) for b in blocks)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body data-figures=\"{figures}\">\n<h1>{html.escape(title)}</h1>\n"
-            f"{body}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f'<style>{CSS}</style>\n</head>\n<body data-figures="{figures}">\n<h1>{html.escape(title)}</h1>\n'
+        f"{body}\n</body>\n</html>\n"
+    )
 
 
 def _md_escape(text: str) -> str:

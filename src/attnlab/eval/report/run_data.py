@@ -69,7 +69,9 @@ def _read_json(path: Path, what: str) -> dict | None:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): restore the run's {what} or leave the run out") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}): restore the run's {what} or leave the run out"
+        ) from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path} does not hold a JSON object: restore the run's {what} or leave the run out")
     return d
@@ -78,7 +80,9 @@ def _read_json(path: Path, what: str) -> dict | None:
 def _load_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not run_dir.is_dir() or not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml): pass folders created by `attnlab train`")
+        raise CheckpointError(
+            f"{run_dir} is not a run directory (no config.yaml): pass folders created by `attnlab train`"
+        )
     try:
         return config_mod.load(path)
     except ConfigError as e:
@@ -115,7 +119,9 @@ def validation_points(events: list[dict], metric: str, cfg: Config) -> list[Poin
 
 
 def training_points(events: list[dict]) -> list[tuple[int, float]]:
-    return sorted((int(e["step"]), float(e["loss"])) for e in events if _number(e.get("step")) and _number(e.get("loss")))
+    return sorted(
+        (int(e["step"]), float(e["loss"])) for e in events if _number(e.get("step")) and _number(e.get("loss"))
+    )
 
 
 def _last(run_dir: Path, pattern: str) -> Path | None:
@@ -132,11 +138,18 @@ def load_run_data(run_dir: str | Path) -> RunData:
     events = read_events(run_dir, "validation_step")
     metric = headline_metric(summary, events)
     text = _last(run_dir, "*.txt")
-    return RunData(dir=run_dir, name=run_dir.name, cfg=cfg, summary=summary, meta=meta, metric=metric,
-                   val=validation_points(events, metric, cfg),
-                   train=training_points(read_events(run_dir, "training_step")),
-                   sample_text=text.read_text(encoding="utf-8", errors="replace") if text else None,
-                   sample_png=_last(run_dir, "*.png"))
+    return RunData(
+        dir=run_dir,
+        name=run_dir.name,
+        cfg=cfg,
+        summary=summary,
+        meta=meta,
+        metric=metric,
+        val=validation_points(events, metric, cfg),
+        train=training_points(read_events(run_dir, "training_step")),
+        sample_text=text.read_text(encoding="utf-8", errors="replace") if text else None,
+        sample_png=_last(run_dir, "*.png"),
+    )
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[RunData]:

@@ -88,6 +88,7 @@ def attention_label(run: RunData) -> str:
     """The pattern layer 0 builds, with the parameters it uses (``local(window=64)``): the attention.*
     keys a pattern ignores (a dense run's window) do not make configs look different."""
     from ..inspection.pattern_viz import format_params, pattern_from_overrides
+
     cfg = run.cfg
     attn = {f"attention.{k}": v for k, v in config_mod.to_dict(cfg)["attention"].items()}
     pattern = pattern_from_overrides(attn, cfg.model.n_head, 0, cfg.model.n_layer)
@@ -151,8 +152,10 @@ def seed_notes(groups: list[Group]) -> list[str]:
     testable = [g for g in groups if len(g.values) >= 2]
     notes = []
     if not testable:
-        notes.append("Every config has a single finished seed: no significance test is possible "
-                     "(train each config with several train.seed values to compare them).")
+        notes.append(
+            "Every config has a single finished seed: no significance test is possible "
+            "(train each config with several train.seed values to compare them)."
+        )
         return notes
     for g in groups:
         if len(g.values) < 2:
