@@ -26,20 +26,10 @@ from attnlab.model.gpt import GPT
 from attnlab.run.open import load_run
 from attnlab.training.trainer import train
 from runkit import digits_config, tiny_config, write_corpus
+from zoo import PLUGINS, ZOO
 
 T = 16
-PATTERNS = {  # every pattern kind, with parameters that make it sparse at T=16
-    "dense": {},
-    "local": {"window": 3},
-    "strided_split": {"pattern": "strided", "local_attn_ctx": 4, "strided_mode": "split"},
-    "strided_interleave": {"pattern": "strided", "local_attn_ctx": 4, "strided_mode": "interleave"},
-    "strided_union": {"pattern": "strided", "local_attn_ctx": 4, "strided_mode": "union"},
-    "fixed_v1": {"pattern": "fixed", "local_attn_ctx": 8, "blocksize": 2, "vertsize": 1, "num_verts": 1},
-    "fixed_v2": {"pattern": "fixed", "local_attn_ctx": 8, "blocksize": 2, "vertsize": 1, "num_verts": 2},
-    "sink_window": {"sinks": 2, "window": 3},
-    "block_layout": {"layout_block": 4},
-    "linear": {},
-}
+PATTERNS = {label: {**spec, "plugins": PLUGINS} for label, spec in ZOO.items()}  # every zoo pattern, sparse at T=16
 
 
 def attn_config(kind: str, tmp_path, **params) -> AttentionConfig:

@@ -11,19 +11,12 @@ from attnlab.attention.cache import LocalCache, SinkWindowCache, make_cache
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.model.embeddings import apply_rotary
 from attnlab.model.gpt import GPT
+from zoo import PLUGINS, ZOO
 
 CONTEXT, VOCAB = 24, 50
+# Every zoo pattern (plugins included) with its parameters, plus a per-layer schedule of two patterns.
 PATTERNS = {
-    "dense": {},
-    "local": dict(pattern="local", window=5),
-    "strided-split": dict(pattern="strided", local_attn_ctx=4),
-    "strided-interleave": dict(pattern="strided", local_attn_ctx=4, strided_mode="interleave"),
-    "strided-union": dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
-    "fixed": dict(pattern="fixed", local_attn_ctx=8, blocksize=2),
-    "fixed-2-verts": dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2),
-    "sink_window": dict(pattern="sink_window", sinks=2, window=5),
-    "block_layout": dict(pattern="block_layout", layout_block=4),
-    "linear": dict(pattern="linear"),
+    **{label: {**spec, "plugins": PLUGINS} for label, spec in ZOO.items()},
     "schedule": dict(schedule=["local", "fixed"], window=3, local_attn_ctx=8, blocksize=4),
 }
 POSITIONS = ["learned", "sinusoidal", "rope", "none", "image", "image+learned"]

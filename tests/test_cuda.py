@@ -23,6 +23,7 @@ from attnlab.eval.generation.filters import SamplingConfig, next_token
 from attnlab.model.gpt import GPT
 from test_flex import PATTERNS as FLEX_PATTERNS
 from test_flex import B, D, H
+from zoo import PLUGINS, ZOO
 
 pytestmark = [
     pytest.mark.cuda,
@@ -85,17 +86,7 @@ def test_blocksparse_outputs_and_gradients_match_reference_on_cuda(name):
 
 # ------------------------------------------------------------------ the model on CUDA
 
-CACHE_PATTERNS = {
-    "dense": {},
-    "local": dict(pattern="local", window=5),
-    "strided-split": dict(pattern="strided", local_attn_ctx=4),
-    "strided-union": dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
-    "strided-interleave": dict(pattern="strided", local_attn_ctx=4, strided_mode="interleave"),
-    "fixed": dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2),
-    "sink_window": dict(pattern="sink_window", sinks=2, window=5),
-    "linear": dict(pattern="linear"),
-    "block_layout": dict(pattern="block_layout", layout_block=4),
-}
+CACHE_PATTERNS = {label: {**spec, "plugins": PLUGINS} for label, spec in ZOO.items()}  # every zoo pattern
 CONTEXT, VOCAB = 24, 50
 
 

@@ -19,6 +19,7 @@ from attnlab.attention.linear import linear_reference
 from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.errors import ConfigError
 from attnlab.model.gpt import GPT
+from zoo import PLUGINS, ZOO
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -95,18 +96,7 @@ def test_flex_shares_heads_with_enable_gqa():
 
 # ------------------------------------------------------------------ the model
 
-MODEL_PATTERNS = {
-    "dense": {},
-    "local": dict(pattern="local", window=5),
-    "strided-split": dict(pattern="strided", local_attn_ctx=4),
-    "strided-interleave": dict(pattern="strided", local_attn_ctx=4, strided_mode="interleave"),
-    "strided-union": dict(pattern="strided", local_attn_ctx=4, strided_mode="union"),
-    "fixed": dict(pattern="fixed", local_attn_ctx=8, blocksize=2),
-    "fixed-2-verts": dict(pattern="fixed", local_attn_ctx=8, blocksize=2, num_verts=2),
-    "sink_window": dict(pattern="sink_window", sinks=2, window=5),
-    "block_layout": dict(pattern="block_layout", layout_block=4),
-    "linear": dict(pattern="linear"),
-}
+MODEL_PATTERNS = {label: {**spec, "plugins": PLUGINS} for label, spec in ZOO.items()}  # every zoo pattern
 CONTEXT = 24
 
 
@@ -205,7 +195,7 @@ def _cache_bytes(name, kv, layout):
     return cached_logits(model_for(MODEL_PATTERNS[name], kv, layout=layout), seq, prompt_len=5)[1].nbytes()
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_PATTERNS if n != "fixed-2-verts"])
+@pytest.mark.parametrize("name", [n for n in MODEL_PATTERNS if n != "fixed_v2"])
 def test_caches_store_only_the_shared_heads(name, layout_file):
     """Same sequence, same positions: the cache of n_kv_head 2 holds exactly a quarter of the 8-head model's bytes."""
     assert _cache_bytes(name, None, layout_file) == 4 * _cache_bytes(name, KV, layout_file) > 0
@@ -218,7 +208,7 @@ def test_a_group_of_heads_with_different_summary_columns_keeps_their_union(layou
     l, c, layers = 8, 2, 2
     mha = layers * H * (l + c * (CONTEXT // l)) * per_key
     gqa = layers * KV * (l + 2 * c * (CONTEXT // l)) * per_key
-    assert (_cache_bytes("fixed-2-verts", None, layout_file), _cache_bytes("fixed-2-verts", KV, layout_file)) == (
+    assert (_cache_bytes("fixed_v2", None, layout_file), _cache_bytes("fixed_v2", KV, layout_file)) == (
         mha,
         gqa,
     )
