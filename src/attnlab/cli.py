@@ -541,7 +541,7 @@ def cmd_sample(a) -> None:
         min_p=a.min_p,
         repetition_penalty=a.repetition_penalty,
     )
-    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir, need_data=False)
     if run.dataset.kind == "task":  # problems and the model's greedy answers
         from .eval.generation.task_samples import pick_problems, sample_lines
 
@@ -717,7 +717,7 @@ def cmd_viz_logit_lens(a) -> None:
 
     if a.top_k < 1:  # before the run is loaded
         raise UserError(f"--top-k {a.top_k} must be >= 1")
-    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir, need_data=False)
     info = logit_lens_report(run, a.text, a.out, top_k=a.top_k, force=a.force)
     print(json.dumps(info, ensure_ascii=False))
 
@@ -726,7 +726,7 @@ def cmd_viz_attention(a) -> None:
     from .eval.inspection.attention_maps import write_attention_maps
     from .run.open import load_run
 
-    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir, need_data=False)
     info = write_attention_maps(
         run,
         a.out,
