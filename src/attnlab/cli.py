@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
     sa.add_argument(
-        "--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record"
+        "--data-dir",
+        help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record. "
+        "Only --complete needs the dataset: the run keeps its own tokenizer",
     )
 
     be = sub.add_parser("bench", help="benchmarks")
@@ -802,7 +804,9 @@ def _export_parser(sub) -> None:
     ex.add_argument("--out", required=True, help="the folder to write (missing or empty)")
     ex.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     ex.add_argument("--force", action="store_true", help="replace an earlier export in --out")
-    ex.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir)")
+    ex.add_argument(
+        "--data-dir", help="a copy of the run's dataset (only older runs without their own tokenizer copy need it)"
+    )
 
 
 def cmd_export(a) -> None:
