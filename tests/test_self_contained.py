@@ -50,11 +50,8 @@ def copied(tmp_path_factory):
 
 
 def cli_sample(run: Path) -> str:
-    out = subprocess_out(attnlab_cli("sample", run, *SAMPLE, cwd=run.parent))
-    return out
-
-
-def subprocess_out(p: subprocess.CompletedProcess) -> str:
+    """`attnlab sample RUN` in a fresh process, from the folder that holds the run."""
+    p = attnlab_cli("sample", run, *SAMPLE, cwd=run.parent)
     assert p.returncode == 0, p.stderr
     return p.stdout
 
@@ -104,7 +101,6 @@ def test_eval_of_the_copy_points_at_data_dir_in_one_line(copied):
 
 
 def test_export_of_the_copy_needs_no_dataset(copied, tmp_path, capsys):
-    pytest.importorskip("safetensors")
     _, _, copy, _ = copied
     assert cli.main(["export", str(copy), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0, capsys.readouterr()
     assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
