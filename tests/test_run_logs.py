@@ -180,3 +180,8 @@ def test_the_cpu_peak_is_measured_once_and_leaves_the_rng_alone(monkeypatch):
     assert calls == [(1024, 1024)] * 4  # one warm-up, three timed
     assert flops.measured_cpu_peak_tflops(1) == first and len(calls) == 4
     assert torch.equal(torch.get_rng_state(), state) and 0 < first < 1e3
+
+
+def test_no_console_lines_without_progress(tmp_path, corpus, capsys):
+    train(cfg_for(tmp_path, corpus, "train.eval_every=4", "logging.progress=false"))
+    assert "val " not in capsys.readouterr().err

@@ -563,7 +563,7 @@ class Trainer:
             **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")},
             **extra,
         )
-        if self.dist.is_main:  # one line per result, above the progress bar
+        if self.dist.is_main and self.cfg.logging.progress:  # one line per result, above the progress bar
             tqdm.write(validation_line(p.step, m), file=sys.stderr)
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
