@@ -262,5 +262,10 @@ class Run:
 
 
 def load(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto", **options: Any) -> Run:
-    """Open a run directory from its latest complete checkpoint (or ``checkpoint``) on ``device``."""
+    """Open a run directory from its latest complete checkpoint (or ``checkpoint``) on ``device``.
+
+    Generating needs only the run directory (its own tokenizer copy); evaluating a split needs the run's
+    dataset, found where the run recorded it or at ``data_dir=DIR``."""
+    options.setdefault("need_data", False)
+    options.setdefault("hint", "attnlab.load(RUN, data_dir=DIR)")
     return Run(load_run(run_dir, checkpoint, device, **options))

@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--checkpoint")
     sa.add_argument("--device", default="auto")
     sa.add_argument(
-        "--data-dir", help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record"
+        "--data-dir",
+        help="a copy of the run's dataset (default: the run's data.dir); it must match the run's record. "
+        "Only --complete needs the dataset: the run keeps its own tokenizer",
     )
 
     be = sub.add_parser("bench", help="benchmarks")
@@ -541,7 +543,7 @@ def cmd_sample(a) -> None:
         min_p=a.min_p,
         repetition_penalty=a.repetition_penalty,
     )
-    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir, need_data=False)
     if run.dataset.kind == "task":  # problems and the model's greedy answers
         from .eval.generation.task_samples import pick_problems, sample_lines
 
@@ -717,7 +719,7 @@ def cmd_viz_logit_lens(a) -> None:
 
     if a.top_k < 1:  # before the run is loaded
         raise UserError(f"--top-k {a.top_k} must be >= 1")
-    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir, need_data=False)
     info = logit_lens_report(run, a.text, a.out, top_k=a.top_k, force=a.force)
     print(json.dumps(info, ensure_ascii=False))
 
@@ -726,7 +728,7 @@ def cmd_viz_attention(a) -> None:
     from .eval.inspection.attention_maps import write_attention_maps
     from .run.open import load_run
 
-    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir)
+    run = load_run(a.run_dir, a.checkpoint, a.device, data_dir=a.data_dir, need_data=False)
     info = write_attention_maps(
         run,
         a.out,
@@ -802,7 +804,9 @@ def _export_parser(sub) -> None:
     ex.add_argument("--out", required=True, help="the folder to write (missing or empty)")
     ex.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     ex.add_argument("--force", action="store_true", help="replace an earlier export in --out")
-    ex.add_argument("--data-dir", help="a copy of the run's dataset (default: the run's data.dir)")
+    ex.add_argument(
+        "--data-dir", help="a copy of the run's dataset (only older runs without their own tokenizer copy need it)"
+    )
 
 
 def cmd_export(a) -> None:

@@ -390,7 +390,7 @@ def export_hf(
     ``load_options`` go to ``runs.load_run`` (such as where the run's dataset is now)."""
     out = Path(out)
     _check_target(out, force)
-    run = load_run(run_dir, checkpoint, device="cpu", **load_options)
+    run = load_run(run_dir, checkpoint, device="cpu", need_data=False, **load_options)  # the run's copies suffice
     if run.dataset.kind == "image" or run.dataset.tokenizer is None:
         raise _refuse(
             f"{run.dir} models images (data.source={run.cfg.data.source}: bytes of pixels, no tokenizer)",

@@ -4,7 +4,9 @@
 ``config.yaml``, the dataset's absolute location and the sha256 of each of its
 files (``train.bin``, ``val.bin``, ``test.bin``, image labels,
 ``tokenizer.json``), and the block layout, which is copied into the run as
-``attention_layout.npy`` so that later edits of the original cannot change it.
+``attention_layout.npy`` so that later edits of the original cannot change it, and the sha256 of the
+run's own copies of the tokenizer and vocabulary metadata (``tokenizer.json``, ``dataset.json``: see
+``vocabulary.py``), which let a run sample and export without its dataset folder.
 Resume, eval and sample compare what they find with this record and refuse
 anything else in one line that names what differs.
 
@@ -24,6 +26,7 @@ from ..data.image_sources import IMAGE_SOURCES
 from ..data.sources import NAMED_SOURCES
 from ..errors import CheckpointError, DataError
 from ..files import file_sha256
+from . import vocabulary
 
 IDENTITY = "identity.json"
 LAYOUT_COPY = "attention_layout.npy"
@@ -64,12 +67,13 @@ def rebuild_settings(ds: store.Dataset, data_cfg) -> dict:
 
 
 def record(run_dir: Path, cfg: Config, ds: store.Dataset) -> dict:
-    """Copy the layout into the run and write identity.json (after config.yaml is written)."""
+    """Copy the layout, tokenizer and vocabulary metadata into the run and write identity.json (after config.yaml)."""
     from ..training.checkpoint import atomic_write_text  # late import: train depends on this module
 
     rec = {
         "config": {"file": "config.yaml", "sha256": file_sha256(run_dir / "config.yaml")},
         "dataset": {**dataset_record(ds), "settings": rebuild_settings(ds, cfg.data)},
+        **vocabulary.copy_into(run_dir, ds),
     }
     if cfg.attention.layout:
         copy = run_dir / LAYOUT_COPY

@@ -23,8 +23,9 @@ from ..model.gpt import GPT
 from ..training import checkpoint as ckpt
 from ..training.memory import check_fits
 from ..training.runtime import pick_device
-from . import identity
+from . import identity, vocabulary
 from .plugins import load_run_plugins
+from .vocabulary import RunVocabulary
 
 EVAL_DATA_HINT = "--data-dir DIR"
 
@@ -72,7 +73,7 @@ def open_run_dataset(
     if tasks.is_task(data_cfg):  # generated problems: nothing recorded on disk to find or check
         return tasks.TaskDataset.from_config(data_cfg)
     recorded = identity.recorded_dataset(run_dir)
-    path = Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
+    path = run_dataset_path(run_dir, data_cfg, data_dir)
     rebuilt = None
     if not (path / "meta.json").exists():
         if not rebuild:
@@ -85,6 +86,27 @@ def open_run_dataset(
         _check_data_config(ds, data_cfg, path)
     identity.check_dataset(run_dir, ds, hint, rebuilt_from=rebuilt)
     return ds
+
+
+def run_dataset_path(run_dir: Path, data_cfg, data_dir=None) -> Path:
+    """Where a run's dataset is looked for: ``data_dir``, else the folder identity.json recorded, else data.dir."""
+    recorded = identity.recorded_dataset(run_dir)
+    return Path(data_dir or (recorded or {}).get("dir") or data_cfg.dir or default_data_dir(data_cfg))
+
+
+def open_run_data(
+    run_dir: Path, data_cfg, *, data_dir=None, need_data: bool = True, hint: str = EVAL_DATA_HINT
+) -> store.Dataset | RunVocabulary:
+    """A run's dataset (``open_run_dataset``, never rebuilt); where only its vocabulary is needed
+    (``need_data`` false: sampling, export) and the dataset is absent, the run's own copies (``vocabulary.py``).
+
+    Runs from before the copies, and a ``data_dir`` given explicitly, need the dataset itself."""
+    record = identity.read(run_dir)
+    if not need_data and data_dir is None and not tasks.is_task(data_cfg) and vocabulary.has_copies(record):
+        path = run_dataset_path(run_dir, data_cfg)
+        if not (path / "meta.json").exists():
+            return vocabulary.open_copies(run_dir, record, identity.missing_dataset(run_dir, path, hint))
+    return open_run_dataset(run_dir, data_cfg, data_dir=data_dir, rebuild=False, hint=hint, progress=False)
 
 
 def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
@@ -101,7 +123,7 @@ def _check_data_config(ds: store.Dataset, data_cfg, path: Path) -> None:
         )
 
 
-def fit_model_to_data(cfg: Config, ds: store.Dataset) -> tuple[int, ModelConfig]:
+def fit_model_to_data(cfg: Config, ds: store.Dataset | RunVocabulary) -> tuple[int, ModelConfig]:
     """The model's vocabulary and its model config completed from the dataset (a copy: ``cfg`` is not changed).
 
     An image model predicts bytes 0..255 and reads one more token, the start of
@@ -145,18 +167,26 @@ def load_run_config(run_dir: Path) -> Config:
 class LoadedRun:
     dir: Path
     cfg: Config
-    dataset: Dataset
+    dataset: Dataset | RunVocabulary  # the run's own vocabulary copies where the dataset was not needed and is absent
     model: GPT
     checkpoint: Path
     device: torch.device
 
 
 def load_run(
-    run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "auto", data_dir: str | Path | None = None
+    run_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    *,
+    need_data: bool = True,
+    hint: str = EVAL_DATA_HINT,
 ) -> LoadedRun:
     """A run's config, its own dataset (never prepared here; ``data_dir`` points at a copy) and a checkpoint's model.
 
-    The config, dataset and block layout must be the ones the run recorded (identity.json)."""
+    The config, dataset and block layout must be the ones the run recorded (identity.json). ``need_data=False``
+    (sampling, export): a run whose dataset folder is gone uses its own tokenizer and vocabulary copies instead;
+    a split's tokens then raise the missing-dataset error, which names ``hint``."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     cfg = load_run_config(run_dir)
@@ -165,7 +195,7 @@ def load_run(
         raise CheckpointError(
             f"{run_dir} has no complete checkpoint yet: wait for the first checkpoint or resume the run"
         )
-    dataset = open_run_dataset(run_dir, cfg.data, data_dir=data_dir, rebuild=False, hint=EVAL_DATA_HINT, progress=False)
+    dataset = open_run_data(run_dir, cfg.data, data_dir=data_dir, need_data=need_data, hint=hint)
     dev = pick_device(device)
     vocab, model_cfg = fit_model_to_data(cfg, dataset)
     check_fits(cfg, vocab, dev, training=False, batch_size=cfg.train.eval_batch_size, model_cfg=model_cfg)

@@ -41,7 +41,7 @@ from ..run.plugins import copy_plugins
 from ..run.resume import auto_resume_target, check_resume_config
 from . import checkpoint as ckpt
 from . import distributed, flops, runtime
-from .logs import EventLog, check_loggers
+from .logs import EventLog, check_loggers, validation_line
 from .memory import check_fits
 from .optim import UNPLANNED, RunClock, build_optimizer, build_scheduler
 
@@ -153,8 +153,11 @@ class Trainer:
         check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
         self.model.resolve_backends(self.device)
-        # MFU in training_step events where the GPU's bf16 peak is known (every rank's GPU counts).
-        peak = flops.device_peak_tflops(self.device)
+        # MFU in training_step events where a peak is known (every rank counts): a GPU's bf16 data-sheet peak,
+        # or on a CPU this process's measured fp32 matmul rate (its own key, mfu_cpu_measured_peak).
+        peak, self.mfu_key = flops.device_peak_tflops(self.device), "mfu"
+        if peak is None and self.device.type == "cpu":
+            peak, self.mfu_key = flops.measured_cpu_peak_tflops(torch.get_num_threads()), flops.CPU_MFU_KEY
         self.peak_tflops = peak * self.dist.world_size if peak else None
         self.flops_per_token = flops.flops_per_token(self.model, cfg.model.context) if peak else None
         # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
@@ -203,6 +206,10 @@ class Trainer:
             "device_info",
             **runtime.device_info(self.device),
             autocast_dtype=str(self.amp_dtype) if self.amp_dtype else "float32",
+            mfu_peak_tflops=self.peak_tflops,  # what MFU divides by (None: no MFU), and where it comes from
+            mfu_peak=("measured fp32 matmul" if self.mfu_key == flops.CPU_MFU_KEY else "bf16 data sheet")
+            if self.peak_tflops
+            else None,
         )
         log.log(
             "dataset_info",
@@ -459,10 +466,11 @@ class Trainer:
         return reason
 
     def _mfu(self, tokens_per_second: float) -> dict:
-        """{"mfu": fraction of the bf16 peak} on a GPU whose peak is known, else {} (see train.flops)."""
+        """{"mfu": fraction of the bf16 peak} on a GPU whose peak is known, {"mfu_cpu_measured_peak": ...}
+        on a CPU, else {} (see training.flops)."""
         if self.flops_per_token is None:
             return {}
-        return {"mfu": round(flops.mfu(self.flops_per_token, tokens_per_second, self.peak_tflops), 5)}
+        return {self.mfu_key: round(flops.mfu(self.flops_per_token, tokens_per_second, self.peak_tflops), 5)}
 
     def _diverged(self, log: EventLog, loss: float, tensor: str | None = None) -> None:
         """The loss (or, with ``tensor``, a weight or optimizer tensor after a step) became NaN/inf."""
@@ -555,6 +563,8 @@ class Trainer:
             **{f"val_{k}": v for k, v in m.items() if k not in ("loss", "partial")},
             **extra,
         )
+        if self.dist.is_main and self.cfg.logging.progress:  # one line per result, above the progress bar
+            tqdm.write(validation_line(p.step, m), file=sys.stderr)
 
     def finish(self, log: EventLog, reason: str, wall_start: float) -> dict:
         p, final_start = self.progress, time.time()
@@ -722,7 +732,7 @@ def _train_locked(
             copy_plugins(cfg.attention.plugins, run_dir)
             identity.record(run_dir, cfg, trainer.ds)
         distributed.barrier(dist)  # the run directory exists before any rank uses it
-    log = EventLog(run_dir, cfg, enabled=dist.is_main)
+    log = EventLog(run_dir, cfg, enabled=dist.is_main, resumed_from=trainer.progress.step if resume else None)
     try:
         trainer.log_start(log, resumed=resume)
         reason = trainer.fit(log)
