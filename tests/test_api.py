@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab import api, cli
+from attnlab import api, cli, config
 from attnlab.errors import ConfigError, DataError, UserError
 from attnlab.training import python_api
 from runkit import tiny_config, write_corpus
@@ -42,8 +42,8 @@ def test_train_applies_overrides_and_leaves_the_config_alone(trained):
 
 
 def test_override_spellings_mean_the_same_keys():
-    nested = python_api._flatten({"model": {"n_layer": 2, "position": "rope"}, "name": "x"})
-    dotted = python_api._flatten({"model.n_layer": 2, "model.position": "rope", "name": "x"})
+    nested = config.flatten({"model": {"n_layer": 2, "position": "rope"}, "name": "x"})
+    dotted = config.flatten({"model.n_layer": 2, "model.position": "rope", "name": "x"})
     assert nested == dotted == {"model.n_layer": 2, "model.position": "rope", "name": "x"}
     assert [python_api._as_text(v) for v in (True, None, [1, 2], [], 3e-4)] == ["true", "none", "1,2", "[]", "0.0003"]
     assert python_api._as_text([{"pattern": "local", "window": 8}]) == "[{pattern: local, window: 8}]"

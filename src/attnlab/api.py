@@ -15,7 +15,7 @@ the numbers and samples are the command line's exactly.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,32 @@ SAMPLE_DEFAULTS = {"temperature": 0.8}  # `attnlab sample`'s defaults where they
 # ------------------------------------------------------------------ evaluation: what `attnlab eval` computes
 
 
-def eval_window(run: LoadedRun, context: int | None = None, stride: int | None = None) -> tuple[int, int]:
-    """The evaluation window and stride: the model's context and the run's train.eval_stride unless given."""
-    n_ctx = run.cfg.model.context
-    context = n_ctx if context is None else context
-    if not 1 <= context <= n_ctx:
-        raise UserError(f"context={context} is outside [1, {n_ctx}] (the model's context): pick a smaller window")
+def check_window(run: LoadedRun, n: int, name: Callable[[int], str]) -> None:
+    """An evaluation window: at least 1 token, and past the training context only where positions extrapolate
+    (``name(n)`` spells the setting in messages: ``--context 64`` or ``context=64``)."""
+    trained = run.cfg.model.context
+    if n < 1:
+        raise UserError(f"{name(n)} must be >= 1 (tokens per evaluation window)")
+    refusal = run.model.extrapolation_refusal() if n > trained else None
+    if refusal:
+        raise UserError(f"{name(n)} exceeds the training context {trained} and {refusal}: use a window <= {trained}")
+
+
+def eval_window(
+    run: LoadedRun,
+    context: int | None = None,
+    stride: int | None = None,
+    *,
+    flags: tuple[str, str] = ("context=", "stride="),
+) -> tuple[int, int]:
+    """The evaluation window and stride: the model's context and the run's train.eval_stride unless given. A window
+    longer than the training context is allowed where the model's positions extrapolate. ``flags`` name the two
+    settings in messages (the CLI's ``--context `` and ``--stride ``)."""
+    context = run.cfg.model.context if context is None else context
+    check_window(run, context, lambda n: f"{flags[0]}{n}")
     stride = min(run.cfg.train.eval_stride or context, context) if stride is None else stride
     if not 1 <= stride <= context:
-        raise UserError(f"stride={stride} is outside [1, {context}]: use a stride no larger than the context")
+        raise UserError(f"{flags[1]}{stride} is outside [1, {context}]: use a stride no larger than the context")
     return context, stride
 
 
@@ -57,6 +74,7 @@ def evaluate_split(
     stride: int | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    flags: tuple[str, str] = ("context=", "stride="),
 ) -> dict:
     """Every token (text) or image of a split scored once, with `attnlab eval`'s defaults: the numbers it prints."""
     run.dataset.split_info(split)  # a DataError naming the splits there are
@@ -64,16 +82,17 @@ def evaluate_split(
         if context is not None or stride is not None:
             raise UserError("context and stride apply to text; an image is always scored whole from its start token")
         return _image_split(run, split, batch_size, progress)
-    context, stride = eval_window(run, context, stride)
-    score = score_tokens(
-        run.model,
-        run.dataset.tokens(split),
-        context=context,
-        stride=stride,
-        batch_size=batch_size,
-        device=run.device,
-        progress=progress,
-    )
+    context, stride = eval_window(run, context, stride, flags=flags)
+    with run.model.longer_windows(context):
+        score = score_tokens(
+            run.model,
+            run.dataset.tokens(split),
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            device=run.device,
+            progress=progress,
+        )
     return {
         "split": split,
         "context": context,

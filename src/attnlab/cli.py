@@ -410,29 +410,22 @@ def _refuse_non_finite(run, split: str, metrics: dict) -> None:
 
 
 def _eval_text(run, a) -> dict:
-    from .eval.metrics.scoring import score_tokens, text_metrics
+    from .api import evaluate_split
 
     if a.context_sweep:
         return _context_sweep(run, a)
-    context = a.context if a.context is not None else run.cfg.model.context
-    _check_window(run, context, "--context")
-    stride = a.stride if a.stride is not None else min(run.cfg.train.eval_stride or context, context)
-    if not 1 <= stride <= context:
-        raise UserError(f"--stride {stride} is outside [1, {context}]: use a stride no larger than the context")
-    with run.model.longer_windows(context):
-        score = score_tokens(
-            run.model,
-            run.dataset.tokens(a.split),
-            context=context,
-            stride=stride,
-            batch_size=a.batch_size,
-            device=run.device,
-            progress=True,
-        )
-    m = text_metrics(score, run.dataset.meta["splits"][a.split])
+    m = evaluate_split(
+        run,
+        a.split,
+        context=a.context,
+        stride=a.stride,
+        batch_size=a.batch_size,
+        progress=True,
+        flags=("--context ", "--stride "),
+    )
     return {
-        "context": context,
-        "stride": stride,
+        "context": m["context"],
+        "stride": m["stride"],
         f"{a.split}_bits_per_byte": m["bits_per_byte"],
         f"{a.split}_nats_per_token": m["nats_per_token"],
         f"{a.split}_perplexity": m["perplexity"],
@@ -442,17 +435,8 @@ def _eval_text(run, a) -> dict:
     }
 
 
-def _check_window(run, n: int, flag: str) -> None:
-    """An evaluation window: at least 1 token, and past the training context only where positions extrapolate."""
-    trained = run.cfg.model.context
-    if n < 1:
-        raise UserError(f"{flag} {n} must be >= 1 (tokens per evaluation window)")
-    refusal = run.model.extrapolation_refusal() if n > trained else None
-    if refusal:
-        raise UserError(f"{flag} {n} exceeds the training context {trained} and {refusal}: use a window <= {trained}")
-
-
 def _context_sweep(run, a) -> dict:
+    from .api import check_window
     from .eval.inspection.viz_inputs import check_out_dir
     from .eval.metrics.context_sweep import context_sweep, write_context_sweep
 
@@ -467,7 +451,7 @@ def _context_sweep(run, a) -> dict:
             "--context-sweep takes window lengths (e.g. 256,512,1024) and --out DIR, without --context/--stride"
         )
     for n in contexts:
-        _check_window(run, n, "--context-sweep")
+        check_window(run, n, lambda n: f"--context-sweep {n}")
     out = Path(a.out)
     check_out_dir(out, a.force)
     rows = context_sweep(run, a.split, contexts, batch_size=a.batch_size, progress=True)
@@ -498,29 +482,18 @@ def _eval_task(run, a) -> None:
 
 
 def _eval_images(run, a) -> dict:
-    from .data.image_format import SOS
-    from .eval.metrics.scoring import image_metrics, score_images
+    from .api import evaluate_split
 
     if a.context is not None or a.stride is not None or a.context_sweep:
         raise UserError(
             "--context, --stride and --context-sweep apply to text; an image is always scored whole from its start token"
         )
-    n = run.cfg.model.context
-    score = score_images(
-        run.model,
-        run.dataset.tokens(a.split),
-        tokens_per_image=n,
-        sos=SOS,
-        batch_size=a.batch_size,
-        device=run.device,
-        progress=True,
-    )
-    m = image_metrics(score, n)
+    m = evaluate_split(run, a.split, batch_size=a.batch_size, progress=True)
     return {
         f"{a.split}_bits_per_dim": m["bits_per_dim"],
         f"{a.split}_nats_per_image": m["nats_per_image"],
         "images_scored": m["images"],
-        "dims_per_image": n,
+        "dims_per_image": m["dims_per_image"],
     }
 
 

@@ -18,23 +18,12 @@ def train(config: str | Path | config_mod.Config | None = None, *, force: bool =
     ones by name (``name="nb"``), a section as a dict (``train={"max_steps": 50}``), dotted keys through
     ``**`` (``**{"model.n_layer": 2}``). Values are Python values; each is checked as on the command line.
     """
-    args = [f"{key}={_as_text(value)}" for key, value in _flatten(overrides).items()]
+    args = [f"{key}={_as_text(value)}" for key, value in config_mod.flatten(overrides).items()]
     if isinstance(config, config_mod.Config):
         cfg = config_mod.from_dict(config_mod.to_dict(config), args)
     else:
         cfg = config_mod.load(config, args)
     return run_training(cfg, force=force)
-
-
-def _flatten(overrides: dict, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"max_steps": 5}, "model.n_layer": 2} -> {"train.max_steps": 5, "model.n_layer": 2}."""
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _as_text(value: Any) -> str:
