@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -18,7 +19,7 @@ from attnlab.run.resume import check_resume_overrides
 from attnlab.training import checkpoint as ckpt
 from attnlab.training import trainer as trainer_mod
 from attnlab.training.logs import read_events
-from attnlab.training.optim import Continuation, lr_factor
+from attnlab.training.optim import UNPLANNED, Continuation, lr_factor
 from attnlab.training.trainer import Trainer, train
 from runkit import tiny_config, write_corpus
 
@@ -83,6 +84,13 @@ def test_extending_a_finished_cosine_run_stays_annealed(tmp_path, corpus):
     assert event["continuation"] == {"step": 6, "factor": pytest.approx(0.2), "start": pytest.approx(6 / 9)}
 
 
+def test_extending_a_constant_schedule_stays_constant(tmp_path, corpus):
+    run = tmp_path / "runs" / "t"
+    train(cfg_for(tmp_path, corpus, "train.max_steps=4", "optim.schedule=constant"))
+    train(None, resume=run, extend=["train.max_steps=7"])
+    assert [lrs(run)[s] for s in (5, 6, 7)] == [LR] * 3
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_extending_mid_run_replans_from_the_current_factor(tmp_path, corpus, monkeypatch, schedule):
     opts = ("train.max_steps=8", f"optim.schedule={schedule}", "optim.min_lr_frac=0.1", "train.checkpoint_every=2")
@@ -102,6 +110,29 @@ def test_extending_mid_run_replans_from_the_current_factor(tmp_path, corpus, mon
         assert got[step] == pytest.approx(LR * (0.1 + (f0 - 0.1) * shape), rel=1e-9), step
         assert got[step] == pytest.approx(LR * lr_factor(step, cfg.optim, 12, after=after), rel=1e-12)
     assert got[12] == pytest.approx(LR * 0.1)
+
+
+def test_a_second_extension_continues_from_the_first(tmp_path, corpus, monkeypatch):
+    cfg = cfg_for(tmp_path, corpus, "train.max_steps=8", "optim.min_lr_frac=0.1", "train.checkpoint_every=2")
+    run = tmp_path / "runs" / "t"
+    crash_at(monkeypatch, 4)
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    monkeypatch.undo()
+    crash_at(monkeypatch, 6)
+    with pytest.raises(RuntimeError):
+        train(None, resume=run, extend=["train.max_steps=10"])
+    monkeypatch.undo()
+    train(None, resume=run, extend=["train.max_steps=16"])
+    first = Continuation(4, lr_factor(4, cfg.optim, 8), 4 / 10)
+    second = Continuation(6, lr_factor(6, cfg.optim, 10, after=first), 6 / 16)
+    got = lrs(run)
+    assert [got[s] for s in (5, 6)] == pytest.approx([LR * lr_factor(s, cfg.optim, 10, after=first) for s in (5, 6)])
+    assert [got[s] for s in range(7, 17)] == pytest.approx(
+        [LR * lr_factor(s, cfg.optim, 16, after=second) for s in range(7, 17)], rel=1e-9
+    )
+    assert [e["new"] for e in read_events(run, "run_extended")] == [{"train.max_steps": 10}, {"train.max_steps": 16}]
+    assert len(json.loads((run / "extensions.json").read_text())) == 2
 
 
 def test_an_extended_run_resumes_exactly(tmp_path, corpus, monkeypatch):
@@ -126,12 +157,40 @@ def test_an_extended_run_resumes_exactly(tmp_path, corpus, monkeypatch):
     assert all(torch.equal(w_straight[k], w_broken[k]) for k in w_straight)
 
 
-def test_extending_by_epochs_and_by_budget(tmp_path, corpus):
+def test_extending_by_epochs(tmp_path, corpus):
     run = tmp_path / "runs" / "t"
     train(cfg_for(tmp_path, corpus, "train.max_steps=4"))
     first = train(None, resume=run, extend=["train.max_steps=none", "train.epochs=0.05"])
     assert first["steps"] > 4 and first["stop_reason"] == "epochs"
     assert config_mod.load(run / "config.yaml").train.epochs == 0.05
+
+
+def test_extending_a_time_budget_replans_over_the_fraction_left(tmp_path, corpus, monkeypatch):
+    ticks = itertools.count()  # every step takes exactly one second
+    monkeypatch.setattr(trainer_mod, "step_timer", lambda: float(next(ticks)))
+    opts = ("train.max_steps=null", "train.time_budget_s=8", "optim.min_lr_frac=0.1", "train.checkpoint_every=2")
+    cfg = cfg_for(tmp_path, corpus, *opts)
+    run = tmp_path / "runs" / "t"
+    with monkeypatch.context() as m:
+        real_step = trainer_mod.Trainer.train_step
+        m.setattr(trainer_mod.Trainer, "train_step", lambda self: _crash(self, 4) or real_step(self))
+        with pytest.raises(RuntimeError):
+            train(cfg)
+    with pytest.raises(ConfigError, match=r"the run has trained 4.0 s already; give a larger train.time_budget_s"):
+        train(None, resume=run, extend=["train.time_budget_s=3"])
+    summary = train(None, resume=run, extend=["train.time_budget_s=12"])
+    assert (summary["steps"], summary["stop_reason"]) == (12, "time_budget")
+    f0 = lr_factor(4, cfg.optim, UNPLANNED, 4 / 8)
+    got = lrs(run)
+    for step in range(5, 13):
+        progress = (step / 12 - 4 / 12) / (1 - 4 / 12)
+        assert got[step] == pytest.approx(LR * (0.1 + (f0 - 0.1) * 0.5 * (1 + math.cos(math.pi * progress)))), step
+    assert got[12] == pytest.approx(LR * 0.1)
+
+
+def _crash(trainer, step: int) -> None:
+    if trainer.progress.step == step:
+        raise RuntimeError("simulated crash")
 
 
 def test_shrinking_is_refused_and_nothing_changes(tmp_path, corpus):
