@@ -19,8 +19,8 @@ RESUME_OVERRIDES: frozenset[str] = frozenset({"train.max_steps", "train.epochs",
 
 
 def check_resume_overrides(run_dir: Path, overrides: list[str]) -> None:
-    """``--resume`` continues a run exactly as configured: refuse overrides outside ``RESUME_OVERRIDES``,
-    naming the first that would change the run (else the first given)."""
+    """``--resume`` continues a run as configured (its stopping rule may grow): refuse overrides outside
+    ``RESUME_OVERRIDES``, naming the first that would change the run (else the first given)."""
     refused = [arg for arg in overrides if arg.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
     if not refused:
         return
