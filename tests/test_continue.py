@@ -268,8 +268,9 @@ def test_init_from_refuses_other_shapes_naming_the_first(tmp_path, corpus):
         train(cfg)
 
 
-def test_tokenizer_from_gives_the_runs_token_ids(tmp_path, corpus, capsys):
-    src, _ = source_run(tmp_path, corpus, "data.tokenizer=bpe", "data.vocab_size=300")
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_tokenizer_from_gives_the_runs_token_ids(tmp_path, corpus, capsys, kind):
+    src, _ = source_run(tmp_path, corpus, f"data.tokenizer={kind}", "data.vocab_size=300")
     other = write_corpus(tmp_path / "other.txt", seed=9)
     out = tmp_path / "new"
     args = ["prepare", str(other), "--format", "lines", "--val-frac", "0.1", "--seed", "1"]
@@ -283,7 +284,7 @@ def test_tokenizer_from_gives_the_runs_token_ids(tmp_path, corpus, capsys):
     ids = new.tokens("train")[:400].tolist()
     docs = [d for d in first if d]
     assert any(old.tokenizer.encode(d) == ids[1 : 1 + len(old.tokenizer.encode(d))] for d in docs)
-    cfg = cfg_for(tmp_path, other, f"train.init_from={src}", f"data.dir={out}", "data.tokenizer=bpe", name="ft")
+    cfg = cfg_for(tmp_path, other, f"train.init_from={src}", f"data.dir={out}", f"data.tokenizer={kind}", name="ft")
     assert train(cfg)["init_from"] == str(src)  # the same tokenizer: accepted
 
 
