@@ -154,10 +154,10 @@ class Trainer:
             )
         check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
-        self.model.resolve_backends(self.device)
         self.init_from = None
         if cfg.train.init_from and not self.resuming:  # weights only: the optimizer and schedule start fresh
             self.init_from = finetune.init_weights(self.model, cfg.train.init_from, self.ds)
+        self.model.resolve_backends(self.device)
         # MFU in training_step events where the GPU's bf16 peak is known (every rank's GPU counts).
         peak = flops.device_peak_tflops(self.device)
         self.peak_tflops = peak * self.dist.world_size if peak else None
