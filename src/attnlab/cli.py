@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write each split's documents as a Hugging Face dataset (load_from_disk)",
     )
+    pr.add_argument(
+        "--tokenizer-from",
+        metavar="RUN_DIR",
+        help="encode with a run's tokenizer (its dataset's tokenizer.json), e.g. to fine-tune it with train.init_from",
+    )
     pr.add_argument("--force", action="store_true", help="replace an existing dataset folder")
     pr.add_argument("overrides", nargs="*", help="more data.key=value settings")
 
@@ -283,6 +288,8 @@ def cmd_prepare(a) -> None:
         for arg in a.overrides:
             key, value = parse_override(arg)
             set_key(cfg, key if key.startswith("data.") else f"data.{key}", value)
+        if a.tokenizer_from is not None:
+            _tokenizer_from(cfg, a)
         meta = store.prepare(cfg.data, a.out, force=a.force, export_hf=a.export_hf)
     except Interrupted:
         raise
@@ -303,6 +310,22 @@ def cmd_prepare(a) -> None:
     )
 
 
+def _tokenizer_from(cfg, a) -> None:
+    """``--tokenizer-from RUN``: data.tokenizer_file is the run's tokenizer.json, data.tokenizer its kind."""
+    from .config import set_key
+    from .run.finetune import run_tokenizer
+
+    if a.tokenizer_file is not None:
+        raise ConfigError("--tokenizer-from and --tokenizer-file both name a tokenizer: pass one of them")
+    path, _, kind = run_tokenizer(Path(a.tokenizer_from))
+    if a.tokenizer is not None and a.tokenizer != kind:
+        raise ConfigError(
+            f"--tokenizer {a.tokenizer} differs from {a.tokenizer_from}'s tokenizer ({kind}): drop --tokenizer"
+        )
+    set_key(cfg, "data.tokenizer", kind)
+    set_key(cfg, "data.tokenizer_file", str(path))
+
+
 def _as_flags(message: str, flags: list[str]) -> str:
     """``data.path='x'`` / ``data.path=x`` -> ``--path 'x'`` / ``--path x`` for the given prepare flags."""
     import re
@@ -317,7 +340,7 @@ def cmd_train(a) -> None:
     from pathlib import Path
 
     from . import config
-    from .run.resume import check_resume_overrides
+    from .run.resume import RESUME_OVERRIDES, check_resume_overrides
     from .training.runtime import tune_allocator
     from .training.trainer import train
 
@@ -329,10 +352,13 @@ def cmd_train(a) -> None:
         )
     cfg = None
     data_dir = None
+    extend = []  # stopping-rule overrides that extend the resumed run
     if a.resume is not None:  # data.dir=DIR says where the run's dataset is now (checked against its record)
         data_dir = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].strip() == "data.dir"), None)
         overrides = [o for o in overrides if o.split("=", 1)[0].strip() != "data.dir"]
         check_resume_overrides(Path(a.resume), overrides)
+        extend = [o for o in overrides if o.split("=", 1)[0].strip() in RESUME_OVERRIDES]
+        overrides = [o for o in overrides if o not in extend]
     if a.resume is None or files:
         if a.resume is None and not args:
             raise ConfigError(
@@ -343,7 +369,13 @@ def cmd_train(a) -> None:
     tune_allocator()
     try:
         summary = train(
-            cfg, resume=a.resume, force=a.force, argv=sys.argv, auto_resume=a.auto_resume, data_dir=data_dir
+            cfg,
+            resume=a.resume,
+            force=a.force,
+            argv=sys.argv,
+            auto_resume=a.auto_resume,
+            data_dir=data_dir,
+            extend=extend,
         )
     except Interrupted:
         raise

@@ -325,6 +325,9 @@ class TrainConfig:
     parallel: str = opt(
         "ddp", choices=["ddp", "fsdp"], help="under torchrun: DDP replicas or FSDP2 sharding (ignored in one process)"
     )
+    init_from: str | None = opt(
+        None, help="start from the weights of RUN or RUN/checkpoints/step_N (fresh optimizer and schedule)"
+    )
 
 
 @dataclass

@@ -260,7 +260,7 @@ def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> d
         "sha256": file_sha256(tmp / "tokenizer.json"),
     }
     if cfg.tokenizer_file:
-        tok_meta.update(from_file=str(Path(cfg.tokenizer_file).resolve()), eos_token=tok.eos_token)
+        tok_meta.update(from_file=str(Path(cfg.tokenizer_file).resolve()), eos_token=getattr(tok, "eos_token", EOS))
     return {
         "kind": "text",
         "source": documents.info,

@@ -202,15 +202,18 @@ def train_tokenizer(kind: str, train_docs: list[str], vocab_size: int) -> Tokeni
     raise DataError(f"unknown tokenizer {kind!r}: use data.tokenizer=bpe, bytes or char")
 
 
-def tokenizer_from_file(path, kind: str = "bpe") -> BPETokenizer:
+def tokenizer_from_file(path, kind: str = "bpe") -> Tokenizer:
     """An existing Hugging Face ``tokenizer.json`` used as is (``data.tokenizer_file``): no training.
 
     The vocabulary is the file's; its end-of-text token (one of EOS_TOKENS) separates documents, or
     ``<eos>`` is added when it has none. Truncation and padding settings are dropped: documents are
-    encoded whole."""
+    encoded whole. A ``bytes`` or ``char`` tokenizer.json that attnlab wrote (a run's, for
+    ``--tokenizer-from``) is loaded as that tokenizer when ``kind`` names it."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
+    if kind in ("bytes", "char") and _attnlab_kind(path) == kind:
+        return load_tokenizer(path)
     if kind != "bpe":
         raise DataError(
             f"data.tokenizer_file replaces the trained BPE tokenizer, but data.tokenizer={kind}: "
@@ -231,6 +234,15 @@ def tokenizer_from_file(path, kind: str = "bpe") -> BPETokenizer:
     if not any(hf.token_to_id(t) is not None for t in EOS_TOKENS):
         hf.add_special_tokens([AddedToken(EOS, special=True)])
     return BPETokenizer(hf)
+
+
+def _attnlab_kind(path) -> str | None:
+    """The ``kind`` entry of an attnlab tokenizer.json (None: unreadable or a Hugging Face file)."""
+    try:
+        obj = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj.get("kind") if isinstance(obj, dict) else None
 
 
 def load_tokenizer(path) -> Tokenizer:

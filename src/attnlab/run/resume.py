@@ -13,21 +13,22 @@ from ..training import checkpoint as ckpt
 from . import identity
 from .open import load_run_config
 
-# Overrides `attnlab train --resume RUN key=value` accepts: a resumed run continues exactly as configured.
-RESUME_OVERRIDES: frozenset[str] = frozenset()
+# Overrides `attnlab train --resume RUN key=value` accepts: the stopping rule, which extends the run
+# (run/extend.py); anything else would change what the run is.
+RESUME_OVERRIDES: frozenset[str] = frozenset({"train.max_steps", "train.epochs", "train.time_budget_s"})
 
 
 def check_resume_overrides(run_dir: Path, overrides: list[str]) -> None:
-    """``--resume`` continues a run exactly as configured: refuse overrides outside ``RESUME_OVERRIDES``,
-    naming the first that would change the run (else the first given)."""
+    """``--resume`` continues a run as configured (its stopping rule may grow): refuse overrides outside
+    ``RESUME_OVERRIDES``, naming the first that would change the run (else the first given)."""
     refused = [arg for arg in overrides if arg.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
     if not refused:
         return
     arg = next((a for a in refused if _changes(run_dir, a)), refused[0])
     key = arg.split("=", 1)[0].strip()
     raise ConfigError(
-        f"--resume takes no overrides ({_short(arg)} given): a resumed run continues exactly as "
-        f"configured; to change {key}, start a new run from {run_dir / 'config.yaml'} with name=..."
+        f"--resume takes no overrides ({_short(arg)} given) except the stopping rule (train.max_steps, train.epochs, "
+        f"train.time_budget_s); to change {key}, start a new run from {run_dir / 'config.yaml'} with name=..."
     )
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from ..config import OptimConfig
 from ..errors import CheckpointError, ConfigError
 
-__all__ = ["CombinedOptimizer", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
+__all__ = ["CombinedOptimizer", "Continuation", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
 
 # ------------------------------------------------------------ param groups
@@ -217,7 +217,21 @@ class RunClock:
         return min(1.0, max(by_steps, by_time))
 
 
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int, done: float | None = None) -> float:
+@dataclass(frozen=True)
+class Continuation:
+    """A run extended at ``step`` (its new stopping rule in ``lr_factor``'s ``total_steps``/``done``): a cosine or
+    linear schedule goes on from ``factor``, the lr factor it had reached there, down to ``min_lr_frac`` at the new
+    end, over the steps (or, with a time budget, the fraction of the run) still to come. ``start`` is the run's
+    fraction done at ``step`` under the new stopping rule (the clock's ``fraction``)."""
+
+    step: int
+    factor: float
+    start: float
+
+
+def lr_factor(
+    step: int, cfg: OptimConfig, total_steps: int, done: float | None = None, after: Continuation | None = None
+) -> float:
     """Multiplier of the base lr for optimizer step ``step`` (0-based).
 
     Warm-up: ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``,
@@ -226,6 +240,11 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int, done: float | None 
     ``total_steps`` (kept beyond): ``cosine``, ``linear``, or ``wsd`` (1 until
     the last ``decay_frac`` of all ``total_steps``, then linear); ``constant``
     stays 1. A warm-up longer than the run simply ends with the run.
+
+    ``after`` (an extended run, ``Continuation``): from its step on, ``cosine`` and ``linear`` go from
+    ``after.factor`` to ``min_lr_frac`` at the new end, ``progress = (step - after.step) / (total_steps -
+    after.step)`` (with a time budget, ``(done - after.start) / (1 - after.start)``); ``wsd`` simply follows
+    the new total (stable until its last ``decay_frac``); ``constant`` stays 1.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -234,6 +253,8 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int, done: float | None 
         return (step + 1) / (warmup + 1)
     if cfg.schedule == "constant":
         return 1.0
+    if after is not None and cfg.schedule in ("cosine", "linear") and step >= after.step:
+        return _continued(step, cfg, total_steps, done, after)
     if done is not None:
         return _by_fraction(done, cfg, warmup / total_steps if total_steps < UNPLANNED else 0.0)
     if step >= total_steps:
@@ -271,13 +292,27 @@ def _by_fraction(done: float, cfg: OptimConfig, start: float) -> float:
     return _towards_min(progress, cfg.min_lr_frac)
 
 
+def _continued(step: int, cfg: OptimConfig, total_steps: int, done: float | None, after: Continuation) -> float:
+    """``after.factor`` at ``after.step``, ``min_lr_frac`` at the (new) end; cosine or linear in between."""
+    if done is not None:
+        progress = 1.0 if done >= 1.0 or after.start >= 1.0 else max(0.0, (done - after.start) / (1.0 - after.start))
+    else:
+        progress = 1.0 if step >= total_steps else (step - after.step) / (total_steps - after.step)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return min(after.factor, max(cfg.min_lr_frac, cfg.min_lr_frac + (after.factor - cfg.min_lr_frac) * shape))
+
+
 def _towards_min(decayed: float, min_frac: float) -> float:
     """1 at decayed=0, min_frac at decayed=1; clamped so float rounding never leaves [min_frac, 1]."""
     return min(1.0, max(min_frac, 1.0 - (1.0 - min_frac) * decayed))
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, clock: RunClock | None = None
+    optimizer: torch.optim.Optimizer,
+    cfg: OptimConfig,
+    total_steps: int,
+    clock: RunClock | None = None,
+    after: Continuation | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR applying ``lr_factor``; call ``scheduler.step()`` after each ``optimizer.step()`` (and, with a
     budget ``clock``, after the step's seconds are counted, so the lr follows the budget used).
@@ -289,6 +324,6 @@ def build_scheduler(
     by_budget = clock is not None and clock.budget_s is not None
 
     def factor(step: int) -> float:
-        return lr_factor(step, cfg, total_steps, clock.fraction(step) if by_budget else None)
+        return lr_factor(step, cfg, total_steps, clock.fraction(step) if by_budget else None, after)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

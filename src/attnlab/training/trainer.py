@@ -35,7 +35,8 @@ from ..eval.inspection.attention_stats import attention_stats_event
 from ..eval.metrics.curves import plot_curves
 from ..eval.metrics.scoring import Score, image_metrics, score_images, score_tokens, text_metrics
 from ..model.gpt import GPT
-from ..run import identity
+from ..run import extend as extend_mod
+from ..run import finetune, identity
 from ..run.open import RESUME_DATA_HINT, fit_model_to_data, open_dataset, open_run_dataset
 from ..run.plugins import copy_plugins
 from ..run.resume import auto_resume_target, check_resume_config
@@ -101,6 +102,7 @@ class Trainer:
     eval_every: int | None = _built_in_setup()
     progress: Progress = _built_in_setup()  # what a checkpoint restores
     saved_step: int | None = _built_in_setup()  # the step of the last checkpoint written
+    init_from: dict | None = _built_in_setup()  # train.init_from: the checkpoint the weights came from
 
     def setup(self) -> None:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
@@ -152,6 +154,9 @@ class Trainer:
             )
         check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
+        self.init_from = None
+        if cfg.train.init_from and not self.resuming:  # weights only: the optimizer and schedule start fresh
+            self.init_from = finetune.init_weights(self.model, cfg.train.init_from, self.ds)
         self.model.resolve_backends(self.device)
         # MFU in training_step events where a peak is known (every rank counts): a GPU's bf16 data-sheet peak,
         # or on a CPU this process's measured fp32 matmul rate (its own key, mfu_cpu_measured_peak).
@@ -172,7 +177,10 @@ class Trainer:
             cfg.train.time_budget_s,
             lambda: self.progress.train_seconds,
         )
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.clock)
+        after = (
+            extend_mod.continuation(self.run_dir) if self.resuming else None
+        )  # an extended run's re-planned schedule
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.clock, after)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.eval_every = self._eval_every()
         self.saved_step = None
@@ -241,6 +249,8 @@ class Trainer:
             "argv": self.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if self.cfg.train.init_from:
+            meta["init_from"] = self.init_from
         if self.dist.enabled:
             meta["distributed"] = {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
         return json.dumps(meta, indent=2)
@@ -598,6 +608,8 @@ class Trainer:
             "attention": self.model.describe()["attention"],  # each layer's pattern and the backend that ran it
             "attn_dropout": attention_dropout(self.cfg.model),
         }
+        if self.cfg.train.init_from:
+            summary["init_from"] = self.cfg.train.init_from
         if not self.image:
             summary.update(
                 eval_context=self.cfg.model.context, eval_stride=self.cfg.train.eval_stride or self.cfg.model.context
@@ -643,6 +655,7 @@ def train(
     argv: list[str] | None = None,
     auto_resume: bool = False,
     data_dir: str | Path | None = None,
+    extend: list[str] | None = None,
 ) -> dict:
     """Run (or resume) training and return summary.json's content.
 
@@ -652,6 +665,8 @@ def train(
     complete checkpoint if it has one, else starts it, so that
     ``torchrun --max-restarts`` can re-run the same command after a failure.
     ``data_dir`` (resume) points at a copy of the run's dataset; it must match the run's record.
+    ``extend`` (resume): stopping-rule overrides such as ``["train.max_steps=2000"]`` that extend the run
+    (``run/extend.py``).
     """
     wall_start = time.time()
     if auto_resume and (resume is not None or force or cfg is None):
@@ -659,6 +674,8 @@ def train(
             "--auto-resume takes a config and picks start or resume itself: "
             "drop --resume/--force (or drop --auto-resume)"
         )
+    if extend and resume is None:
+        raise UserError("extending a run needs --resume RUN_DIR: train.max_steps=N extends the run it resumes")
     if resume is None:
         cfg.validate()
         run_dir = Path(cfg.out_dir) / cfg.name
@@ -672,7 +689,7 @@ def train(
     try:
         with folders.locked(run_dir) if dist.is_main else contextlib.nullcontext():
             return _train_locked(
-                cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start, data_dir
+                cfg, run_dir, resume is not None, force, auto_resume, argv or [], dist, wall_start, data_dir, extend
             )
     finally:
         if made:  # refused before the run existed: leave no empty out_dir behind
@@ -703,12 +720,15 @@ def _train_locked(
     dist: distributed.Dist,
     wall_start: float,
     data_dir: str | Path | None,
+    extend: list[str] | None = None,
 ) -> dict:
     if auto_resume:
         target, force = auto_resume_target(cfg)
         resume = target is not None
     if resume:
-        cfg = check_resume_config(run_dir, cfg)
+        cfg = saved = check_resume_config(run_dir, cfg)
+        if extend:
+            cfg = extend_mod.extended_config(saved, extend)
         if dist.is_main:
             for d in (run_dir, run_dir / "checkpoints"):
                 if d.is_dir():
@@ -721,8 +741,10 @@ def _train_locked(
         )
     trainer = Trainer(cfg, run_dir, argv, dist, data_dir, resuming=resume)
     trainer.setup()  # data and model errors surface before anything is written
+    extended = None
     if resume:
         trainer.restore()
+        extended = extend_mod.apply(trainer, saved) if extend else None
         if trainer.should_stop() and trainer._exists(run_dir / "summary.json"):
             distributed.shutdown(dist)
             return json.loads((run_dir / "summary.json").read_text())  # finished: nothing to add
@@ -735,6 +757,8 @@ def _train_locked(
     log = EventLog(run_dir, cfg, enabled=dist.is_main, resumed_from=trainer.progress.step if resume else None)
     try:
         trainer.log_start(log, resumed=resume)
+        if extended:
+            log.log("run_extended", **extended)
         reason = trainer.fit(log)
         summary = trainer.finish(log, reason, wall_start)
     finally:
