@@ -267,6 +267,14 @@ def test_atomic_write_text(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+def test_atomic_write_removes_what_a_killed_writer_left(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".summary.json.tmp-{int(dead.stdout)}").write_text("half")  # its process is gone
+    (tmp_path / f".summary.json.tmp-{os.getppid()}").write_text("busy")  # a live writer's: left alone
+    ck.atomic_write_text(tmp_path / "summary.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".summary.json.tmp-{os.getppid()}", "summary.json"]
+
+
 # ------------------------------------------------------------ crash safety (SIGKILL during a save)
 
 # A helper process imports torch once, then forks one saver per request; the test SIGKILLs the

@@ -101,6 +101,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a writer killed mid-write left it: nothing reads it
+        m = _TMP.search(stale.name)
+        if m and stale != tmp and not _pid_alive(int(m.group(1))):
+            stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
