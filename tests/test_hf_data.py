@@ -19,8 +19,14 @@ TEXTS = [f"document {i}: " + "word " * (i % 7 + 1) for i in range(40)]
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
+    """No hub: the variables for subprocesses, the libraries' own flags (read at import) for this process."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     datasets.disable_progress_bars()
 
 
