@@ -48,6 +48,28 @@ def tiny_config(corpus: Path, data_dir: Path, out_dir: Path, *overrides: str, na
     return config.load(None, base + list(overrides))
 
 
+def crash_after_step(monkeypatch, step: int, start) -> None:
+    """Run ``start()`` (a training call) with training dying just after step ``step``: what a crash mid-run
+    leaves, for resume tests. Training steps work normally again afterwards."""
+    import pytest
+
+    from attnlab.training import trainer as trainer_mod
+
+    real_step = trainer_mod.Trainer.train_step
+
+    def crashing(self):
+        if self.progress.step == step:
+            raise RuntimeError("simulated crash")
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            start()
+    finally:
+        monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+
+
 def digits_config(root: Path, *overrides: str) -> config.Config:
     """A tiny run on the built-in digits images (8x8, 64 bytes): one layer, image embeddings; skips without sklearn."""
     import pytest

@@ -10,10 +10,9 @@ from attnlab.attention.backends import attention_dropout
 from attnlab.errors import ConfigError
 from attnlab.model.gpt import GPT
 from attnlab.training import checkpoint as ckpt
-from attnlab.training import trainer as trainer_mod
 from attnlab.training.logs import read_events
 from attnlab.training.trainer import train
-from runkit import tiny_config, write_corpus
+from runkit import crash_after_step, tiny_config, write_corpus
 
 SPARSE = ["attention.pattern=strided", "attention.local_attn_ctx=8"]
 
@@ -98,17 +97,7 @@ def test_run_directory_written_without_the_key_resumes_bit_identical(tmp_path, c
     """A run directory whose config.yaml has no model.attn_dropout (written before it existed) resumes exactly."""
     common = ["train.max_steps=8", "train.checkpoint_every=4", *SPARSE]
     train(cfg_for(tmp_path, corpus, *common, name="full"))
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing_step(self):
-        if self.progress.step == 6:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg_for(tmp_path, corpus, *common, name="old"))
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    crash_after_step(monkeypatch, 6, lambda: train(cfg_for(tmp_path, corpus, *common, name="old")))
     old = tmp_path / "runs" / "old"
     saved = yaml.safe_load((old / "config.yaml").read_text())
     assert saved["model"].pop("attn_dropout") is None

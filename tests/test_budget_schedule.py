@@ -11,7 +11,7 @@ from attnlab.training import trainer as trainer_mod
 from attnlab.training.logs import read_events
 from attnlab.training.optim import RunClock, lr_factor
 from attnlab.training.trainer import train
-from runkit import tiny_config, write_corpus
+from runkit import crash_after_step, tiny_config, write_corpus
 
 LR, MIN = 3e-3, 0.1
 
@@ -77,17 +77,7 @@ def test_steps_that_end_first_give_the_step_schedule(tmp_path, corpus, one_secon
 def test_resume_mid_budget_continues_the_schedule(tmp_path, corpus, one_second_steps, monkeypatch):
     common = ["train.max_steps=null", "train.time_budget_s=10", "train.checkpoint_every=4"]
     full, full_dir = run(tmp_path, corpus, *common, name="full")
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing_step(self):
-        if self.progress.step == 6:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(RuntimeError):
-        run(tmp_path, corpus, *common, name="cut")
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    crash_after_step(monkeypatch, 6, lambda: run(tmp_path, corpus, *common, name="cut"))
     resumed = train(resume=tmp_path / "runs" / "cut")
     assert resumed["steps"] == full["steps"] == 10 and resumed["train_seconds"] == full["train_seconds"] == 10
     assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["final_lr"] == full["final_lr"]

@@ -21,7 +21,7 @@ from attnlab.training import trainer as trainer_mod
 from attnlab.training.logs import read_events
 from attnlab.training.optim import UNPLANNED, Continuation, lr_factor
 from attnlab.training.trainer import Trainer, train
-from runkit import tiny_config, write_corpus
+from runkit import crash_after_step, tiny_config, write_corpus
 
 LR = 3e-3
 
@@ -33,18 +33,6 @@ def corpus(tmp_path):
 
 def cfg_for(tmp_path, corpus, *overrides, name="t", data="data"):
     return tiny_config(corpus, tmp_path / data, tmp_path / "runs", *overrides, name=name)
-
-
-def crash_at(monkeypatch, step: int) -> None:
-    """The next train() stops with an error when it is about to run step ``step + 1`` (after step ``step``)."""
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing(self):
-        if self.progress.step == step:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing)
 
 
 def lrs(run_dir) -> dict[int, float]:
@@ -96,10 +84,7 @@ def test_extending_mid_run_replans_from_the_current_factor(tmp_path, corpus, mon
     opts = ("train.max_steps=8", f"optim.schedule={schedule}", "optim.min_lr_frac=0.1", "train.checkpoint_every=2")
     cfg = cfg_for(tmp_path, corpus, *opts)
     run = tmp_path / "runs" / "t"
-    crash_at(monkeypatch, 4)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train(cfg)
-    monkeypatch.undo()
+    crash_after_step(monkeypatch, 4, lambda: train(cfg))
     f0 = lr_factor(4, cfg.optim, 8)
     assert train(None, resume=run, extend=["train.max_steps=12"])["steps"] == 12
     after = Continuation(4, f0, 4 / 12)
@@ -115,14 +100,8 @@ def test_extending_mid_run_replans_from_the_current_factor(tmp_path, corpus, mon
 def test_a_second_extension_continues_from_the_first(tmp_path, corpus, monkeypatch):
     cfg = cfg_for(tmp_path, corpus, "train.max_steps=8", "optim.min_lr_frac=0.1", "train.checkpoint_every=2")
     run = tmp_path / "runs" / "t"
-    crash_at(monkeypatch, 4)
-    with pytest.raises(RuntimeError):
-        train(cfg)
-    monkeypatch.undo()
-    crash_at(monkeypatch, 6)
-    with pytest.raises(RuntimeError):
-        train(None, resume=run, extend=["train.max_steps=10"])
-    monkeypatch.undo()
+    crash_after_step(monkeypatch, 4, lambda: train(cfg))
+    crash_after_step(monkeypatch, 6, lambda: train(None, resume=run, extend=["train.max_steps=10"]))
     train(None, resume=run, extend=["train.max_steps=16"])
     first = Continuation(4, lr_factor(4, cfg.optim, 8), 4 / 10)
     second = Continuation(6, lr_factor(6, cfg.optim, 10, after=first), 6 / 16)
@@ -138,16 +117,10 @@ def test_a_second_extension_continues_from_the_first(tmp_path, corpus, monkeypat
 def test_an_extended_run_resumes_exactly(tmp_path, corpus, monkeypatch):
     opts = ("train.max_steps=6", "optim.schedule=cosine", "train.checkpoint_every=2", "optim.min_lr_frac=0.1")
     for name in ("straight", "broken"):
-        crash_at(monkeypatch, 4)
-        with pytest.raises(RuntimeError):
-            train(cfg_for(tmp_path, corpus, *opts, name=name))
-        monkeypatch.undo()
+        crash_after_step(monkeypatch, 4, lambda name=name: train(cfg_for(tmp_path, corpus, *opts, name=name)))
     straight, broken = tmp_path / "runs" / "straight", tmp_path / "runs" / "broken"
     want = train(None, resume=straight, extend=["train.max_steps=12"])
-    crash_at(monkeypatch, 8)
-    with pytest.raises(RuntimeError):
-        train(None, resume=broken, extend=["train.max_steps=12"])
-    monkeypatch.undo()
+    crash_after_step(monkeypatch, 8, lambda: train(None, resume=broken, extend=["train.max_steps=12"]))
     got = train(None, resume=broken)  # the extension is in its config.yaml now
     assert got["val_bits_per_byte"] == want["val_bits_per_byte"]
     assert got["final_lr"] == want["final_lr"] and got["steps"] == 12
@@ -171,11 +144,7 @@ def test_extending_a_time_budget_replans_over_the_fraction_left(tmp_path, corpus
     opts = ("train.max_steps=null", "train.time_budget_s=8", "optim.min_lr_frac=0.1", "train.checkpoint_every=2")
     cfg = cfg_for(tmp_path, corpus, *opts)
     run = tmp_path / "runs" / "t"
-    with monkeypatch.context() as m:
-        real_step = trainer_mod.Trainer.train_step
-        m.setattr(trainer_mod.Trainer, "train_step", lambda self: _crash(self, 4) or real_step(self))
-        with pytest.raises(RuntimeError):
-            train(cfg)
+    crash_after_step(monkeypatch, 4, lambda: train(cfg))
     with pytest.raises(ConfigError, match=r"the run has trained 4.0 s already; give a larger train.time_budget_s"):
         train(None, resume=run, extend=["train.time_budget_s=3"])
     summary = train(None, resume=run, extend=["train.time_budget_s=12"])
@@ -186,11 +155,6 @@ def test_extending_a_time_budget_replans_over_the_fraction_left(tmp_path, corpus
         progress = (step / 12 - 4 / 12) / (1 - 4 / 12)
         assert got[step] == pytest.approx(LR * (0.1 + (f0 - 0.1) * 0.5 * (1 + math.cos(math.pi * progress)))), step
     assert got[12] == pytest.approx(LR * 0.1)
-
-
-def _crash(trainer, step: int) -> None:
-    if trainer.progress.step == step:
-        raise RuntimeError("simulated crash")
 
 
 def test_shrinking_is_refused_and_nothing_changes(tmp_path, corpus):

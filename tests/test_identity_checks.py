@@ -19,9 +19,8 @@ from attnlab.errors import CheckpointError, ConfigError, DataError, UserError
 from attnlab.files import file_sha256
 from attnlab.run.open import load_run
 from attnlab.training import checkpoint as ckpt
-from attnlab.training import trainer as trainer_mod
 from attnlab.training.trainer import train
-from runkit import tiny_config, write_corpus
+from runkit import crash_after_step, tiny_config, write_corpus
 
 
 @pytest.fixture
@@ -35,17 +34,7 @@ def cfg_for(tmp_path, corpus, *overrides, name="t"):
 
 def crashed_run(cfg, monkeypatch, at_step: int = 3) -> Path:
     """Train until step `at_step` (checkpoints every 2 steps), then crash: a run to resume."""
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing(self):
-        if self.progress.step == at_step:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    crash_after_step(monkeypatch, at_step, lambda: train(cfg))
     return Path(cfg.out_dir) / cfg.name
 
 

@@ -13,10 +13,9 @@ import torch
 from attnlab.errors import CheckpointError
 from attnlab.model.gpt import GPT
 from attnlab.training import flops
-from attnlab.training import trainer as trainer_mod
 from attnlab.training.logs import read_events, validation_line
 from attnlab.training.trainer import train
-from runkit import tiny_config, write_corpus
+from runkit import crash_after_step, tiny_config, write_corpus
 
 
 @pytest.fixture
@@ -30,17 +29,7 @@ def cfg_for(tmp_path, corpus, *overrides, name="t"):
 
 def crash_then_resume(cfg, monkeypatch, at_step: int = 3) -> Path:
     """Train until step ``at_step`` (checkpoints every 2 steps), crash, then resume to the end."""
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing(self):
-        if self.progress.step == at_step:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    crash_after_step(monkeypatch, at_step, lambda: train(cfg))
     run = Path(cfg.out_dir) / cfg.name
     train(resume=run)
     return run

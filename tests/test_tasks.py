@@ -13,6 +13,7 @@ from attnlab.data.tasks import IGNORE_INDEX, ArithmeticTask, TaskBatches, TaskDa
 from attnlab.errors import ConfigError
 from attnlab.eval.metrics.accuracy import accuracy_by_digits, accuracy_table, exact_match, solve, task_metrics
 from attnlab.training.trainer import Trainer
+from runkit import crash_after_step
 
 
 def task(**kw) -> ArithmeticTask:
@@ -327,17 +328,7 @@ def test_interrupted_and_resumed_addition_run_equals_uninterrupted(tmp_path, mon
         )
 
     full = trainer_mod.train(cfg("full"))
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing_step(self):
-        if self.progress.step == 4:
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer_mod.train(cfg("crash"))
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    crash_after_step(monkeypatch, 4, lambda: trainer_mod.train(cfg("crash")))
     resumed = trainer_mod.train(resume=tmp_path / "crash")
     loss = lambda name: {e["step"]: e["loss"] for e in read_events(tmp_path / name, "training_step")}  # noqa: E731
     assert loss("full") == loss("crash") and len(loss("full")) == 6

@@ -12,7 +12,7 @@ from attnlab.training import checkpoint as ckpt
 from attnlab.training import trainer as trainer_mod
 from attnlab.training.logs import read_events
 from attnlab.training.trainer import train
-from runkit import tiny_config, write_corpus
+from runkit import crash_after_step, tiny_config, write_corpus
 
 
 @pytest.fixture
@@ -76,17 +76,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, corpus, monkeypa
     ]
     full = train(cfg_for(tmp_path, corpus, *common, name="full"))
 
-    real_step = trainer_mod.Trainer.train_step
-
-    def crashing_step(self):
-        if self.progress.step == 6:  # dies in the middle of step 7, after the step-4 checkpoint
-            raise RuntimeError("simulated crash")
-        return real_step(self)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg_for(tmp_path, corpus, *common, name="crash"))
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    # dies in the middle of step 7, after the step-4 checkpoint
+    crash_after_step(monkeypatch, 6, lambda: train(cfg_for(tmp_path, corpus, *common, name="crash")))
     resumed = train(resume=tmp_path / "runs" / "crash")
 
     a, b = tmp_path / "runs" / "full", tmp_path / "runs" / "crash"
