@@ -55,6 +55,13 @@ def test_a_budget_alone_ends_annealed(tmp_path, corpus, one_second_steps, schedu
     assert lrs(run_dir) == pytest.approx(want, rel=1e-12)
 
 
+def test_a_budget_that_ends_during_warmup_still_ends_annealed(tmp_path, corpus, one_second_steps):
+    summary, run_dir = run(tmp_path, corpus, "train.max_steps=null", "train.time_budget_s=5", "optim.warmup_steps=50")
+    assert summary["steps"] == 5 and summary["final_lr"] == pytest.approx(LR * MIN, rel=1e-12)
+    ramp = [LR * (s + 1) / 51 for s in range(1, 6)]  # events log the lr of the step after
+    assert lrs(run_dir)[:2] == pytest.approx(ramp[:2], rel=1e-12)  # the ramp while the budget is young
+
+
 def test_a_budget_that_ends_first_anneals_and_says_so(tmp_path, corpus, one_second_steps, capsys):
     summary, _ = run(tmp_path, corpus, "train.max_steps=100", "train.time_budget_s=6")
     assert (summary["steps"], summary["planned_steps"], summary["stop_reason"]) == (6, 100, "time_budget")

@@ -239,7 +239,8 @@ def lr_factor(
     After it, from exactly 1 at ``warmup_steps`` to exactly ``min_lr_frac`` at
     ``total_steps`` (kept beyond): ``cosine``, ``linear``, or ``wsd`` (1 until
     the last ``decay_frac`` of all ``total_steps``, then linear); ``constant``
-    stays 1. A warm-up longer than the run simply ends with the run.
+    stays 1. A warm-up longer than the run simply ends with the run; with a time budget the ramp is capped
+    by the decay the fraction ``done`` gives, so a budget that ends during warm-up still ends at ``min_lr_frac``.
 
     ``after`` (an extended run, ``Continuation``): from its step on, ``cosine`` and ``linear`` go from
     ``after.factor`` to ``min_lr_frac`` at the new end, ``progress = (step - after.step) / (total_steps -
@@ -250,7 +251,9 @@ def lr_factor(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     warmup = cfg.warmup_steps
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        ramp = (step + 1) / (warmup + 1)
+        # A budget that runs out during warm-up still ends annealed: the decay by the fraction done caps the ramp.
+        return ramp if done is None or cfg.schedule == "constant" else min(ramp, _by_fraction(done, cfg, 0.0))
     if cfg.schedule == "constant":
         return 1.0
     if after is not None and cfg.schedule in ("cosine", "linear") and step >= after.step:
