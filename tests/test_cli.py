@@ -81,7 +81,20 @@ def test_eval_last_line_is_json_and_batch_independent(trained):
     ]
     assert outs[0]["val_bits_per_byte"] == outs[1]["val_bits_per_byte"]
     assert outs[0]["tokens_scored"] == outs[1]["tokens_scored"]
-    assert any("mainrun-compatible" in k for k in outs[0])
+    assert all(k.isidentifier() for k in outs[0]) and outs[0]["mainrun_val_loss"] > 0  # plain JSON keys
+
+
+def test_eval_mainrun_exact_applies_the_challenges_window_rule(trained):
+    tmp, _ = trained
+    out = json.loads(run("eval", tmp / "runs" / "a", "--mainrun-exact").stdout.strip().splitlines()[-1])
+    meta = json.loads((tmp / "data" / "meta.json").read_text())["splits"]["val"]
+    targets, span = meta["tokens"] - 1, 4 * 32 + 1  # the run's train.batch_size * model.context + 1
+    assert out["mainrun_exact_tokens_scored"] == targets // span * 4 * 32 > 0
+    assert out["mainrun_exact_val_coverage"] == out["mainrun_exact_tokens_scored"] / targets
+    chars = meta["chars"] + 5 * meta["documents"]  # the whole split's "<eos>"-joined text
+    assert out["mainrun_val_loss"] * chars == pytest.approx(out["val_nats_per_token"] * out["tokens_scored"])
+    assert out["mainrun_exact_val_loss"] > 0 and "4*32+1" in out["mainrun_exact_rule"]
+    assert "tokenizer_fit" not in out  # the tokenizer was fit on the training documents only
 
 
 def test_sample_is_reproducible_with_seed(trained):

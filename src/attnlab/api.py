@@ -294,6 +294,11 @@ class Run:
             self.loaded, split or "val", context=context, stride=stride, batch_size=batch_size, progress=progress
         )
 
+    def evaluate_mainrun_exact(self, split: str = "val", *, batch_size: int = 32, progress: bool = False) -> dict:
+        """The Maincode mainrun challenge's own number (``attnlab eval --mainrun-exact``): ``loss``,
+        ``coverage`` (the share of the split's tokens its window rule scores), ``tokens``."""
+        return evaluate_mainrun_exact(self.loaded, split, batch_size=batch_size, progress=progress)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` read as a document: ``<eos>`` (a document's start, as in training), then the text."""
         tokenizer = _text_tokenizer(self.loaded, "encode")
