@@ -85,7 +85,7 @@ def test_evaluate_text_of_a_splits_documents_equals_the_split(trained):
     docs = [run.tokenizer.decode(ids[a + 1 : b]) for a, b in zip(cuts, cuts[1:])]
     assert len(docs) == run.dataset.meta["splits"]["val"]["documents"]
     by_text, by_split = run.evaluate(text=docs, stride=16), run.evaluate("val", stride=16)
-    for key in ("bits_per_byte", "nats_per_token", "tokens", "bytes", "chars"):
+    for key in ("bits_per_byte", "nats_per_token", "mainrun_loss", "tokens", "bytes", "chars"):
         assert by_text[key] == by_split[key], key
     one = run.evaluate(text=docs[0])
     assert one["tokens"] == len(run.tokenizer.encode(docs[0])) + 1 and one["bytes"] == len(docs[0].encode())
@@ -165,3 +165,25 @@ def test_image_runs_evaluate_in_bits_per_dim_as_attnlab_eval(tmp_path, capsys, o
         run.generate("x")
     with pytest.raises(UserError, match="context and stride apply to text"):
         run.evaluate("test", stride=4)
+
+
+def test_evaluate_mainrun_exact_equals_attnlab_eval(trained, capsys):
+    run_dir, _, _ = trained
+    shell = json.loads(cli_out(capsys, "eval", run_dir, "--mainrun-exact").strip().splitlines()[-1])
+    exact = attnlab.load(run_dir).evaluate_mainrun_exact()
+    assert (exact["loss"], exact["coverage"], exact["tokens"]) == (
+        shell["mainrun_exact_val_loss"],
+        shell["mainrun_exact_val_coverage"],
+        shell["mainrun_exact_tokens_scored"],
+    )
+
+
+def test_numbers_of_a_tokenizer_fit_on_val_say_so(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=100)
+    cfg = tiny_config(corpus, tmp_path / "data", tmp_path / "runs", "data.tokenizer=bpe", "data.vocab_size=300")
+    attnlab.train(cfg, name="tv", **{"data.tokenizer_fit": "train+val", "train.max_steps": 1, "model.n_layer": 1})
+    label = "train+val (the tokenizer saw the validation text)"
+    assert attnlab.load(tmp_path / "runs" / "tv").evaluate()["tokenizer_fit"] == label
+    assert (
+        json.loads(cli_out(capsys, "eval", tmp_path / "runs" / "tv").strip().splitlines()[-1])["tokenizer_fit"] == label
+    )

@@ -81,7 +81,20 @@ def test_eval_last_line_is_json_and_batch_independent(trained):
     ]
     assert outs[0]["val_bits_per_byte"] == outs[1]["val_bits_per_byte"]
     assert outs[0]["tokens_scored"] == outs[1]["tokens_scored"]
-    assert any("mainrun-compatible" in k for k in outs[0])
+    assert all(k.isidentifier() for k in outs[0]) and outs[0]["mainrun_val_loss"] > 0  # plain JSON keys
+
+
+def test_eval_mainrun_exact_applies_the_challenges_window_rule(trained):
+    tmp, _ = trained
+    out = json.loads(run("eval", tmp / "runs" / "a", "--mainrun-exact").stdout.strip().splitlines()[-1])
+    meta = json.loads((tmp / "data" / "meta.json").read_text())["splits"]["val"]
+    targets, span = meta["tokens"] - 1, 4 * 32 + 1  # the run's train.batch_size * model.context + 1
+    assert out["mainrun_exact_tokens_scored"] == targets // span * 4 * 32 > 0
+    assert out["mainrun_exact_val_coverage"] == out["mainrun_exact_tokens_scored"] / targets
+    chars = meta["chars"] + 5 * meta["documents"]  # the whole split's "<eos>"-joined text
+    assert out["mainrun_val_loss"] * chars == pytest.approx(out["val_nats_per_token"] * out["tokens_scored"])
+    assert out["mainrun_exact_val_loss"] > 0 and "4*32+1" in out["mainrun_exact_rule"]
+    assert "tokenizer_fit" not in out  # the tokenizer was fit on the training documents only
 
 
 def test_sample_is_reproducible_with_seed(trained):
@@ -227,3 +240,41 @@ def test_ctrl_c_saves_between_steps_and_resume_matches(tmp_path):
     wa, _ = ckpt.load_checkpoint(tmp_path / "runs" / "full")
     wb, _ = ckpt.load_checkpoint(tmp_path / "runs" / "cut")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_bad_fixed_setting_names_each_rule_and_the_nearest_valid_one(tmp_path):
+    overrides = [
+        "attention.pattern=fixed",
+        "attention.num_verts=16",
+        "attention.local_attn_ctx=32",
+        "attention.blocksize=32",
+        "attention.vertsize=64",
+        f"out_dir={tmp_path / 'runs'}",
+        f"data.dir={tmp_path / 'data'}",
+    ]
+    p = run("train", "configs/mainrun.yaml", *overrides)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert [line.split(":")[0].split("=")[0] for line in lines] == [
+        "attnlab",  # attnlab: error: attention.vertsize*num_verts=... exceeds ...
+        "attention.num_verts",
+        "nearest valid setting",
+    ]
+    assert lines[0].startswith("attnlab: error: attention.vertsize*num_verts=64*16=1024 exceeds the 1 block per chunk")
+    assert lines[-1] == (
+        "nearest valid setting: attention.local_attn_ctx=32 attention.blocksize=4 attention.vertsize=1 "
+        "attention.num_verts=8"
+    )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()  # nothing ran
+
+
+def test_prepare_tokenizer_fit_train_val_warns_and_records(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=60)
+    args = ["prepare", corpus, "--out", tmp_path / "data", "--format", "lines", "--vocab-size", 300]
+    p = run(*args, "--tokenizer-fit", "train+val")
+    assert p.returncode == 0, p.stderr
+    assert "attnlab: warning: data.tokenizer_fit=train+val" in p.stderr
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["data_config"]["tokenizer_fit"] == "train+val"
+    bad = run(*args[:3], tmp_path / "other", "--tokenizer-fit", "val")
+    assert_one_line_error(bad, 2, "--tokenizer-fit", "train+val")

@@ -1,5 +1,7 @@
 """Config loading, overrides and the errors a user sees."""
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -72,10 +74,25 @@ def test_saved_config_reloads_identically(tmp_path):
     assert again == cfg and config.diff(cfg, again) == []
 
 
-@pytest.mark.parametrize("preset", ["quickstart", "shakespeare-char", "mainrun"])
+@pytest.mark.parametrize("preset", ["quickstart", "shakespeare-char", "mainrun", "mainrun-fixed"])
 def test_presets_load(preset):
     cfg = config.load(f"configs/{preset}.yaml")
     assert cfg.name == preset
+
+
+def test_mainrun_fixed_is_the_mainrun_protocol_with_fixed_attention(tmp_path):
+    from attnlab.training.trainer import train
+    from runkit import write_corpus
+
+    mainrun, fixed = config.load("configs/mainrun.yaml"), config.load("configs/mainrun-fixed.yaml")
+    assert dataclasses.replace(fixed, name=mainrun.name, attention=mainrun.attention) == mainrun
+    assert fixed.attention.pattern == "fixed"
+    corpus = write_corpus(tmp_path / "titles.txt", n_docs=200)
+    tiny = [f"data.source={corpus}", "data.path=none", "data.format=lines", "data.max_docs=200"]
+    tiny += ["data.vocab_size=300", "model.n_layer=1", "model.d_model=32", "train.batch_size=2", "train.max_steps=2"]
+    tiny += [f"data.dir={tmp_path / 'data'}", f"out_dir={tmp_path / 'runs'}", "logging.progress=false"]
+    summary = train(config.load("configs/mainrun-fixed.yaml", tiny))
+    assert summary["steps"] == 2 and summary["attention"][0]["pattern"] == "fixed"
 
 
 @given(st.integers(min_value=1, max_value=256))

@@ -311,6 +311,8 @@ def test_meta_file_entries_outside_the_folder_are_refused(prepared, where):
         (lambda m: m["splits"].update(val="val.bin"), "val split is not an object"),
         (lambda m: m["splits"]["train"].update(tokens="many"), "train split's 'tokens' 'many' is not"),
         (lambda m: m.update(format_version="1"), "format_version '1'"),
+        (lambda m: m["splits"]["val"].pop("documents"), "val split's 'documents' None is not a count"),
+        (lambda m: m["splits"]["val"].update(chars=-3), "val split's 'chars' -3 is not a count"),
     ],
 )
 def test_structurally_tampered_meta_is_one_line(prepared, change, needle):

@@ -3,11 +3,22 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnlab.config import AttentionConfig, ModelConfig
-from attnlab.eval.metrics.scoring import LN2, Score, plan_windows, score_tokens, text_metrics
+from attnlab.config import AttentionConfig, DataConfig, ModelConfig
+from attnlab.data import store
+from attnlab.eval.metrics.scoring import (
+    LN2,
+    Score,
+    mainrun_exact_metrics,
+    mainrun_windows,
+    plan_windows,
+    score_tokens,
+    score_windows,
+    text_metrics,
+)
 from attnlab.model.gpt import GPT
 
 
@@ -68,7 +79,71 @@ def test_max_tokens_limits_scoring():
 
 
 def test_bits_per_byte_definition():
-    m = text_metrics(Score(nll_nats=1000.0, tokens=400), {"bytes": 1200, "chars": 1100})
-    assert m["bits_per_byte"] == pytest.approx(1000.0 / (LN2 * 1200))
-    assert m["nats_per_token"] == 2.5 and m["mainrun_loss"] == pytest.approx(1000.0 / 1100)
+    m = text_metrics(Score(nll_nats=1000.0, tokens=400), {"bytes": 1200, "chars": 1100, "documents": 20})
+    assert m["bits_per_byte"] == pytest.approx(1000.0 / (LN2 * 1200))  # the documents' bytes, separators excluded
+    assert m["nats_per_token"] == 2.5 and m["mainrun_loss"] == pytest.approx(1000.0 / (1100 + 5 * 20))
     assert "bits_per_byte" not in text_metrics(Score(10.0, 4), {"bytes": 1, "chars": 1}, partial=True)
+
+
+# ------------------------------------------------------------ the Maincode mainrun challenge's number
+
+DOCS = [f"Titre {i}: héllo wörld 🙂" if i % 3 == 0 else f"Show HN: plain title {i}" for i in range(30)]
+
+
+def test_mainrun_loss_divides_by_the_eos_joined_val_text(tmp_path):
+    corpus = tmp_path / "titles.txt"
+    corpus.write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    cfg = DataConfig(source=str(corpus), format="lines", tokenizer="bytes", val_frac=0.2, seed=3)
+    store.prepare(cfg, tmp_path / "ds", progress=False)
+    val_docs = store.split_documents(store.select_documents(DOCS, cfg), cfg.val_frac)["val"]
+    val_text = "<eos>".join(val_docs) + "<eos>"  # the challenge's val_text
+    info = store.load(tmp_path / "ds").meta["splits"]["val"]
+    m = text_metrics(Score(nll_nats=123.0, tokens=info["tokens"] - 1), info)
+    assert m["mainrun_loss"] == 123.0 / len(val_text)
+    assert m["bits_per_byte"] == 123.0 / (LN2 * len("".join(val_docs).encode("utf-8")))  # unchanged: documents only
+    assert mainrun_exact_metrics(Score(50.0, 7), info) == {
+        "loss": 50.0 / len(val_text),  # the whole split's characters, however few tokens were scored
+        "coverage": 7 / (info["tokens"] - 1),
+        "tokens": 7,
+    }
+
+
+def challenge_batches(n_tokens: int, context: int, batch_size: int) -> list[tuple[list[int], list[int]]]:
+    """The challenge's evaluate() loop over our split's positions: its stream is ours without the leading eos;
+    spans of batch_size*context+1 tokens at steps of the span, each split into rows of context (x, y) positions."""
+    stream = list(range(1, n_tokens))
+    span = batch_size * context + 1
+    rows = []
+    for ptr in range(0, len(stream) - span + 1, span):
+        batch = stream[ptr : ptr + span]
+        x, y = batch[:-1], batch[1:]
+        for r in range(batch_size):
+            rows.append((x[r * context : (r + 1) * context], y[r * context : (r + 1) * context]))
+    return rows
+
+
+@given(n=st.integers(0, 300), context=st.integers(1, 12), batch_size=st.integers(1, 5))
+def test_mainrun_windows_are_the_challenges_rows(n, context, batch_size):
+    windows = mainrun_windows(n, context, batch_size)
+    rows = [
+        (list(range(w.start, w.start + w.length)), list(range(w.start + 1, w.start + w.length + 1))) for w in windows
+    ]
+    assert rows == challenge_batches(n, context, batch_size)
+    assert all(w.scored == w.length == context for w in windows)  # every target of every row counts
+    if n > 1:
+        span = batch_size * context + 1
+        expected = (n - 1) // span * batch_size * context
+        assert sum(w.scored for w in windows) == expected  # the coverage numerator; trailing partial span dropped
+
+
+def test_mainrun_exact_score_equals_the_challenges_loop():
+    model, context, batch_size = _model(context=8).eval(), 8, 3
+    tokens = np.random.default_rng(4).integers(0, 50, 90).astype(np.uint16)  # 89 targets: 3 spans of 25, 14 left
+    s = score_windows(model, tokens, mainrun_windows(len(tokens), context, batch_size), batch_size=2)
+    total = 0.0
+    with torch.no_grad():
+        for ptr in range(0, 89 - 25 + 1, 25):  # the challenge's evaluate(), over the stream without our leading eos
+            batch = torch.tensor(tokens[1 + ptr : 1 + ptr + 25], dtype=torch.long)
+            x, y = batch[:-1].view(batch_size, context), batch[1:].view(batch_size, context)
+            total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+    assert s.tokens == 3 * 24 and s.nll_nats == pytest.approx(total, rel=1e-5)

@@ -201,6 +201,68 @@ def test_invalid_combinations_name_the_rule(overrides, message):
         cfg(*overrides)
 
 
+MAINRUN_FIXED = [
+    "attention.pattern=fixed",
+    "attention.num_verts=16",
+    "attention.local_attn_ctx=32",
+    "attention.blocksize=32",
+    "attention.vertsize=64",
+]
+
+
+def test_fixed_names_every_broken_rule_and_the_nearest_valid_setting():
+    with pytest.raises(ConfigError) as e:
+        config.load("configs/mainrun.yaml", MAINRUN_FIXED)  # n_head 8, context 128
+    assert str(e.value).splitlines() == [
+        "attention.vertsize*num_verts=64*16=1024 exceeds the 1 block per chunk (local_attn_ctx/blocksize=32/32; "
+        "vertsize counts blocks, not tokens): use vertsize*num_verts <= 1, or a smaller blocksize",
+        "attention.num_verts=16 must divide model.n_head=8 (each summary-column set gets the same number of heads): "
+        "use one of 1, 2, 4, 8",
+        "nearest valid setting: attention.local_attn_ctx=32 attention.blocksize=4 attention.vertsize=1 "
+        "attention.num_verts=8",
+    ]
+    nearest = str(e.value).splitlines()[-1].removeprefix("nearest valid setting: ").split()
+    cfg_ok = config.load("configs/mainrun.yaml", MAINRUN_FIXED + nearest)  # later overrides win: it validates
+    assert (
+        build_pattern(cfg_ok.attention, 0, 6, 8).params() == config.load("configs/mainrun-fixed.yaml").attention.params
+    )
+
+
+def test_fixed_with_one_broken_rule_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        cfg("attention.pattern=fixed", "attention.local_attn_ctx=48", "attention.blocksize=16")
+    assert str(e.value) == (
+        "attention.local_attn_ctx=48 must divide model.context=64 (the context is a whole number of chunks): "
+        "use one of 1, 2, 4, 8, 16, 32, 64; nearest valid setting: attention.local_attn_ctx=64 attention.blocksize=16 "
+        "attention.vertsize=1 attention.num_verts=1"
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    l=st.integers(1, 48),
+    b=st.integers(1, 48),
+    v=st.integers(1, 8),
+    nv=st.integers(1, 12),
+    n_head=st.sampled_from([1, 2, 3, 4, 6, 8, 12]),
+    context=st.sampled_from([16, 24, 64, 96]),
+)
+def test_fixed_nearest_valid_setting_always_validates(l, b, v, nv, n_head, context):  # noqa: E741
+    from attnlab.attention.patterns.base import LayerContext
+
+    params = dict(local_attn_ctx=l, blocksize=b, vertsize=v, num_verts=nv)
+    try:
+        Fixed.create(params, LayerContext(0, 1, n_head, context))
+    except ConfigError as e:
+        lines = str(e).split("nearest valid setting: ")
+        nearest = {kv.split("=")[0].removeprefix("attention."): int(kv.split("=")[1]) for kv in lines[-1].split()}
+        Fixed.create(nearest, LayerContext(0, 1, n_head, context))  # the proposal breaks no rule
+        broken = str(e).count("must divide") + str(e).count(" exceeds ")
+        assert len(str(e).splitlines()) == (1 if broken == 1 else broken + 1)  # a line per rule, one for the fix
+    else:
+        assert l % b == 0 and v * nv <= l // b and n_head % nv == 0 and context % l == 0
+
+
 def test_block_layout_file_is_checked(tmp_path):
     good = tmp_path / "layout.npy"
     np.save(good, np.tril(np.ones((4, 4), dtype=bool)))

@@ -282,3 +282,47 @@ def test_prepare_real_hn_titles(tmp_path):
     ds = store.load(tmp_path / "ds")
     assert ds.meta["splits"]["val"]["documents"] == 200 and ds.meta["splits"]["train"]["documents"] == 1800
     assert Counter(split_docs(ds, "train") + split_docs(ds, "val")) == Counter(titles)
+
+
+# ------------------------------------------------------------ data.tokenizer_fit
+
+
+def test_tokenizer_fit_train_val_sees_the_validation_documents(tmp_path, capsys):
+    words = ["alpha", "beta", "gamma", "delta"]
+    docs = [" ".join(words[(i + k) % 4] for k in range(6)) for i in range(20)]
+    base = dict(format="lines", tokenizer="bpe", vocab_size=300, val_frac=0.25, seed=5)
+    order = store.select_indices(docs, DataConfig(**base))  # which positions the split puts in val
+    for i in order[:5]:
+        docs[i] = "qjqjqjqj " * 8  # a string only validation documents hold
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(docs) + "\n", encoding="utf-8")
+
+    def prepared(**kw):
+        out = tmp_path / "-".join(kw.values() or ["default"])
+        store.prepare(DataConfig(source=str(corpus), **base, **kw), out, progress=False)
+        return store.load(out)
+
+    default, with_val = prepared(), prepared(tokenizer_fit="train+val")
+    assert split_docs(default, "val") == split_docs(with_val, "val") == [docs[i] for i in order[:5]]
+    pieces = [len(ds.tokenizer.encode_batch(["qjqjqjqj"])[0]) for ds in (default, with_val)]
+    assert pieces[0] == 8 and pieces[1] < 8  # merged only when the val text was seen
+    assert "tokenizer_fit" not in default.meta["data_config"]  # older datasets keep matching their configs
+    assert with_val.meta["data_config"]["tokenizer_fit"] == "train+val"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "attnlab: warning: data.tokenizer_fit=train+val: the tokenizer is fit on the validation documents too "
+        "(as the mainrun challenge does), so it has seen the validation text"
+    ]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(tokenizer="bytes"), "data.tokenizer=bytes is not fit on anything: drop data.tokenizer_fit"),
+        (dict(tokenizer_file="tok.json"), "but data.tokenizer_file gives one: drop one of them"),
+    ],
+)
+def test_tokenizer_fit_train_val_needs_a_tokenizer_to_fit(tmp_path, corpus, kw, message):
+    with pytest.raises(DataError, match=message):
+        store.prepare(cfg_for(corpus, tokenizer_fit="train+val", **kw), tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists()

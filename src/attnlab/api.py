@@ -26,7 +26,15 @@ from . import config as config_mod
 from .errors import ConfigError, UserError
 from .eval.generation.filters import SamplingConfig
 from .eval.generation.loop import sample_text
-from .eval.metrics.scoring import image_metrics, score_images, score_tokens, text_metrics
+from .eval.metrics.scoring import (
+    image_metrics,
+    mainrun_exact_metrics,
+    mainrun_windows,
+    score_images,
+    score_tokens,
+    score_windows,
+    text_metrics,
+)
 from .run.open import LoadedRun, load_run
 from .training.python_api import train  # noqa: F401  (attnlab.api.train: the Python API's train)
 
@@ -98,7 +106,34 @@ def evaluate_split(
         "context": context,
         "stride": stride,
         **text_metrics(score, run.dataset.meta["splits"][split]),
+        **tokenizer_label(run),
     }
+
+
+def evaluate_mainrun_exact(run: LoadedRun, split: str = "val", *, batch_size: int = 32, progress: bool = False) -> dict:
+    """The Maincode "mainrun" challenge's own number: only whole spans of train.batch_size * model.context + 1
+    tokens scored (rows of model.context), the summed NLL divided by the characters of the whole split with
+    its ``<eos>`` separators. ``coverage``: the share of the split's targets those spans score."""
+    info = run.dataset.split_info(split)
+    if run.dataset.kind != "text":
+        raise UserError(f"--mainrun-exact scores text; {run.dataset.dir} holds {run.dataset.kind}s: drop it")
+    rows, context = run.cfg.train.batch_size, run.cfg.model.context
+    windows = mainrun_windows(info["tokens"], context, rows)
+    if not windows:
+        raise UserError(
+            f"the {split} split has {info['tokens'] - 1} tokens, fewer than one span of train.batch_size*model.context+1"
+            f" = {rows}*{context}+1, so the challenge's rule scores nothing: use a larger split (data.val_frac)"
+        )
+    score = score_windows(
+        run.model, run.dataset.tokens(split), windows, batch_size=batch_size, device=run.device, progress=progress
+    )
+    return {"split": split, "rows": rows, "context": context, **mainrun_exact_metrics(score, info)}
+
+
+def tokenizer_label(run: LoadedRun) -> dict:
+    """A label on the numbers of a dataset whose tokenizer was fit on its validation documents too."""
+    fit = (run.dataset.meta.get("data_config") or {}).get("tokenizer_fit", "train")
+    return {"tokenizer_fit": f"{fit} (the tokenizer saw the validation text)"} if fit != "train" else {}
 
 
 def _image_split(run: LoadedRun, split: str, batch_size: int, progress: bool) -> dict:
@@ -145,7 +180,11 @@ def evaluate_text(
         batch_size=batch_size,
         device=run.device,
     )
-    meta = {"bytes": sum(len(d.encode("utf-8")) for d in docs), "chars": sum(len(d) for d in docs)}
+    meta = {
+        "bytes": sum(len(d.encode("utf-8")) for d in docs),
+        "chars": sum(len(d) for d in docs),
+        "documents": len(docs),
+    }
     return {"documents": len(docs), "context": context, "stride": stride, **text_metrics(score, meta)}
 
 
@@ -254,6 +293,11 @@ class Run:
         return evaluate_split(
             self.loaded, split or "val", context=context, stride=stride, batch_size=batch_size, progress=progress
         )
+
+    def evaluate_mainrun_exact(self, split: str = "val", *, batch_size: int = 32, progress: bool = False) -> dict:
+        """The Maincode mainrun challenge's own number (``attnlab eval --mainrun-exact``): ``loss``,
+        ``coverage`` (the share of the split's tokens its window rule scores), ``tokens``."""
+        return evaluate_mainrun_exact(self.loaded, split, batch_size=batch_size, progress=progress)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` read as a document: ``<eos>`` (a document's start, as in training), then the text."""

@@ -20,6 +20,7 @@ PREPARE_FLAGS = {  # --flag -> data.<key>
     "max_bytes": int,
     "tokenizer": str,
     "vocab_size": int,
+    "tokenizer_fit": str,
     "val_frac": float,
     "seed": int,
     "split": str,
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N,N,...",
         help="text: bits/byte at each window length, also past the "
         "training context where positions extrapolate (RoPE, none); writes CSV + plot into --out",
+    )
+    ev.add_argument(
+        "--mainrun-exact",
+        action="store_true",
+        help="text: also the Maincode mainrun challenge's own number (its window rule: whole spans of "
+        "train.batch_size*model.context+1 tokens; divided by the characters of the whole split)",
     )
     ev.add_argument("--out", help="--context-sweep: folder for context-sweep.csv and context-sweep.png")
     ev.add_argument("--force", action="store_true", help="--context-sweep: write into a non-empty --out folder")
@@ -445,7 +452,10 @@ def _eval_text(run, a) -> dict:
     from .api import evaluate_split
 
     if a.context_sweep:
+        if a.mainrun_exact:
+            raise UserError("--mainrun-exact and --context-sweep are separate evaluations: run one at a time")
         return _context_sweep(run, a)
+    exact = _mainrun_exact(run, a) if a.mainrun_exact else {}  # first: it refuses a split shorter than a span
     m = evaluate_split(
         run,
         a.split,
@@ -455,15 +465,31 @@ def _eval_text(run, a) -> dict:
         progress=True,
         flags=("--context ", "--stride "),
     )
-    return {
+    out = {
         "context": m["context"],
         "stride": m["stride"],
         f"{a.split}_bits_per_byte": m["bits_per_byte"],
         f"{a.split}_nats_per_token": m["nats_per_token"],
         f"{a.split}_perplexity": m["perplexity"],
-        f"mainrun_{a.split}_loss (mainrun-compatible: nats/char)": m["mainrun_loss"],
+        f"mainrun_{a.split}_loss": m["mainrun_loss"],
         "tokens_scored": m["tokens"],
         "bytes": m["bytes"],
+    }
+    return {**out, **exact, **({"tokenizer_fit": m["tokenizer_fit"]} if "tokenizer_fit" in m else {})}
+
+
+def _mainrun_exact(run, a) -> dict:
+    from .api import evaluate_mainrun_exact
+
+    e = evaluate_mainrun_exact(run, a.split, batch_size=a.batch_size, progress=True)
+    return {
+        f"mainrun_exact_{a.split}_loss": e["loss"],
+        f"mainrun_exact_{a.split}_coverage": e["coverage"],
+        "mainrun_exact_tokens_scored": e["tokens"],
+        "mainrun_exact_rule": (
+            f"whole spans of {e['rows']}*{e['context']}+1 tokens (train.batch_size*model.context+1), "
+            f"NLL / characters of the whole split with <eos> separators"
+        ),
     }
 
 
@@ -495,9 +521,10 @@ def _eval_task(run, a) -> None:
     """An arithmetic run: the exact-match accuracy table on the held-out problems, then the numbers as JSON."""
     from .eval.metrics.accuracy import accuracy_table, task_metrics
 
-    if a.split != "val" or a.context or a.stride or a.context_sweep:
+    if a.split != "val" or a.context or a.stride or a.context_sweep or a.mainrun_exact:
         raise UserError(
-            f"{run.dir} is an arithmetic run: it is evaluated on its held-out problems (drop --split/--context/--stride/--context-sweep)"
+            f"{run.dir} is an arithmetic run: it is evaluated on its held-out problems "
+            "(drop --split/--context/--stride/--context-sweep/--mainrun-exact)"
         )
     m = task_metrics(run.model, run.dataset.task, device=run.device, batch_size=max(a.batch_size, 256))
     print(accuracy_table(m, run.dataset.task))
@@ -516,9 +543,10 @@ def _eval_task(run, a) -> None:
 def _eval_images(run, a) -> dict:
     from .api import evaluate_split
 
-    if a.context is not None or a.stride is not None or a.context_sweep:
+    if a.context is not None or a.stride is not None or a.context_sweep or a.mainrun_exact:
         raise UserError(
-            "--context, --stride and --context-sweep apply to text; an image is always scored whole from its start token"
+            "--context, --stride, --context-sweep and --mainrun-exact apply to text; "
+            "an image is always scored whole from its start token"
         )
     m = evaluate_split(run, a.split, batch_size=a.batch_size, progress=True)
     return {

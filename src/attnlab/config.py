@@ -57,6 +57,12 @@ class DataConfig:
     )
     tokenizer: str = opt("bpe", choices=["bpe", "bytes", "char"])
     vocab_size: int = opt(4096, lo=260, hi=1 << 20, help="BPE vocabulary size (ignored for bytes/char)")
+    tokenizer_fit: str = opt(
+        "train",
+        choices=["train", "train+val"],
+        help="documents the bpe/char tokenizer is fit on; train+val lets it see the validation text, "
+        "as the Maincode mainrun challenge does (recorded and labelled in eval output)",
+    )
     val_frac: float = opt(0.1, lo=0.0, hi=0.5)
     seed: int = opt(1337, lo=0)
     dir: str | None = opt(None, help="prepared dataset folder; prepared here on first use (default data/<source-name>)")

@@ -6,7 +6,9 @@ the first token of a split a context; every document is followed by ``eos``.
 ``meta.json`` records the source provenance, the data config, the tokenizer,
 and per split the number of documents, tokens, UTF-8 bytes and characters of
 the documents (separators excluded: the denominator of bits/byte), unknown
-tokens, and the sha256 of the file.
+tokens, and the sha256 of the file. The tokenizer is fit on the training
+documents only, unless ``data.tokenizer_fit=train+val`` (recorded in
+``data_config``) lets it see the validation documents too.
 
 Image datasets (``meta["kind"] == "image"``, see ``image_format.py`` and ``image_sources.py``) hold images
 as concatenated byte tokens (vocabulary 256, no separator) plus
@@ -90,7 +92,17 @@ class Dataset:
 
 # Keys added after the format was fixed: recorded only when set, so older datasets (and their default
 # data/<name>-<hash> folders) still match configs that leave them at their defaults.
-LATER_KEYS = ("split", "config", "tokenizer_file", "task", "digits", "eval_digits", "eval_problems", "reverse_answer")
+LATER_KEYS = (
+    "split",
+    "config",
+    "tokenizer_file",
+    "tokenizer_fit",
+    "task",
+    "digits",
+    "eval_digits",
+    "eval_problems",
+    "reverse_answer",
+)
 
 
 def config_record(cfg: DataConfig) -> dict:
@@ -240,14 +252,11 @@ def _check_not_prepared(cfg: DataConfig) -> None:
 
 
 def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> dict:
-    """Load, shuffle and split the documents, train the tokenizer on train, write the splits; meta entries."""
+    """Load, shuffle and split the documents, fit the tokenizer (on train), write the splits; meta entries."""
     documents = load_documents(cfg)
     split_idx = split_documents(select_indices(documents.docs, cfg), cfg.val_frac)  # lists of document indices
     splits = {name: [documents.docs[i] for i in idx] for name, idx in split_idx.items()}
-    if cfg.tokenizer_file:
-        tok = tokenizer_from_file(cfg.tokenizer_file, cfg.tokenizer)
-    else:
-        tok = train_tokenizer(cfg.tokenizer, splits["train"], cfg.vocab_size)  # train split only
+    tok = _tokenizer(cfg, splits)
     split_meta = {name: _write_split(tmp / f"{name}.bin", name, docs, tok, progress) for name, docs in splits.items()}
     tok.save(tmp / "tokenizer.json")
     if export_hf is not None:
@@ -271,6 +280,31 @@ def _write_text(cfg: DataConfig, tmp: Path, progress: bool, export_hf=None) -> d
         "documents_selected": sum(len(d) for d in splits.values()),
         "splits": split_meta,
     }
+
+
+def _tokenizer(cfg: DataConfig, splits: dict[str, list[str]]) -> Tokenizer:
+    """The tokenizer file, or one fit on the training documents (data.tokenizer_fit=train+val: on val's too)."""
+    if cfg.tokenizer_file:
+        if cfg.tokenizer_fit != "train":
+            raise DataError(
+                f"data.tokenizer_fit={cfg.tokenizer_fit} fits a new tokenizer, but data.tokenizer_file gives one: "
+                "drop one of them"
+            )
+        return tokenizer_from_file(cfg.tokenizer_file, cfg.tokenizer)
+    if cfg.tokenizer_fit != "train" and cfg.tokenizer == "bytes":
+        raise DataError(
+            f"data.tokenizer_fit={cfg.tokenizer_fit} chooses what a bpe or char tokenizer is fit on; "
+            "data.tokenizer=bytes is not fit on anything: drop data.tokenizer_fit"
+        )
+    docs = splits["train"]
+    if cfg.tokenizer_fit == "train+val":
+        print(
+            "attnlab: warning: data.tokenizer_fit=train+val: the tokenizer is fit on the validation documents "
+            "too (as the mainrun challenge does), so it has seen the validation text",
+            file=sys.stderr,
+        )
+        docs = docs + splits.get("val", [])
+    return train_tokenizer(cfg.tokenizer, docs, cfg.vocab_size)
 
 
 def _chunks(docs: list[str]):
@@ -415,6 +449,9 @@ def _check_structure(meta: dict, meta_path: Path, d: Path) -> None:
         for key in ("file", "labels_file"):
             if key in info:
                 _local_file(d, info[key], f"the {name} split")
+        for key in ("documents", "bytes", "chars") if meta.get("kind", "text") == "text" else ():
+            if not _count(info.get(key)):  # the denominators of bits/byte and the mainrun number
+                raise bad(f"the {name} split's {key!r} {_show(info.get(key))} is not a count")
     tok = meta.get("tokenizer") or {}  # image datasets have none
     if not isinstance(tok, dict):
         raise bad(f"tokenizer {_show(tok)} is not an object")

@@ -16,6 +16,11 @@ Under data parallelism (``rank``, ``world_size``) each rank scores a
 contiguous share of the batches and returns its partial Score; the trainer
 sums the partial Scores over ranks (float64), which equals the
 single-process Score up to the order of float64 additions.
+
+The Maincode "mainrun" number (``mainrun_loss``) is the summed NLL divided by
+``len("<eos>".join(docs) + "<eos>")``, the challenge's denominator.
+``mainrun_windows`` is the challenge's own window rule, which scores only whole
+spans of batch_size * context + 1 tokens (``attnlab eval --mainrun-exact``).
 """
 
 from __future__ import annotations
@@ -98,7 +103,32 @@ def score_tokens(
     """
     stride = stride or context
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
-    windows = plan_windows(n, context, stride)
+    return score_windows(
+        model,
+        tokens,
+        plan_windows(n, context, stride),
+        batch_size=batch_size,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def score_windows(
+    model,
+    tokens: np.ndarray,
+    windows: list[Window],
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Score:
+    """Sum of next-token NLL (nats) over the targets the windows score, accumulated in float64 in window order."""
     total, count = 0.0, 0
     groups = shard(_group(windows, batch_size), rank, world_size) if windows else []
     bar = tqdm(groups, desc="eval", unit="batch", disable=not progress, leave=False)
@@ -159,12 +189,45 @@ def text_metrics(score: Score, split_meta: dict, *, partial: bool = False) -> di
     }
     if not partial:
         m["bits_per_byte"] = score.nll_nats / (LN2 * split_meta["bytes"])
-        # Maincode "mainrun"-compatible number: summed token NLL over the split
-        # divided by its number of characters (not a per-token loss).
-        m["mainrun_loss"] = score.nll_nats / split_meta["chars"]
+        m["mainrun_loss"] = score.nll_nats / mainrun_chars(split_meta)
         m["bytes"] = split_meta["bytes"]
         m["chars"] = split_meta["chars"]
     return m
+
+
+# ------------------------------------------------------------------ the Maincode "mainrun" challenge's number
+
+MAINRUN_SEPARATOR = "<eos>"  # the challenge joins the titles with this string and counts it as 5 characters
+
+
+def mainrun_chars(split_meta: dict) -> int:
+    """``len("<eos>".join(docs) + "<eos>")`` of the split: what the challenge divides its summed NLL by."""
+    return split_meta["chars"] + len(MAINRUN_SEPARATOR) * split_meta["documents"]
+
+
+def mainrun_windows(n_tokens: int, context: int, batch_size: int) -> list[Window]:
+    """The rows the challenge's ``evaluate()`` scores, on a split of ``n_tokens`` (``[eos] d1 [eos] d2 [eos] ...``).
+
+    Its token stream is ours without the leading ``eos``. It takes whole spans of
+    ``batch_size * context + 1`` tokens at steps of that span (a trailing partial
+    span is dropped) and scores each as ``batch_size`` rows of ``context`` targets,
+    every row predicted from its own start.
+    """
+    stream, span = n_tokens - 1, batch_size * context + 1
+    return [
+        Window(1 + ptr + row * context, context, context)
+        for ptr in range(0, stream - span + 1, span)
+        for row in range(batch_size)
+    ]
+
+
+def mainrun_exact_metrics(score: Score, split_meta: dict) -> dict:
+    """The challenge's loss (NLL of the scored windows / characters of the whole split) and the share scored."""
+    return {
+        "loss": score.nll_nats / mainrun_chars(split_meta),
+        "coverage": score.tokens / (split_meta["tokens"] - 1),
+        "tokens": score.tokens,
+    }
 
 
 def score_images(
