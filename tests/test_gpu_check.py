@@ -32,7 +32,14 @@ FILES = {  # what each stage must leave in its folder
     "cuda-tests": ["pytest.txt", "junit.xml", "tables.md", "result.json", "log.txt"],
     "attention": ["attention.csv", "attention.png", "tables.md", "raw/dense-128.csv", "raw/sparse-256.csv"],
     "train": ["train.csv", "tables.md"],
-    "mainrun": ["run/config.yaml", "run/events.jsonl", "run/summary.json", "run/meta.json", "tables.md"],
+    "mainrun": [
+        "run/config.yaml",
+        "run/events.jsonl",
+        "run/summary.json",
+        "run/meta.json",
+        "run/eval-mainrun-exact.json",
+        "tables.md",
+    ],
     "cifar10": [
         "cifar10-strided/summary.json",
         "cifar10-dense/summary.json",
