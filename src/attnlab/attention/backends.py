@@ -103,9 +103,9 @@ def reference(
 
 
 # Dense attention within documents, fwd+bwd, fp32, H=8, Dh=64, one CPU core (benchmarks/docmask-cpu): SDPA with a
-# boolean [B, 1, T, T] causal-and-same-document mask took 44 ms at T=128 (B=8) and 169 ms at T=1024 (B=1), the
-# block-sparse kernel with its per-block document mask 83 and 187 ms. So SDPA takes the mask up to this length;
-# longer rows go where memory follows the visited blocks (B * T^2 mask bytes would grow quadratically).
+# boolean [B, 1, T, T] causal-and-same-document mask took 59 ms at T=128 (B=8) and 357 ms at T=1024 (B=1), the
+# block-sparse kernel with its per-block document mask 107 and 370 ms. So SDPA takes the mask up to this length;
+# longer rows go where memory follows the visited blocks (the mask's B * T^2 bytes grow quadratically).
 SDPA_DOC_MAX = 1024
 
 
