@@ -2,8 +2,9 @@
 
 The rule (``attention.documents``): the document of position i is the number of ``<eos>`` tokens strictly
 before it in the row. Every backend is checked against the reference (the pattern's dense mask AND "same
-document"), outputs and gradients, for random boundaries; the model, its KV caches and scoring against the
-full forward pass and against each document run alone.
+document"), outputs and gradients, for random boundaries (flex, and every zoo pattern once more, in
+test_zoo); the model, its KV caches and scoring against the full forward pass and against each document
+run alone.
 """
 
 from types import SimpleNamespace
@@ -18,7 +19,6 @@ from attnlab.attention import backends
 from attnlab.attention.backends import BACKENDS, reference, register_backend, sdpa, select_backend
 from attnlab.attention.blocksparse import blocksparse
 from attnlab.attention.documents import documents
-from attnlab.attention.flex import flex, flex_available
 from attnlab.attention.linear import linear_backend, linear_chunked, linear_reference
 from attnlab.attention.modifiers import build_modifiers
 from attnlab.attention.patterns import Dense, Linear
@@ -160,7 +160,8 @@ def test_sdpa_dense_within_documents_equals_reference(T, data):
 @given(st.integers(1, 70).flatmap(lambda T: st.tuples(st.just(T), eos_sets(2, T), st.sampled_from([1, 4, 16, 64]))))
 def test_linear_resets_its_state_at_every_document(case):
     T, eos, chunk = case
-    doc = documents(rows_with_eos(eos, T), EOS).ids
+    docs = documents(rows_with_eos(eos, T), EOS)
+    doc = docs.ids
     q, k, v = qkv(2, 3, T, dtype=torch.float64)
     want = outputs_and_grads(lambda *x: linear_reference(*x, doc=doc), q, k, v)
     assert_all_close(outputs_and_grads(lambda *x: reference(*x, Linear(), doc=doc), q, k, v), want, 1e-12, 1e-10)
@@ -168,24 +169,10 @@ def test_linear_resets_its_state_at_every_document(case):
     assert_all_close(chunked, want, 1e-12, 1e-10)
     backend = outputs_and_grads(lambda *x: linear_backend(*x, Linear(chunk=chunk), doc=doc), q, k, v)
     assert_all_close(backend, want, 1e-12, 1e-10)
-    # each document alone: the state starts from zero
-    lo = max(eos[0]) + 1 if eos[0] and max(eos[0]) + 1 < T else 0
+    # the last document alone: the state starts from zero
+    lo = int(docs.starts[0, -1])
     alone = linear_reference(q[:1, :, lo:], k[:1, :, lo:], v[:1, :, lo:])
     torch.testing.assert_close(want[0][:1, :, lo:], alone)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_available("cpu")[1] or "no flex on CPU")
-@pytest.mark.parametrize("label", ["fixed_v1", "dilated_window"])
-def test_flex_within_documents_equals_reference(label, zoo_patterns, one_thread):
-    """The mask_mod ANDs document equality; one compile per pattern (seconds on CPU: an absolute-position
-    built-in and the plugin here), then new documents reuse it."""
-    p = zoo_patterns[label]
-    q, k, v = (x.detach() for x in qkv(2, N_HEAD, 200, D=16))
-    for seed, eos in enumerate([[{0, 60, 61, 190}, set()], [{3, 128, 129}, set(range(0, 200, 7))]]):
-        doc = documents(rows_with_eos(eos, 200, seed), EOS).ids
-        with torch.no_grad():
-            torch.testing.assert_close(flex(q, k, v, p, doc=doc), reference(q, k, v, p, doc=doc), atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the model
