@@ -383,3 +383,19 @@ def test_the_cost_benchmark_writes_its_table_plot_and_machine(tmp_path, one_thre
     assert [r["backend"] for r in rows] == ["sdpa", "blocksparse", "blocksparse", "linear"]
     assert all(r["ratio"] > 0 for r in rows)
     assert {p.name for p in tmp_path.iterdir()} == {"results.csv", "results.png", "machine.json"}
+
+
+def test_blocksparse_skips_the_blocks_no_document_reaches(one_thread):
+    """Per row and block, the document ranges: a long row of short documents visits far fewer blocks."""
+    from attnlab.attention.blocksparse import _doc_order, _doc_ranges, _live, plan
+
+    T = 1024
+    doc = documents(rows_with_eos([set(range(0, T, 100))], T), EOS).ids
+    for p in (Dense(), pattern("local")):
+        cp = plan(p, T, N_HEAD, torch.device("cpu"))[0].components[0]
+        ranges = _doc_ranges(_doc_order(doc, cp), cp)
+        visited = sum(int(_live(ch, cp, ranges).kv.numel()) for ch in cp.chunks)
+        assert visited <= sum(int(ch.kv.numel()) for ch in cp.chunks) / (2 if p.is_dense_causal else 1)
+    q, k, v = qkv(1, N_HEAD, T, D=4)
+    want = outputs_and_grads(lambda *x: reference(*x, Dense(), doc=doc), q, k, v)
+    assert_all_close(outputs_and_grads(lambda *x: blocksparse(*x, Dense(), doc=doc), q, k, v), want)

@@ -102,11 +102,13 @@ def reference(
     return (weights @ v.to(weights.dtype)).to(v.dtype)
 
 
-# Dense attention within documents, fwd+bwd, fp32, H=8, Dh=64, one CPU core (benchmarks/docmask-cpu): SDPA with a
-# boolean [B, 1, T, T] causal-and-same-document mask took 59 ms at T=128 (B=8) and 357 ms at T=1024 (B=1), the
-# block-sparse kernel with its per-block document mask 107 and 370 ms. So SDPA takes the mask up to this length;
-# longer rows go where memory follows the visited blocks (the mask's B * T^2 bytes grow quadratically).
-SDPA_DOC_MAX = 1024
+# Dense attention within documents, fwd+bwd, fp32, H=8, Dh=64, documents of 128 tokens on average, one CPU core
+# (benchmarks/docmask-cpu): SDPA with a boolean [B, 1, T, T] causal-and-same-document mask is the fastest up to
+# T=512 (T=128, B=8: 49 ms against 63 for the block-sparse kernel; T=512: 32 against 35 at B=1, 251 against 423
+# at B=8), but at T=1024 the block-sparse kernel, which skips the blocks no document reaches, wins (72 against
+# 114 ms at B=1, 398 against 444 at B=4). So SDPA takes the mask up to this length and longer rows go to it
+# (FlexAttention on CUDA); its memory also follows the visited blocks, where the mask's B * T^2 bytes would not.
+SDPA_DOC_MAX = 512
 
 
 def sdpa(
@@ -121,7 +123,7 @@ def sdpa(
     """PyTorch's fused ``scaled_dot_product_attention`` with its built-in causal mask (no T x T mask).
 
     With ``doc`` (document masking) and T <= ``SDPA_DOC_MAX`` the mask is a boolean causal-and-same-document
-    one; longer rows go to the block-sparse kernel, whose memory follows the visited blocks."""
+    one; longer rows go to the block-sparse kernel (see ``SDPA_DOC_MAX``)."""
     if not pattern.is_dense_causal:
         raise ConfigError(
             f"attention backend 'sdpa' runs only the dense causal pattern, not {pattern.name!r}: use backend=auto or reference"

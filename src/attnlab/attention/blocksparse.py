@@ -20,11 +20,15 @@ chunk at a time.
 
 Document masking (``doc``, ids [B, T]) is one more elementwise mask inside each
 visited block, doc_q[i] == doc_k[j] gathered with the block's keys: the cost
-stays proportional to the visited blocks, with no T x T tensor.
+stays proportional to the visited blocks, with no T x T tensor. Key-block slots
+of a chunk whose document range (per row, per block) meets no query block's in
+any row are dropped before the scores are computed (``_live``): long rows of
+short documents visit far fewer blocks than the pattern alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -214,6 +218,44 @@ def _doc_blocked(doc: torch.Tensor | None, ch: _Chunk, cp: _ComponentPlan) -> to
     return (dq != dk).unsqueeze(1)
 
 
+def _doc_ranges(doc: torch.Tensor | None, cp: _ComponentPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row, the smallest and largest document of every key block and of every query block, in the
+    component's order: ([2, B, nk], [2, B, nq]), lo and hi stacked (padding's -1 only widens a range: safe)."""
+    if doc is None:
+        return None
+    B, L = doc.shape
+    blocks = doc.view(B, L // cp.block, cp.block)
+    key = torch.stack([blocks.amin(-1), blocks.amax(-1)])  # [2, B, nk]
+    q = key.view(2, B, -1, cp.q_group)
+    return key, torch.stack([q[0].amin(-1), q[1].amax(-1)])  # [2, B, nq]
+
+
+def _live(ch: _Chunk, cp: _ComponentPlan, ranges) -> _Chunk:
+    """``ch`` without the key-block slots where no query block of the chunk, in any row, can share a document."""
+    if ranges is None:
+        return ch
+    key, query = ranges
+    qlo, qhi = (query[i][:, ch.q0 : ch.q1, None] for i in (0, 1))  # [B, n, 1]
+    klo, khi = key[0][:, ch.kv], key[1][:, ch.kv]  # [B, n, m]
+    keep = ((klo <= qhi) & (khi >= qlo)).flatten(0, 1).any(0)  # [m] slots some query block still needs
+    if bool(keep.all()):
+        return ch
+    keep[0] |= not bool(keep.any())  # keep a slot: no shape is ever empty
+    b = cp.block
+    slots = keep.nonzero().flatten()
+    cols = (slots[:, None] * b + torch.arange(b, device=slots.device)).flatten()
+    before = keep.cumsum(0) - keep.long()  # new slot index of each old slot
+    masks = []
+    for span, blocked in ch.masks:  # each run's kept slots stay consecutive
+        s0, s1 = span.start // b, span.stop // b
+        sel = keep[s0:s1].nonzero().flatten()
+        if sel.numel():
+            start = int(before[s0 + int(sel[0])])
+            run_cols = (sel[:, None] * b + torch.arange(b, device=sel.device)).flatten()
+            masks.append((slice(start * b, (start + sel.numel()) * b), blocked[:, :, run_cols]))
+    return dataclasses.replace(ch, kv=ch.kv[:, slots], masks=masks, kpos=ch.kpos[..., cols])
+
+
 def _empty(ch: _Chunk, doc: torch.Tensor | None) -> bool:
     """Whether some softmax row of the chunk may have no key (all -inf): padding, or documents cutting a row off."""
     return ch.empty_rows or (doc is not None and not ch.sees_self)
@@ -279,9 +321,11 @@ def _forward_component(
     """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1]."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
     doc = _doc_order(doc, cp)
+    ranges = _doc_ranges(doc, cp)
     out = v.new_empty(*q.shape[:3], v.shape[-1])
     lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
     for i, ch in enumerate(cp.chunks):
+        ch = _live(ch, cp, ranges)
         s = _scores(q, k, ch, cp, scale, mod, heads, doc)
         if lse is not None:
             _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
@@ -317,11 +361,13 @@ def _backward_component(
     The modifier's parameter gradients are added to ``param_grads``."""
     q, k, v, dout = (_to_order(x, cp) for x in (q, k, v, dout))
     doc = _doc_order(doc, cp)
+    ranges = _doc_ranges(doc, cp)
     if lse is not None:
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
         lse = torch.where(lse.isinf(), 0.0, lse)  # rows with no key: p = 0
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i, ch in enumerate(cp.chunks):
+        ch = _live(ch, cp, ranges)
         kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
         raw = _raw_scores(q, k, ch, cp, scale)
         s = _masked(raw, ch, raw, mod, heads, _doc_blocked(doc, ch, cp))

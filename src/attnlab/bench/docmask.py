@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..attention import backends
 from ..attention.backends import select_backend
 from ..attention.documents import documents
 from ..attention.patterns import Pattern
@@ -71,6 +72,8 @@ def measure(
             if i >= warmup:
                 times[name].append(dt)
     plain, masked = (statistics.median(times[n]) * 1000 for n in ("plain", "masked"))
+    if backend == "sdpa" and T > backends.SDPA_DOC_MAX:  # rows this long are masked by the block-sparse kernel
+        backend = "sdpa/blocksparse"
     return {
         "pattern": pattern.name,
         "params": params_label(pattern),
