@@ -379,10 +379,13 @@ def test_the_cost_benchmark_writes_its_table_plot_and_machine(tmp_path, one_thre
     from attnlab.bench.docmask import run
 
     specs = ["dense", "dense@blocksparse", "local:window=8", "linear"]
-    rows = run(tmp_path, specs, [(2, 16)], heads=2, head_dim=8, doc_len=4, repeats=1)
+    rows = run(tmp_path, specs, [(2, 16)], heads=2, head_dim=8, doc_len=4, repeats=1, choice=[(2, 16)])
     assert [r["backend"] for r in rows] == ["sdpa", "blocksparse", "blocksparse", "linear"]
     assert all(r["ratio"] > 0 for r in rows)
-    assert {p.name for p in tmp_path.iterdir()} == {"results.csv", "results.png", "machine.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"results.csv", "results.png", "machine.json", "dense-choice.csv"}
+    assert (tmp_path / "dense-choice.csv").read_text().splitlines()[
+        0
+    ] == "batch,seq_len,sdpa_mask_ms,blocksparse_ms,faster"
 
 
 def test_blocksparse_skips_the_blocks_no_document_reaches(one_thread):

@@ -103,11 +103,12 @@ def reference(
 
 
 # Dense attention within documents, fwd+bwd, fp32, H=8, Dh=64, documents of 128 tokens on average, one CPU core
-# (benchmarks/docmask-cpu): SDPA with a boolean [B, 1, T, T] causal-and-same-document mask is the fastest up to
-# T=512 (T=128, B=8: 49 ms against 63 for the block-sparse kernel; T=512: 32 against 35 at B=1, 251 against 423
-# at B=8), but at T=1024 the block-sparse kernel, which skips the blocks no document reaches, wins (72 against
-# 114 ms at B=1, 398 against 444 at B=4). So SDPA takes the mask up to this length and longer rows go to it
-# (FlexAttention on CUDA); its memory also follows the visited blocks, where the mask's B * T^2 bytes would not.
+# (benchmarks/docmask-cpu/dense-choice.csv): SDPA with a boolean [B, 1, T, T] causal-and-same-document mask is
+# clearly faster up to T=512 (22 against 50 ms at B=8, T=128; 68 against 122 ms at B=2, T=512); at T=1024 the
+# block-sparse kernel, which skips the blocks no document reaches, is level or faster (94 against 94 ms at B=1,
+# 346 against 354 at B=4; 72 against 114 at B=1 in an earlier run), and its memory follows the visited blocks
+# where the mask's B * T^2 bytes do not. So SDPA takes the mask up to this length; longer rows go to the kernel
+# (FlexAttention on CUDA).
 SDPA_DOC_MAX = 512
 
 

@@ -1,10 +1,12 @@
 """What document masking costs: each pattern's attention, forward + backward, with and without it.
 
 ``python -m attnlab.bench.docmask --out benchmarks/docmask-cpu`` times every pattern spec through the backend
-``auto`` picks on the device (``spec@backend``: that backend), at each (batch, length), on rows holding documents of random lengths (mean
-``--doc-len`` tokens). The two variants are timed alternately, so drift in a shared machine's load reaches
-both alike; the medians go to ``results.csv`` (with the ratio masked / plain), ``results.png`` and
-``machine.json``.
+``auto`` picks on the device (``spec@backend``: that backend), at each (batch, length), on rows holding
+documents of random lengths (mean ``--doc-len`` tokens). The two variants are timed alternately, so drift
+in a shared machine's load reaches both alike; the medians go to ``results.csv`` (with the ratio masked /
+plain), ``results.png`` and ``machine.json``. ``dense-choice.csv`` times the two ways of masking dense
+attention, SDPA with a boolean mask and the block-sparse kernel, alternately at several lengths: the
+measurement behind ``backends.SDPA_DOC_MAX``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 
 from ..attention import backends
 from ..attention.backends import select_backend
+from ..attention.blocksparse import blocksparse
 from ..attention.documents import documents
-from ..attention.patterns import Pattern
+from ..attention.patterns import Dense, Pattern
 from .attention import parse_pattern_spec
 from .measure import machine_info, params_label
 
@@ -36,7 +39,7 @@ PATTERNS = [
     "linear",
 ]
 SHAPES = [(8, 128), (1, 1024)]  # (batch, length)
-COLUMNS = ["pattern", "params", "backend", "batch", "seq_len", "heads", "head_dim", "docs_per_row", "repeats"]
+COLUMNS = ["spec", "pattern", "params", "backend", "batch", "seq_len", "heads", "head_dim", "docs_per_row", "repeats"]
 COLUMNS += ["plain_ms", "masked_ms", "ratio"]
 
 
@@ -91,8 +94,8 @@ def measure(
 
 
 def _label(row: dict) -> str:
-    name = f"{row['pattern']}({row['params']})" if row["params"] else row["pattern"]
-    return f"{name}\n{row['backend']}"
+    """The pattern spec, broken at its parameters: ``local\nwindow=64``."""
+    return row["spec"].replace(":", "\n", 1).replace(":", ", ").replace("@", "\n@")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -101,7 +104,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     labels = list(dict.fromkeys(_label(r) for r in rows))
     shapes = list(dict.fromkeys((r["batch"], r["seq_len"]) for r in rows))
-    fig = Figure(figsize=(1.6 + 1.3 * len(labels), 4.2))
+    fig = Figure(figsize=(1.6 + 1.4 * len(labels), 4.4))
     ax = fig.subplots()
     width = 0.8 / len(shapes)
     for s, (B, T) in enumerate(shapes):
@@ -109,12 +112,39 @@ def plot(rows: list[dict], path: Path) -> None:
         ratios = [ratio.get(label, float("nan")) for label in labels]
         ax.bar([i + s * width for i in range(len(labels))], ratios, width, label=f"B={B}, T={T}")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks([i + width * (len(shapes) - 1) / 2 for i in range(len(labels))], labels, rotation=20, ha="right")
+    ax.set_xticks([i + width * (len(shapes) - 1) / 2 for i in range(len(labels))], labels, fontsize=8)
     ax.set_ylabel("time with document masking / without")
     ax.set_title("document masking cost, fwd+bwd (CPU)")
-    ax.legend()
+    ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+CHOICE_SHAPES = [(8, 128), (4, 256), (2, 512), (1, 1024), (4, 1024)]
+
+
+def dense_choice(shapes, H: int, D: int, doc_len: int, repeats: int, warmup: int) -> list[dict]:
+    """Masked dense attention, fwd+bwd, through SDPA's boolean mask and through the block-sparse kernel."""
+    dense = Dense()
+    ways = {
+        "sdpa_mask": lambda q, k, v, pattern, p, training, doc: backends._sdpa_documents(q, k, v, pattern, p, doc),
+        "blocksparse": lambda q, k, v, pattern, p, training, doc: blocksparse(q, k, v, pattern, p, training, doc=doc),
+    }
+    rows = []
+    for B, T in shapes:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, D, generator=g).requires_grad_() for _ in range(3))
+        ids = documents(document_rows(B, T, doc_len), 0).ids
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for i in range(warmup + repeats):
+            for name, fn in ways.items():
+                dt = _step(fn, q, k, v, dense, ids)
+                if i >= warmup:
+                    times[name].append(dt)
+        ms = {name: round(statistics.median(t) * 1000, 3) for name, t in times.items()}
+        rows.append({"batch": B, "seq_len": T, **{f"{n}_ms": m for n, m in ms.items()}, "faster": min(ms, key=ms.get)})
+        print(", ".join(f"{k}={v}" for k, v in rows[-1].items()))
+    return rows
 
 
 def run(
@@ -126,20 +156,29 @@ def run(
     doc_len: int = 128,
     repeats: int = 11,
     warmup: int = 2,
+    choice: list[tuple[int, int]] | None = None,
 ) -> list[dict]:
+    """``choice``: the (batch, length) shapes of ``dense-choice.csv`` (None: not written)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for spec in patterns:
         spec, _, backend = spec.partition("@")
         pattern = parse_pattern_spec(spec, heads)
         for B, T in shapes:
-            rows.append(measure(pattern, B, T, heads, head_dim, doc_len, repeats, warmup, backend or "auto"))
+            row = measure(pattern, B, T, heads, head_dim, doc_len, repeats, warmup, backend or "auto")
+            rows.append({"spec": spec + (f"@{backend}" if backend else ""), **row})
             print(", ".join(f"{k}={rows[-1][k]}" for k in ("pattern", "backend", "batch", "seq_len", "ratio")))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "results.png")
+    if choice:
+        chosen = dense_choice(choice, heads, head_dim, doc_len, repeats, warmup)
+        with open(out / "dense-choice.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(chosen[0]))
+            writer.writeheader()
+            writer.writerows(chosen)
     info = machine_info(torch.device("cpu"))
     info["settings"] = {"doc_len_mean": doc_len, "repeats": repeats, "warmup": warmup, "dtype": "float32"}
     (out / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -153,9 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--doc-len", type=int, default=128, help="mean document length in tokens")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-choice", action="store_true", help="skip dense-choice.csv")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    run(a.out, a.patterns.split(","), doc_len=a.doc_len, repeats=a.repeats)
+    run(
+        a.out,
+        a.patterns.split(","),
+        doc_len=a.doc_len,
+        repeats=a.repeats,
+        choice=None if a.no_choice else CHOICE_SHAPES,
+    )
 
 
 if __name__ == "__main__":
