@@ -298,12 +298,15 @@ def test_document_mask_is_a_typed_config_key():
         from_dict({"train": {"max_steps": 1}}, ["attention.document_mask=maybe"])
 
 
-@pytest.mark.parametrize("position", ["none", "alibi"])
-def test_position_reset_needs_positions(position):
+@pytest.mark.parametrize(
+    "position,has",
+    [("none", "has none"), ("alibi", "has none"), ("image", "gives image coordinates, not token positions")],
+)
+def test_position_reset_needs_positions(position, has):
     with pytest.raises(ConfigError) as e:
         from_dict({"train": {"max_steps": 1}}, [f"model.position={position}", "model.position_reset=document"])
     assert str(e.value) == (
-        f"model.position_reset=document needs positions to reset, but model.position={position} has none: "
+        f"model.position_reset=document needs positions to reset, but model.position={position} {has}: "
         "use model.position=learned, sinusoidal or rope, or model.position_reset=none"
     )
 

@@ -197,9 +197,10 @@ class ModelConfig:
                 f"model.mlp_ratio={self.mlp_ratio} gives an MLP hidden size of 0 with d_model={self.d_model}: use a larger ratio"
             )
         if self.position_reset != "none" and self.position not in ("learned", "sinusoidal", "rope"):
+            has = "has none" if self.position in ("none", "alibi") else "gives image coordinates, not token positions"
             raise ConfigError(
                 f"model.position_reset={self.position_reset} needs positions to reset, but model.position="
-                f"{self.position} has none: use model.position=learned, sinusoidal or rope, or model.position_reset=none"
+                f"{self.position} {has}: use model.position=learned, sinusoidal or rope, or model.position_reset=none"
             )
 
 
