@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.attention.backends import reference
+from attnlab.attention.backends import reference, sdpa
 from attnlab.attention.blocksparse import blocksparse
 from attnlab.attention.flex import flex
 from attnlab.attention.patterns import BlockLayout
@@ -23,7 +23,7 @@ from attnlab.eval.generation.filters import SamplingConfig, next_token
 from attnlab.model.gpt import GPT
 from test_flex import PATTERNS as FLEX_PATTERNS
 from test_flex import B, D, H
-from zoo import PLUGINS, ZOO
+from zoo import PLUGINS, ZOO, document_ids
 
 pytestmark = [
     pytest.mark.cuda,
@@ -52,15 +52,16 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-12))
 
 
-def check_against_reference(backend, pattern, T: int, dtype: torch.dtype) -> None:
-    """Output and q/k/v gradients of ``backend`` vs the reference on the same (bf16-rounded) inputs, in fp32."""
+def check_against_reference(backend, pattern, T: int, dtype: torch.dtype, **kw) -> None:
+    """Output and q/k/v gradients of ``backend`` vs the reference on the same (bf16-rounded) inputs, in fp32;
+    ``kw`` (e.g. ``doc=``) goes to both."""
     q, k, v = qkv(T, dtype)
-    out = backend(q, k, v, pattern)
+    out = backend(q, k, v, pattern, **kw)
     assert out.dtype == dtype and out.shape == q.shape
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    ref = reference(q32, k32, v32, pattern)
+    ref = reference(q32, k32, v32, pattern, **kw)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), dout.float())
     tol = TOLERANCE[dtype]
     assert relative_error(out, ref) < tol
@@ -77,6 +78,23 @@ IDS = [f"{name}-{T}-{str(dtype)[6:]}" for name, T, dtype in CASES]
 @pytest.mark.parametrize("name,T,dtype", CASES, ids=IDS)
 def test_flex_outputs_and_gradients_match_reference(name, T, dtype):
     check_against_reference(flex, PATTERNS[name], T, dtype)
+
+
+# Each flex case compiles one more kernel: four patterns keep the stage short; blocksparse compiles nothing.
+DOC_CASES = (
+    [(name, "flex", 1000) for name in ("dense", "local", "strided_split", "block_layout")]
+    + [(name, "blocksparse", 1000) for name in PATTERNS]
+    + [("dense", "sdpa", 300), ("dense", "sdpa", 1000)]
+)
+
+
+@pytest.mark.parametrize("name,backend,T", DOC_CASES, ids=[f"{n}-{b}-{t}" for n, b, t in DOC_CASES])
+def test_document_masking_matches_reference(name, backend, T):
+    """attention.document_mask: flex's mask_mod and per-call BlockMask, blocksparse's per-block mask, sdpa's
+    boolean mask (T=300) or flex beyond SDPA_DOC_MAX (T=1000)."""
+    fn = {"flex": flex, "blocksparse": blocksparse, "sdpa": sdpa}[backend]
+    doc = document_ids(T)[:B].to("cuda")
+    check_against_reference(fn, PATTERNS[name], T, torch.float32, doc=doc)
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))

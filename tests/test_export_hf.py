@@ -202,6 +202,16 @@ def test_block_layouts_are_refused(tmp_path):
         plan(model, cfg)
 
 
+def test_document_masking_is_refused():
+    model, cfg = model_for("attention.document_mask=true", "model.eos_id=0")
+    with pytest.raises(ExportError) as e:
+        plan(model, cfg)
+    assert str(e.value) == (
+        "cannot export to Hugging Face: attention.document_mask=true (attention within documents); "
+        "transformers' GPT-2, Llama and Mistral attend across <eos>"
+    )
+
+
 def test_score_modifiers_are_refused():
     try:
         model, cfg = model_for("attention.modifiers=softcap(cap=30)")

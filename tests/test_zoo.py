@@ -16,7 +16,7 @@ from attnlab.config import AttentionConfig, ModelConfig
 from attnlab.eval.inspection.pattern_viz import ascii_pattern, draw_pattern
 from attnlab.model.gpt import GPT
 from test_cache import cached_logits
-from zoo import CONTEXT, MODIFIER_ZOO, N_HEAD, SOFTMAX, ZOO, attention_kwargs, pattern
+from zoo import CONTEXT, MODIFIER_ZOO, N_HEAD, SOFTMAX, ZOO, attention_kwargs, document_ids, pattern
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 LABELS = list(ZOO)
@@ -98,24 +98,29 @@ def test_block_layout_covers_exactly_the_blocks_the_rule_touches(label, T, tmp_p
             assert torch.equal(got, exact)
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["", "documents"])
 @pytest.mark.parametrize("T", [24, 37, 130])
 @pytest.mark.parametrize("label", SOFTMAX)
-def test_blocksparse_equals_reference_outputs_and_gradients(label, T, tmp_path, one_thread):
+def test_blocksparse_equals_reference_outputs_and_gradients(label, T, documents, tmp_path, one_thread):
+    """``documents``: with document masking (attention.document_mask) as well."""
     p = pattern(label, tmp_path)
     q, k, v = qkv(T)
     dout = torch.randn(2, N_HEAD, T, 8, generator=torch.Generator().manual_seed(5))
+    doc = {"doc": document_ids(T)} if documents else {}
     grads = []
     for fn in (reference, blocksparse):
-        out = fn(q, k, v, p)
+        out = fn(q, k, v, p, **doc)
         grads.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_linear_equals_reference(tmp_path):
+@pytest.mark.parametrize("documents", [False, True], ids=["", "documents"])
+def test_linear_equals_reference(documents, tmp_path):
     p = pattern("linear", tmp_path)
     q, k, v = qkv(37)
-    torch.testing.assert_close(linear_backend(q, k, v, p), reference(q, k, v, p), atol=1e-5, rtol=1e-4)
+    doc = {"doc": document_ids(37)} if documents else {}
+    torch.testing.assert_close(linear_backend(q, k, v, p, **doc), reference(q, k, v, p, **doc), atol=1e-5, rtol=1e-4)
 
 
 # Each entry compiles its own kernel (seconds on CPU): test_flex runs the built-ins at several lengths already.
@@ -133,6 +138,19 @@ def test_flex_equals_reference(label, tmp_path, one_thread):
     q, k, v = (x.detach() for x in qkv(128, D=16, B=1))
     with torch.no_grad():
         torch.testing.assert_close(flex(q, k, v, p), reference(q, k, v, p), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_available("cpu")[1] or "no flex on CPU")
+@pytest.mark.parametrize("label", FLEX_HERE)
+def test_flex_within_documents_equals_reference(label, tmp_path, one_thread):
+    """The mask_mod ANDs document equality (one more compile per pattern); new documents reuse the kernel."""
+    p = pattern(label, tmp_path)
+    q, k, v = (x.detach() for x in qkv(200, D=16))
+    for seed in (0, 1):
+        doc = document_ids(200, seed)
+        with torch.no_grad():
+            torch.testing.assert_close(flex(q, k, v, p, doc=doc), reference(q, k, v, p, doc=doc), atol=1e-5, rtol=1e-5)
 
 
 def test_derived_kernel_cost_follows_density():

@@ -8,7 +8,9 @@ with ``N_HEAD`` heads, and valid for any context that ``STRIDE`` divides.
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from attnlab.attention.documents import documents
 from attnlab.attention.patterns import LayerContext, load_plugin, make_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,16 @@ MODIFIER_ZOO: dict[str, list[str]] = {
     "softcap": ["softcap(cap=2)"],
     "relpos": ["relpos(buckets=8,max_distance=20)"],
 }
+
+
+def document_ids(T: int, seed: int = 0) -> torch.Tensor:
+    """Document ids [2, T] for document-masking checks: a row that starts with <eos> (id 0) and is cut by more,
+    one of them right after another, and a row that is one document longer than T."""
+    idx = torch.randint(1, 9, (2, T), generator=torch.Generator().manual_seed(seed))
+    cuts = [0, *torch.randint(1, T, (max(1, T // 8),), generator=torch.Generator().manual_seed(seed + 1)).tolist()]
+    idx[0, cuts] = 0
+    idx[0, min(cuts[-1] + 1, T - 1)] = 0
+    return documents(idx, 0).ids
 
 
 def layout_file(folder: Path, context: int = 192, block: int = 4, n_head: int = N_HEAD) -> str:

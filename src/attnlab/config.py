@@ -162,6 +162,14 @@ class ModelConfig:
     checkpoint_activations: bool = opt(
         False, help="recompute each block in backward (less activation memory, about one more forward of compute)"
     )
+    position_reset: str = opt(
+        "none",
+        choices=["none", "document"],
+        help="document: positions restart at 0 after every <eos> (learned, sinusoidal and rope positions)",
+    )
+    eos_id: int | None = opt(
+        None, lo=0, help="the document separator's token id (default: the dataset's <eos>; read by document masking)"
+    )
 
     def check(self) -> None:
         """The rules that tie model fields together; ConfigError naming the keys to change."""
@@ -193,6 +201,12 @@ class ModelConfig:
         if self.mlp_ratio is not None and round(self.mlp_ratio * self.d_model) < 1:
             raise ConfigError(
                 f"model.mlp_ratio={self.mlp_ratio} gives an MLP hidden size of 0 with d_model={self.d_model}: use a larger ratio"
+            )
+        if self.position_reset != "none" and self.position not in ("learned", "sinusoidal", "rope"):
+            has = "has none" if self.position in ("none", "alibi") else "gives image coordinates, not token positions"
+            raise ConfigError(
+                f"model.position_reset={self.position_reset} needs positions to reset, but model.position="
+                f"{self.position} {has}: use model.position=learned, sinusoidal or rope, or model.position_reset=none"
             )
 
 
@@ -226,6 +240,11 @@ class AttentionConfig:
         "softcap(cap=30), relpos(buckets=32,max_distance=128); a layers entry may "
         "set its own",
     )
+    document_mask: bool = opt(
+        False,
+        help="a query sees only keys of its own document (the tokens after the last <eos> before it, up to "
+        "and including the <eos> that ends it), intersected with every layer's pattern",
+    )
     params: dict = field(default_factory=dict, metadata={"flat": True})
 
     def __init__(
@@ -236,10 +255,11 @@ class AttentionConfig:
         backend: str = "auto",
         plugins: list[str] | None = None,
         modifiers: list[str] | None = None,
+        document_mask: bool = False,
         params: dict | None = None,
         **flat: Any,
     ):
-        self.pattern, self.backend = pattern, backend
+        self.pattern, self.backend, self.document_mask = pattern, backend, document_mask
         self.schedule, self.layers, self.plugins = (
             list(schedule or []),
             [dict(x) for x in layers or []],
@@ -408,7 +428,7 @@ def check_attention(a: AttentionConfig, m: ModelConfig) -> None:
         try:
             pattern.check(m.context)
             check_modifiers(specs, pattern, m.n_head, i)
-            select_backend(a.backend, pattern, None, attention_dropout(m), specs)
+            select_backend(a.backend, pattern, None, attention_dropout(m), specs, a.document_mask)
         except ConfigError as e:
             raise ConfigError(str(e) if where == "attention" else f"{where}: {e}") from None
 

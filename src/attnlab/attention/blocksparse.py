@@ -17,10 +17,18 @@ positions (kept in the plan), before the mask. Backward recomputes the
 modified scores and takes the modifier's gradient (to the raw scores and to
 its parameters, e.g. a learned bias) from autograd of its one definition, a
 chunk at a time.
+
+Document masking (``doc``, ids [B, T]) is one more elementwise mask inside each
+visited block, doc_q[i] == doc_k[j] gathered with the block's keys: the cost
+stays proportional to the visited blocks, with no T x T tensor. Key-block slots
+of a chunk whose document range (per row, per block) meets no query block's in
+any row are dropped before the scores are computed (``_live``): long rows of
+short documents visit far fewer blocks than the pattern alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -42,6 +50,7 @@ class _Chunk:
     masks: list[tuple[slice, torch.Tensor]]  # (key columns, [n, q_block, cols] True = may NOT attend) per run of
     # key-block slots that hold a masked pair (e.g. a band's first and diagonal blocks); full blocks need none
     empty_rows: bool  # some query (e.g. padding) attends no key: its softmax row must be zeroed
+    sees_self: bool  # every query attends its own position here, so document masking empties no row
     qpos: torch.Tensor  # [n, q_block, 1] original position of each query row (for score modifiers)
     kpos: torch.Tensor  # [n, 1, m*block] original position of each gathered key column
 
@@ -115,6 +124,7 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
         )
         if comp.select is not None:
             mask = mask & comp.select(qpos, kpos)
+        sees_self = bool((mask & (kpos == qpos)).any(-1).all())  # padding queries never do
         chunks.append(
             _Chunk(
                 q0,
@@ -122,6 +132,7 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
                 kv.to(device),
                 _mask_runs(mask, b, device),
                 not bool(mask.any(-1).all()),
+                sees_self,
                 qpos.to(device),
                 kpos.to(device),
             )
@@ -187,6 +198,69 @@ def _scatter_add(dst: torch.Tensor, kv: torch.Tensor, src: torch.Tensor, block: 
     dst.view(B, H, L // block, block * D).index_add_(2, kv.reshape(-1), src.reshape(B, H, -1, block * D))
 
 
+def _doc_order(doc: torch.Tensor | None, cp: _ComponentPlan) -> torch.Tensor | None:
+    """Document ids [B, T] -> [B, length] in the component's order (padding: -1, never a real document)."""
+    if doc is None:
+        return None
+    if cp.length > doc.shape[1]:
+        doc = torch.cat([doc, doc.new_full((doc.shape[0], cp.length - doc.shape[1]), -1)], dim=1)
+    return doc if cp.order is None else doc.index_select(1, cp.order)
+
+
+def _doc_blocked(doc: torch.Tensor | None, ch: _Chunk, cp: _ComponentPlan) -> torch.Tensor | None:
+    """[B, 1, n, qb, m*block] True where query and gathered key lie in different documents (broadcasts over heads)."""
+    if doc is None:
+        return None
+    B, L = doc.shape
+    q_block, (n, m) = cp.block * cp.q_group, ch.kv.shape
+    dq = doc[:, ch.q0 * q_block : ch.q1 * q_block].view(B, n, q_block, 1)
+    dk = doc.view(B, L // cp.block, cp.block).index_select(1, ch.kv.reshape(-1)).view(B, n, 1, m * cp.block)
+    return (dq != dk).unsqueeze(1)
+
+
+def _doc_ranges(doc: torch.Tensor | None, cp: _ComponentPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row, the smallest and largest document of every key block and of every query block, in the
+    component's order: ([2, B, nk], [2, B, nq]), lo and hi stacked (padding's -1 only widens a range: safe)."""
+    if doc is None:
+        return None
+    B, L = doc.shape
+    blocks = doc.view(B, L // cp.block, cp.block)
+    key = torch.stack([blocks.amin(-1), blocks.amax(-1)])  # [2, B, nk]
+    q = key.view(2, B, -1, cp.q_group)
+    return key, torch.stack([q[0].amin(-1), q[1].amax(-1)])  # [2, B, nq]
+
+
+def _live(ch: _Chunk, cp: _ComponentPlan, ranges) -> _Chunk:
+    """``ch`` without the key-block slots where no query block of the chunk, in any row, can share a document."""
+    if ranges is None:
+        return ch
+    key, query = ranges
+    qlo, qhi = (query[i][:, ch.q0 : ch.q1, None] for i in (0, 1))  # [B, n, 1]
+    klo, khi = key[0][:, ch.kv], key[1][:, ch.kv]  # [B, n, m]
+    keep = ((klo <= qhi) & (khi >= qlo)).flatten(0, 1).any(0)  # [m] slots some query block still needs
+    if bool(keep.all()):
+        return ch
+    keep[0] |= not bool(keep.any())  # keep a slot: no shape is ever empty
+    b = cp.block
+    slots = keep.nonzero().flatten()
+    cols = (slots[:, None] * b + torch.arange(b, device=slots.device)).flatten()
+    before = keep.cumsum(0) - keep.long()  # new slot index of each old slot
+    masks = []
+    for span, blocked in ch.masks:  # each run's kept slots stay consecutive
+        s0, s1 = span.start // b, span.stop // b
+        sel = keep[s0:s1].nonzero().flatten()
+        if sel.numel():
+            start = int(before[s0 + int(sel[0])])
+            run_cols = (sel[:, None] * b + torch.arange(b, device=sel.device)).flatten()
+            masks.append((slice(start * b, (start + sel.numel()) * b), blocked[:, :, run_cols]))
+    return dataclasses.replace(ch, kv=ch.kv[:, slots], masks=masks, kpos=ch.kpos[..., cols])
+
+
+def _empty(ch: _Chunk, doc: torch.Tensor | None) -> bool:
+    """Whether some softmax row of the chunk may have no key (all -inf): padding, or documents cutting a row off."""
+    return ch.empty_rows or (doc is not None and not ch.sees_self)
+
+
 def _dropout_keep(seed: int, index: int, shape, p: float, device) -> torch.Tensor:
     """The same scaled keep-mask in forward and backward, regenerated from (seed, chunk index)."""
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
@@ -202,18 +276,20 @@ def _raw_scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Ten
     return (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
 
 
-def _masked(s: torch.Tensor, ch: _Chunk, raw, mod, heads) -> torch.Tensor:
+def _masked(s: torch.Tensor, ch: _Chunk, raw, mod, heads, doc_blocked=None) -> torch.Tensor:
     """The raw scores, modified (a new tensor: ``raw`` stays for backward) and masked in place."""
     if mod is not None:
         s = mod.score(raw, ch.qpos, ch.kpos, heads)
     for cols, blocked in ch.masks:
         s[..., cols].masked_fill_(blocked, -math.inf)
+    if doc_blocked is not None:
+        s.masked_fill_(doc_blocked, -math.inf)
     return s
 
 
-def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float, mod=None, heads=None) -> torch.Tensor:
+def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float, mod=None, heads=None, doc=None) -> torch.Tensor:
     raw = _raw_scores(q, k, ch, cp, scale)
-    return _masked(raw, ch, raw, mod, heads)
+    return _masked(raw, ch, raw, mod, heads, _doc_blocked(doc, ch, cp))
 
 
 def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> torch.Tensor:
@@ -229,18 +305,32 @@ def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> 
 
 
 def _forward_component(
-    q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool, mod=None, heads=None
+    q,
+    k,
+    v,
+    cp: _ComponentPlan,
+    scale: float,
+    p: float,
+    seed: int,
+    salt: int,
+    need_lse: bool,
+    mod=None,
+    heads=None,
+    doc=None,
 ):
     """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1]."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
+    doc = _doc_order(doc, cp)
+    ranges = _doc_ranges(doc, cp)
     out = v.new_empty(*q.shape[:3], v.shape[-1])
     lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
     for i, ch in enumerate(cp.chunks):
-        s = _scores(q, k, ch, cp, scale, mod, heads)
+        ch = _live(ch, cp, ranges)
+        s = _scores(q, k, ch, cp, scale, mod, heads, doc)
         if lse is not None:
             _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
         prob = torch.softmax(s, dim=-1)
-        if ch.empty_rows:  # a query with no key: all -inf gives NaN; its output is defined as 0
+        if _empty(ch, doc):  # a query with no key: all -inf gives NaN; its output is defined as 0
             prob.nan_to_num_(nan=0.0)
         if p > 0.0:
             prob.mul_(_dropout_keep(seed, salt + i, prob.shape, p, prob.device))
@@ -264,21 +354,25 @@ def _backward_component(
     heads=None,
     params=(),
     param_grads=(),
+    doc=None,
 ):
     """Gradients of one component, in its order. Alone (``lse`` None) its probabilities are its own softmax;
     as one of several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out).
     The modifier's parameter gradients are added to ``param_grads``."""
     q, k, v, dout = (_to_order(x, cp) for x in (q, k, v, dout))
+    doc = _doc_order(doc, cp)
+    ranges = _doc_ranges(doc, cp)
     if lse is not None:
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
         lse = torch.where(lse.isinf(), 0.0, lse)  # rows with no key: p = 0
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i, ch in enumerate(cp.chunks):
+        ch = _live(ch, cp, ranges)
         kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
         raw = _raw_scores(q, k, ch, cp, scale)
-        s = _masked(raw, ch, raw, mod, heads)
+        s = _masked(raw, ch, raw, mod, heads, _doc_blocked(doc, ch, cp))
         prob = torch.softmax(s, dim=-1) if lse is None else s.sub_(_rows(lse, ch, cp)).exp_()
-        if ch.empty_rows:
+        if _empty(ch, doc):
             prob.nan_to_num_(nan=0.0)
         dprob = do @ vc.transpose(-1, -2)
         if p > 0.0:
@@ -333,7 +427,7 @@ def _assemble(shape: torch.Size, plans, per_group: list[torch.Tensor]) -> torch.
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plans, scale, p, seed, mod, *params):
+    def forward(ctx, q, k, v, plans, scale, p, seed, mod, doc, *params):
         T = q.shape[2]
         outs, lses = [], {}  # merged log-sum-exp of groups with several components, for backward
         for g, gp in enumerate(plans):
@@ -341,7 +435,7 @@ class _BlockSparse(torch.autograd.Function):
             parts = []
             for c, cp in enumerate(gp.components):
                 o, l = _forward_component(
-                    q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several, mod, gp.head_idx
+                    q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several, mod, gp.head_idx, doc
                 )
                 parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
             if several:
@@ -349,7 +443,7 @@ class _BlockSparse(torch.autograd.Function):
             outs.append(o if several else parts[0][0])
         out = _assemble(q.shape[:3] + v.shape[3:], plans, outs)
         ctx.save_for_backward(q, k, v, out)  # the modifier's parameters are read from ``mod`` itself
-        ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses, ctx.mod = plans, scale, p, seed, lses, mod
+        ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses, ctx.mod, ctx.doc = plans, scale, p, seed, lses, mod, doc
         return out
 
     @staticmethod
@@ -359,7 +453,7 @@ class _BlockSparse(torch.autograd.Function):
         plans, mod = ctx.plans, ctx.mod
         params = () if mod is None else tuple(mod.parameters())
         param_grads = [torch.zeros_like(x) for x in params]
-        mods = dict(mod=mod, params=params, param_grads=param_grads)
+        mods = dict(mod=mod, params=params, param_grads=param_grads, doc=ctx.doc)
         cp0 = plans[0].components[0]
         if (
             len(plans) == 1
@@ -371,7 +465,7 @@ class _BlockSparse(torch.autograd.Function):
             grads = _backward_component(
                 q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0), heads=plans[0].head_idx, **mods
             )
-            return (*grads, None, None, None, None, None, *param_grads)
+            return (*grads, None, None, None, None, None, None, *param_grads)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g, gp in enumerate(plans):
             h = gp.heads
@@ -401,7 +495,7 @@ class _BlockSparse(torch.autograd.Function):
                         _add_from_order(part, grad, cp)
                         acc[:, h] = part
                 del grads
-        return dq, dk, dv, None, None, None, None, None, *param_grads
+        return dq, dk, dv, None, None, None, None, None, None, *param_grads
 
 
 @torch.compiler.disable  # a Python loop over cached plans: under train.compile it runs eagerly between graphs
@@ -413,12 +507,14 @@ def blocksparse(
     dropout_p: float = 0.0,
     training: bool = False,
     modifier=None,
+    doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention backend: ``pattern`` computed block by block, forward and backward, on any device.
 
     q, k [B,H,T,Dqk] and v [B,H,T,Dv] may differ in head size; scores are scaled by 1/sqrt(Dqk).
     k and v may have fewer heads (grouped-query attention): they are expanded here, and autograd sums
-    their gradients back. ``modifier`` (score modifiers) changes each block's scores before the mask.
+    their gradients back. ``modifier`` (score modifiers) changes each block's scores before the mask;
+    ``doc`` (document ids [B, T]) keeps each query to keys of its own document.
     """
     H, T, Dqk = q.shape[1:]
     p = dropout_p if training else 0.0
@@ -428,5 +524,6 @@ def blocksparse(
     k, v = expand_kv(k, H), expand_kv(v, H)
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))  # the model hands in head-transposed views
     params = () if modifier is None else tuple(modifier.parameters())
-    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk**-0.5, p, seed, modifier, *params)
+    doc = None if doc is None else doc.to(q.device, torch.long).contiguous()
+    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk**-0.5, p, seed, modifier, doc, *params)
     return out.to(dtype)

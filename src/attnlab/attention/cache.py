@@ -42,6 +42,13 @@ the rule instead (``AppendCache``).
 Score modifiers are applied to the kept keys with their absolute positions
 (each part carries them); a sink seen from ``min(i, context - 1)`` under
 streaming is seen from there by a translation-invariant modifier too.
+
+Document masking: documents are contiguous, so "key j is in the query's
+document" is "j >= the position where the current document began". The model
+sets ``doc_start`` [B] before each prefill and step; every part then masks the
+kept keys whose absolute position lies before it (ring slots included), and the
+linear state starts again from zero where a document begins. A token after
+``<eos>`` therefore sees nothing before it, exactly as in the full forward pass.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .documents import DocState
 from .linear import LinearState, feature_map, linear_step
 from .patterns import Fixed, Linear, Pattern, Strided
 
@@ -137,6 +145,7 @@ class LayerCache:
     """
 
     streams: bool = False  # True when memory is bounded, so decoding may run past the context
+    doc_start: torch.Tensor | None = None  # [B] where the current document begins (document masking), set per call
 
     def __init__(
         self,
@@ -168,7 +177,24 @@ class LayerCache:
     def step(self, q, k, v, pos: int, shift_sinks: Rotation | None = None) -> torch.Tensor:
         self._write(k, v, pos)
         self.length = pos + 1
-        return attend_parts(self._parts(q, pos, shift_sinks), self.modifier)
+        return attend_parts(self.in_document(self._parts(q, pos, shift_sinks)), self.modifier)
+
+    def in_document(self, parts: Sequence[Part]) -> list[Part]:
+        """``parts`` with the keys of earlier documents masked out (unchanged without document masking)."""
+        if self.doc_start is None:
+            return list(parts)
+        return [self._in_document(Part(*p)) for p in parts]
+
+    def _in_document(self, p: Part) -> Part:
+        if p.k_pos is None:
+            raise ValueError("this KV cache gives no key positions, so it cannot mask documents")
+        assert self.doc_start is not None
+        device = p.q.device
+        k_pos = p.k_pos.to(device)  # [S] or [Hkv, 1, S]
+        keep = k_pos >= self.doc_start.to(device).view(-1, 1, 1, 1)  # [B, 1 or Hkv, 1, S]
+        if self.group > 1 and keep.shape[1] > 1:  # per key/value head: one row per query head
+            keep = keep.repeat_interleave(self.group, dim=1)
+        return p._replace(mask=keep if p.mask is None else p.mask & keep)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
@@ -244,7 +270,7 @@ class AppendCache(LayerCache):
     def _parts(self, q, pos, shift_sinks):
         n = pos + 1
         mask = keys = None
-        if not self.pattern.is_dense_causal or self.modifier is not None:
+        if not self.pattern.is_dense_causal or self.modifier is not None or self.doc_start is not None:
             keys = torch.arange(n, device=q.device)
         if not self.pattern.is_dense_causal:  # block_layout or a fallback: the pattern's rule over the filled slots
             mask = self.pattern.allowed(torch.tensor(pos, device=q.device), keys[None, :], self.heads.to(q.device))[
@@ -391,9 +417,9 @@ class StridedCache(LayerCache):
         self.length = pos + 1
         h, outs, heads = self.n_local, [], torch.arange(self.n_head)
         if self.ring:
-            outs.append(attend_parts([self.ring.part(q[:, :h], pos)], self.modifier, heads[:h]))
+            outs.append(attend_parts(self.in_document([self.ring.part(q[:, :h], pos)]), self.modifier, heads[:h]))
         if self.all:  # the strided heads come after the local ones: their head indices start at h
-            outs.append(attend_parts(self._strided_parts(q[:, h:], pos), self.modifier, heads[h:]))
+            outs.append(attend_parts(self.in_document(self._strided_parts(q[:, h:], pos)), self.modifier, heads[h:]))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
     def _strided_parts(self, q, pos) -> list[Part]:
@@ -491,7 +517,9 @@ class FixedCache(LayerCache):
             )
             mask = mask.to(q.device)
         out = attend_parts(
-            [Part(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], mask, self.positions[:, :, :end], pos)],
+            self.in_document(
+                [Part(q, self.slots.k[:, :, :end], self.slots.v[:, :, :end], mask, self.positions[:, :, :end], pos)]
+            ),
             self.modifier,
         )
         if pos % l == l - 1:
@@ -526,12 +554,20 @@ class LinearCache(LayerCache):
     def prefill(self, k, v):
         phi = feature_map(self.pattern.feature_map)
         fk, vw = phi(k.float()), v.float()
+        if self.doc_start is not None:  # only the current document's keys make the state
+            keep = torch.arange(k.shape[2], device=k.device) >= self.doc_start.to(k.device)[:, None]
+            fk = fk * keep[:, None, :, None]
         self.state = LinearState(fk.transpose(-2, -1) @ vw, fk.sum(-2))
         self.length = k.shape[2]
 
     def step(self, q, k, v, pos, shift_sinks=None):
         if self.state is None:
             self.state = LinearState.zeros(self.batch, self.n_kv_head, k.shape[-1], v.shape[-1], k.device)
+        if self.doc_start is not None:  # a document begins here: nothing before it counts
+            fresh = (self.doc_start.to(k.device) == pos).view(-1, 1, 1)
+            self.state = LinearState(
+                self.state.s.masked_fill(fresh[..., None], 0.0), self.state.z.masked_fill(fresh, 0.0)
+            )
         if self.group == 1:
             out, self.state = linear_step(q, k, v, self.state, self.pattern.feature_map)
         else:
@@ -659,6 +695,7 @@ class ModelCache:
 
     def __init__(self, layers: list[LayerCache], context: int):
         self.layers, self.context = layers, context
+        self.docs: DocState | None = None  # where the documents of the tokens consumed so far left off
 
     @property
     def length(self) -> int:

@@ -8,6 +8,12 @@ Sequences are padded to a multiple of 128, so all lengths within a tile share
 one compiled kernel and one BlockMask (causality keeps the padding unseen).
 Score modifiers are the kernel's ``score_mod``; shared key/value heads
 (grouped-query attention) use flex's ``enable_gqa``.
+
+Document masking ANDs ``doc[b, q] == doc[b, kv]`` into the mask_mod. Its
+BlockMask is built per call from the pattern's cached tiles and each row's
+per-tile document ranges (ids never decrease along a row): tiles whose query and
+key documents cannot meet are skipped, and a full tile stays full only where
+all its tokens share one document.
 """
 
 from __future__ import annotations
@@ -105,6 +111,16 @@ def _kv_blocks(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tiles.sum(-1, dtype=torch.int32)[None], order.to(torch.int32)[None]
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _tiles(pattern: Pattern, T: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(active, full) tiles [H, nb, nb] of ``pattern`` at length ``T``: some pair allowed, every pair allowed."""
+    layout = pattern.block_layout(T, BLOCK, H)
+    full = torch.zeros_like(layout)
+    for group in pattern.kernel_groups(H, T):  # heads of a group share a rule: check one, copy to all
+        full[list(group.heads)] = _full_tiles(pattern, layout[group.heads[0]], group.heads[0])
+    return layout, full
+
+
 def block_mask(pattern: Pattern, T: int, H: int, device: torch.device | str) -> BlockMask:
     """The (cached) BlockMask of ``pattern`` for length ``T`` and ``H`` heads on ``device``."""
     device = torch.device(device)
@@ -112,10 +128,7 @@ def block_mask(pattern: Pattern, T: int, H: int, device: torch.device | str) -> 
     if key in _masks:
         _masks.move_to_end(key)
         return _masks[key]
-    layout = pattern.block_layout(T, BLOCK, H)
-    full = torch.zeros_like(layout)
-    for group in pattern.kernel_groups(H, T):  # heads of a group share a rule: check one, copy to all
-        full[list(group.heads)] = _full_tiles(pattern, layout[group.heads[0]], group.heads[0])
+    layout, full = _tiles(pattern, T, H)
     live = _on_device(pattern, device)
     mask = BlockMask.from_kv_blocks(
         *_kv_blocks(layout & ~full),
@@ -130,6 +143,34 @@ def block_mask(pattern: Pattern, T: int, H: int, device: torch.device | str) -> 
     return mask
 
 
+def document_block_mask(pattern: Pattern, doc: torch.Tensor, H: int) -> BlockMask:
+    """The BlockMask of ``pattern`` within documents ``doc`` [B, T] (T a multiple of BLOCK, ids never decreasing
+    along a row): one per call, from the cached tiles, so only [B, H, nb, nb] block tables are built."""
+    B, T = doc.shape
+    layout, full = (t.to(doc.device) for t in _tiles(pattern, T, H))
+    ranges = doc.view(B, T // BLOCK, BLOCK)
+    lo, hi = ranges[..., 0], ranges[..., -1]  # [B, nb] first and last document of each tile's tokens
+    meet = (lo[:, None, :] <= hi[:, :, None]) & (hi[:, None, :] >= lo[:, :, None])  # [B, q tile, kv tile]
+    single = lo == hi
+    one_doc = single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    active = layout[None] & meet[:, None]
+    whole = full[None] & one_doc[:, None]
+    live = _on_device(pattern, doc.device)
+    return BlockMask.from_kv_blocks(
+        *_kv_blocks_batched(active & ~whole),
+        *_kv_blocks_batched(whole),
+        BLOCK_SIZE=BLOCK,
+        mask_mod=lambda b, h, q_idx, kv_idx: live.allowed(q_idx, kv_idx, h) & (doc[b, q_idx] == doc[b, kv_idx]),
+        seq_lengths=(T, T),
+    )
+
+
+def _kv_blocks_batched(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, nb, nb] bool -> (kv_num_blocks [B, H, nb], kv_indices [B, H, nb, nb]), listed tiles first."""
+    order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True)
+    return tiles.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+
 def flex(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,9 +179,11 @@ def flex(
     dropout_p: float = 0.0,
     training: bool = False,
     modifier=None,
+    doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention backend: compiled FlexAttention with the pattern's cached BlockMask (no T x T tensor),
-    ``modifier`` (score modifiers) as its ``score_mod``; k and v may have fewer heads than q."""
+    ``modifier`` (score modifiers) as its ``score_mod``; k and v may have fewer heads than q; ``doc``
+    (document ids [B, T]) ANDs "same document" into the mask."""
     if pattern.mechanism != "softmax":
         raise ConfigError(
             f"attention.backend=flex cannot run {pattern.mechanism} attention ({pattern.name!r}): "
@@ -167,5 +210,11 @@ def flex(
     extra = {} if modifier is None else {"score_mod": modifier.score_mod()}
     if k.shape[1] != H:
         extra["enable_gqa"] = True
-    out = _compiled()(q, k, v, block_mask=block_mask(pattern, T + pad, H, q.device), **extra)
+    if doc is None:
+        mask = block_mask(pattern, T + pad, H, q.device)
+    else:  # padding is one more document, after the last: no real query sees it
+        doc = doc.to(q.device, torch.long)
+        doc = torch.cat([doc, (doc[:, -1:] + 1).expand(-1, pad)], dim=1) if pad else doc.contiguous()
+        mask = document_block_mask(pattern, doc, H)
+    out = _compiled()(q, k, v, block_mask=mask, **extra)
     return out[:, :, :T] if pad else out

@@ -16,6 +16,8 @@ class Attention(nn.Module):
     ``modifiers`` (specs; default ``attn_cfg.modifiers``) change the scores
     before the mask; a learned one is a submodule (``modifier``), so its
     parameters train and save with the model. Hkv divides H (grouped-query).
+    With ``attn_cfg.document_mask`` the forward takes ``doc`` (document ids [B, T],
+    ``attention.documents``) and a query sees only keys of its own document.
 
     The pattern is built at construction. The backend is resolved for a device
     (``resolve``; the trainer calls it once the model is placed) and re-resolved
@@ -41,8 +43,9 @@ class Attention(nn.Module):
         self.modifier = build_modifiers(self.specs, n_head)
         self._mod_kw = {} if self.modifier is None else {"modifier": self.modifier}
         self.requested = attn_cfg.backend
+        self.document_mask = bool(getattr(attn_cfg, "document_mask", False))
         # reject impossible choices before any device exists
-        select_backend(self.requested, self.pattern, None, dropout, self.specs)
+        select_backend(self.requested, self.pattern, None, dropout, self.specs, self.document_mask)
         self.backend: str | None = None
         self._fn: BackendFn | None = None
         self._device_type: str | None = None
@@ -50,15 +53,21 @@ class Attention(nn.Module):
     def resolve(self, device: torch.device | str) -> str:
         """Pick the backend for ``device`` (ConfigError if a forced one cannot run there); returns its name."""
         device = torch.device(device)
-        self.backend, self._fn = select_backend(self.requested, self.pattern, device, self.dropout, self.specs)
+        self.backend, self._fn = select_backend(
+            self.requested, self.pattern, device, self.dropout, self.specs, self.document_mask
+        )
         self._device_type = device.type
         return self.backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``doc``: document ids [B, T] (only with document masking; None attends across documents)."""
         if q.device.type != self._device_type or self._fn is None:
             self.resolve(q.device)
         assert self._fn is not None
-        return self._fn(q, k, v, self.pattern, self.dropout, self.training, **self._mod_kw)
+        kw = self._mod_kw if doc is None else {**self._mod_kw, "doc": doc}
+        return self._fn(q, k, v, self.pattern, self.dropout, self.training, **kw)
 
     def describe(self, T: int) -> dict:
         """What this layer's attention is, for ``model_info`` logs (after ``resolve``: the backend that runs)."""
@@ -71,10 +80,12 @@ class Attention(nn.Module):
         }
         if self.modifier is not None:
             info["modifiers"] = self.modifier.specs
+        if self.document_mask:
+            info["document_mask"] = True
         return info
 
     def extra_repr(self) -> str:
-        mods = f", modifiers={self.specs}" if self.specs else ""
+        mods = (f", modifiers={self.specs}" if self.specs else "") + (", document_mask" if self.document_mask else "")
         return (
             f"layer={self.layer_idx}, pattern={self.pattern.name}{mods}, backend={self.backend or self.requested}, "
             f"dropout={self.dropout}"

@@ -51,6 +51,7 @@ TRAINING_ONLY = {
     "n_head",
     "d_model",
     "image_shape",
+    "eos_id",
 }
 # Fields checked below, target by target.
 CHECKED = {"position", "norm", "norm_position", "mlp", "qk_ratio", "qk_norm", "bias", "n_kv_head"}
@@ -110,6 +111,11 @@ def _check_shared(m: ModelConfig) -> None:
 
 def _attention_window(model: GPT, cfg: Config) -> int | None:
     """None when every layer is dense; w when every layer is local(w); else ExportError naming the layer's key."""
+    if getattr(cfg.attention, "document_mask", False):
+        raise _refuse(
+            "attention.document_mask=true (attention within documents)",
+            "transformers' GPT-2, Llama and Mistral attend across <eos>",
+        )
     modifiers = getattr(cfg.attention, "modifiers", None)
     if modifiers:
         raise _refuse(

@@ -45,6 +45,10 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
     def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is not None:
+            if positions.numel() and int(positions.max()) >= self.table.shape[0]:  # past the table: compute afresh
+                return sinusoidal_table(int(positions.max()) + 1, self.table.shape[1], self.base).to(self.table.device)[
+                    positions
+                ]
             return self.table[positions]
         if offset + T > self.table.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
             return sinusoidal_table(offset + T, self.table.shape[1], self.base)[offset:].to(self.table.device)
@@ -77,8 +81,10 @@ class Rotary(nn.Module):
     def forward(
         self, T: int, offset: int = 0, positions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each [T, head_dim/2], for ``apply_rotary``."""
+        """(cos, sin), each [T, head_dim/2] (or positions.shape + [head_dim/2]), for ``apply_rotary``."""
         if positions is not None:
+            if positions.numel() and int(positions.max()) >= self.cos.shape[0]:  # past the cache: compute afresh
+                return self._angles(positions)
             return self.cos[positions], self.sin[positions]
         if offset + T > self.cos.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
             return self._angles(torch.arange(offset, offset + T, device=self.cos.device))
@@ -86,7 +92,10 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., T, Dh] by (cos, sin) [T, Dh/2]; keeps x's dtype (cos/sin are cast, not x)."""
+    """Rotate x [B, H, T, Dh] by (cos, sin) [T, Dh/2] (or [B, T, Dh/2]: positions per row); keeps x's dtype
+    (cos/sin are cast, not x)."""
+    if cos.dim() == 3:  # one row of positions per sequence: broadcast over the heads
+        cos, sin = cos[:, None], sin[:, None]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)

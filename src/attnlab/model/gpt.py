@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import Attention
 from ..attention.backends import attention_dropout
 from ..attention.cache import LayerCache, ModelCache, cache_streams, make_cache
+from ..attention.documents import Documents, documents
 from ..attention.modifiers import modifier_specs
 from ..config import AttentionConfig, ModelConfig
 from ..errors import ConfigError
@@ -103,10 +104,16 @@ class SelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None, sink_shift: RopeCache = None
+        self,
+        x: torch.Tensor,
+        rope: RopeCache = None,
+        cache: LayerCache | None = None,
+        sink_shift: RopeCache = None,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
         """Without ``cache``: attention over x. With one: an empty cache is filled from x (the prompt);
-        otherwise x is the next position and attends to the cache (``sink_shift``: see attention.cache)."""
+        otherwise x is the next position and attends to the cache (``sink_shift``: see attention.cache).
+        ``docs``: document masking (a query sees keys of its own document only)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(self.sizes, dim=2)
         q = q.view(B, T, self.n_head, self.qk_head).transpose(1, 2)  # [B, H, T, Dqk]
@@ -116,8 +123,10 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:  # where the last position's document begins: the cache masks keys before it
+            cache.doc_start = None if docs is None else docs.starts[:, -1]
         if cache is None or cache.length == 0:
-            y = self.core(q, k, v)
+            y = self.core(q, k, v) if docs is None else self.core(q, k, v, docs.ids)
             if cache is not None:
                 cache.prefill(k, v)
         else:
@@ -161,12 +170,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, rope: RopeCache = None, cache: LayerCache | None = None, sink_shift: RopeCache = None
+        self,
+        x: torch.Tensor,
+        rope: RopeCache = None,
+        cache: LayerCache | None = None,
+        sink_shift: RopeCache = None,
+        docs: Documents | None = None,
     ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, cache, sink_shift)
+            x = x + self.attn(self.norm1(x), rope, cache, sink_shift, docs)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, cache, sink_shift))
+        x = self.norm1(x + self.attn(x, rope, cache, sink_shift, docs))
         return self.norm2(x + self.mlp(x))
 
 
@@ -182,6 +196,15 @@ class GPT(nn.Module):
                 "dataset (its shape is taken from there) or set e.g. model.image_shape=32,32,3"
             )
         self.cfg, self.attn_cfg, self.vocab_size = cfg, attn_cfg, vocab_size
+        self.document_mask = bool(getattr(attn_cfg, "document_mask", False))
+        self.position_reset = cfg.position_reset == "document"
+        self.eos_id = cfg.eos_id
+        if (self.document_mask or self.position_reset) and self.eos_id is None:
+            key = "attention.document_mask=true" if self.document_mask else "model.position_reset=document"
+            raise ConfigError(
+                f"{key} needs the id of the document separator <eos>: train on a text dataset "
+                "(its id is taken from there) or set model.eos_id"
+            )
         self.context = cfg.context
         self.max_len = cfg.context  # longest full forward; longer_windows() raises it for evaluation past the context
 
@@ -263,26 +286,39 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         self._check_length(start, T, cache)
+        docs = self._documents(idx, start, cache)
+        positions = docs.positions(start) if docs is not None and self.position_reset else None
+        masking = docs if self.document_mask else None
         x = self.tok_emb(idx)
         rope = sink_shift = None
         if self.rotary:
-            rope = self.pos_emb(T, offset=start)
+            rope = self.pos_emb(T, offset=start, positions=positions)
             if start >= self.context:  # streaming: the sinks see this query at the context's last position
                 sink_shift = self.pos_emb(T, offset=start - (self.context - 1))
         elif self.pos_emb is not None:
-            x = x + self.pos_emb(T, offset=start)
+            x = x + self.pos_emb(T, offset=start, positions=positions)
         x = self.drop(x)
         recompute = self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             if recompute:  # keep only the block's input; backward reruns it with the same RNG state (dropout masks)
-                x = checkpoint(block, x, rope, use_reentrant=False, preserve_rng_state=True)
+                x = checkpoint(block, x, rope, None, None, masking, use_reentrant=False, preserve_rng_state=True)
             else:
-                x = block(x, rope, None if cache is None else cache.layers[i], sink_shift)
+                x = block(x, rope, None if cache is None else cache.layers[i], sink_shift, masking)
         if last_only:
             x = x[:, -1:]
         if self.norm_f is not None:
             x = self.norm_f(x)
         return self.lm_head(x)
+
+    def _documents(self, idx: torch.Tensor, start: int, cache: ModelCache | None) -> Documents | None:
+        """The documents of ``idx`` (continuing the cache's), when document masking or position reset needs them."""
+        if not (self.document_mask or self.position_reset):
+            return None
+        assert self.eos_id is not None  # __init__ refuses otherwise
+        docs = documents(idx, self.eos_id, start, None if cache is None or start == 0 else cache.docs)
+        if cache is not None:
+            cache.docs = docs.state(idx, self.eos_id)
+        return docs
 
     def extrapolation_refusal(self) -> str | None:
         """Why this model cannot run a window longer than its training context (None: it can).
@@ -340,7 +376,12 @@ class GPT(nn.Module):
     def can_stream(self, cache: ModelCache | None) -> bool:
         """Whether decoding with ``cache`` may go past the training context: bounded caches, relative (RoPE, ALiBi)
         or no positions, and score modifiers that are relative or position-free."""
-        return cache is not None and cache.streams and self.cfg.position in STREAMING_POSITIONS
+        return (
+            cache is not None
+            and cache.streams
+            and self.cfg.position in STREAMING_POSITIONS
+            and not self.position_reset  # positions within a document that outgrows the context were never trained
+        )
 
     # ------------------------------------------------------------ reporting
 

@@ -128,10 +128,12 @@ def fit_model_to_data(cfg: Config, ds: store.Dataset | RunVocabulary) -> tuple[i
 
     An image model predicts bytes 0..255 and reads one more token, the start of
     an image (SOS = 256): its vocabulary is 257, its context one image, and its
-    image shape the dataset's unless the config names it.
+    image shape the dataset's unless the config names it. Text and task models get the dataset's document
+    separator (``model.eos_id``), which document masking and position reset read.
     """
     if ds.kind != "image":
-        return ds.vocab_size, cfg.model
+        return ds.vocab_size, _with_separator(cfg, ds)
+    _refuse_documents(cfg, f"the image dataset {ds.dir} has no <eos> between its images")
     image = ds.meta["image"]
     shape, n = [image["height"], image["width"], image["channels"]], int(ds.meta["tokens_per_image"])
     m = cfg.model
@@ -146,6 +148,32 @@ def fit_model_to_data(cfg: Config, ds: store.Dataset | RunVocabulary) -> tuple[i
             f"set model.image_shape={','.join(map(str, shape))} or leave it empty"
         )
     return IMAGE_VOCAB, dataclasses.replace(m, image_shape=shape)
+
+
+def _refuse_documents(cfg: Config, why: str) -> None:
+    """ConfigError if the config asks for documents (document masking, position reset) and the data has none."""
+    if cfg.attention.document_mask:
+        raise ConfigError(f"attention.document_mask=true needs documents separated by <eos>, but {why}: set it false")
+    if cfg.model.position_reset != "none":
+        raise ConfigError(
+            f"model.position_reset={cfg.model.position_reset} needs documents separated by <eos>, but {why}: "
+            "set model.position_reset=none"
+        )
+
+
+def _with_separator(cfg: Config, ds: store.Dataset | RunVocabulary) -> ModelConfig:
+    """The model config with ``eos_id`` = the dataset's document separator (refusing a different one given)."""
+    m = cfg.model
+    eos = (ds.meta.get("tokenizer") or {}).get("eos_id")
+    if eos is None:
+        _refuse_documents(cfg, f"the dataset {ds.dir} records no <eos> id")
+        return m
+    if m.eos_id is not None and m.eos_id != eos:
+        raise ConfigError(
+            f"model.eos_id={m.eos_id} is not the document separator of the dataset {ds.dir} ({eos}): "
+            "leave model.eos_id unset"
+        )
+    return dataclasses.replace(m, eos_id=int(eos))
 
 
 # ------------------------------------------------------------------ run directory

@@ -90,7 +90,7 @@ def capture_attention(
 def _reference_forward(
     core, layer: int, keep: bool, captured: dict, on_layer: LayerCallback | None, chunk_elements: int
 ):
-    def forward(q, k, v):
+    def forward(q, k, v, doc=None):
         if core.training and core.dropout > 0:
             raise ValueError(
                 "capture_attention needs the model in eval mode (model.eval()): the reference path applies no dropout"
@@ -101,7 +101,7 @@ def _reference_forward(
         outs, kept = [], []
         for s in range(0, Tq, rows):
             qc = q[:, :, s : s + rows]
-            w = reference_weights(qc, k, core.pattern, q_start=Tk - Tq + s, modifier=core.modifier)
+            w = reference_weights(qc, k, core.pattern, q_start=Tk - Tq + s, modifier=core.modifier, doc=doc)
             outs.append((w @ v.to(w.dtype)).to(v.dtype))
             if on_layer is not None:
                 on_layer(LayerAttention(layer, qc, k, v, w, Tk - Tq + s, s == 0))
