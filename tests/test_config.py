@@ -74,7 +74,7 @@ def test_saved_config_reloads_identically(tmp_path):
     assert again == cfg and config.diff(cfg, again) == []
 
 
-@pytest.mark.parametrize("preset", ["quickstart", "shakespeare-char", "mainrun", "mainrun-fixed"])
+@pytest.mark.parametrize("preset", ["quickstart", "shakespeare-char", "mainrun", "mainrun-fixed", "mainrun-best"])
 def test_presets_load(preset):
     cfg = config.load(f"configs/{preset}.yaml")
     assert cfg.name == preset
@@ -93,6 +93,13 @@ def test_mainrun_fixed_is_the_mainrun_protocol_with_fixed_attention(tmp_path):
     tiny += [f"data.dir={tmp_path / 'data'}", f"out_dir={tmp_path / 'runs'}", "logging.progress=false"]
     summary = train(config.load("configs/mainrun-fixed.yaml", tiny))
     assert summary["steps"] == 2 and summary["attention"][0]["pattern"] == "fixed"
+
+
+def test_mainrun_best_keeps_the_protocol_rules():
+    mainrun, best = config.load("configs/mainrun.yaml"), config.load("configs/mainrun-best.yaml")
+    assert best.data == mainrun.data  # the same titles, tokenizer, validation fraction and seed
+    assert (best.train.epochs, best.train.seed, best.model.context) == (7, 1337, 128)
+    assert best.attention.document_mask and best.model.position_reset == "document"
 
 
 @given(st.integers(min_value=1, max_value=256))
