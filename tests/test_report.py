@@ -531,3 +531,14 @@ def test_seed_curve_is_the_per_step_mean_with_a_min_max_band(handmade):
     assert np.isclose(band[:, 1].min(), min(min(v) for v in per_seed.values()))
     assert np.isclose(band[:, 1].max(), max(max(v) for v in per_seed.values()))
     assert line.get_label() == "optim.lr=0.001 (mean of 4 seeds, band min–max)"
+
+
+def test_a_long_pattern_label_is_shortened_to_its_non_default_parameters(tmp_path):
+    fixed = ["attention.pattern=fixed", "attention.local_attn_ctx=64", "attention.blocksize=16", "model.context=256"]
+    runs = [
+        make_run(tmp_path / "runs", "dense", 1.0, "model.context=256"),
+        make_run(tmp_path / "runs", "f", 1.1, *fixed),
+    ]
+    groups = group_runs([load_run_data(r) for r in runs])
+    assert groups[1].label == "attention=fixed(local_attn_ctx=64, blocksize=16, vertsize=1, num_verts=1)"
+    assert groups[1].short == "attention=fixed(local_attn_ctx=64, blocksize=16)"

@@ -84,23 +84,30 @@ def differing_keys(runs: list[RunData]) -> list[str]:
     return sorted(keys)
 
 
-def attention_label(run: RunData) -> str:
+def attention_label(run: RunData, *, short: bool = False) -> str:
     """The pattern layer 0 builds, with the parameters it uses (``local(window=64)``): the attention.*
-    keys a pattern ignores (a dense run's window) do not make configs look different."""
+    keys a pattern ignores (a dense run's window) do not make configs look different. ``short`` also
+    leaves out parameters at their declared defaults."""
     from ..inspection.pattern_viz import format_params, pattern_from_overrides
 
     cfg = run.cfg
     attn = {f"attention.{k}": v for k, v in config_mod.to_dict(cfg)["attention"].items()}
     pattern = pattern_from_overrides(attn, cfg.model.n_head, 0, cfg.model.n_layer)
-    params = format_params({k: v for k, v in pattern.params().items() if k != "n_head"}).replace(";", ", ")
+    declared = pattern.parameters()
+    values = {
+        k: v
+        for k, v in pattern.params().items()
+        if k != "n_head" and not (short and k in declared and v == declared[k].default)
+    }
+    params = format_params(values).replace(";", ", ")
     return f"{pattern.name}({params})" if params else pattern.name
 
 
-def _label(run: RunData, keys: list[str]) -> str:
+def _label(run: RunData, keys: list[str], *, short: bool = False) -> str:
     flat = config_identity(run)
     parts = [f"{k}={_format_value(flat.get(k))}" for k in keys if not k.startswith("attention.")]
     if any(k.startswith("attention.") for k in keys):
-        parts.insert(0, f"attention={attention_label(run)}")
+        parts.insert(0, f"attention={attention_label(run, short=short)}")
     return ", ".join(parts) or "one config"
 
 
@@ -112,8 +119,8 @@ def group_runs(runs: list[RunData]) -> list[Group]:
     keys = differing_keys(runs)
     groups = []
     for i, members in enumerate(buckets.values()):
-        label = _label(members[0], keys)
-        groups.append(Group(label, members, label if len(label) <= MAX_LABEL else f"config {i + 1}"))
+        label, short = _label(members[0], keys), _label(members[0], keys, short=True)
+        groups.append(Group(label, members, short if len(short) <= MAX_LABEL else f"config {i + 1}"))
     return groups
 
 
