@@ -167,6 +167,13 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ba.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ba.add_argument("--plot", help="log-log plot (default: the CSV path with .png)")
+    ba.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N competing CPU-spinning processes during the whole benchmark (a loaded machine; default 0)",
+    )
 
     from .bench import generate as bench_generate
 
@@ -689,6 +696,7 @@ def cmd_bench_attention(a) -> None:
         out=a.out,
         warmup=a.warmup,
         plot=a.plot,
+        busy=a.busy,
     )
 
 
