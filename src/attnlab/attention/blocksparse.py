@@ -198,8 +198,9 @@ def _salt(group: int, component: int) -> int:
     return 1000 * (4 * group + component)
 
 
-def _raw_scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
-    return (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
+def _raw_scores(qs, kc, ch: _Chunk, cp: _ComponentPlan) -> torch.Tensor:
+    """Scores of the chunk's rows of the pre-scaled queries ``qs`` with its gathered keys ``kc``: [B,H,n,qb,m*b]."""
+    return _rows(qs, ch, cp) @ kc.transpose(-1, -2)
 
 
 def _masked(s: torch.Tensor, ch: _Chunk, raw, mod, heads) -> torch.Tensor:
@@ -209,11 +210,6 @@ def _masked(s: torch.Tensor, ch: _Chunk, raw, mod, heads) -> torch.Tensor:
     for cols, blocked in ch.masks:
         s[..., cols].masked_fill_(blocked, -math.inf)
     return s
-
-
-def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float, mod=None, heads=None) -> torch.Tensor:
-    raw = _raw_scores(q, k, ch, cp, scale)
-    return _masked(raw, ch, raw, mod, heads)
 
 
 def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> torch.Tensor:
@@ -235,8 +231,10 @@ def _forward_component(
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
     out = v.new_empty(*q.shape[:3], v.shape[-1])
     lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
+    qs = q * scale  # once, not per chunk
     for i, ch in enumerate(cp.chunks):
-        s = _scores(q, k, ch, cp, scale, mod, heads)
+        raw = _raw_scores(qs, _gather(k, ch.kv, cp.block), ch, cp)
+        s = _masked(raw, ch, raw, mod, heads)
         if lse is not None:
             _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
         prob = torch.softmax(s, dim=-1)
@@ -273,9 +271,10 @@ def _backward_component(
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
         lse = torch.where(lse.isinf(), 0.0, lse)  # rows with no key: p = 0
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    qs = q * scale  # the scale is folded into the queries (and dk) and into dq at the end, not into each ds
     for i, ch in enumerate(cp.chunks):
         kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
-        raw = _raw_scores(q, k, ch, cp, scale)
+        raw = _raw_scores(qs, kc, ch, cp)
         s = _masked(raw, ch, raw, mod, heads)
         prob = torch.softmax(s, dim=-1) if lse is None else s.sub_(_rows(lse, ch, cp)).exp_()
         if ch.empty_rows:
@@ -293,10 +292,9 @@ def _backward_component(
             ds = prob.mul_(dprob.sub_(_rows(delta, ch, cp)))
         if mod is not None:
             ds = _modifier_backward(mod, params, param_grads, raw, ds, ch, heads)
-        ds.mul_(scale)
         torch.matmul(ds, kc, out=_rows(dq, ch, cp))
-        _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(q, ch, cp), cp.block)
-    return dq, dk, dv
+        _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(qs, ch, cp), cp.block)
+    return dq.mul_(scale), dk, dv
 
 
 def _add_from_order(acc: torch.Tensor, x: torch.Tensor, cp: _ComponentPlan) -> None:
