@@ -877,6 +877,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .openmp import passive_waits
+
+    passive_waits()  # before anything loads torch (building the parser does): see attnlab.openmp
     args = _parse(argv)
     try:
         COMMANDS[args.command](args)

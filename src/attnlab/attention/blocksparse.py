@@ -30,8 +30,11 @@ import torch
 from .heads import expand_kv
 from .patterns import Component, Pattern
 
-# Score entries per chunk per (batch, head): bounds the working memory of one step.
+# Score entries per chunk per (batch, head) and CPU thread: bounds the working memory of one step. With more
+# threads a chunk grows with them (up to _MAX_CHUNK_THREADS): each thread keeps the same share, and there are
+# fewer parallel regions, each of which waits for every thread (slow when another process competes for a core).
 _CHUNK_ELEMS = 1 << 17
+_MAX_CHUNK_THREADS = 4
 
 
 @dataclass
@@ -63,11 +66,13 @@ class _GroupPlan:
 
 
 @functools.lru_cache(maxsize=64)
-def plan(pattern: Pattern, T: int, n_head: int, device: torch.device) -> tuple[_GroupPlan, ...]:
-    """What to compute for ``pattern`` at length ``T``: cached per pattern, length and device."""
+def plan(
+    pattern: Pattern, T: int, n_head: int, device: torch.device, chunk_elems: int = _CHUNK_ELEMS
+) -> tuple[_GroupPlan, ...]:
+    """What to compute for ``pattern`` at length ``T``: cached per pattern, length, device and chunk size."""
     groups = []
     for g in pattern.kernel_groups(n_head, T):
-        comps = [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components]
+        comps = [_plan_component(pattern, c, g.heads[0], T, device, chunk_elems) for c in g.components]
         # Reordered or merged components copy their inputs: go one head at a time to keep those copies small.
         one_by_one = len(comps) > 1 or any(cp.order is not None for cp in comps)
         groups += [
@@ -82,7 +87,7 @@ def _head_index(heads: tuple[int, ...]) -> slice | list[int]:
     return slice(heads[0], heads[0] + len(heads)) if contiguous else list(heads)
 
 
-def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device) -> _ComponentPlan:
+def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device, chunk_elems) -> _ComponentPlan:
     b, r, s = comp.block, comp.q_group, comp.stride or 1
     qb_size = b * r
     strided_len = -(-T // s) * s
@@ -101,7 +106,7 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
     chunks, q0 = [], 0
     while q0 < nq:  # consecutive query blocks, each chunk padded to its own widest row
         q1, m = q0 + 1, max(int(counts[q0]), 1)
-        while q1 < nq and (q1 - q0 + 1) * max(m, int(counts[q1])) * b * qb_size <= _CHUNK_ELEMS:
+        while q1 < nq and (q1 - q0 + 1) * max(m, int(counts[q1])) * b * qb_size <= chunk_elems:
             m, q1 = max(m, int(counts[q1])), q1 + 1
         n, kv = q1 - q0, ranked[q0:q1, :m]
         valid = kv < nk
@@ -402,6 +407,11 @@ class _BlockSparse(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, *param_grads
 
 
+def _chunk_elems(device: torch.device) -> int:
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return _CHUNK_ELEMS * max(1, min(threads, _MAX_CHUNK_THREADS))
+
+
 @torch.compiler.disable  # a Python loop over cached plans: under train.compile it runs eagerly between graphs
 def blocksparse(
     q: torch.Tensor,
@@ -426,5 +436,6 @@ def blocksparse(
     k, v = expand_kv(k, H), expand_kv(v, H)
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))  # the model hands in head-transposed views
     params = () if modifier is None else tuple(modifier.parameters())
-    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk**-0.5, p, seed, modifier, *params)
+    plans = plan(pattern, T, H, q.device, _chunk_elems(q.device))
+    out = _BlockSparse.apply(q, k, v, plans, Dqk**-0.5, p, seed, modifier, *params)
     return out.to(dtype)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as config_mod
+from ..openmp import describe as describe_openmp
 
 IMPLS = ("attnlab", "nanogpt")
 
@@ -118,6 +119,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        **describe_openmp(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
