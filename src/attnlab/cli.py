@@ -141,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument(
         "--plain-runtime", action="store_true", help="measure attnlab without its CPU allocator setting (models alone)"
     )
+    bt.add_argument(
+        "--patterns",
+        nargs="+",
+        metavar="SPEC",
+        help="attnlab only, one measurement per pattern (name or name:key=value:...), with dense and an "
+        "attention-free step measured alongside for each pattern's Amdahl bound (put overrides before this)",
+    )
     ba = bsub.add_parser(
         "attention", help="attention alone: time and peak memory per pattern, backend, length and pass"
     )
@@ -665,6 +672,13 @@ def cmd_bench(a) -> None:
     _check_counts(a, "steps", "repeats")
     _check_counts(a, "warmup", lo=0)
     cfg = config.load(a.config, a.overrides)
+    if a.patterns:
+        from .bench.train import bench_train_patterns
+
+        bench_train_patterns(
+            cfg, a.patterns, steps=a.steps, warmup=a.warmup, repeats=a.repeats, out=a.out, plain_runtime=a.plain_runtime
+        )
+        return
     bench_train(
         cfg,
         steps=a.steps,
