@@ -30,6 +30,8 @@ import torch
 from .heads import expand_kv
 from .patterns import Component, Pattern
 
+# Largest additive bias (one query block's mask) kept in a plan; larger ones are built per call.
+_BIAS_KEEP_ELEMS = 1 << 15
 # Score entries per chunk per (batch, head) and CPU thread: bounds the working memory of one step. With more
 # threads a chunk grows with them (up to _MAX_CHUNK_THREADS): each thread keeps the same share, and there are
 # fewer parallel regions, each of which waits for every thread (slow when another process competes for a core).
@@ -47,6 +49,8 @@ class _Chunk:
     empty_rows: bool  # some query (e.g. padding) attends no key: its softmax row must be zeroed
     qpos: torch.Tensor  # [n, q_block, 1] original position of each query row (for score modifiers)
     kpos: torch.Tensor  # [n, 1, m*block] original position of each gathered key column
+    bias: torch.Tensor | None = None  # [1, 1, q_block, m*block] 0 / -inf: the mask as an additive bias, kept
+    # where every query block of the chunk has the same one and it is small (else built per call)
 
 
 @dataclass
@@ -129,10 +133,18 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
                 not bool(mask.any(-1).all()),
                 qpos.to(device),
                 kpos.to(device),
+                _shared_bias(mask, device),
             )
         )
         q0 = q1
     return _ComponentPlan(b, r, length, None if order is None else order.to(device), chunks)
+
+
+def _shared_bias(mask: torch.Tensor, device) -> torch.Tensor | None:
+    """[1, 1, qb, cols] additive form of ``mask`` [n, qb, cols] when all n rows of blocks share it and it is small."""
+    if mask[0].numel() > _BIAS_KEEP_ELEMS or not bool((mask == mask[:1]).all()):
+        return None
+    return torch.zeros(mask.shape[1:]).masked_fill_(~mask[0], -math.inf).view(1, 1, *mask.shape[1:]).to(device)
 
 
 def _mask_runs(mask: torch.Tensor, block: int, device) -> list[tuple[slice, torch.Tensor]]:
@@ -229,15 +241,93 @@ def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> 
     return grads[0]
 
 
+# PyTorch's fused CPU attention, run on one chunk at a time (its batch = the chunk's query blocks).
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _fused(q, v, p: float, mod, need_lse: bool) -> bool:
+    """Whether a component's chunks run through the fused CPU attention (one op per chunk each way, its
+    probabilities never stored; several small ops are slow on a shared CPU): fp32 on CPU, without dropout,
+    score modifiers or a log-sum-exp to merge, with one head size for queries and values."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and p == 0.0
+        and mod is None
+        and not need_lse
+        and q.shape[-1] == v.shape[-1]
+    )
+
+
+def _by_block(x: torch.Tensor) -> torch.Tensor:
+    """[B,H,n,r,D] -> [n, B*H, r, D], a view: the chunk's query blocks become the fused op's batch."""
+    B, H, n = x.shape[:3]
+    return x.permute(2, 0, 1, 3, 4).reshape(n, B * H, *x.shape[3:])
+
+
+def _from_block(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    return x.unflatten(1, (B, H)).permute(1, 2, 0, 3, 4)
+
+
+def _bias(ch: _Chunk, cp: _ComponentPlan, q: torch.Tensor) -> torch.Tensor | None:
+    """The chunk's mask as an additive 0 / -inf bias [n or 1, 1, qb, m*b] (None: nothing masked)."""
+    if ch.bias is not None or not ch.masks:
+        return ch.bias
+    n, m = ch.kv.shape
+    bias = q.new_zeros(n, 1, cp.block * cp.q_group, m * cp.block)
+    for cols, blocked in ch.masks:
+        bias[:, 0, :, cols].masked_fill_(blocked, -math.inf)
+    return bias
+
+
+def _fused_forward(q, k, v, out, lse, ch: _Chunk, cp: _ComponentPlan, scale: float) -> None:
+    """The chunk's output rows of ``out`` and log-sum-exp rows of ``lse`` [B,H,length,1]."""
+    B, H = q.shape[:2]
+    kc, vc = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block)
+    o, l = _flash(
+        _by_block(_rows(q, ch, cp)), _by_block(kc), _by_block(vc), 0.0, False, attn_mask=_bias(ch, cp, q), scale=scale
+    )
+    _rows(out, ch, cp).copy_(_from_block(o, B, H))
+    _rows(lse, ch, cp).copy_(_from_block(l.unsqueeze(-1), B, H))
+
+
+def _fused_backward(q, k, v, dout, out, lse, grads, ch: _Chunk, cp: _ComponentPlan, scale: float) -> None:
+    """The chunk's share of ``grads`` = (dq, dk, dv), from the forward's output and log-sum-exp rows."""
+    B, H = q.shape[:2]
+    dq, dk, dv = grads
+    kc, vc = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block)
+    gq, gk, gv = _flash_backward(
+        _by_block(_rows(dout, ch, cp)),
+        _by_block(_rows(q, ch, cp)),
+        _by_block(kc),
+        _by_block(vc),
+        _by_block(_rows(out, ch, cp)),
+        _by_block(_rows(lse, ch, cp)).squeeze(-1),
+        0.0,
+        False,
+        attn_mask=_bias(ch, cp, q),
+        scale=scale,
+    )
+    _rows(dq, ch, cp).copy_(_from_block(gq, B, H))
+    _scatter_add(dk, ch.kv, _from_block(gk, B, H), cp.block)
+    _scatter_add(dv, ch.kv, _from_block(gv, B, H), cp.block)
+
+
 def _forward_component(
     q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool, mod=None, heads=None
 ):
-    """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1]."""
+    """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1].
+    Run through the fused op (``_fused``), the second result is the log-sum-exp its backward needs."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
     out = v.new_empty(*q.shape[:3], v.shape[-1])
-    lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
+    fused = _fused(q, v, p, mod, need_lse)
+    lse = q.new_empty(*q.shape[:3], 1) if need_lse or fused else None
     qs = q * scale  # once, not per chunk
     for i, ch in enumerate(cp.chunks):
+        if fused and not ch.empty_rows:  # empty rows (no key at all) take the path below: their output is 0
+            _fused_forward(q, k, v, out, lse, ch, cp, scale)
+            continue
         raw = _raw_scores(qs, _gather(k, ch.kv, cp.block), ch, cp)
         s = _masked(raw, ch, raw, mod, heads)
         if lse is not None:
@@ -267,17 +357,25 @@ def _backward_component(
     heads=None,
     params=(),
     param_grads=(),
+    out=None,
+    fused_lse=None,
 ):
     """Gradients of one component, in its order. Alone (``lse`` None) its probabilities are its own softmax;
     as one of several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out).
+    ``fused_lse`` (with the output ``out``): the forward ran through the fused op, and so does this.
     The modifier's parameter gradients are added to ``param_grads``."""
     q, k, v, dout = (_to_order(x, cp) for x in (q, k, v, dout))
+    if fused_lse is not None:
+        out = _to_order(out, cp)
     if lse is not None:
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
         lse = torch.where(lse.isinf(), 0.0, lse)  # rows with no key: p = 0
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    qs = q * scale  # the scale is folded into the queries (and dk) and into dq at the end, not into each ds
+    qs = q * scale  # the scale is folded into the queries (and so dk) and into dq's rows, not into each ds
     for i, ch in enumerate(cp.chunks):
+        if fused_lse is not None and not ch.empty_rows:
+            _fused_backward(q, k, v, dout, out, fused_lse, (dq, dk, dv), ch, cp, scale)
+            continue
         kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
         raw = _raw_scores(qs, kc, ch, cp)
         s = _masked(raw, ch, raw, mod, heads)
@@ -298,8 +396,9 @@ def _backward_component(
         if mod is not None:
             ds = _modifier_backward(mod, params, param_grads, raw, ds, ch, heads)
         torch.matmul(ds, kc, out=_rows(dq, ch, cp))
+        _rows(dq, ch, cp).mul_(scale)
         _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(qs, ch, cp), cp.block)
-    return dq.mul_(scale), dk, dv
+    return dq, dk, dv
 
 
 def _add_from_order(acc: torch.Tensor, x: torch.Tensor, cp: _ComponentPlan) -> None:
@@ -339,6 +438,7 @@ class _BlockSparse(torch.autograd.Function):
     def forward(ctx, q, k, v, plans, scale, p, seed, mod, *params):
         T = q.shape[2]
         outs, lses = [], {}  # merged log-sum-exp of groups with several components, for backward
+        fused_lses = {}  # a lone component's log-sum-exp from the fused op, in its order, for its backward
         for g, gp in enumerate(plans):
             h, several = gp.heads, len(gp.components) > 1
             parts = []
@@ -346,6 +446,8 @@ class _BlockSparse(torch.autograd.Function):
                 o, l = _forward_component(
                     q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several, mod, gp.head_idx
                 )
+                if not several and l is not None:
+                    fused_lses[g], l = l, None
                 parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
             if several:
                 o, lses[g] = _merge(parts)
@@ -353,6 +455,7 @@ class _BlockSparse(torch.autograd.Function):
         out = _assemble(q.shape[:3] + v.shape[3:], plans, outs)
         ctx.save_for_backward(q, k, v, out)  # the modifier's parameters are read from ``mod`` itself
         ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses, ctx.mod = plans, scale, p, seed, lses, mod
+        ctx.fused_lses = fused_lses
         return out
 
     @staticmethod
@@ -372,8 +475,9 @@ class _BlockSparse(torch.autograd.Function):
             and plans[0].heads == slice(0, q.shape[1])
         ):  # the common case: the component's grads are the grads
             grads = _backward_component(
-                q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0), heads=plans[0].head_idx, **mods
-            )
+                q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0), heads=plans[0].head_idx,
+                out=out, fused_lse=ctx.fused_lses.get(0), **mods,
+            )  # fmt: skip
             return (*grads, None, None, None, None, None, *param_grads)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g, gp in enumerate(plans):
@@ -394,6 +498,8 @@ class _BlockSparse(torch.autograd.Function):
                     ctx.seed,
                     _salt(g, c),
                     heads=gp.head_idx,
+                    out=out[:, h],
+                    fused_lse=ctx.fused_lses.get(g),
                     **mods,
                 )
                 for acc, grad in zip((dq, dk, dv), grads):
