@@ -314,6 +314,11 @@ def _fused_backward(q, k, v, dout, out, lse, grads, ch: _Chunk, cp: _ComponentPl
     _scatter_add(dv, ch.kv, _from_block(gv, B, H), cp.block)
 
 
+def _scaled(q: torch.Tensor, scale: float, fused: bool, cp: _ComponentPlan) -> torch.Tensor:
+    """The queries times the scale, once per component, for the chunks that do not run fused."""
+    return q if fused and not any(ch.empty_rows for ch in cp.chunks) else q * scale
+
+
 def _forward_component(
     q, k, v, cp: _ComponentPlan, scale: float, p: float, seed: int, salt: int, need_lse: bool, mod=None, heads=None
 ):
@@ -323,7 +328,7 @@ def _forward_component(
     out = v.new_empty(*q.shape[:3], v.shape[-1])
     fused = _fused(q, v, p, mod, need_lse)
     lse = q.new_empty(*q.shape[:3], 1) if need_lse or fused else None
-    qs = q * scale  # once, not per chunk
+    qs = _scaled(q, scale, fused, cp)
     for i, ch in enumerate(cp.chunks):
         if fused and not ch.empty_rows:  # empty rows (no key at all) take the path below: their output is 0
             _fused_forward(q, k, v, out, lse, ch, cp, scale)
@@ -371,7 +376,7 @@ def _backward_component(
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
         lse = torch.where(lse.isinf(), 0.0, lse)  # rows with no key: p = 0
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    qs = q * scale  # the scale is folded into the queries (and so dk) and into dq's rows, not into each ds
+    qs = _scaled(q, scale, fused_lse is not None, cp)  # the scale goes into the queries (so dk) and dq's rows
     for i, ch in enumerate(cp.chunks):
         if fused_lse is not None and not ch.empty_rows:
             _fused_backward(q, k, v, dout, out, fused_lse, (dq, dk, dv), ch, cp, scale)
