@@ -3,12 +3,16 @@
 import csv
 import json
 import math
+import multiprocessing
+import os
+import threading
 
 import pytest
 import torch
 
 from attnlab.attention.backends import BACKENDS
 from attnlab.attention.patterns import Dense, Local
+from attnlab.bench import busy
 from attnlab.bench.attention import (
     COLUMNS,
     bench_attention,
@@ -201,6 +205,7 @@ def test_speedup_table():
         (["--patterns", "local", "--backends", "fast"], "unknown backend 'fast'"),
         (["--patterns", "local", "--passes", "bwd"], "unknown pass 'bwd'"),
         (["--patterns", "local", "--repeats", "0"], "--repeats 0"),
+        (["--patterns", "local", "--busy", "-1"], "--busy -1 must be >= 0"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
@@ -209,3 +214,62 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("attnlab: error: ") and needle in err[0], err
     assert not (tmp_path / "x.csv").exists()
+
+
+def _spinner_pids() -> list[int]:
+    return [p.pid for p in multiprocessing.active_children() if p.name == "attnlab-busy" and p.pid is not None]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_busy_spinners_run_for_every_row_are_recorded_and_stop(tmp_path, one_thread):
+    during = []
+
+    def log(msg: str) -> None:
+        if " ms " in msg:  # a measured row
+            during.append(_spinner_pids())
+
+    out = tmp_path / "r.csv"
+    bench_attention(
+        ["local:window=8"], [32], ["blocksparse"], ["fwd"], repeats=1, heads=2, head_dim=4, out=out, warmup=0,
+        plot=False, log=log, busy=2,
+    )  # fmt: skip
+    assert len(during) == 2 and all(len(pids) == 2 for pids in during)  # baseline and pattern rows
+    assert during[0] == during[1]  # the same spinners for the whole run
+    assert _spinner_pids() == [] and all(_gone(pid) for pid in during[0])
+    with open(out, newline="") as f:
+        assert [r["busy"] for r in csv.DictReader(f)] == ["2", "2"]
+    assert json.loads((tmp_path / "machine.json").read_text())["busy"] == 2
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["busy"] == 2
+
+
+def test_busy_spinners_stop_when_the_run_is_interrupted(tmp_path, one_thread):
+    seen = []
+
+    def log(msg: str) -> None:
+        if " ms " in msg:
+            seen.extend(_spinner_pids())
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        bench_attention(["local:window=8"], [32], ["blocksparse"], ["fwd"], repeats=1, heads=2, head_dim=4,
+                        warmup=0, log=log, busy=1)  # fmt: skip
+    assert len(seen) == 1 and _gone(seen[0]) and _spinner_pids() == []
+
+
+def test_quiet_run_records_busy_zero_and_starts_nothing(one_thread):
+    rows = bench_attention(["local:window=8"], [32], ["blocksparse"], ["fwd"], repeats=1, heads=2, head_dim=4,
+                           warmup=0, log=lambda m: None)  # fmt: skip
+    assert {r["busy"] for r in rows} == {0}
+    with busy.spinners(0) as pids:
+        assert pids == [] and _spinner_pids() == []
+
+
+def test_orphaned_spinner_exits_by_itself():
+    busy._spin(threading.Event(), parent=-1)  # returns: its parent is not the one that started it

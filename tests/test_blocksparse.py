@@ -198,3 +198,30 @@ def test_auto_avoids_flex_when_the_model_has_attention_dropout(monkeypatch):
     assert Attention(cfg, 0, 1, 2, dropout=0.1).resolve("cpu") == "blocksparse"
     with pytest.raises(ConfigError, match="backend='flex' has no attention dropout but the model's is 0.1"):
         Attention(AttentionConfig(pattern="local", window=4, backend="flex"), 0, 1, 2, dropout=0.1)
+
+
+@pytest.mark.parametrize("name", ["local", "strided_split", "strided_union", "fixed_heads", "block_layout"])
+@pytest.mark.parametrize("chunk_elems", [1, 300, 1 << 20])  # one query block per chunk .. one chunk in all
+def test_any_chunk_size_equals_reference(name, chunk_elems, monkeypatch):
+    from attnlab.attention import blocksparse as module
+
+    monkeypatch.setattr(module, "_chunk_elems", lambda device: chunk_elems)
+    pattern = PATTERNS[name]
+    q, k, v = qkv(1, 4, 80, 8)
+    for got, want in zip(out_and_grads(blocksparse, q, k, v, pattern), out_and_grads(reference, q, k, v, pattern)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_chunks_grow_with_cpu_threads():
+    from attnlab.attention import blocksparse as module
+
+    n, cpu = torch.get_num_threads(), torch.device("cpu")
+    try:
+        sizes = []
+        for threads in (1, 2, 8):
+            torch.set_num_threads(threads)
+            sizes.append(module._chunk_elems(cpu))
+    finally:
+        torch.set_num_threads(n)
+    base = module._CHUNK_ELEMS
+    assert sizes == [base, 2 * base, module._MAX_CHUNK_THREADS * base]

@@ -187,7 +187,8 @@ class LargestTensor(TorchDispatchMode):
 
 
 def test_modifiers_add_no_t_squared_tensor():
-    """The modified kernel's largest tensor is the plain kernel's (a chunk of blocks), far below T x T."""
+    """The modified kernel's largest tensor is a chunk of blocks, far below T x T (the plain kernel's, fused, is
+    smaller still: it never stores a chunk's probabilities)."""
     T, pattern, mod = 2048, Local(64), modifier("all")
     q, k, v = qkv(1, T, 16)
     plan(pattern, T, H, q.device)
@@ -196,7 +197,7 @@ def test_modifiers_add_no_t_squared_tensor():
         with LargestTensor() as spy:
             blocksparse(q, k, v, pattern, modifier=m).sum().backward()
         largest.append(spy.largest)
-    assert largest[1] == largest[0] < T * T / 4 and mod.items[2].bias.grad.abs().sum() > 0
+    assert largest[0] <= largest[1] < T * T / 4 and mod.items[2].bias.grad.abs().sum() > 0
 
 
 cpu_flex = pytest.mark.skipif(not flex_available("cpu")[0], reason=flex_available("cpu")[1])

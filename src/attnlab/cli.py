@@ -148,6 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument(
         "--plain-runtime", action="store_true", help="measure attnlab without its CPU allocator setting (models alone)"
     )
+    bt.add_argument(
+        "--patterns",
+        nargs="+",
+        metavar="SPEC",
+        help="attnlab only, one measurement per pattern (name or name:key=value:...), with dense and an "
+        "attention-free step measured alongside for each pattern's Amdahl bound (put overrides before this)",
+    )
     ba = bsub.add_parser(
         "attention", help="attention alone: time and peak memory per pattern, backend, length and pass"
     )
@@ -174,6 +181,13 @@ def _parser() -> argparse.ArgumentParser:
     ba.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ba.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ba.add_argument("--plot", help="log-log plot (default: the CSV path with .png)")
+    ba.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N competing CPU-spinning processes during the whole benchmark (a loaded machine; default 0)",
+    )
 
     from .bench import generate as bench_generate
 
@@ -686,6 +700,13 @@ def cmd_bench(a) -> None:
     _check_counts(a, "steps", "repeats")
     _check_counts(a, "warmup", lo=0)
     cfg = config.load(a.config, a.overrides)
+    if a.patterns:
+        from .bench.train import bench_train_patterns
+
+        bench_train_patterns(
+            cfg, a.patterns, steps=a.steps, warmup=a.warmup, repeats=a.repeats, out=a.out, plain_runtime=a.plain_runtime
+        )
+        return
     bench_train(
         cfg,
         steps=a.steps,
@@ -717,6 +738,7 @@ def cmd_bench_attention(a) -> None:
         out=a.out,
         warmup=a.warmup,
         plot=a.plot,
+        busy=a.busy,
     )
 
 
@@ -897,6 +919,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .openmp import passive_waits
+
+    passive_waits()  # before anything loads torch (building the parser does): see attnlab.openmp
     args = _parse(argv)
     try:
         COMMANDS[args.command](args)

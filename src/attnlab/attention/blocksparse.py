@@ -8,6 +8,11 @@ those keys. Like FlashAttention it keeps only the output and the per-query
 log-sum-exp for backward, and recomputes the scores there, so no tensor ever
 has T x T entries and peak memory is a few chunks above the inputs' size.
 
+On the CPU, in fp32 without dropout or score modifiers, a lone component's chunk
+runs through PyTorch's fused CPU attention (one op forward, one backward, the
+chunk's mask as an additive bias; the output and log-sum-exp are kept the same
+way): far fewer operations per chunk, each of which a shared CPU makes wait.
+
 Several components of one head (strided ``union``: the window in token order,
 the strided keys in the reordered order) are merged exactly through their
 log-sum-exps; their masks are disjoint by construction.
@@ -38,8 +43,13 @@ import torch
 from .heads import expand_kv
 from .patterns import Component, Pattern
 
-# Score entries per chunk per (batch, head): bounds the working memory of one step.
+# Largest additive bias (one query block's mask) kept in a plan; larger ones are built per call.
+_BIAS_KEEP_ELEMS = 1 << 15
+# Score entries per chunk per (batch, head) and CPU thread: bounds the working memory of one step. With more
+# threads a chunk grows with them (up to _MAX_CHUNK_THREADS): each thread keeps the same share, and there are
+# fewer parallel regions, each of which waits for every thread (slow when another process competes for a core).
 _CHUNK_ELEMS = 1 << 17
+_MAX_CHUNK_THREADS = 4
 
 
 @dataclass
@@ -53,6 +63,8 @@ class _Chunk:
     sees_self: bool  # every query attends its own position here, so document masking empties no row
     qpos: torch.Tensor  # [n, q_block, 1] original position of each query row (for score modifiers)
     kpos: torch.Tensor  # [n, 1, m*block] original position of each gathered key column
+    bias: torch.Tensor | None = None  # [1, 1, q_block, m*block] 0 / -inf: the mask as an additive bias, kept
+    # where every query block of the chunk has the same one and it is small (else built per call)
 
 
 @dataclass
@@ -72,11 +84,13 @@ class _GroupPlan:
 
 
 @functools.lru_cache(maxsize=64)
-def plan(pattern: Pattern, T: int, n_head: int, device: torch.device) -> tuple[_GroupPlan, ...]:
-    """What to compute for ``pattern`` at length ``T``: cached per pattern, length and device."""
+def plan(
+    pattern: Pattern, T: int, n_head: int, device: torch.device, chunk_elems: int = _CHUNK_ELEMS
+) -> tuple[_GroupPlan, ...]:
+    """What to compute for ``pattern`` at length ``T``: cached per pattern, length, device and chunk size."""
     groups = []
     for g in pattern.kernel_groups(n_head, T):
-        comps = [_plan_component(pattern, c, g.heads[0], T, device) for c in g.components]
+        comps = [_plan_component(pattern, c, g.heads[0], T, device, chunk_elems) for c in g.components]
         # Reordered or merged components copy their inputs: go one head at a time to keep those copies small.
         one_by_one = len(comps) > 1 or any(cp.order is not None for cp in comps)
         groups += [
@@ -91,7 +105,7 @@ def _head_index(heads: tuple[int, ...]) -> slice | list[int]:
     return slice(heads[0], heads[0] + len(heads)) if contiguous else list(heads)
 
 
-def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device) -> _ComponentPlan:
+def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device, chunk_elems) -> _ComponentPlan:
     b, r, s = comp.block, comp.q_group, comp.stride or 1
     qb_size = b * r
     strided_len = -(-T // s) * s
@@ -110,7 +124,7 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
     chunks, q0 = [], 0
     while q0 < nq:  # consecutive query blocks, each chunk padded to its own widest row
         q1, m = q0 + 1, max(int(counts[q0]), 1)
-        while q1 < nq and (q1 - q0 + 1) * max(m, int(counts[q1])) * b * qb_size <= _CHUNK_ELEMS:
+        while q1 < nq and (q1 - q0 + 1) * max(m, int(counts[q1])) * b * qb_size <= chunk_elems:
             m, q1 = max(m, int(counts[q1])), q1 + 1
         n, kv = q1 - q0, ranked[q0:q1, :m]
         valid = kv < nk
@@ -135,10 +149,18 @@ def _plan_component(pattern: Pattern, comp: Component, head: int, T: int, device
                 sees_self,
                 qpos.to(device),
                 kpos.to(device),
+                _shared_bias(mask, device),
             )
         )
         q0 = q1
     return _ComponentPlan(b, r, length, None if order is None else order.to(device), chunks)
+
+
+def _shared_bias(mask: torch.Tensor, device) -> torch.Tensor | None:
+    """[1, 1, qb, cols] additive form of ``mask`` [n, qb, cols] when all n rows of blocks share it and it is small."""
+    if mask[0].numel() > _BIAS_KEEP_ELEMS or not bool((mask == mask[:1]).all()):
+        return None
+    return torch.zeros(mask.shape[1:]).masked_fill_(~mask[0], -math.inf).view(1, 1, *mask.shape[1:]).to(device)
 
 
 def _mask_runs(mask: torch.Tensor, block: int, device) -> list[tuple[slice, torch.Tensor]]:
@@ -272,8 +294,9 @@ def _salt(group: int, component: int) -> int:
     return 1000 * (4 * group + component)
 
 
-def _raw_scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float) -> torch.Tensor:
-    return (_rows(q, ch, cp) * scale) @ _gather(k, ch.kv, cp.block).transpose(-1, -2)  # [B,H,n,qb,m*b]
+def _raw_scores(qs, kc, ch: _Chunk, cp: _ComponentPlan) -> torch.Tensor:
+    """Scores of the chunk's rows of the pre-scaled queries ``qs`` with its gathered keys ``kc``: [B,H,n,qb,m*b]."""
+    return _rows(qs, ch, cp) @ kc.transpose(-1, -2)
 
 
 def _masked(s: torch.Tensor, ch: _Chunk, raw, mod, heads, doc_blocked=None) -> torch.Tensor:
@@ -287,11 +310,6 @@ def _masked(s: torch.Tensor, ch: _Chunk, raw, mod, heads, doc_blocked=None) -> t
     return s
 
 
-def _scores(q, k, ch: _Chunk, cp: _ComponentPlan, scale: float, mod=None, heads=None, doc=None) -> torch.Tensor:
-    raw = _raw_scores(q, k, ch, cp, scale)
-    return _masked(raw, ch, raw, mod, heads, _doc_blocked(doc, ch, cp))
-
-
 def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> torch.Tensor:
     """Gradient to the raw scores from ``ds`` (the gradient to the modified ones); the parameters' share is
     added to ``param_grads``."""
@@ -302,6 +320,85 @@ def _modifier_backward(mod, params, param_grads, raw, ds, ch: _Chunk, heads) -> 
         if g is not None:
             acc += g
     return grads[0]
+
+
+# PyTorch's fused CPU attention, run on one chunk at a time (its batch = the chunk's query blocks).
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _fused(q, v, p: float, mod, need_lse: bool, doc) -> bool:
+    """Whether a component's chunks run through the fused CPU attention (one op per chunk each way, its
+    probabilities never stored; several small ops are slow on a shared CPU): fp32 on CPU, without dropout,
+    score modifiers, documents or a log-sum-exp to merge, with one head size for queries and values."""
+    return (
+        doc is None
+        and q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and p == 0.0
+        and mod is None
+        and not need_lse
+        and q.shape[-1] == v.shape[-1]
+    )
+
+
+def _by_block(x: torch.Tensor) -> torch.Tensor:
+    """[B,H,n,r,D] -> [n, B*H, r, D], a view: the chunk's query blocks become the fused op's batch."""
+    B, H, n = x.shape[:3]
+    return x.permute(2, 0, 1, 3, 4).reshape(n, B * H, *x.shape[3:])
+
+
+def _from_block(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    return x.unflatten(1, (B, H)).permute(1, 2, 0, 3, 4)
+
+
+def _bias(ch: _Chunk, cp: _ComponentPlan, q: torch.Tensor) -> torch.Tensor | None:
+    """The chunk's mask as an additive 0 / -inf bias [n or 1, 1, qb, m*b] (None: nothing masked)."""
+    if ch.bias is not None or not ch.masks:
+        return ch.bias
+    n, m = ch.kv.shape
+    bias = q.new_zeros(n, 1, cp.block * cp.q_group, m * cp.block)
+    for cols, blocked in ch.masks:
+        bias[:, 0, :, cols].masked_fill_(blocked, -math.inf)
+    return bias
+
+
+def _fused_forward(q, k, v, out, lse, ch: _Chunk, cp: _ComponentPlan, scale: float) -> None:
+    """The chunk's output rows of ``out`` and log-sum-exp rows of ``lse`` [B,H,length,1]."""
+    B, H = q.shape[:2]
+    kc, vc = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block)
+    o, l = _flash(
+        _by_block(_rows(q, ch, cp)), _by_block(kc), _by_block(vc), 0.0, False, attn_mask=_bias(ch, cp, q), scale=scale
+    )
+    _rows(out, ch, cp).copy_(_from_block(o, B, H))
+    _rows(lse, ch, cp).copy_(_from_block(l.unsqueeze(-1), B, H))
+
+
+def _fused_backward(q, k, v, dout, out, lse, grads, ch: _Chunk, cp: _ComponentPlan, scale: float) -> None:
+    """The chunk's share of ``grads`` = (dq, dk, dv), from the forward's output and log-sum-exp rows."""
+    B, H = q.shape[:2]
+    dq, dk, dv = grads
+    kc, vc = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block)
+    gq, gk, gv = _flash_backward(
+        _by_block(_rows(dout, ch, cp)),
+        _by_block(_rows(q, ch, cp)),
+        _by_block(kc),
+        _by_block(vc),
+        _by_block(_rows(out, ch, cp)),
+        _by_block(_rows(lse, ch, cp)).squeeze(-1),
+        0.0,
+        False,
+        attn_mask=_bias(ch, cp, q),
+        scale=scale,
+    )
+    _rows(dq, ch, cp).copy_(_from_block(gq, B, H))
+    _scatter_add(dk, ch.kv, _from_block(gk, B, H), cp.block)
+    _scatter_add(dv, ch.kv, _from_block(gv, B, H), cp.block)
+
+
+def _scaled(q: torch.Tensor, scale: float, fused: bool, cp: _ComponentPlan) -> torch.Tensor:
+    """The queries times the scale, once per component, for the chunks that do not run fused."""
+    return q if fused and not any(ch.empty_rows for ch in cp.chunks) else q * scale
 
 
 def _forward_component(
@@ -318,15 +415,22 @@ def _forward_component(
     heads=None,
     doc=None,
 ):
-    """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1]."""
+    """Output (and log-sum-exp if ``need_lse``) of one component, in its order: [B,H,length,Dv], [B,H,length,1].
+    Run through the fused op (``_fused``), the second result is the log-sum-exp its backward needs."""
     q, k, v = (_to_order(x, cp) for x in (q, k, v))
     doc = _doc_order(doc, cp)
     ranges = _doc_ranges(doc, cp)
     out = v.new_empty(*q.shape[:3], v.shape[-1])
-    lse = q.new_empty(*q.shape[:3], 1) if need_lse else None
+    fused = _fused(q, v, p, mod, need_lse, doc)
+    lse = q.new_empty(*q.shape[:3], 1) if need_lse or fused else None
+    qs = _scaled(q, scale, fused, cp)
     for i, ch in enumerate(cp.chunks):
+        if fused and not ch.empty_rows:  # empty rows (no key at all) take the path below: their output is 0
+            _fused_forward(q, k, v, out, lse, ch, cp, scale)
+            continue
         ch = _live(ch, cp, ranges)
-        s = _scores(q, k, ch, cp, scale, mod, heads, doc)
+        raw = _raw_scores(qs, _gather(k, ch.kv, cp.block), ch, cp)
+        s = _masked(raw, ch, raw, mod, heads, _doc_blocked(doc, ch, cp))
         if lse is not None:
             _rows(lse, ch, cp).copy_(s.logsumexp(-1, keepdim=True))
         prob = torch.softmax(s, dim=-1)
@@ -354,22 +458,31 @@ def _backward_component(
     heads=None,
     params=(),
     param_grads=(),
+    out=None,
+    fused_lse=None,
     doc=None,
 ):
     """Gradients of one component, in its order. Alone (``lse`` None) its probabilities are its own softmax;
     as one of several they are exp(s - lse) with the merged output's ``lse`` and ``delta`` = rowsum(dout * out).
+    ``fused_lse`` (with the output ``out``): the forward ran through the fused op, and so does this.
     The modifier's parameter gradients are added to ``param_grads``."""
     q, k, v, dout = (_to_order(x, cp) for x in (q, k, v, dout))
     doc = _doc_order(doc, cp)
     ranges = _doc_ranges(doc, cp)
+    if fused_lse is not None:
+        out = _to_order(out, cp)
     if lse is not None:
         lse, delta = _to_order(lse, cp), _to_order(delta, cp)
         lse = torch.where(lse.isinf(), 0.0, lse)  # rows with no key: p = 0
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    qs = _scaled(q, scale, fused_lse is not None, cp)  # the scale goes into the queries (so dk) and dq's rows
     for i, ch in enumerate(cp.chunks):
+        if fused_lse is not None and not ch.empty_rows:
+            _fused_backward(q, k, v, dout, out, fused_lse, (dq, dk, dv), ch, cp, scale)
+            continue
         ch = _live(ch, cp, ranges)
         kc, vc, do = _gather(k, ch.kv, cp.block), _gather(v, ch.kv, cp.block), _rows(dout, ch, cp)
-        raw = _raw_scores(q, k, ch, cp, scale)
+        raw = _raw_scores(qs, kc, ch, cp)
         s = _masked(raw, ch, raw, mod, heads, _doc_blocked(doc, ch, cp))
         prob = torch.softmax(s, dim=-1) if lse is None else s.sub_(_rows(lse, ch, cp)).exp_()
         if _empty(ch, doc):
@@ -387,9 +500,9 @@ def _backward_component(
             ds = prob.mul_(dprob.sub_(_rows(delta, ch, cp)))
         if mod is not None:
             ds = _modifier_backward(mod, params, param_grads, raw, ds, ch, heads)
-        ds.mul_(scale)
         torch.matmul(ds, kc, out=_rows(dq, ch, cp))
-        _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(q, ch, cp), cp.block)
+        _rows(dq, ch, cp).mul_(scale)
+        _scatter_add(dk, ch.kv, ds.transpose(-1, -2) @ _rows(qs, ch, cp), cp.block)
     return dq, dk, dv
 
 
@@ -430,6 +543,7 @@ class _BlockSparse(torch.autograd.Function):
     def forward(ctx, q, k, v, plans, scale, p, seed, mod, doc, *params):
         T = q.shape[2]
         outs, lses = [], {}  # merged log-sum-exp of groups with several components, for backward
+        fused_lses = {}  # a lone component's log-sum-exp from the fused op, in its order, for its backward
         for g, gp in enumerate(plans):
             h, several = gp.heads, len(gp.components) > 1
             parts = []
@@ -437,6 +551,8 @@ class _BlockSparse(torch.autograd.Function):
                 o, l = _forward_component(
                     q[:, h], k[:, h], v[:, h], cp, scale, p, seed, _salt(g, c), several, mod, gp.head_idx, doc
                 )
+                if not several and l is not None:
+                    fused_lses[g], l = l, None
                 parts.append((_from_order(o, cp, T), None if l is None else _from_order(l, cp, T)))
             if several:
                 o, lses[g] = _merge(parts)
@@ -444,6 +560,7 @@ class _BlockSparse(torch.autograd.Function):
         out = _assemble(q.shape[:3] + v.shape[3:], plans, outs)
         ctx.save_for_backward(q, k, v, out)  # the modifier's parameters are read from ``mod`` itself
         ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses, ctx.mod, ctx.doc = plans, scale, p, seed, lses, mod, doc
+        ctx.fused_lses = fused_lses
         return out
 
     @staticmethod
@@ -463,8 +580,9 @@ class _BlockSparse(torch.autograd.Function):
             and plans[0].heads == slice(0, q.shape[1])
         ):  # the common case: the component's grads are the grads
             grads = _backward_component(
-                q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0), heads=plans[0].head_idx, **mods
-            )
+                q, k, v, dout, None, None, cp0, ctx.scale, ctx.p, ctx.seed, _salt(0, 0), heads=plans[0].head_idx,
+                out=out, fused_lse=ctx.fused_lses.get(0), **mods,
+            )  # fmt: skip
             return (*grads, None, None, None, None, None, None, *param_grads)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g, gp in enumerate(plans):
@@ -485,6 +603,8 @@ class _BlockSparse(torch.autograd.Function):
                     ctx.seed,
                     _salt(g, c),
                     heads=gp.head_idx,
+                    out=out[:, h],
+                    fused_lse=ctx.fused_lses.get(g),
                     **mods,
                 )
                 for acc, grad in zip((dq, dk, dv), grads):
@@ -496,6 +616,11 @@ class _BlockSparse(torch.autograd.Function):
                         acc[:, h] = part
                 del grads
         return dq, dk, dv, None, None, None, None, None, None, *param_grads
+
+
+def _chunk_elems(device: torch.device) -> int:
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return _CHUNK_ELEMS * max(1, min(threads, _MAX_CHUNK_THREADS))
 
 
 @torch.compiler.disable  # a Python loop over cached plans: under train.compile it runs eagerly between graphs
@@ -525,5 +650,6 @@ def blocksparse(
     q, k, v = (x.to(compute).contiguous() for x in (q, k, v))  # the model hands in head-transposed views
     params = () if modifier is None else tuple(modifier.parameters())
     doc = None if doc is None else doc.to(q.device, torch.long).contiguous()
-    out = _BlockSparse.apply(q, k, v, plan(pattern, T, H, q.device), Dqk**-0.5, p, seed, modifier, doc, *params)
+    plans = plan(pattern, T, H, q.device, _chunk_elems(q.device))
+    out = _BlockSparse.apply(q, k, v, plans, Dqk**-0.5, p, seed, modifier, doc, *params)
     return out.to(dtype)

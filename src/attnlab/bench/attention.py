@@ -36,6 +36,9 @@ setting (``runtime.tune_allocator``: freed blocks stay in the heap instead of
 being page-faulted in again), for the baseline and every backend alike; from
 Python, call ``tune_allocator()`` first to measure the same way.
 
+``busy`` (``--busy N``) runs N competing processes, each spinning one core, for the
+whole benchmark: the same rows on a loaded machine. N is recorded in every row.
+
 Rows a backend cannot run (e.g. ``sdpa`` for a local pattern, ``flex``
 backward on CPU, ``reference`` above T=4096 where its T x T scores dominate)
 are skipped with a note, never failing the whole run. Results go to the CSV
@@ -62,9 +65,10 @@ from ..attention.backends import BACKENDS, select_backend
 from ..attention.patterns import Dense, Pattern, build_pattern
 from ..config import Config, apply_pattern_spec
 from ..errors import ConfigError, UserError
+from .busy import spinners
 from .measure import cpu_peak_supported, machine_info, params_label, peak_mb
 
-COLUMNS = ("device", "pattern", "params", "backend", "seq_len", "pass", "median_ms", "peak_mb", "density")
+COLUMNS = ("device", "pattern", "params", "backend", "seq_len", "pass", "median_ms", "peak_mb", "density", "busy")
 PASSES = ("fwd", "fwdbwd")
 BASELINE = "sdpa_causal"
 # The reference backend builds [B, H, T, T] fp32 scores (several copies in backward): skip it above this.
@@ -193,7 +197,7 @@ def count_density(pattern: Pattern, T: int, heads: int, device: torch.device | s
 
 
 def _check(
-    seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device
+    seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device, busy=0
 ) -> tuple[torch.dtype, torch.device]:
     if not seq_lens or min(seq_lens) < 1:
         raise ConfigError(f"seq_lens {seq_lens} must be positive integers, e.g. --seq-lens 1024,2048")
@@ -205,6 +209,8 @@ def _check(
     for flag, value in (("--batch", batch), ("--heads", heads), ("--head-dim", head_dim)):
         if value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
+    if busy < 0:
+        raise ConfigError(f"--busy {busy} must be >= 0 (the number of competing CPU-spinning processes)")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype {dtype!r} is not supported: use float32 or bfloat16")
@@ -217,6 +223,52 @@ def _check(
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("--dtype float16 is not supported on CPU: use float32 or bfloat16")
     return dtype, device
+
+
+def _measure_length(T: int, jobs, shapes: dict, timing: dict, emit, skipped: list, noted: set, log) -> None:
+    """Time every (pattern, backend, pass) of ``jobs`` at length ``T``; each measured row goes to ``emit``."""
+    device, dtype, passes = shapes["device"], shapes["dtype"], timing["passes"]
+    gen = torch.Generator().manual_seed(T)
+    size = (shapes["batch"], shapes["heads"], T, shapes["head_dim"])
+    q, k, v = (torch.randn(size, generator=gen).to(device, dtype).requires_grad_(True) for _ in range(3))
+    grad = torch.randn(size, generator=gen).to(device, dtype)
+    density: dict[int, float] = {}
+    for spec, pattern, backend in jobs:
+        for pass_ in passes:
+            try:
+                label, fn = resolve(backend, pattern, T, pass_, device)
+                base_run = None if backend == BASELINE else _pass(sdpa_causal, q, k, v, Dense(), pass_, grad)
+                run = _pass(fn, q, k, v, pattern, pass_, grad)
+                ms, mb, base_ms = measure(run, device, timing["repeats"], timing["warmup"], base_run)
+            except (UserError, RuntimeError) as e:  # RuntimeError: e.g. out of memory, dtype not implemented
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                skipped.append({"pattern": spec, "backend": backend, "seq_len": T, "pass": pass_, "reason": reason})
+                if (spec, backend, reason) not in noted:
+                    noted.add((spec, backend, reason))
+                    log(f"  skip {spec} / {backend} (T={T} {pass_}): {reason}")
+                continue
+            finally:
+                q.grad = k.grad = v.grad = None
+            if id(pattern) not in density:
+                if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal and device.type == "cpu":
+                    log(f"  density of {spec} at T={T}: counting T^2 pairs, this may take a while")
+                density[id(pattern)] = pattern_density(pattern, T, shapes["heads"], device)
+            row = {
+                "device": device.type,
+                "pattern": pattern.name,
+                "params": params_label(pattern),
+                "backend": label,
+                "seq_len": T,
+                "pass": pass_,
+                "median_ms": round(ms, 4),
+                "peak_mb": round(mb, 3),
+                "density": round(density[id(pattern)], 6),
+                "busy": timing["busy"],
+            }
+            emit(row if base_ms is None else {**row, "baseline_ms": round(base_ms, 4)})
+            log(
+                f"  {spec:<28} {label:<20} T={T:<6} {pass_:<6} {ms:10.3f} ms {mb:10.2f} MB  density {row['density']:.4g}"
+            )
 
 
 def bench_attention(
@@ -235,6 +287,7 @@ def bench_attention(
     warmup: int = 2,
     plot: str | Path | bool | None = None,
     log: Callable[[str], None] = print,
+    busy: int = 0,
 ) -> list[dict]:
     """Measure every (pattern, backend, seq_len, pass) that can run; returns the CSV rows as dicts.
 
@@ -242,8 +295,9 @@ def bench_attention(
     ``backends`` are registered names, ``auto``, ``flex`` or ``sdpa_causal``
     (the baseline, always measured once per length). With ``out`` the CSV,
     ``machine.json``, ``<out>.json`` and the plot (``plot`` or ``<out>.png``; ``plot=False``: none) are written.
+    ``busy`` processes spin on the CPU for the whole run (a loaded machine, to compare with a quiet one).
     """
-    dtype, device = _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device)
+    dtype, device = _check(seq_lens, passes, repeats, warmup, batch, heads, head_dim, dtype, device, busy)
     known = {"auto", "flex", BASELINE, *BACKENDS}
     for b in backends:
         if b not in known:
@@ -268,60 +322,22 @@ def bench_attention(
     rows, skipped, noted = [], [], set()
     log(
         f"attention benchmark on {device}: batch {batch}, heads {heads}, head_dim {head_dim}, {str(dtype)[6:]}, "
-        f"warmup {warmup}, median of {repeats}"
+        f"warmup {warmup}, median of {repeats}" + (f", {busy} competing CPU-spinning processes" if busy else "")
     )
+    shapes = dict(batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device)
+    timing = dict(passes=passes, repeats=repeats, warmup=warmup, busy=busy)
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if writer is not None:
+            writer.writerow({c: row[c] for c in COLUMNS})
+            f_csv.flush()
+
     try:
-        for T in seq_lens:
-            gen = torch.Generator().manual_seed(T)
-            q, k, v = (
-                torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype).requires_grad_(True)
-                for _ in range(3)
-            )
-            grad = torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype)
-            jobs = [(BASELINE, Dense(), BASELINE)] + [(spec, pat, b) for spec, pat in specs for b in pattern_backends]
-            density: dict[int, float] = {}
-            for spec, pattern, backend in jobs:
-                for pass_ in passes:
-                    try:
-                        label, fn = resolve(backend, pattern, T, pass_, device)
-                        base_run = None if backend == BASELINE else _pass(sdpa_causal, q, k, v, Dense(), pass_, grad)
-                        ms, mb, base_ms = measure(
-                            _pass(fn, q, k, v, pattern, pass_, grad), device, repeats, warmup, base_run
-                        )
-                    except (UserError, RuntimeError) as e:  # RuntimeError: e.g. out of memory, dtype not implemented
-                        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                        skipped.append(
-                            {"pattern": spec, "backend": backend, "seq_len": T, "pass": pass_, "reason": reason}
-                        )
-                        if (spec, backend, reason) not in noted:
-                            noted.add((spec, backend, reason))
-                            log(f"  skip {spec} / {backend} (T={T} {pass_}): {reason}")
-                        continue
-                    finally:
-                        q.grad = k.grad = v.grad = None
-                    if id(pattern) not in density:
-                        if T >= _SLOW_DENSITY_T and not pattern.is_dense_causal and device.type == "cpu":
-                            log(f"  density of {spec} at T={T}: counting T^2 pairs, this may take a while")
-                        density[id(pattern)] = pattern_density(pattern, T, heads, device)
-                    row = {
-                        "device": device.type,
-                        "pattern": pattern.name,
-                        "params": params_label(pattern),
-                        "backend": label,
-                        "seq_len": T,
-                        "pass": pass_,
-                        "median_ms": round(ms, 4),
-                        "peak_mb": round(mb, 3),
-                        "density": round(density[id(pattern)], 6),
-                    }
-                    rows.append(row if base_ms is None else {**row, "baseline_ms": round(base_ms, 4)})
-                    if writer is not None:
-                        writer.writerow(row)
-                        f_csv.flush()
-                    log(
-                        f"  {spec:<28} {label:<20} T={T:<6} {pass_:<6} {ms:10.3f} ms {mb:10.2f} MB  density {row['density']:.4g}"
-                    )
-            del q, k, v, grad
+        with spinners(busy):  # started before the first timed row, stopped however the run ends
+            for T in seq_lens:
+                jobs = [(BASELINE, Dense(), BASELINE)] + [(s, p, b) for s, p in specs for b in pattern_backends]
+                _measure_length(T, jobs, shapes, timing, emit, skipped, noted, log)
     finally:
         if writer is not None:
             f_csv.close()
@@ -348,6 +364,7 @@ def bench_attention(
                 head_dim=head_dim,
                 dtype=str(dtype)[6:],
                 device=device.type,
+                busy=busy,
             ),
         )
     elif plot:
@@ -464,7 +481,7 @@ def plot_attention(rows: list[dict], path: str | Path, title: str = "") -> None:
 
 
 def _write_side_files(out: Path, plot: Path | None, rows, skipped, ups, device, settings) -> None:
-    info = machine_info(device)
+    info = {**machine_info(device), "busy": settings["busy"]}
     (out.parent / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
     summary = {
         "settings": settings,
@@ -484,5 +501,5 @@ def _write_side_files(out: Path, plot: Path | None, rows, skipped, ups, device, 
             rows,
             plot,
             f"attention, batch {s['batch']} x heads {s['heads']} x head_dim {s['head_dim']}, "
-            f"{s['dtype']}, on {info['device_name']}",
+            f"{s['dtype']}, on {info['device_name']}" + (f", {s['busy']} busy processes" if s["busy"] else ""),
         )

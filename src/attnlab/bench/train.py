@@ -24,8 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as config_mod
+from ..attention.heads import expand_kv
+from ..openmp import describe as describe_openmp
 
 IMPLS = ("attnlab", "nanogpt")
+IDENTITY = "identity"  # the benchmark's attention-free step (``identity_attention``), not a pattern
+DENSE = "dense"
 
 
 def _vocab(cfg) -> int:
@@ -43,11 +47,33 @@ def build(impl: str, cfg):
     return NanoGPT(_vocab(cfg), m.context, m.d_model, m.n_layer, m.n_head, m.dropout)
 
 
-def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False, compile: str | None = None) -> dict:
+def identity_attention(q, k, v, pattern=None, dropout_p=0.0, training=False, **kw):
+    """Attention that takes no time: the values themselves (expanded to the query heads), still differentiable.
+
+    Benchmark-only: it is not a registered backend (no config can select it); ``bench train`` puts it in
+    the model's layers to time a step without attention, the floor of any pattern's step."""
+    return expand_kv(v, q.shape[1])
+
+
+def _use_identity_attention(model) -> None:
+    for block in model.blocks:
+        block.attn.core.backend, block.attn.core._fn = IDENTITY, identity_attention
+
+
+def measure(
+    impl: str,
+    cfg,
+    steps: int,
+    warmup: int,
+    plain_runtime: bool = False,
+    compile: str | None = None,
+    identity: bool = False,
+) -> dict:
     """Run in the child process: time `steps` training steps after `warmup`.
 
     As ``attnlab train`` runs them: under autocast where ``cfg.train.dtype`` asks for it (auto: bf16 on
     GPUs that have it), and through ``torch.compile(backend=compile)`` when ``compile`` names a backend.
+    ``identity``: attnlab's model with attention replaced by ``identity_attention``.
     """
     import contextlib
 
@@ -63,6 +89,8 @@ def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False
     model = build(impl, cfg).to(device).train()
     if impl == "attnlab":
         model.resolve_backends(device)
+        if identity:
+            _use_identity_attention(model)
     opt = build_optimizer(model, cfg.optim)
     forward = torch.compile(model, backend=compile) if compile else model
     amp = pick_dtype(cfg.train.dtype, device)
@@ -93,11 +121,11 @@ def measure(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool = False
     }
 
 
-def _child(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool) -> dict:
+def _child(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool, identity: bool = False) -> dict:
     code = (
         "import json,sys; from attnlab import config; from attnlab.bench.train import measure; "
         "cfg = config.from_dict(json.loads(sys.argv[1])); "
-        f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup}, {plain_runtime})))"
+        f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup}, {plain_runtime}, identity={identity})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(config_mod.to_dict(cfg))], capture_output=True, text=True, check=True
@@ -118,6 +146,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        **describe_openmp(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -194,3 +223,128 @@ def _write(out: Path, rows: list[dict], result: dict) -> None:
     )
     fig.tight_layout()
     fig.savefig(out / "train_throughput.png", dpi=120)
+
+
+# ------------------------------------------------------------------ patterns and their Amdahl bound
+
+
+def pattern_config(cfg, spec: str):
+    """A copy of ``cfg`` whose every layer uses the pattern ``spec`` (``name`` or ``name:key=value:...``)."""
+    return config_mod.apply_pattern_spec(config_mod.from_dict(config_mod.to_dict(cfg)), spec).validate()
+
+
+def mean_density(cfg) -> float:
+    """Allowed pairs / causal pairs at the model's context, averaged over the layers."""
+    from ..attention.patterns import build_pattern
+
+    m = cfg.model
+    patterns = [build_pattern(cfg.attention, i, m.n_layer, m.n_head, m.context) for i in range(m.n_layer)]
+    for p in patterns:
+        p.check(m.context)
+    by_pattern = {p: p.density(m.context, m.n_head) for p in set(patterns)}  # layers usually share one
+    return statistics.fmean(by_pattern[p] for p in patterns)
+
+
+def amdahl_bound(step_ms: dict[str, float], density: dict[str, float], tokens_per_step: int) -> dict[str, dict]:
+    """Per pattern: its step against the step it would take if attention cost exactly its density's share of
+    dense attention. ``step_ms`` holds medians for ``identity`` (attention taking no time), ``dense`` and
+    each pattern; bound = identity + (dense - identity) x density; fraction_of_bound = bound / measured."""
+    identity, dense = step_ms[IDENTITY], step_ms[DENSE]
+    attention = dense - identity
+    out = {}
+    for label, ms in step_ms.items():
+        if label == IDENTITY:
+            continue
+        bound = identity + attention * density[label]
+        out[label] = {
+            "step_ms": ms,
+            "tokens_per_second": tokens_per_step * 1e3 / ms,
+            "density": density[label],
+            "bound_step_ms": bound,
+            "fraction_of_bound": bound / ms,
+            "speedup_vs_dense": dense / ms,
+        }
+    return out
+
+
+def bench_train_patterns(
+    cfg, specs: list[str], *, steps: int, warmup: int, repeats: int, out: str | None, plain_runtime: bool = False
+) -> dict:
+    """attnlab's training step for each pattern of ``specs``, with dense and the attention-free step measured in
+    the same run (each in a fresh process, the order reversed every other repeat), and each pattern's Amdahl
+    bound (``amdahl_bound``)."""
+    variants = {IDENTITY: (pattern_config(cfg, DENSE), True), DENSE: (pattern_config(cfg, DENSE), False)}
+    for spec in specs:
+        variants.setdefault(spec, (pattern_config(cfg, spec), False))
+    density = {label: 0.0 if identity else mean_density(c) for label, (c, identity) in variants.items()}
+    rows = []
+    for r in range(repeats):
+        labels = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        for label in labels:
+            c, identity = variants[label]
+            measured = _child("attnlab", c, steps, warmup, plain_runtime, identity)
+            row = {"repeat": r, "pattern": label, "density": round(density[label], 6), **measured}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    med = {k: {m: statistics.median(r[m] for r in rows if r["pattern"] == k) for m in _METRICS} for k in variants}
+    tokens = cfg.train.batch_size * cfg.model.context
+    bound = amdahl_bound({k: v["step_ms"] for k, v in med.items()}, density, tokens)
+    for label, b in bound.items():
+        b["peak_memory_mb"] = med[label]["peak_memory_mb"]
+        b["memory_vs_dense"] = med[label]["peak_memory_mb"] / med[DENSE]["peak_memory_mb"]
+    result = {
+        "machine": machine(),
+        "config": cfg.name,
+        "batch_size": cfg.train.batch_size,
+        "context": cfg.model.context,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory",
+        "identity": {**med[IDENTITY], "tokens_per_second": tokens * 1e3 / med[IDENTITY]["step_ms"]},
+        "dense_attention_ms": med[DENSE]["step_ms"] - med[IDENTITY]["step_ms"],
+        "patterns": bound,
+        "bound": "bound_step_ms = identity step + (dense step - identity step) x density; "
+        "fraction_of_bound = bound_step_ms / step_ms (medians over repeats)",
+    }
+    if out:
+        _write_patterns(Path(out), rows, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}))
+    return result
+
+
+_METRICS = ("step_ms", "tokens_per_second", "peak_memory_mb")
+
+
+def _write_patterns(out: Path, rows: list[dict], result: dict) -> None:
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    (out / "machine.json").write_text(json.dumps(result["machine"], indent=2))
+    labels = list(result["patterns"])
+    pats = result["patterns"]
+    fig = Figure(figsize=(max(8, 1.6 * len(labels)), 3.6))
+    ax_t, ax_m = fig.subplots(1, 2)
+    xs = range(len(labels))
+    ax_t.bar(xs, [pats[k]["tokens_per_second"] for k in labels], color="tab:blue", alpha=0.8, label="measured")
+    tokens = result["batch_size"] * result["context"]
+    ax_t.scatter(xs, [tokens * 1e3 / pats[k]["bound_step_ms"] for k in labels], marker="_", s=400, color="k",
+                 zorder=3, label="Amdahl bound")  # fmt: skip
+    ax_t.axhline(result["identity"]["tokens_per_second"], color="grey", ls="--", lw=1, label="attention-free step")
+    ax_t.set_title("training tokens/s (median)", fontsize=9)
+    ax_t.legend(fontsize=7)
+    ax_m.bar(xs, [pats[k]["peak_memory_mb"] for k in labels], color="tab:orange", alpha=0.8)
+    ax_m.set_title("peak memory MB (median)", fontsize=9)
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(list(xs), [k.replace(":", "\n") for k in labels], fontsize=6)
+    fig.suptitle(
+        f"{result['config']}: batch {result['batch_size']} x context {result['context']} on {result['machine']['cpu']}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "train_patterns.png", dpi=120)
