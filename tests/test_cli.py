@@ -99,48 +99,12 @@ def test_eval_mainrun_exact_applies_the_challenges_window_rule(trained):
 
 def test_sample_is_reproducible_with_seed(trained):
     tmp, _ = trained
-    a = run(
-        "sample",
-        tmp / "runs" / "a",
-        "--prompt",
-        "the",
-        "--max-new-tokens",
-        20,
-        "--seed",
-        3,
-        "--num-samples",
-        2,
-        "--top-k",
-        20,
-    )
-    b = run(
-        "sample",
-        tmp / "runs" / "a",
-        "--prompt",
-        "the",
-        "--max-new-tokens",
-        20,
-        "--seed",
-        3,
-        "--num-samples",
-        2,
-        "--top-k",
-        20,
-    )
-    c = run(
-        "sample",
-        tmp / "runs" / "a",
-        "--prompt",
-        "the",
-        "--max-new-tokens",
-        20,
-        "--seed",
-        4,
-        "--num-samples",
-        2,
-        "--top-k",
-        20,
-    )
+
+    def sample(seed):
+        args = ["--prompt", "the", "--max-new-tokens", 20, "--seed", seed, "--num-samples", 2, "--top-k", 20]
+        return run("sample", tmp / "runs" / "a", *args)
+
+    a, b, c = sample(3), sample(3), sample(4)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout != c.stdout
     assert a.stdout.count("--- sample") == 2

@@ -195,9 +195,8 @@ def bench_train(
     return result
 
 
-def _write(out: Path, rows: list[dict], result: dict) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no backend to select
-
+def _write_records(out: Path, rows: list[dict], result: dict) -> None:
+    """results.csv (every measurement), summary.json and machine.json in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -205,6 +204,12 @@ def _write(out: Path, rows: list[dict], result: dict) -> None:
         w.writerows(rows)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     (out / "machine.json").write_text(json.dumps(result["machine"], indent=2))
+
+
+def _write(out: Path, rows: list[dict], result: dict) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend to select
+
+    _write_records(out, rows, result)
     impls = [i for i in IMPLS if i in result]
     fig = Figure(figsize=(8, 3.2))
     axes = fig.subplots(1, 2)
@@ -319,13 +324,7 @@ _METRICS = ("step_ms", "tokens_per_second", "peak_memory_mb")
 def _write_patterns(out: Path, rows: list[dict], result: dict) -> None:
     from matplotlib.figure import Figure
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
-    (out / "machine.json").write_text(json.dumps(result["machine"], indent=2))
+    _write_records(out, rows, result)
     labels = list(result["patterns"])
     pats = result["patterns"]
     fig = Figure(figsize=(max(8, 1.6 * len(labels)), 3.6))
