@@ -157,6 +157,20 @@ def machine() -> dict:
     return info
 
 
+def _run_info(cfg, steps: int, warmup: int, repeats: int, plain_runtime: bool) -> dict:
+    """What every bench train result starts with: the machine, the config's shape and the timing settings."""
+    return {
+        "machine": machine(),
+        "config": cfg.name,
+        "batch_size": cfg.train.batch_size,
+        "context": cfg.model.context,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory",
+    }
+
+
 def bench_train(
     cfg, *, steps: int, warmup: int, repeats: int, out: str | None, baseline: bool = True, plain_runtime: bool = False
 ) -> dict:
@@ -168,14 +182,7 @@ def bench_train(
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
-        "machine": machine(),
-        "config": cfg.name,
-        "batch_size": cfg.train.batch_size,
-        "context": cfg.model.context,
-        "steps": steps,
-        "warmup": warmup,
-        "repeats": repeats,
-        "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory",
+        **_run_info(cfg, steps, warmup, repeats, plain_runtime),
     }
     for impl in impls:
         sel = [r for r in rows if r["impl"] == impl]
@@ -298,14 +305,7 @@ def bench_train_patterns(
         b["peak_memory_mb"] = med[label]["peak_memory_mb"]
         b["memory_vs_dense"] = med[label]["peak_memory_mb"] / med[DENSE]["peak_memory_mb"]
     result = {
-        "machine": machine(),
-        "config": cfg.name,
-        "batch_size": cfg.train.batch_size,
-        "context": cfg.model.context,
-        "steps": steps,
-        "warmup": warmup,
-        "repeats": repeats,
-        "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory",
+        **_run_info(cfg, steps, warmup, repeats, plain_runtime),
         "identity": {**med[IDENTITY], "tokens_per_second": tokens * 1e3 / med[IDENTITY]["step_ms"]},
         "dense_attention_ms": med[DENSE]["step_ms"] - med[IDENTITY]["step_ms"],
         "patterns": bound,
