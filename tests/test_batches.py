@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from attnlab.data.batches import BatchIterator
 from attnlab.errors import ConfigError, DataError
@@ -137,3 +139,29 @@ def test_reads_from_memmap(tmp_path):
     it = BatchIterator(mm, B, C, seed=4)
     assert it.tokens is mm  # no copy of the whole file
     assert same(take(it, 10), take(BatchIterator(tokens, B, C, seed=4), 10))
+
+
+def challenge_walk(tokens, batch_size, context, steps):
+    """The mainrun challenge's get_batch loop, written out: consecutive spans of B*C+1 tokens, back to 0 at the end."""
+    t, span, ptr, out = torch.from_numpy(tokens), batch_size * context + 1, 0, []
+    for _ in range(steps):
+        if ptr + span >= len(t):
+            ptr = 0
+        batch = t[ptr : ptr + span]
+        out.append((batch[:-1].view(batch_size, context), batch[1:].view(batch_size, context)))
+        ptr += batch_size * context
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch_size=st.integers(1, 6), context=st.integers(1, 12), epochs=st.integers(1, 3), data=st.data())
+def test_sequential_order_is_the_mainrun_challenges_walk(batch_size, context, epochs, data):
+    span = batch_size * context
+    assume(
+        span >= 3
+    )  # the challenge's loop repeats its first batch early when the stream ends 0 or 1 tokens past a span
+    n = data.draw(st.integers(1, 5)) * span + data.draw(st.integers(2, span - 1))
+    it = BatchIterator(ramp(n), batch_size, context, seed=0, order="sequential")
+    assert it.steps_per_epoch == n // span  # the challenge's batches per epoch
+    steps = epochs * it.steps_per_epoch
+    assert same(take(it, steps), challenge_walk(ramp(n), batch_size, context, steps))

@@ -315,3 +315,13 @@ def test_sparse_transformer_init_follows_the_paper_in_every_layer():
 def test_sparse_transformer_init_scales_learned_positions_as_one_table():
     m = model(d_model=256, context=256, init="sparse_transformer")
     assert m.pos_emb.weight.std().item() == pytest.approx(0.125 / math.sqrt(256), rel=0.03)
+
+
+def test_mainrun_init_is_the_challenges_train_py():
+    """The mainrun challenge's train.py: every weight N(0, 0.02), no residual scaling, positions start at zero."""
+    m = model(d_model=256, n_layer=6, context=64, init="mainrun")
+    for block in m.blocks:
+        for name in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"):
+            assert block.get_submodule(name).weight.std().item() == pytest.approx(0.02, rel=0.03), name
+    assert m.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.03) and m.tied
+    assert (m.pos_emb.weight == 0).all()

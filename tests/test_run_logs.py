@@ -149,7 +149,7 @@ def test_cpu_training_logs_mfu_against_a_measured_peak(tmp_path, corpus):
     train(cfg)
     run = tmp_path / "runs" / "t"
     (device,) = read_events(run, "device_info")
-    peak = flops.measured_cpu_peak_tflops(torch.get_num_threads())  # cached: the value training used
+    peak = flops.measured_cpu_peak_tflops(torch.get_num_threads(), torch.float32)  # cached: the value training used
     assert device["mfu_peak"] == "measured fp32 matmul" and device["mfu_peak_tflops"] == peak > 0
     per_token = flops.flops_per_token(GPT(cfg.model, cfg.attention, 256), 32)
     steps = read_events(run, "training_step")
@@ -157,6 +157,13 @@ def test_cpu_training_logs_mfu_against_a_measured_peak(tmp_path, corpus):
     for e in steps:
         assert "mfu" not in e  # a GPU's data-sheet MFU only
         assert e[flops.CPU_MFU_KEY] == round(per_token * e["tokens_per_second"] / (peak * 1e12), 5)
+
+
+def test_a_bf16_cpu_run_measures_its_peak_in_bf16(tmp_path, corpus):
+    train(cfg_for(tmp_path, corpus, "train.max_steps=1", "train.dtype=bfloat16"))
+    (device,) = read_events(tmp_path / "runs" / "t", "device_info")
+    assert device["mfu_peak"] == "measured bf16 matmul"
+    assert device["mfu_peak_tflops"] == flops.measured_cpu_peak_tflops(torch.get_num_threads(), torch.bfloat16)
 
 
 def test_the_cpu_peak_is_measured_once_and_leaves_the_rng_alone(monkeypatch):

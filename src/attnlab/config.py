@@ -146,9 +146,11 @@ class ModelConfig:
     tie_weights: bool = opt(True)
     init: str = opt(
         "gpt2",
-        choices=["gpt2", "xavier", "sparse_transformer"],
+        choices=["gpt2", "xavier", "sparse_transformer", "mainrun"],
         help="sparse_transformer: Child et al. 2019 (weights N(0, 0.125/sqrt(fan_in)), residual outputs "
-        "also / sqrt(2*n_layer), embeddings N(0, 0.125/sqrt(d_model)); the output layer starts at zero, untied)",
+        "also / sqrt(2*n_layer), embeddings N(0, 0.125/sqrt(d_model)); the output layer starts at zero, untied); "
+        "mainrun: the mainrun challenge's train.py (every weight N(0, init_std), residual outputs unscaled, "
+        "learned positions start at zero)",
     )
     init_std: float = opt(
         0.02,
@@ -324,6 +326,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = opt(32, lo=1)
+    batch_order: str = opt(
+        "shuffled",
+        choices=["shuffled", "sequential"],
+        help="shuffled: windows from a random offset in a random order, new each epoch; sequential: the mainrun "
+        "challenge's walk, consecutive windows from token 0, the same order every epoch",
+    )
     grad_accum: int = opt(1, lo=1)
     epochs: float | None = opt(None, lo=0.0, help="stop after this many passes over train.bin")
     max_steps: int | None = opt(None, lo=1, help="stop after this many optimizer steps")

@@ -11,6 +11,10 @@ The number of windows per epoch is the same for every offset (the count at
 the largest offset), so ``steps_per_epoch`` is a constant; the last incomplete
 global batch is dropped. Under data parallelism every rank computes the same
 global batch and takes its contiguous slice, so ranks see disjoint windows.
+
+``order="sequential"`` is the mainrun challenge's walk instead: offset 0 and the
+windows in token order, so global batch k of every epoch is the k-th run of
+``batch_size`` consecutive windows.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class BatchIterator:
         world_size: int = 1,
         *,
         name: str = "train.bin",
+        order: str = "shuffled",
     ):
         if batch_size < 1 or context < 1:
             raise ValueError(f"batch_size and context must be >= 1, got {batch_size}, {context}")
@@ -43,7 +48,7 @@ class BatchIterator:
                 f"use a multiple of {world_size}"
             )
         self.tokens = tokens  # kept as is (a memmap stays a memmap)
-        self.batch_size, self.context, self.seed = batch_size, context, seed
+        self.batch_size, self.context, self.seed, self.order = batch_size, context, seed, order
         self.rank, self.world_size = rank, world_size
         self.local_batch = batch_size // world_size
         self.windows_per_epoch = self._count_windows(len(tokens))
@@ -55,6 +60,8 @@ class BatchIterator:
         self._arange = np.arange(context + 1, dtype=np.int64)
 
     def _count_windows(self, n: int) -> int:
+        if self.order == "sequential":  # offset 0 only: k*C + C + 1 <= n
+            return max(n - 1, 0) // self.context
         # Windows that fit at every offset in [0, context): off + k*C + C + 1 <= n for off = C - 1.
         return max(n - self.context, 0) // self.context
 
@@ -76,9 +83,11 @@ class BatchIterator:
     # -------------------------------------------------------------- plan
     def _plan(self, epoch: int) -> tuple[int, np.ndarray]:
         if self._plan_epoch is None or self._plan_epoch[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            offset = self._random_offset(rng)
-            order = rng.permutation(self.windows_per_epoch)
+            if self.order == "sequential":
+                offset, order = 0, np.arange(self.windows_per_epoch)
+            else:
+                rng = np.random.default_rng([self.seed, epoch])
+                offset, order = self._random_offset(rng), rng.permutation(self.windows_per_epoch)
             self._plan_epoch = (epoch, offset, order)
         return self._plan_epoch[1], self._plan_epoch[2]
 
@@ -155,9 +164,10 @@ class ImageBatches(BatchIterator):
         world_size: int = 1,
         *,
         name: str = "train.bin",
+        order: str = "shuffled",
     ):
         self.sos = sos
-        super().__init__(tokens, batch_size, tokens_per_image, seed, rank, world_size, name=name)
+        super().__init__(tokens, batch_size, tokens_per_image, seed, rank, world_size, name=name, order=order)
 
     def _count_windows(self, n: int) -> int:
         return n // self.context

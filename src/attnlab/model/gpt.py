@@ -236,6 +236,9 @@ class GPT(nn.Module):
         and starts the output logits at zero; section 5.2 scales the attention output
         projection W_p and the feed-forward output W_2 by 1/sqrt(2N), N the number of layers,
         the same factor for every layer. The N(0, s) there names the standard deviation.
+
+        mainrun is the mainrun challenge's train.py: every weight N(0, init_std) with no residual
+        scaling, and its learned position table starts at zero.
         """
         # Residual output projections: scaled so the residual stream's variance does not grow with depth.
         residual = {id(m) for b in self.blocks for m in (b.attn.proj, b.mlp.proj)}
@@ -252,11 +255,13 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.zero_logits:
             nn.init.zeros_(self.lm_head.weight)
+        if self.cfg.init == "mainrun" and isinstance(self.pos_emb, nn.Embedding):
+            nn.init.zeros_(self.pos_emb.weight)
 
     def _init_linear(self, module: nn.Linear, residual: bool) -> None:
         cfg = self.cfg
-        depth = 1 / math.sqrt(2 * cfg.n_layer) if residual else 1.0
-        if cfg.init == "gpt2":
+        depth = 1 / math.sqrt(2 * cfg.n_layer) if residual and cfg.init != "mainrun" else 1.0
+        if cfg.init in ("gpt2", "mainrun"):
             nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std * depth)
         elif cfg.init == "sparse_transformer":
             nn.init.normal_(

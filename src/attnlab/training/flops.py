@@ -13,10 +13,12 @@ MFU = flops_per_token x tokens/s / peak. Peaks are the dense (no 2:4 sparsity)
 bf16 tensor-core figures of the vendor's data sheets, matched on the CUDA
 device name; ``ATTNLAB_PEAK_TFLOPS`` overrides them (e.g. for another GPU).
 
-A CPU has no data-sheet figure here: its peak is measured once per process and
-thread count (``measured_cpu_peak_tflops``: the median of three timed 1024 x 1024
-fp32 matmuls, about 0.1 s on one core), and training logs MFU against it under
-its own name, ``mfu_cpu_measured_peak``, so it is never mistaken for a GPU's MFU.
+A CPU has no data-sheet figure here: its peak is measured once per process,
+thread count and matmul dtype (``measured_cpu_peak_tflops``: the median of three
+timed 1024 x 1024 matmuls in the run's autocast dtype, fp32 or bf16, about 0.1 s
+on one core; a bf16 run measured against the fp32 rate would read above 1), and
+training logs MFU against it under its own name, ``mfu_cpu_measured_peak``, so it
+is never mistaken for a GPU's MFU.
 """
 
 from __future__ import annotations
@@ -69,12 +71,14 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 
 @functools.cache
-def measured_cpu_peak_tflops(threads: int, n: int = 1024, repeats: int = 3) -> float:
-    """This CPU's fp32 matmul rate in TFLOPS at ``threads`` threads (the caller's setting; the argument keys the
-    cache): the median of ``repeats`` timed ``n`` x ``n`` matmuls after one warm-up. Its own generator leaves
+def measured_cpu_peak_tflops(
+    threads: int, dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 3
+) -> float:
+    """This CPU's ``dtype`` matmul rate in TFLOPS at ``threads`` threads (the caller's setting; the argument keys
+    the cache): the median of ``repeats`` timed ``n`` x ``n`` matmuls after one warm-up. Its own generator leaves
     the global RNG streams untouched."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.rand(n, n, generator=g), torch.rand(n, n, generator=g)
+    a, b = torch.rand(n, n, generator=g).to(dtype), torch.rand(n, n, generator=g).to(dtype)
     torch.mm(a, b)
     times = []
     for _ in range(repeats):

@@ -147,10 +147,17 @@ class Trainer:
                 sos=SOS,
                 rank=rank,
                 world_size=world,
+                order=cfg.train.batch_order,
             )
         else:
             self.batches = BatchIterator(
-                self.train_tokens, cfg.train.batch_size, cfg.model.context, cfg.train.seed, rank=rank, world_size=world
+                self.train_tokens,
+                cfg.train.batch_size,
+                cfg.model.context,
+                cfg.train.seed,
+                rank=rank,
+                world_size=world,
+                order=cfg.train.batch_order,
             )
         check_fits(cfg, vocab, self.device, training=True, model_cfg=model_cfg)  # before allocating anything large
         self.model = GPT(model_cfg, cfg.attention, vocab).to(self.device)
@@ -159,10 +166,11 @@ class Trainer:
             self.init_from = finetune.init_weights(self.model, cfg.train.init_from, self.ds)
         self.model.resolve_backends(self.device)
         # MFU in training_step events where a peak is known (every rank counts): a GPU's bf16 data-sheet peak,
-        # or on a CPU this process's measured fp32 matmul rate (its own key, mfu_cpu_measured_peak).
+        # or on a CPU this process's measured matmul rate in the run's autocast dtype (its own key).
         peak, self.mfu_key = flops.device_peak_tflops(self.device), "mfu"
         if peak is None and self.device.type == "cpu":
-            peak, self.mfu_key = flops.measured_cpu_peak_tflops(torch.get_num_threads()), flops.CPU_MFU_KEY
+            peak = flops.measured_cpu_peak_tflops(torch.get_num_threads(), self.amp_dtype or torch.float32)
+            self.mfu_key = flops.CPU_MFU_KEY
         self.peak_tflops = peak * self.dist.world_size if peak else None
         self.flops_per_token = flops.flops_per_token(self.model, cfg.model.context) if peak else None
         # DDP wraps the model; FSDP2 shards it in place (so the optimizer is built after this).
@@ -215,9 +223,7 @@ class Trainer:
             **runtime.device_info(self.device),
             autocast_dtype=str(self.amp_dtype) if self.amp_dtype else "float32",
             mfu_peak_tflops=self.peak_tflops,  # what MFU divides by (None: no MFU), and where it comes from
-            mfu_peak=("measured fp32 matmul" if self.mfu_key == flops.CPU_MFU_KEY else "bf16 data sheet")
-            if self.peak_tflops
-            else None,
+            mfu_peak=self._mfu_peak_source() if self.peak_tflops else None,
         )
         log.log(
             "dataset_info",
@@ -474,6 +480,11 @@ class Trainer:
                     raise Interrupted(f"checkpoint {path} saved: continue with attnlab train --resume {self.run_dir}")
         bar.close()
         return reason
+
+    def _mfu_peak_source(self) -> str:
+        if self.mfu_key != flops.CPU_MFU_KEY:
+            return "bf16 data sheet"
+        return f"measured {'bf16' if self.amp_dtype == torch.bfloat16 else 'fp32'} matmul"
 
     def _mfu(self, tokens_per_second: float) -> dict:
         """{"mfu": fraction of the bf16 peak} on a GPU whose peak is known, {"mfu_cpu_measured_peak": ...}
