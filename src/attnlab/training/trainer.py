@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -138,19 +139,9 @@ class Trainer:
             self.batches = tasks.TaskBatches(
                 self.task, cfg.train.batch_size, cfg.model.context, cfg.train.seed, rank=rank, world_size=world
             )
-        elif self.image:
-            self.batches = ImageBatches(
-                self.train_tokens,
-                cfg.train.batch_size,
-                cfg.model.context,
-                cfg.train.seed,
-                sos=SOS,
-                rank=rank,
-                world_size=world,
-                order=cfg.train.batch_order,
-            )
         else:
-            self.batches = BatchIterator(
+            kind = functools.partial(ImageBatches, sos=SOS) if self.image else BatchIterator
+            self.batches = kind(
                 self.train_tokens,
                 cfg.train.batch_size,
                 cfg.model.context,
