@@ -225,3 +225,14 @@ def test_chunks_grow_with_cpu_threads():
         torch.set_num_threads(n)
     base = module._CHUNK_ELEMS
     assert sizes == [base, 2 * base, module._MAX_CHUNK_THREADS * base]
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_bf16_autocast_computes_in_fp32_as_without_it(name):
+    """Under CPU bf16 autocast (train.dtype=bfloat16) the kernel still computes in fp32: the same outputs and grads."""
+    q, k, v = (x.detach().bfloat16().requires_grad_() for x in qkv(2, 4, 37, 8))
+    want = out_and_grads(blocksparse, q, k, v, PATTERNS[name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = out_and_grads(blocksparse, q, k, v, PATTERNS[name])
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)

@@ -560,11 +560,16 @@ class _BlockSparse(torch.autograd.Function):
         out = _assemble(q.shape[:3] + v.shape[3:], plans, outs)
         ctx.save_for_backward(q, k, v, out)  # the modifier's parameters are read from ``mod`` itself
         ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses, ctx.mod, ctx.doc = plans, scale, p, seed, lses, mod, doc
-        ctx.fused_lses = fused_lses
+        ctx.fused_lses, ctx.compute_dtype = fused_lses, q.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):  # as in forward, whether or not backward runs in autocast
+            return _BlockSparse._backward(ctx, dout.to(ctx.compute_dtype))
+
+    @staticmethod
+    def _backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
         dout = dout.contiguous()
         plans, mod = ctx.plans, ctx.mod
@@ -651,5 +656,6 @@ def blocksparse(
     params = () if modifier is None else tuple(modifier.parameters())
     doc = None if doc is None else doc.to(q.device, torch.long).contiguous()
     plans = plan(pattern, T, H, q.device, _chunk_elems(q.device))
-    out = _BlockSparse.apply(q, k, v, plans, Dqk**-0.5, p, seed, modifier, doc, *params)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run its matmuls in bf16 into fp32 buffers
+        out = _BlockSparse.apply(q, k, v, plans, Dqk**-0.5, p, seed, modifier, doc, *params)
     return out.to(dtype)
