@@ -157,9 +157,8 @@ def challenge_walk(tokens, batch_size, context, steps):
 @given(batch_size=st.integers(1, 6), context=st.integers(1, 12), epochs=st.integers(1, 3), data=st.data())
 def test_sequential_order_is_the_mainrun_challenges_walk(batch_size, context, epochs, data):
     span = batch_size * context
-    assume(
-        span >= 3
-    )  # the challenge's loop repeats its first batch early when the stream ends 0 or 1 tokens past a span
+    # The challenge's loop repeats its first batch early when the stream ends 0 or 1 tokens past a span.
+    assume(span >= 3)
     n = data.draw(st.integers(1, 5)) * span + data.draw(st.integers(2, span - 1))
     it = BatchIterator(ramp(n), batch_size, context, seed=0, order="sequential")
     assert it.steps_per_epoch == n // span  # the challenge's batches per epoch

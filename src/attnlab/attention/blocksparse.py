@@ -560,13 +560,13 @@ class _BlockSparse(torch.autograd.Function):
         out = _assemble(q.shape[:3] + v.shape[3:], plans, outs)
         ctx.save_for_backward(q, k, v, out)  # the modifier's parameters are read from ``mod`` itself
         ctx.plans, ctx.scale, ctx.p, ctx.seed, ctx.lses, ctx.mod, ctx.doc = plans, scale, p, seed, lses, mod, doc
-        ctx.fused_lses, ctx.compute_dtype = fused_lses, q.dtype
+        ctx.fused_lses = fused_lses
         return out
 
     @staticmethod
     def backward(ctx, dout):
         with torch.autocast(dout.device.type, enabled=False):  # as in forward, whether or not backward runs in autocast
-            return _BlockSparse._backward(ctx, dout.to(ctx.compute_dtype))
+            return _BlockSparse._backward(ctx, dout)
 
     @staticmethod
     def _backward(ctx, dout):

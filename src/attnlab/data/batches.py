@@ -40,6 +40,8 @@ class BatchIterator:
     ):
         if batch_size < 1 or context < 1:
             raise ValueError(f"batch_size and context must be >= 1, got {batch_size}, {context}")
+        if order not in ("shuffled", "sequential"):
+            raise ValueError(f"order must be 'shuffled' or 'sequential', got {order!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if batch_size % world_size:
