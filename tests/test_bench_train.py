@@ -9,7 +9,17 @@ import torch
 from attnlab import config
 from attnlab.attention.backends import BACKENDS, select_backend
 from attnlab.attention.patterns import Dense
-from attnlab.bench.train import IDENTITY, amdahl_bound, identity_attention, mean_density, pattern_config
+from attnlab.bench.train import (
+    EOS_ID,
+    IDENTITY,
+    MEAN_DOC_TOKENS,
+    amdahl_bound,
+    build,
+    identity_attention,
+    mean_density,
+    pattern_config,
+    synthetic_batch,
+)
 from attnlab.cli import main
 from attnlab.errors import ConfigError
 
@@ -75,3 +85,16 @@ def test_cli_bad_pattern_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pattern spec 'local:windw=16'" in err[0], err
     assert not (tmp_path / "b").exists()
+
+
+
+def test_a_document_masked_config_is_timed_with_attnlabs_separator():
+    """No dataset gives the separator here: the benchmark uses <eos> = 0, as every attnlab tokenizer does,
+    and its synthetic batch holds documents (the model sees real boundaries, not one long document)."""
+    cfg = config.load("configs/mainrun-best.yaml", [*TINY, "train.batch_size=8"])
+    assert cfg.attention.document_mask and cfg.model.eos_id is None
+    assert build("attnlab", cfg).eos_id == EOS_ID == 0
+    eos_share = (synthetic_batch(cfg, "cpu") == EOS_ID).float().mean().item()
+    assert 0.5 / MEAN_DOC_TOKENS < eos_share < 2 / MEAN_DOC_TOKENS
+    plain = config.load("configs/mainrun.yaml", [*TINY, "train.batch_size=8"])
+    assert (synthetic_batch(plain, "cpu") == EOS_ID).float().mean().item() < 0.5 / MEAN_DOC_TOKENS

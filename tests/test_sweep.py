@@ -96,6 +96,20 @@ def test_bundles_set_several_keys_and_are_named_by_their_first_distinct_key(base
     assert names == ["pattern=full", "pattern=win8", "pattern=st8"]
 
 
+def test_an_empty_bundle_is_the_base_config_an_ablations_control(base, tmp_path):
+    ablation = {"values": [{}, {"model.dropout": 0.1, "train.seed": 3}], "labels": ["nothing", "dropout"]}
+    sweep = sw.sweep_from_dict(sweep_dict(base, tmp_path, parameters={"without": ablation}))
+    control, other = sw.expand(sweep)
+    assert (control.name, control.overrides, other.overrides) == (
+        "without=nothing",
+        [],
+        ["model.dropout=0.1", "train.seed=3"],
+    )
+    base_cfg = config.load(base)
+    assert (control.config.model, control.config.train) == (base_cfg.model, base_cfg.train)
+    assert other.config.model.dropout == 0.1 != base_cfg.model.dropout
+
+
 def test_random_is_reproducible_and_log_uniform(base, tmp_path):
     d = sweep_dict(
         base,

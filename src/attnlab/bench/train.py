@@ -36,15 +36,37 @@ def _vocab(cfg) -> int:
     return cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 256
 
 
+EOS_ID = 0  # <eos> in every tokenizer attnlab builds (bytes, char, BPE)
+MEAN_DOC_TOKENS = 16  # synthetic documents for configs that read them: about an HN title's length in BPE tokens
+
+
+def _reads_documents(cfg) -> bool:
+    return cfg.attention.document_mask or cfg.model.position_reset == "document"
+
+
 def build(impl: str, cfg):
     if impl == "attnlab":
+        import dataclasses
+
         from ..model.gpt import GPT
 
-        return GPT(cfg.model, cfg.attention, _vocab(cfg))
+        model_cfg = cfg.model
+        if _reads_documents(cfg) and model_cfg.eos_id is None:  # no dataset here to take the separator from
+            model_cfg = dataclasses.replace(model_cfg, eos_id=EOS_ID)
+        return GPT(model_cfg, cfg.attention, _vocab(cfg))
     from .nanogpt import NanoGPT
 
     m = cfg.model
     return NanoGPT(_vocab(cfg), m.context, m.d_model, m.n_layer, m.n_head, m.dropout)
+
+
+def synthetic_batch(cfg, device) -> torch.Tensor:
+    """Random tokens (batch, context + 1); an <eos> about every MEAN_DOC_TOKENS where the model reads documents."""
+    B, T = cfg.train.batch_size, cfg.model.context
+    x = torch.randint(0, _vocab(cfg), (B, T + 1), device=device)
+    if _reads_documents(cfg):
+        x[torch.rand(x.shape, device=device) < 1 / MEAN_DOC_TOKENS] = cfg.model.eos_id or EOS_ID
+    return x
 
 
 def identity_attention(q, k, v, pattern=None, dropout_p=0.0, training=False, **kw):
@@ -96,7 +118,7 @@ def measure(
     amp = pick_dtype(cfg.train.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     B, T, V = cfg.train.batch_size, cfg.model.context, _vocab(cfg)
-    x = torch.randint(0, V, (B, T + 1), device=device)
+    x = synthetic_batch(cfg, device)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()

@@ -255,6 +255,11 @@ def check_config(cfg) -> None:
             f"{cfg.data.source} problems are generated without end, so there are no epochs: "
             "use train.max_steps and train.eval_every instead of train.epochs / train.evals_per_epoch"
         )
+    if t.batch_order != "shuffled":
+        raise ConfigError(
+            f"train.batch_order={t.batch_order} walks a token stream, but {cfg.data.source} problems are "
+            "generated afresh for every batch: leave train.batch_order at shuffled"
+        )
     need = ArithmeticTask(cfg.data).context_needed
     if cfg.model.context < need:
         raise ConfigError(

@@ -309,8 +309,8 @@ def _values_param(key: str, spec: dict, where: str, base_cfg: Config) -> Param:
 
 
 def _bundle_param(key: str, spec: dict, where: str, base_cfg: Config) -> Param:
-    values = spec["values"]
-    if not all(isinstance(v, dict) and v for v in values):
+    values = spec["values"]  # an empty bundle ({}) is the base config itself: an ablation's control run
+    if not all(isinstance(v, dict) for v in values):
         raise ConfigError(
             f"{where} mixes override bundles and plain values: make every value a mapping of config keys to values"
         )
