@@ -413,3 +413,37 @@ def test_example_sweep_plans_six_quickstart_runs():
     assert (strided.pattern, strided.local_attn_ctx, strided.strided_mode) == ("strided", 16, "split")
     assert specs[2].config.attention.window == 64 and specs[0].config.train.time_budget_s is None
     assert math.isclose(specs[0].config.optim.lr, 3e-3)
+
+
+def test_mainrun_ablation_removes_one_ingredient_per_run_from_mainrun_best():
+    root = Path(__file__).resolve().parents[1]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        specs = sw.expand(sw.load_sweep("configs/sweeps/mainrun-ablation.yaml"))
+        best = config.load("configs/mainrun-best.yaml")
+    finally:
+        os.chdir(cwd)
+    by_name = {s.name.removeprefix("without="): s.config for s in specs}
+    assert by_name["nothing"].model == best.model and by_name["nothing"].optim == best.optim
+    changed = {
+        name: {
+            f"{part}.{k}"
+            for part in ("model", "attention", "optim")
+            for k, v in vars(getattr(cfg, part)).items()
+            if v != getattr(getattr(best, part), k)
+        }
+        for name, cfg in by_name.items()
+    }
+    assert changed == {
+        "nothing": set(),
+        "muon": {"optim.name"},
+        "wsd": {"optim.schedule"},
+        "document_mask": {"attention.document_mask", "model.position_reset"},
+        "rope": {"model.position"},
+        "swiglu": {"model.mlp"},
+        "qk_norm": {"model.qk_norm"},
+        "tied_embeddings": {"model.tie_weights"},
+        "depth": {"model.n_layer", "model.n_head", "model.d_model"},
+    }
+    assert all(cfg.train.epochs == 7 and cfg.data == best.data for cfg in by_name.values())
