@@ -87,7 +87,6 @@ def test_cli_bad_pattern_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
-
 def test_a_document_masked_config_is_timed_with_attnlabs_separator():
     """No dataset gives the separator here: the benchmark uses <eos> = 0, as every attnlab tokenizer does,
     and its synthetic batch holds documents (the model sees real boundaries, not one long document)."""

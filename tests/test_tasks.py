@@ -160,8 +160,11 @@ def test_task_config_errors(tmp_path):
         tiny_trainer(tmp_path, "model.context=8")
     with pytest.raises(ConfigError, match=r"there are no epochs: use train.max_steps"):
         tiny_trainer(tmp_path, "train.epochs=1")
-    with pytest.raises(ConfigError, match=r"^train.batch_order=sequential walks a token stream, but addition .*"
-                       r"leave train.batch_order at shuffled$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.batch_order=sequential walks a token stream, but addition .*"
+        r"leave train.batch_order at shuffled$",
+    ):
         tiny_trainer(tmp_path, "train.batch_order=sequential")
     with pytest.raises(ConfigError, match=r"must lie in \[1, 18\]"):
         task(digits=19)
