@@ -11,6 +11,7 @@ train`` does; ``--plain-runtime`` drops it to compare the models alone.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -44,15 +45,16 @@ def _reads_documents(cfg) -> bool:
     return cfg.attention.document_mask or cfg.model.position_reset == "document"
 
 
+def _separator(cfg) -> int:
+    """The config's <eos> id, else attnlab's: there is no dataset here to take it from."""
+    return EOS_ID if cfg.model.eos_id is None else cfg.model.eos_id
+
+
 def build(impl: str, cfg):
     if impl == "attnlab":
-        import dataclasses
-
         from ..model.gpt import GPT
 
-        model_cfg = cfg.model
-        if _reads_documents(cfg) and model_cfg.eos_id is None:  # no dataset here to take the separator from
-            model_cfg = dataclasses.replace(model_cfg, eos_id=EOS_ID)
+        model_cfg = dataclasses.replace(cfg.model, eos_id=_separator(cfg)) if _reads_documents(cfg) else cfg.model
         return GPT(model_cfg, cfg.attention, _vocab(cfg))
     from .nanogpt import NanoGPT
 
@@ -65,7 +67,7 @@ def synthetic_batch(cfg, device) -> torch.Tensor:
     B, T = cfg.train.batch_size, cfg.model.context
     x = torch.randint(0, _vocab(cfg), (B, T + 1), device=device)
     if _reads_documents(cfg):
-        x[torch.rand(x.shape, device=device) < 1 / MEAN_DOC_TOKENS] = cfg.model.eos_id or EOS_ID
+        x[torch.rand(x.shape, device=device) < 1 / MEAN_DOC_TOKENS] = _separator(cfg)
     return x
 
 
