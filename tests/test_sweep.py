@@ -415,12 +415,16 @@ def test_example_sweep_plans_six_quickstart_runs():
     assert math.isclose(specs[0].config.optim.lr, 3e-3)
 
 
-def test_mainrun_ablation_removes_one_ingredient_per_run_from_mainrun_best():
+@pytest.mark.parametrize(
+    "path, max_steps",
+    [("configs/sweeps/mainrun-ablation.yaml", None), ("benchmarks/mainrun/ablation-1epoch/sweep.yaml", 270)],
+)
+def test_mainrun_ablation_removes_one_ingredient_per_run_from_mainrun_best(path, max_steps):
     root = Path(__file__).resolve().parents[1]
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        specs = sw.expand(sw.load_sweep("configs/sweeps/mainrun-ablation.yaml"))
+        specs = sw.expand(sw.load_sweep(path))
         best = config.load("configs/mainrun-best.yaml")
     finally:
         os.chdir(cwd)
@@ -447,3 +451,4 @@ def test_mainrun_ablation_removes_one_ingredient_per_run_from_mainrun_best():
         "depth": {"model.n_layer", "model.n_head", "model.d_model"},
     }
     assert all(cfg.train.epochs == 7 and cfg.data == best.data for cfg in by_name.values())
+    assert {cfg.train.max_steps for cfg in by_name.values()} == {max_steps}
