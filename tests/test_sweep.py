@@ -452,3 +452,4 @@ def test_mainrun_ablation_removes_one_ingredient_per_run_from_mainrun_best(path,
     }
     assert all(cfg.train.epochs == 7 and cfg.data == best.data for cfg in by_name.values())
     assert {cfg.train.max_steps for cfg in by_name.values()} == {max_steps}
+    assert {cfg.train.dtype for cfg in by_name.values()} == {"bfloat16"}  # as the recorded runs
