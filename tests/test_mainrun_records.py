@@ -11,7 +11,6 @@ RECORDS = ROOT / "benchmarks" / "mainrun"
 DOCS = [RECORDS / "README.md", ROOT / "docs" / "mainrun.md"]
 SUMMARIES = sorted(RECORDS.glob("**/summary.json"))
 EXACT = sorted(RECORDS.glob("**/eval-mainrun-exact.json"))
-ABLATION = RECORDS / "ablation-1epoch"
 
 
 def quoted(value: float) -> str:
@@ -47,17 +46,35 @@ def test_every_mainrun_exact_evaluation_is_quoted(record, doc):
     assert value in doc.read_text(), f"{doc.name} does not quote {rel(record.parent)}'s exact number {value}"
 
 
+def bits_per_byte(folder: Path) -> float:
+    return json.loads((folder / "summary.json").read_text())["val_bits_per_byte"]
+
+
+# (sweep file, folder of its runs by label, the whole recipe's run)
+ABLATIONS = {
+    "one epoch": (
+        RECORDS / "ablation-1epoch" / "sweep.yaml",
+        RECORDS / "ablation-1epoch",
+        RECORDS / "ablation-1epoch" / "nothing",
+    ),
+    "full length": (ROOT / "configs" / "sweeps" / "mainrun-ablation.yaml", RECORDS / "ablation", RECORDS / "best"),
+}
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_ablation_changes_are_differences_from_the_whole_recipe(doc):
-    labels = yaml.safe_load((ABLATION / "sweep.yaml").read_text())["parameters"]["without"]["labels"]
-    bpb = {label: json.loads((ABLATION / label / "summary.json").read_text())["val_bits_per_byte"] for label in labels}
+@pytest.mark.parametrize("ablation", ABLATIONS, ids=str)
+def test_ablation_changes_are_differences_from_the_whole_recipe(ablation, doc):
+    sweep, folder, whole = ABLATIONS[ablation]
+    labels = yaml.safe_load(sweep.read_text())["parameters"]["without"]["labels"]
+    runs = {label: folder / label for label in labels[1:] if (folder / label / "summary.json").is_file()}
+    assert runs, f"no {ablation} ablation runs recorded in {rel(folder)}"
     text = doc.read_text()
-    for label in labels[1:]:
-        row = f"| {quoted(bpb[label])} |"
+    for label, run in runs.items():
+        row = f"| {quoted(bits_per_byte(run))} |"
         line = next((ln for ln in text.splitlines() if row in ln), None)
-        assert line is not None, f"{doc.name} has no ablation row for without={label}"
-        delta = signed(round(bpb[label], 4) - round(bpb["nothing"], 4))
-        assert delta in line, f"{doc.name}'s without={label} row should say {delta}: {line}"
+        assert line is not None, f"{doc.name} has no {ablation} ablation row for without={label}"
+        delta = signed(round(bits_per_byte(run), 4) - round(bits_per_byte(whole), 4))
+        assert delta in line, f"{doc.name}'s {ablation} without={label} row should say {delta}: {line}"
 
 
 def test_recorded_configs_name_no_machine_specific_out_dir():
