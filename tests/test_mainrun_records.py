@@ -68,12 +68,13 @@ def test_ablation_changes_are_differences_from_the_whole_recipe(ablation, doc):
     labels = yaml.safe_load(sweep.read_text())["parameters"]["without"]["labels"]
     runs = {label: folder / label for label in labels[1:] if (folder / label / "summary.json").is_file()}
     assert runs, f"no {ablation} ablation runs recorded in {rel(folder)}"
-    text = doc.read_text()
+    lines = doc.read_text().splitlines()
+    reference = round(bits_per_byte(whole), 4)
     for label, run in runs.items():
-        row = f"| {quoted(bits_per_byte(run))} |"
-        line = next((ln for ln in text.splitlines() if row in ln), None)
+        value = bits_per_byte(run)
+        line = next((ln for ln in lines if f"| {quoted(value)} |" in ln), None)
         assert line is not None, f"{doc.name} has no {ablation} ablation row for without={label}"
-        delta = signed(round(bits_per_byte(run), 4) - round(bits_per_byte(whole), 4))
+        delta = signed(round(value, 4) - reference)
         assert delta in line, f"{doc.name}'s {ablation} without={label} row should say {delta}: {line}"
 
 
