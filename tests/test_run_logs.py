@@ -115,6 +115,18 @@ def test_a_resumed_run_writes_into_the_same_tensorboard_folder(tmp_path, corpus,
     assert [e.value for e in acc.Scalars("training/loss")] == pytest.approx([losses[s] for s in range(1, 9)])
 
 
+def test_reading_a_resumed_runs_log_drops_the_steps_that_ran_again(tmp_path, corpus, monkeypatch):
+    cfg = cfg_for(tmp_path, corpus, "train.checkpoint_every=2")
+    run = crash_then_resume(cfg, monkeypatch)
+    raw = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in raw if e["event"] == "training_step"] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
+    steps = read_events(run, "training_step")
+    assert [e["step"] for e in steps] == list(range(1, 9))
+    rerun = [e for e in raw if e["event"] == "training_step" and e["step"] == 3]
+    assert steps[2] == rerun[1] and steps[2]["loss"] == rerun[0]["loss"]  # the kept one is the resumed process's
+    assert [e["event"] for e in read_events(run) if e["event"] == "run_resumed"] == ["run_resumed"]
+
+
 # ------------------------------------------------------------------ console
 
 

@@ -70,6 +70,8 @@ def sink_scalars(event: str, fields: dict) -> dict[str, float]:
 
 
 def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
+    """The run's events in order, without what a crashed process logged after the checkpoint a later
+    ``run_resumed`` continues from: those steps ran again (as TensorBoard's ``purge_step`` hides them)."""
     path = Path(run_dir) / "events.jsonl"
     if not path.exists():
         return []
@@ -90,9 +92,15 @@ def read_events(run_dir: Path, event: str | None = None) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
+        if rec.get("event") == "run_resumed":
+            out = [r for r in out if not _after(r, rec.get("step"))]
         if event is None or rec.get("event") == event:
             out.append(rec)
     return out
+
+
+def _after(rec: dict, step: object) -> bool:
+    return isinstance(step, int) and isinstance(rec.get("step"), int) and rec["step"] > step
 
 
 class _TensorBoard:
