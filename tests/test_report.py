@@ -119,6 +119,7 @@ def make_run(
             "tokens_per_second": 9876.5,
             "peak_memory_mb": 321.25,
             "steps": 20,
+            "train_seconds": 10.25,
             "wall_seconds": 12.5,
             "stop_reason": "max_steps",
             **(summary_extra or {}),
@@ -215,7 +216,7 @@ def test_metrics_table_has_every_run_and_summary_value(trained):
             "tokens/s": fmt_float(s["tokens_per_second"], 0),
             "peak memory MB": fmt_float(s["peak_memory_mb"]),
             "steps": "6",
-            "wall seconds": fmt_float(s["wall_seconds"]),
+            "training seconds": fmt_float(s["train_seconds"]),
             "stop reason": "max_steps",
         }
     runs_table = table_with(page, "run", "directory")
@@ -542,3 +543,27 @@ def test_a_long_pattern_label_is_shortened_to_its_non_default_parameters(tmp_pat
     groups = group_runs([load_run_data(r) for r in runs])
     assert groups[1].label == "attention=fixed(local_attn_ctx=64, blocksize=16, vertsize=1, num_verts=1)"
     assert groups[1].short == "attention=fixed(local_attn_ctx=64, blocksize=16)"
+
+
+def test_attention_settings_outside_the_pattern_are_labelled(tmp_path):
+    runs = [
+        make_run(tmp_path / "runs", "masked", 1.0, "attention.document_mask=true"),
+        make_run(tmp_path / "runs", "open", 1.1),
+        make_run(tmp_path / "runs", "local", 1.2, "attention.pattern=local", "attention.window=8"),
+    ]
+    groups = group_runs([load_run_data(r) for r in runs])
+    assert [g.label for g in groups] == [
+        "attention=dense, attention.document_mask=True",
+        "attention=dense, attention.document_mask=False",
+        "attention=local(window=8), attention.document_mask=False",
+    ]
+
+
+def test_configs_whose_first_layers_look_alike_are_labelled_key_by_key(tmp_path):
+    mixed = ["attention.schedule=dense,local", "model.n_layer=2"]
+    runs = [
+        make_run(tmp_path / "runs", "w8", 1.0, *mixed, "attention.window=8"),
+        make_run(tmp_path / "runs", "w16", 1.1, *mixed, "attention.window=16"),
+    ]
+    groups = group_runs([load_run_data(r) for r in runs])
+    assert [g.label for g in groups] == ["attention.window=8", "attention.window=16"]

@@ -125,7 +125,7 @@ def metrics_section(runs: list[RunData], label: dict[str, str]) -> list[Block]:
     headers = (
         ["run", "config", "metric", "final (full split)"]
         + (["test"] if has_test else [])
-        + ["nats/token", "params", "tokens/s", "peak memory MB", "steps", "wall seconds", "stop reason"]
+        + ["nats/token", "params", "tokens/s", "peak memory MB", "steps", "training seconds", "stop reason"]
     )
     rows = []
     for r in runs:
@@ -141,7 +141,7 @@ def metrics_section(runs: list[RunData], label: dict[str, str]) -> list[Block]:
                 fmt_float(s.get("tokens_per_second"), 0),
                 fmt_float(s.get("peak_memory_mb")),
                 fmt_int(s.get("steps", last_step)),
-                fmt_float(s.get("wall_seconds")),
+                fmt_float(s.get("train_seconds")),  # every sitting of a resumed run
                 s.get("stop_reason", NONE) if r.finished else "unfinished (no summary.json)",
             ]
         )

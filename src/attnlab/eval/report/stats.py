@@ -10,6 +10,7 @@ between every two such groups (same metric) Welch's t-test.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -103,10 +104,21 @@ def attention_label(run: RunData, *, short: bool = False) -> str:
     return f"{pattern.name}({params})" if params else pattern.name
 
 
-def _label(run: RunData, keys: list[str], *, short: bool = False) -> str:
+_ATTENTION_FIELDS = {f.name for f in dataclasses.fields(config_mod.AttentionConfig)}
+
+
+def _in_pattern_label(key: str) -> bool:
+    """attention.pattern and the flat pattern parameters, which ``attention_label`` summarises; the other
+    attention fields (schedule, layers, modifiers, document_mask, ...) are listed as they are."""
+    name = key.removeprefix("attention.")
+    return key.startswith("attention.") and (name == "pattern" or name not in _ATTENTION_FIELDS)
+
+
+def _label(run: RunData, keys: list[str], *, short: bool = False, raw: bool = False) -> str:
     flat = config_identity(run)
-    parts = [f"{k}={_format_value(flat.get(k))}" for k in keys if not k.startswith("attention.")]
-    if any(k.startswith("attention.") for k in keys):
+    summarised = not raw and any(_in_pattern_label(k) for k in keys)
+    parts = [f"{k}={_format_value(flat.get(k))}" for k in keys if not (summarised and _in_pattern_label(k))]
+    if summarised:
         parts.insert(0, f"attention={attention_label(run, short=short)}")
     return ", ".join(parts) or "one config"
 
@@ -117,9 +129,12 @@ def group_runs(runs: list[RunData]) -> list[Group]:
     for r in runs:
         buckets.setdefault(json.dumps(config_identity(r), sort_keys=True, default=str), []).append(r)
     keys = differing_keys(runs)
+    firsts = [members[0] for members in buckets.values()]
+    # layer 0's pattern can look the same for configs whose other layers differ: then every key is spelled out
+    raw = len({_label(r, keys) for r in firsts}) < len(firsts)
     groups = []
     for i, members in enumerate(buckets.values()):
-        label, short = _label(members[0], keys), _label(members[0], keys, short=True)
+        label, short = _label(members[0], keys, raw=raw), _label(members[0], keys, short=True, raw=raw)
         groups.append(Group(label, members, short if len(short) <= MAX_LABEL else f"config {i + 1}"))
     return groups
 
