@@ -384,6 +384,7 @@ def test_identical_seeds_are_not_testable(tmp_path):
 def _fake_run(lr: float, seed: int, i: int) -> RunData:
     cfg = config.Config()
     cfg.optim.lr, cfg.train.seed, cfg.name, cfg.logging.log_every = lr, seed, f"r{i}", 1 + seed
+    cfg.train.checkpoint_every = 10 + i  # changes nothing a run computes
     return RunData(
         dir=Path(f"r{i}"), name=f"r{i}", cfg=cfg, summary={"val_bits_per_byte": lr}, meta={}, metric="val_bits_per_byte"
     )

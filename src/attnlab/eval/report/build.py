@@ -181,8 +181,9 @@ def seeds_section(groups: list[Group]) -> list[Block]:
     blocks = [
         Heading(2, "Seeds and significance"),
         Para(
-            "Runs whose configs differ only in name, out_dir, train.seed or logging.* are seeds of one config, "
-            "labelled by the settings that differ between configs. Mean ± sample standard deviation (n−1) of the "
+            "Runs whose configs differ only in name, out_dir, train.seed, train.checkpoint_every or logging.* "
+            "are seeds of one config, labelled by the settings that differ between configs. "
+            "Mean ± sample standard deviation (n−1) of the "
             "final full-split metric; Welch's t-test (unequal variances) between configs with at least two finished seeds."
         ),
         Table(headers, [_group_row(g, long) for g in groups]),

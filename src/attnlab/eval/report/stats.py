@@ -1,7 +1,7 @@
 """Seeds and significance for the run comparison report.
 
 Runs whose resolved configs differ only in ``name``, ``out_dir``,
-``train.seed`` or ``logging.*`` are seeds of one config and form a group.
+``train.seed``, ``train.checkpoint_every`` or ``logging.*`` are seeds of one config and form a group.
 A group is labelled by the config keys that differ between groups
 (``attention.pattern=local``). For groups with at least two finished seeds the
 report gives mean ± sample standard deviation (n - 1) of the final metric, and
@@ -22,7 +22,8 @@ import numpy as np
 from ... import config as config_mod
 from .run_data import RunData
 
-SEED_KEYS = ("name", "out_dir", "train.seed")  # ... and every logging.* key
+# ... and every logging.* key; how often a run checkpoints never changes what it computes (exact resume)
+SEED_KEYS = ("name", "out_dir", "train.seed", "train.checkpoint_every")
 ALPHA = 0.05
 MAX_LABEL = 60  # longer labels are shown as "config N" outside the seeds table
 
