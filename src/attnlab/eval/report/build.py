@@ -26,7 +26,7 @@ from ...errors import UserError
 from .figures import curve_png, pattern_pictures
 from .render import Block, Figure, Heading, Para, Pre, Table, render_html, render_markdown
 from .run_data import UNITS, RunData, load_runs
-from .stats import Group, comparisons, group_runs, seed_notes, stats, verdict
+from .stats import SEED_KEYS, Group, comparisons, group_runs, seed_notes, stats, verdict
 
 SAMPLE_CHARS = 1200  # text samples are cut here
 OWN_FILES = ("index.html", "report.md")
@@ -181,7 +181,7 @@ def seeds_section(groups: list[Group]) -> list[Block]:
     blocks = [
         Heading(2, "Seeds and significance"),
         Para(
-            "Runs whose configs differ only in name, out_dir, train.seed, train.checkpoint_every or logging.* "
+            f"Runs whose configs differ only in {', '.join(SEED_KEYS)} or logging.* "
             "are seeds of one config, labelled by the settings that differ between configs. "
             "Mean ± sample standard deviation (n−1) of the "
             "final full-split metric; Welch's t-test (unequal variances) between configs with at least two finished seeds."
