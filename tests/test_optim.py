@@ -179,6 +179,59 @@ def test_muon_needs_recent_torch(monkeypatch):
         build_optimizer(TinyGPT(), OptimConfig(name="muon"))
 
 
+def _muon_pair(ns_dtype):
+    """torch's Muon and attnlab's Float32Muon (iteration in ``ns_dtype``) on equal copies of the same matrices."""
+    from attnlab.training.muon import Float32Muon
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(shape)) for shape in [(8, 5), (5, 8), (6, 6)]]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = dict(lr=0.02, momentum=0.9, weight_decay=0.1)
+    return ps, torch.optim.Muon(ps, **kw), qs, Float32Muon(qs, ns_dtype=ns_dtype, **kw)
+
+
+def _step_both(ps, a, qs, b, steps=4):
+    for _ in range(steps):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+
+
+def test_float32_muon_is_torch_muon_step_for_step_when_its_iteration_runs_in_bf16():
+    ps, torch_muon, qs, ours = _muon_pair(torch.bfloat16)
+    _step_both(ps, torch_muon, qs, ours)
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    ours.load_state_dict(torch_muon.state_dict())  # same state layout: checkpoints move between the two
+    assert all(
+        torch.equal(torch_muon.state[p]["momentum_buffer"], ours.state[q]["momentum_buffer"]) for p, q in zip(ps, qs)
+    )
+
+
+def test_float32_muon_runs_the_iteration_in_float32():
+    from attnlab.training.muon import newton_schulz
+
+    g = torch.randn(12, 7, dtype=torch.float64)
+    coefficients = torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))]).defaults["ns_coefficients"]
+    exact = newton_schulz(g, coefficients, 5, 1e-7, torch.float64)
+    assert newton_schulz(g, coefficients, 5, 1e-7, torch.float32).dtype == torch.float32
+    fp32_err = (newton_schulz(g, coefficients, 5, 1e-7, torch.float32) - exact).abs().max()
+    bf16_err = (newton_schulz(g, coefficients, 5, 1e-7, torch.bfloat16) - exact).abs().max()
+    assert fp32_err < 1e-5 < 1e-3 < bf16_err
+    ps, torch_muon, qs, ours = _muon_pair(torch.float32)
+    _step_both(ps, torch_muon, qs, ours, steps=1)
+    assert all(torch.allclose(p, q, atol=1e-3) and not torch.equal(p, q) for p, q in zip(ps, qs))
+
+
+def test_muon_ns_dtype_picks_the_optimizer():
+    from attnlab.training.muon import Float32Muon
+
+    assert type(build_optimizer(TinyGPT(), OptimConfig(name="muon")).optimizers[1]) is torch.optim.Muon
+    muon = build_optimizer(TinyGPT(), OptimConfig(name="muon", muon_ns_dtype="float32")).optimizers[1]
+    assert type(muon) is Float32Muon and muon.ns_dtype == torch.float32
+
+
 # ------------------------------------------------------------ schedules
 
 

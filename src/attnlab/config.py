@@ -317,6 +317,12 @@ class OptimConfig:
     eps: float = opt(1e-8, lo=0.0, hi=1.0)
     momentum: float = opt(0.9, lo=0.0, hi=1.0, help="SGD / Muon momentum")
     muon_lr: float = opt(0.02, lo=0.0, hi=10.0, help="Muon lr for 2-D hidden weights (the rest use lr with AdamW)")
+    muon_ns_dtype: str = opt(
+        "bfloat16",
+        choices=["bfloat16", "float32"],
+        help="dtype of Muon's Newton-Schulz step (bfloat16: torch.optim.Muon's; float32: far faster on CPUs "
+        "without bf16 matrix units)",
+    )
     grad_clip: float = opt(1.0, lo=0.0, help="max global grad norm; 0 disables")
     schedule: str = opt("cosine", choices=["cosine", "linear", "wsd", "constant"])
     warmup_steps: int = opt(0, lo=0)

@@ -15,6 +15,8 @@ How ``optim.weight_decay`` acts per optimizer:
 - ``muon``: ``torch.optim.Muon`` (decoupled decay, Nesterov momentum) at
   ``optim.muon_lr`` for the 2-D weights under ``blocks.``; everything else
   (embeddings, output layer, biases, norms) uses AdamW at ``optim.lr``.
+  ``optim.muon_ns_dtype=float32`` runs its Newton–Schulz step in float32
+  (``muon.Float32Muon``) instead of torch's bfloat16.
 
 Every param group carries a ``name`` ("decay", "no_decay" or "muon") so logs
 and tests can tell them apart.
@@ -105,7 +107,13 @@ def _build_muon(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
     decay, no_decay, hidden = param_groups(model, cfg, muon=True)
     if not hidden["params"]:
         raise ConfigError("optim.name=muon found no 2-D weights under blocks.: use optim.name=adamw for this model")
-    parts = [muon_cls([hidden], lr=cfg.muon_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)]
+    muon = dict(lr=cfg.muon_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.muon_ns_dtype == "float32":
+        from .muon import Float32Muon  # needs torch.optim.Muon, checked above
+
+        parts = [Float32Muon([hidden], ns_dtype=torch.float32, **muon)]
+    else:
+        parts = [muon_cls([hidden], **muon)]
     rest = _nonempty([decay, no_decay])
     if rest:
         parts.insert(0, _adamw(rest, cfg))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from . import flops
 
 
 def pick_device(name: str) -> torch.device:
@@ -42,6 +43,35 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "float16" and device.type == "cpu":
         raise ConfigError("train.dtype=float16 is not supported on CPU: use train.dtype=bfloat16 or float32")
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+SLOW_BF16 = 4.0  # bf16 matmuls this many times slower than fp32: a CPU without bf16 matrix units
+
+
+def slow_bf16_warning(cfg, device: torch.device) -> str | None:
+    """One line, with the settings that avoid it, when a CPU run asks for bf16 matmuls (``train.dtype=bfloat16``,
+    Muon's bf16 Newton-Schulz step) and this CPU multiplies bf16 matrices far slower than fp32; else None.
+
+    The settings stay the user's: switching them by hardware would make the same config compute differently
+    on different machines."""
+    fixes = []
+    if cfg.train.dtype == "bfloat16":
+        fixes.append("train.dtype=float32")
+    if cfg.optim.name == "muon" and cfg.optim.muon_ns_dtype == "bfloat16":
+        fixes.append("optim.muon_ns_dtype=float32")
+    if device.type != "cpu" or not fixes:
+        return None
+    threads = torch.get_num_threads()
+    ratio = flops.measured_cpu_peak_tflops(threads, torch.float32) / flops.measured_cpu_peak_tflops(
+        threads, torch.bfloat16
+    )
+    if ratio < SLOW_BF16:
+        return None
+    return (
+        f"attnlab: warning: this CPU multiplies bf16 matrices {ratio:.0f}x slower than float32 (it has no bf16 "
+        f"matrix units), so this run will be slow: {' '.join(fixes)} makes it much faster (its losses differ "
+        f"slightly from bf16's)"
+    )
 
 
 def keep_freed_memory() -> bool:

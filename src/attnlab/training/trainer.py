@@ -156,6 +156,8 @@ class Trainer:
         if cfg.train.init_from and not self.resuming:  # weights only: the optimizer and schedule start fresh
             self.init_from = finetune.init_weights(self.model, cfg.train.init_from, self.ds)
         self.model.resolve_backends(self.device)
+        if self.dist.is_main and (warning := runtime.slow_bf16_warning(cfg, self.device)):
+            print(warning, file=sys.stderr)
         # MFU in training_step events where a peak is known (every rank counts): a GPU's bf16 data-sheet peak,
         # or on a CPU this process's measured matmul rate in the run's autocast dtype (its own key).
         peak, self.mfu_key = flops.device_peak_tflops(self.device), "mfu"
