@@ -97,3 +97,23 @@ def test_a_document_masked_config_is_timed_with_attnlabs_separator():
     assert 0.5 / MEAN_DOC_TOKENS < eos_share < 2 / MEAN_DOC_TOKENS
     plain = config.load("configs/mainrun.yaml", [*TINY, "train.batch_size=8"])
     assert (synthetic_batch(plain, "cpu") == EOS_ID).float().mean().item() < 0.5 / MEAN_DOC_TOKENS
+
+
+def test_the_bf16_cost_benchmark_times_every_dtype_setting(tmp_path):
+    from attnlab.bench.bf16_cpu import COLUMNS, run
+
+    rows = run("configs/mainrun-best.yaml", tmp_path, rounds=1, warmup=0, overrides=TINY)
+    settings = [(r["train_dtype"], r["muon_ns_dtype"]) for r in rows]
+    assert settings == [
+        ("float32", "float32"),
+        ("float32", "bfloat16"),
+        ("bfloat16", "float32"),
+        ("bfloat16", "bfloat16"),
+    ]
+    assert all(r["step_s"] == pytest.approx(r["forward_backward_s"] + r["optimizer_s"], abs=2e-3) for r in rows)
+    assert rows[0]["vs_float32"] == 1.0
+    with open(tmp_path / "results.csv") as f:
+        assert list(csv.DictReader(f))[0].keys() == set(COLUMNS)
+    machine = json.loads((tmp_path / "machine.json").read_text())
+    assert set(machine["matmul_tflops_1024"]) == {"float32", "bfloat16"}
+    assert {p.name for p in tmp_path.iterdir()} == {"results.csv", "results.png", "machine.json"}

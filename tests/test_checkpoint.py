@@ -1,5 +1,6 @@
 """Checkpoints (attnlab.training.checkpoint): round trips, exact resume, integrity, crash safety."""
 
+import dataclasses
 import json
 import os
 import queue
@@ -110,10 +111,13 @@ def test_state_must_be_plain_data(tmp_path):
 # ------------------------------------------------------------ exact resume
 
 
-def make_run(name):
+def make_run(spec):
+    """``spec``: an optimizer name, or ``muon:float32`` for Muon with its Newton-Schulz step in float32."""
     torch.manual_seed(0)
     model = TinyGPT(dropout=0.1)  # dropout makes the resumed run depend on the restored RNG
+    name, _, ns_dtype = spec.partition(":")
     cfg = OptimConfig(name=name, lr=1e-2, muon_lr=0.02, warmup_steps=2, schedule="cosine")
+    cfg = dataclasses.replace(cfg, muon_ns_dtype=ns_dtype) if ns_dtype else cfg
     opt = build_optimizer(model, cfg)
     return model, opt, build_scheduler(opt, cfg, total_steps=8)
 
@@ -128,7 +132,7 @@ def train(model, opt, sched, steps):
         opt.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd", "muon", "adam", "adagrad"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "muon", "muon:float32", "adam", "adagrad"])
 def test_resume_is_bit_identical(tmp_path, name):
     model, opt, sched = make_run(name)
     train(model, opt, sched, 8)  # uninterrupted reference

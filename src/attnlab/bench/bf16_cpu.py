@@ -62,8 +62,8 @@ class Setting:
         return t1 - t0, time.perf_counter() - t1
 
 
-def run(config: str, out: Path, rounds: int, warmup: int) -> list[dict]:
-    cfg = config_mod.load(config)
+def run(config: str, out: Path, rounds: int, warmup: int, overrides: list[str] | tuple = ()) -> list[dict]:
+    cfg = config_mod.load(config, overrides)
     if cfg.optim.name != "muon":
         raise SystemExit(f"{config} does not use Muon (optim.name={cfg.optim.name}): pick a Muon config")
     settings = [Setting(cfg, a, b) for a in DTYPES for b in DTYPES]
@@ -94,6 +94,8 @@ def _write(out: Path, rows: list[dict], config: str, warmup: int) -> None:
     threads = torch.get_num_threads()
     info = machine_info(torch.device("cpu"))
     info["settings"] = {"config": config, "warmup_rounds": warmup, "threads": threads}
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the widest vector ISA torch uses
+    info["vector_flags"] = _vector_flags()
     info["matmul_tflops_1024"] = {d: measured_cpu_peak_tflops(threads, getattr(torch, d)) for d in DTYPES}
     (out / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
     fig = Figure(figsize=(7, 3.2))
@@ -110,16 +112,28 @@ def _write(out: Path, rows: list[dict], config: str, warmup: int) -> None:
     fig.savefig(out / "results.png", dpi=120)
 
 
+def _vector_flags() -> list[str]:
+    """The CPU's AVX/AMX feature flags (Linux), which say whether it has bf16 matrix units; [] elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")))
+    except OSError:
+        pass
+    return []
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m attnlab.bench.bf16_cpu", description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="configs/mainrun-best.yaml", help="a config that uses Muon")
+    ap.add_argument("overrides", nargs="*", help="key=value settings applied to the config")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/bf16-cpu"))
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (every setting steps once per round)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    run(a.config, a.out, a.rounds, a.warmup)
+    run(a.config, a.out, a.rounds, a.warmup, a.overrides)
 
 
 if __name__ == "__main__":
