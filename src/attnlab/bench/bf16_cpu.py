@@ -84,8 +84,6 @@ def run(config: str, out: Path, rounds: int, warmup: int, overrides: list[str] |
 
 
 def _write(out: Path, rows: list[dict], config: str, warmup: int) -> None:
-    from matplotlib.figure import Figure
-
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -98,16 +96,23 @@ def _write(out: Path, rows: list[dict], config: str, warmup: int) -> None:
     info["vector_flags"] = _vector_flags()
     info["matmul_tflops_1024"] = {d: measured_cpu_peak_tflops(threads, getattr(torch, d)) for d in DTYPES}
     (out / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
+    plot(out, rows, f"{config} on {info['cpu']} ({info['cpu_capability']}), {threads} thread(s)")
+
+
+def plot(out: Path, rows: list[dict], title: str) -> None:
+    """results.png: each setting's step, forward + backward and optimizer step stacked."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 3.2))
     ax = fig.subplots()
-    labels = [f"autocast {r['train_dtype']}\nNewton–Schulz {r['muon_ns_dtype']}" for r in rows]
-    fb = [r["forward_backward_s"] for r in rows]
+    labels = [f"train.dtype {r['train_dtype']}\nNewton–Schulz {r['muon_ns_dtype']}" for r in rows]
+    fb = [float(r["forward_backward_s"]) for r in rows]
     ax.bar(labels, fb, label="forward + backward")
-    ax.bar(labels, [r["optimizer_s"] for r in rows], bottom=fb, label="optimizer step")
+    ax.bar(labels, [float(r["optimizer_s"]) for r in rows], bottom=fb, label="optimizer step")
     ax.set_ylabel("seconds per training step (median)")
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
-    ax.set_title(f"{config} on {info.get('cpu', 'CPU')}, {threads} thread(s)", fontsize=8)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
 
