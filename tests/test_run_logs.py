@@ -163,6 +163,7 @@ def test_cpu_training_logs_mfu_against_a_measured_peak(tmp_path, corpus):
     (device,) = read_events(run, "device_info")
     peak = flops.measured_cpu_peak_tflops(torch.get_num_threads(), torch.float32)  # cached: the value training used
     assert device["mfu_peak"] == "measured fp32 matmul" and device["mfu_peak_tflops"] == peak > 0
+    assert device["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2: what the speed depends on
     per_token = flops.flops_per_token(GPT(cfg.model, cfg.attention, 256), 32)
     steps = read_events(run, "training_step")
     assert len(steps) == 2

@@ -148,6 +148,9 @@ def device_info(device: torch.device) -> dict:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        # torch's widest vector instruction set here (AVX2, AVX512, ...): CPUs alike by name can train at very
+        # different speeds, bf16 most of all (benchmarks/bf16-cpu)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
