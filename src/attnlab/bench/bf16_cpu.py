@@ -11,22 +11,19 @@ measurement behind the warning ``attnlab train`` prints where bf16 is slow).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import config as config_mod
 from ..training.flops import measured_cpu_peak_tflops
 from ..training.optim import build_optimizer
 from ..training.runtime import pick_dtype
 from .measure import machine_info
-from .train import _vocab, build, synthetic_batch
+from .train import build, synthetic_batch, timed_step
 
 DTYPES = ("float32", "bfloat16")
 COLUMNS = ["train_dtype", "muon_ns_dtype", "rounds", "forward_backward_s", "optimizer_s", "step_s", "vs_float32"]
@@ -44,22 +41,12 @@ class Setting:
         self.model = build("attnlab", cfg).train()
         self.model.resolve_backends(torch.device("cpu"))
         self.opt = build_optimizer(self.model, cfg.optim)
-        amp = pick_dtype(train_dtype, torch.device("cpu"))
-        self.autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
-        self.x, self.vocab, self.clip = synthetic_batch(cfg, "cpu"), _vocab(cfg), cfg.optim.grad_clip or 1.0
+        self.amp = pick_dtype(train_dtype, torch.device("cpu"))
+        self.x, self.clip = synthetic_batch(cfg, "cpu"), cfg.optim.grad_clip or 1.0
         self.times: list[tuple[float, float]] = []
 
     def step(self) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        with self.autocast():
-            logits = self.model(self.x[:, :-1])
-            loss = F.cross_entropy(logits.float().view(-1, self.vocab), self.x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        t1 = time.perf_counter()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return t1 - t0, time.perf_counter() - t1
+        return timed_step(self.model, self.model, self.opt, self.x, self.amp, self.clip)
 
 
 def run(config: str, out: Path, rounds: int, warmup: int, overrides: list[str] | tuple = ()) -> list[dict]:
@@ -92,8 +79,6 @@ def _write(out: Path, rows: list[dict], config: str, warmup: int) -> None:
     threads = torch.get_num_threads()
     info = machine_info(torch.device("cpu"))
     info["settings"] = {"config": config, "warmup_rounds": warmup, "threads": threads}
-    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the widest vector ISA torch uses
-    info["vector_flags"] = _vector_flags()
     info["matmul_tflops_1024"] = {d: measured_cpu_peak_tflops(threads, getattr(torch, d)) for d in DTYPES}
     (out / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
     plot(out, rows, f"{config} on {info['cpu']} ({info['cpu_capability']}), {threads} thread(s)")
@@ -115,17 +100,6 @@ def plot(out: Path, rows: list[dict], title: str) -> None:
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
-
-
-def _vector_flags() -> list[str]:
-    """The CPU's AVX/AMX feature flags (Linux), which say whether it has bf16 matrix units; [] elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")))
-    except OSError:
-        pass
-    return []
 
 
 def main(argv: list[str] | None = None) -> None:

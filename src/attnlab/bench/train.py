@@ -10,6 +10,7 @@ train`` does; ``--plain-runtime`` drops it to compare the models alone.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -84,6 +85,22 @@ def _use_identity_attention(model) -> None:
         block.attn.core.backend, block.attn.core._fn = IDENTITY, identity_attention
 
 
+def timed_step(forward, model, opt, x: torch.Tensor, amp: torch.dtype | None, clip: float) -> tuple[float, float]:
+    """One training step on the batch ``x`` (batch, context + 1) as ``attnlab train`` takes it: forward under
+    autocast where ``amp`` asks for it, cross-entropy, backward, grad clipping, optimizer step. Returns the seconds
+    spent in forward + backward and in the optimizer step (on CUDA, what was queued: synchronise to time it)."""
+    t0 = time.perf_counter()
+    with torch.autocast(x.device.type, dtype=amp) if amp else contextlib.nullcontext():
+        logits = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    t1 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return t1 - t0, time.perf_counter() - t1
+
+
 def measure(
     impl: str,
     cfg,
@@ -99,8 +116,6 @@ def measure(
     GPUs that have it), and through ``torch.compile(backend=compile)`` when ``compile`` names a backend.
     ``identity``: attnlab's model with attention replaced by ``identity_attention``.
     """
-    import contextlib
-
     from ..training.optim import build_optimizer
     from ..training.runtime import keep_freed_memory, peak_memory_mb, pick_device, pick_dtype
 
@@ -118,19 +133,12 @@ def measure(
     opt = build_optimizer(model, cfg.optim)
     forward = torch.compile(model, backend=compile) if compile else model
     amp = pick_dtype(cfg.train.dtype, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
-    B, T, V = cfg.train.batch_size, cfg.model.context, _vocab(cfg)
+    B, T = cfg.train.batch_size, cfg.model.context
     x = synthetic_batch(cfg, device)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        with autocast():
-            logits = forward(x[:, :-1])
-            loss = F.cross_entropy(logits.float().view(-1, V), x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        timed_step(forward, model, opt, x, amp, cfg.optim.grad_clip or 1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -157,17 +165,25 @@ def _child(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool, identit
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
-    cpu = platform.processor()
+def _cpuinfo(key: str) -> str | None:
+    """The value of ``key`` on /proc/cpuinfo's first such line (Linux); None elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def machine() -> dict:
+    flags = (_cpuinfo("flags") or "").split()
     info = {
-        "cpu": cpu,
+        "cpu": _cpuinfo("model name") or platform.processor(),
+        # the widest vector instruction set torch uses, and the AVX/AMX flags that say whether the CPU has bf16
+        # matrix units: CPUs alike by name can train at very different speeds (benchmarks/bf16-cpu)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "vector_flags": sorted(f for f in flags if f.startswith(("avx", "amx"))),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         **describe_openmp(),
