@@ -14,8 +14,6 @@ import math
 
 import torch
 
-from .optim import closure_loss
-
 
 def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The quintic Newton–Schulz orthogonalisation of the 2-D ``g``, as torch computes it, in ``dtype``."""
@@ -43,7 +41,10 @@ class Float32Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure_loss(closure)
+        loss = None  # Optimizer.step's closure contract, as in optim.CombinedOptimizer
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:

@@ -123,14 +123,6 @@ def _build_muon(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
 # ------------------------------------------------------------ combined optimizer
 
 
-def closure_loss(closure):
-    """``Optimizer.step``'s contract: the loss of ``closure`` (run with gradients on) if one is given, else None."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
 class CombinedOptimizer(torch.optim.Optimizer):
     """Several torch optimizers stepped as one (Muon for hidden matrices + AdamW for the rest).
 
@@ -170,7 +162,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure_loss(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for opt in self.optimizers:
             opt.step()
         return loss
