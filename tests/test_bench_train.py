@@ -2,11 +2,14 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from attnlab import config
+from attnlab.bench import train as bench_train_mod
 from attnlab.attention.backends import BACKENDS, select_backend
 from attnlab.attention.patterns import Dense
 from attnlab.bench.train import (
@@ -117,3 +120,26 @@ def test_the_bf16_cost_benchmark_times_every_dtype_setting(tmp_path):
     machine = json.loads((tmp_path / "machine.json").read_text())
     assert set(machine["matmul_tflops_1024"]) == {"float32", "bfloat16"}
     assert {p.name for p in tmp_path.iterdir()} == {"results.csv", "results.png", "machine.json"}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bench_train_compiles_both_models_when_the_config_asks(monkeypatch, capsys, compiled):
+    """train.compile reaches each measuring process (as torch.compile's default backend) and the summary."""
+    calls = []
+
+    def fake_measure(impl, cfg, steps, warmup, plain_runtime=False, compile=None, identity=False):
+        calls.append((impl, compile))
+        return {"impl": impl, "step_ms": 1.0, "tokens_per_second": 1.0, "peak_memory_mb": 1.0}
+
+    def run_here(argv, **kw):  # the child's `python -c CODE CONFIG`, run in this process
+        monkeypatch.setattr(sys, "argv", ["-c", argv[3]])
+        exec(argv[2], {})
+        return subprocess.CompletedProcess(argv, 0, stdout=capsys.readouterr().out)
+
+    monkeypatch.setattr(bench_train_mod, "measure", fake_measure)
+    monkeypatch.setattr(bench_train_mod.subprocess, "run", run_here)
+    cfg = config.load("configs/mainrun.yaml", [*TINY, f"train.compile={str(compiled).lower()}"])
+    result = bench_train_mod.bench_train(cfg, steps=1, warmup=0, repeats=2, out=None)
+    backend = "inductor" if compiled else None
+    assert sorted(calls, key=str) == [("attnlab", backend)] * 2 + [("nanogpt", backend)] * 2
+    assert result["compile"] is compiled

@@ -6,6 +6,8 @@ drift in machine speed hits both alike. Both use the same step: forward,
 cross-entropy, backward, grad clipping, optimizer step. The attnlab side runs
 with attnlab's CPU runtime setting (``keep_freed_memory``), as ``attnlab
 train`` does; ``--plain-runtime`` drops it to compare the models alone.
+With ``train.compile=true`` both models run through ``torch.compile``, as
+``attnlab train`` runs its model.
 """
 
 from __future__ import annotations
@@ -154,10 +156,11 @@ def measure(
 
 
 def _child(impl: str, cfg, steps: int, warmup: int, plain_runtime: bool, identity: bool = False) -> dict:
+    backend = "inductor" if cfg.train.compile else None  # train.compile: torch.compile's default, as `attnlab train`
     code = (
         "import json,sys; from attnlab import config; from attnlab.bench.train import measure; "
         "cfg = config.from_dict(json.loads(sys.argv[1])); "
-        f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup}, {plain_runtime}, identity={identity})))"
+        f"print(json.dumps(measure({impl!r}, cfg, {steps}, {warmup}, {plain_runtime}, {backend!r}, {identity})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(config_mod.to_dict(cfg))], capture_output=True, text=True, check=True
@@ -207,6 +210,7 @@ def _run_info(cfg, steps: int, warmup: int, repeats: int, plain_runtime: bool) -
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
+        "compile": cfg.train.compile,
         "attnlab_runtime": "plain" if plain_runtime else "keep_freed_memory",
     }
 
