@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..training.logs import read_events
+
 REPO = Path(__file__).resolve().parents[3]  # src/attnlab/bench/ -> the checkout
 MAINRUN_TARGET, MAINRUN_TOLERANCE = 1.753, 0.03  # the organisers' baseline, in the challenge's own number
 WRAP_UP_S = 15.0  # what a stage keeps for itself after stopping its subprocess (copying, tables)
@@ -135,21 +137,6 @@ def keep_run(run: Path, dest: Path) -> None:
             shutil.copytree(src, dest / item, dirs_exist_ok=True)
         elif src.exists():
             shutil.copy2(src, dest / item)
-
-
-def events(run: Path, kind: str) -> list[dict]:
-    path = run / "events.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by an interrupt
-            continue
-        if e.get("event") == kind:
-            out.append(e)
-    return out
 
 
 def write_tiny_corpus(path: Path, n_docs: int = 400) -> Path:
@@ -501,7 +488,7 @@ def mainrun(stage: Stage) -> tuple[str, str]:
             if summary is not None and not timed_out:
                 summary = {**summary, **mainrun_exact(stage, Path(tmp) / name, folder)}
             mainrun_table(stage, name, folder, summary)
-            steps = events(folder, "training_step")
+            steps = read_events(folder, "training_step")
             if timed_out or summary is None:
                 return (
                     "timed out",
@@ -530,7 +517,7 @@ def mainrun_exact(stage: Stage, run: Path, folder: Path) -> dict:
 
 
 def mainrun_table(stage: Stage, name: str, folder: Path, summary: dict | None) -> None:
-    evals, steps = events(folder, "validation_step"), events(folder, "training_step")
+    evals, steps = read_events(folder, "validation_step"), read_events(folder, "training_step")
     mfu = [e["mfu"] for e in steps if "mfu" in e]
     rows = [
         ["evaluations", len(evals)],
