@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from attnlab import config
-from attnlab.bench import train as bench_train_mod
 from attnlab.attention.backends import BACKENDS, select_backend
 from attnlab.attention.patterns import Dense
+from attnlab.bench import train as bench_train_mod
 from attnlab.bench.train import (
     EOS_ID,
     IDENTITY,

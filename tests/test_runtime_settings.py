@@ -109,3 +109,12 @@ def test_training_on_such_a_cpu_prints_the_warning_once(bf16_rate, tmp_path, cap
     args += ["model.context=16", "train.batch_size=2", "train.max_steps=1", "logging.progress=false"]
     assert main(["train", *args, "optim.name=muon", "logging.attention_stats=0"]) == 0
     assert capsys.readouterr().err.count(SLOW) == 1
+
+
+def test_bench_train_on_such_a_cpu_prints_the_warning_before_measuring(bf16_rate, monkeypatch, capsys):
+    import attnlab.bench
+
+    measured = []
+    monkeypatch.setattr(attnlab.bench, "bench_train", lambda cfg, **kw: measured.append(cfg.name))
+    assert main(["bench", "train", "configs/mainrun-best.yaml", "--no-baseline"]) == 0
+    assert capsys.readouterr().err.count(SLOW) == 1 and measured == ["mainrun-best"]

@@ -696,10 +696,13 @@ def cmd_bench(a) -> None:
         return generate.run(a)
     from . import config
     from .bench import bench_train
+    from .training.runtime import pick_device, slow_bf16_warning
 
     _check_counts(a, "steps", "repeats")
     _check_counts(a, "warmup", lo=0)
     cfg = config.load(a.config, a.overrides)
+    if warning := slow_bf16_warning(cfg, pick_device(cfg.train.device)):
+        print(warning, file=sys.stderr)
     if a.patterns:
         from .bench.train import bench_train_patterns
 
