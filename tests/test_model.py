@@ -285,12 +285,24 @@ def test_autocast_bf16(kw):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("position", ["learned", "rope"])
-def test_model_compiles_without_graph_breaks(position):
+@pytest.fixture
+def fresh_dynamo():
+    """Forget earlier compilations: each test's recompiles of GPT.forward would add up to dynamo's limit."""
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "position,documents", [("learned", False), ("rope", False), ("rope", True), ("sinusoidal", True)]
+)
+def test_model_compiles_without_graph_breaks(position, documents, fresh_dynamo):
     # aot_eager traces the whole forward and backward like inductor does, without the slow C++ codegen.
-    model = make(position=position, qk_norm=True, dropout=0.1)
+    # Documents (masking, positions restarting) must not be read on the host: a device sync and a graph break.
+    doc = dict(position_reset="document", eos_id=0) if documents else {}
+    torch.manual_seed(0)
+    model = GPT(tiny(position=position, qk_norm=True, dropout=0.1, **doc), AttentionConfig(document_mask=documents), V)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     idx = tokens()
+    idx[:, 3] = 0  # a document boundary
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx), model(idx))
@@ -300,7 +312,7 @@ def test_model_compiles_without_graph_breaks(position):
 
 
 @pytest.mark.slow  # inductor's C++ compilation takes ~30 s on 2 CPU cores
-def test_inductor_compiled_model_matches_eager():
+def test_inductor_compiled_model_matches_eager(fresh_dynamo):
     model = make(position="rope", qk_norm=True).eval()
     idx = tokens()
     compiled = torch.compile(model, fullgraph=True)

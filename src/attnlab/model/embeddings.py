@@ -1,8 +1,11 @@
 """Positional encodings: learned, sinusoidal (added to the token embeddings) and rotary (applied to q, k).
 
 Every encoding is queried for ``T`` positions starting at ``offset`` (or for an
-explicit ``positions`` tensor), so a KV cache can ask for positions past the
-prompt. The token embedding itself is a plain ``nn.Embedding`` in the model.
+explicit ``positions`` tensor, none of them past ``offset + T - 1``: positions
+counted from each document's start), so a KV cache can ask for positions past
+the prompt. Whether they fit the cached table is decided from ``offset + T``,
+never from the positions' values: reading those would sync the device and
+break a compiled graph at every forward. The token embedding itself is a plain ``nn.Embedding`` in the model.
 """
 
 from __future__ import annotations
@@ -45,10 +48,8 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
     def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is not None:
-            if positions.numel() and int(positions.max()) >= self.table.shape[0]:  # past the table: compute afresh
-                return sinusoidal_table(int(positions.max()) + 1, self.table.shape[1], self.base).to(self.table.device)[
-                    positions
-                ]
+            if offset + T > self.table.shape[0]:  # may be past the table: compute afresh
+                return sinusoidal_table(offset + T, self.table.shape[1], self.base).to(self.table.device)[positions]
             return self.table[positions]
         if offset + T > self.table.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
             return sinusoidal_table(offset + T, self.table.shape[1], self.base)[offset:].to(self.table.device)
@@ -83,7 +84,7 @@ class Rotary(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [T, head_dim/2] (or positions.shape + [head_dim/2]), for ``apply_rotary``."""
         if positions is not None:
-            if positions.numel() and int(positions.max()) >= self.cos.shape[0]:  # past the cache: compute afresh
+            if offset + T > self.cos.shape[0]:  # may be past the cache: compute afresh
                 return self._angles(positions)
             return self.cos[positions], self.sin[positions]
         if offset + T > self.cos.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
