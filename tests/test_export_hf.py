@@ -98,6 +98,18 @@ def test_llama_shaped_run_loads_as_llama_with_equal_logits(root):
     assert_same_tokens(run, folder)
 
 
+def test_qk_norm_run_loads_as_qwen3_with_equal_logits(root):
+    # a large learning rate moves the norms' weights away from 1, so a wrong mapping of them would show
+    qk = {"model.qk_norm": True, "model.bias": False, "optim.lr": 0.05, "optim.warmup_steps": 0}
+    run, folder, info = trained(root, "qwen3", **LLAMA, **qk)
+    q_norm = run.model.blocks[0].attn.q_norm.weight
+    assert info["architecture"] == "Qwen3ForCausalLM" and (q_norm - 1).abs().max() > 0.01
+    hf = assert_same_logits(run, folder)
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and not hf.config.attention_bias
+    torch.testing.assert_close(hf.model.layers[0].self_attn.q_norm.weight, q_norm, rtol=0, atol=0)
+    assert_same_tokens(run, folder)
+
+
 @pytest.mark.skipif(not HAS_GQA, reason="model.n_kv_head (grouped-query attention) is not in this version's config")
 def test_grouped_query_llama_maps_its_key_value_heads(root):
     run, folder, _ = trained(root, "gqa", **LLAMA, **{"model.n_head": 4, "model.n_kv_head": 2, "model.bias": False})
@@ -175,7 +187,12 @@ LLAMA_ARGS = [f"{k}={v}" for k, v in LLAMA.items()]
         (["model.position=image", "model.image_shape=4,4,1"], "model.position=image has no counterpart"),
         (["model.position=none"], "model.position=none"),
         (["model.qk_ratio=0.5"], "model.qk_ratio=0.5"),
-        (["model.qk_norm=true"], "model.qk_norm=true"),
+        (["model.qk_norm=true"], "model.qk_norm=true with learned positions"),
+        ([*LLAMA_ARGS, "model.qk_norm=true"], "model.bias=true with QK-norm"),
+        (
+            [*LLAMA_ARGS, "model.qk_norm=true", "model.bias=false", "attention.pattern=local", "attention.window=4"],
+            "model.qk_norm=true with local attention (window 4)",
+        ),
         (["model.norm_position=post"], "model.norm_position=post"),
         (["model.norm=rmsnorm"], "model.norm=rmsnorm with learned positions"),
         (["model.mlp=swiglu"], "model.mlp=swiglu with learned positions"),
@@ -208,7 +225,7 @@ def test_document_masking_is_refused():
         plan(model, cfg)
     assert str(e.value) == (
         "cannot export to Hugging Face: attention.document_mask=true (attention within documents); "
-        "transformers' GPT-2, Llama and Mistral attend across <eos>"
+        "transformers' GPT-2, Llama, Mistral and Qwen3 attend across <eos>"
     )
 
 

@@ -858,7 +858,9 @@ def cmd_sweep(a) -> None:
 def _export_parser(sub) -> None:
     ex = sub.add_parser("export", help="write a run in another framework's format (hf: a transformers folder)")
     ex.add_argument("run_dir")
-    ex.add_argument("--format", required=True, choices=["hf"], help="hf: GPT-2, Llama or Mistral for transformers")
+    ex.add_argument(
+        "--format", required=True, choices=["hf"], help="hf: GPT-2, Llama, Mistral or Qwen3 for transformers"
+    )
     ex.add_argument("--out", required=True, help="the folder to write (missing or empty)")
     ex.add_argument("--checkpoint", help="a checkpoint folder (default: the latest complete one)")
     ex.add_argument("--force", action="store_true", help="replace an earlier export in --out")

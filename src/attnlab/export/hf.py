@@ -8,9 +8,11 @@ Only configurations that ``transformers`` computes exactly the same way are expo
   the half-split, rotate-half layout Llama uses, so q and k need no permutation; grouped-query
   attention maps to ``num_key_value_heads``);
 - the same with ``local(w)`` attention on every layer -> ``MistralForCausalLM`` with
-  ``sliding_window = w``: both let query i see key j when i - j < w.
+  ``sliding_window = w``: both let query i see key j when i - j < w;
+- the Llama shape with QK-norm (a learned RMSNorm over each head's queries and keys, before RoPE),
+  dense attention and no biases -> ``Qwen3ForCausalLM``, which normalises q and k the same way.
 
-Everything else (other patterns, image embeddings, narrower queries/keys, QK-norm, post-norm,
+Everything else (other patterns, image embeddings, narrower queries/keys, post-norm,
 score modifiers, ...) is refused with one line naming the config key that does not map. Nothing
 here imports ``transformers``: the folder is plain JSON and safetensors.
 """
@@ -70,7 +72,7 @@ def _refuse(what: str, fix: str) -> ExportError:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    arch: str  # gpt2, llama or mistral
+    arch: str  # gpt2, llama, mistral or qwen3
     window: int | None  # mistral's sliding window
 
 
@@ -88,6 +90,9 @@ def plan(model: GPT, cfg: Config) -> Target:
         _check_gpt2(model, m, window)
         return Target("gpt2", None)
     _check_llama(m, window)
+    if m.qk_norm:
+        _check_qwen3(model, m, window)
+        return Target("qwen3", None)
     return Target("mistral" if window is not None else "llama", window)
 
 
@@ -105,8 +110,6 @@ def _check_shared(m: ModelConfig) -> None:
         raise _refuse(f"model.norm_position={m.norm_position} (post-norm blocks)", "GPT-2 and Llama are pre-norm")
     if m.qk_ratio != 1.0:
         raise _refuse(f"model.qk_ratio={m.qk_ratio} (queries/keys narrower than values)", "only qk_ratio=1 maps")
-    if m.qk_norm:
-        raise _refuse("model.qk_norm=true (QK-norm)", "GPT-2 and Llama have no norm on queries and keys")
 
 
 def _attention_window(model: GPT, cfg: Config) -> int | None:
@@ -114,13 +117,13 @@ def _attention_window(model: GPT, cfg: Config) -> int | None:
     if getattr(cfg.attention, "document_mask", False):
         raise _refuse(
             "attention.document_mask=true (attention within documents)",
-            "transformers' GPT-2, Llama and Mistral attend across <eos>",
+            "transformers' GPT-2, Llama, Mistral and Qwen3 attend across <eos>",
         )
     modifiers = getattr(cfg.attention, "modifiers", None)
     if modifiers:
         raise _refuse(
             f"attention.modifiers={','.join(map(str, modifiers))} (score modifiers)",
-            "transformers' GPT-2, Llama and Mistral add nothing to the attention scores",
+            "transformers' GPT-2, Llama, Mistral and Qwen3 add nothing to the attention scores",
         )
     windows = set()
     for i, block in enumerate(model.blocks):
@@ -163,6 +166,11 @@ def _check_gpt2(model: GPT, m: ModelConfig, window: int | None) -> None:
             "model.mlp=swiglu with learned positions",
             "GPT-2's MLP is gelu or relu (Llama's SwiGLU needs model.position=rope)",
         )
+    if m.qk_norm:
+        raise _refuse(
+            "model.qk_norm=true with learned positions",
+            "GPT-2 has no norm on queries and keys (Qwen3's QK-norm needs model.position=rope)",
+        )
     if window is not None:
         raise _refuse(
             f"attention.pattern=local (window {window}) with learned positions",
@@ -183,6 +191,19 @@ def _check_llama(m: ModelConfig, window: int | None) -> None:
         raise _refuse(f"model.mlp={m.mlp} with RoPE", "Llama uses model.mlp=swiglu")
     if window is not None and m.bias:
         raise _refuse("model.bias=true with local attention", "Mistral has no biases: use model.bias=false")
+
+
+def _check_qwen3(model: GPT, m: ModelConfig, window: int | None) -> None:
+    if window is not None:
+        raise _refuse(
+            f"model.qk_norm=true with local attention (window {window})",
+            "QK-norm exports as Qwen3 with dense attention only",
+        )
+    if m.bias:
+        raise _refuse("model.bias=true with QK-norm", "Qwen3's MLP has no biases: use model.bias=false")
+    attn, norm = model.blocks[0].attn, model.blocks[0].norm1
+    if attn.q_norm.eps != norm.eps:  # Qwen3 has one epsilon for every norm
+        raise _refuse(f"QK-norm epsilon {attn.q_norm.eps} differs from the blocks' {norm.eps}", "use one epsilon")
 
 
 def _gpt2_activation(model: GPT) -> str:
@@ -261,6 +282,11 @@ def llama_config(model: GPT, cfg: Config, eos_id: int, target: Target) -> dict:
     if target.arch == "mistral":
         del out["attention_bias"], out["mlp_bias"], out["pretraining_tp"]
         out.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=target.window)
+    if target.arch == "qwen3":
+        del out["mlp_bias"], out["pretraining_tp"]
+        out.update(
+            architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False, sliding_window=None
+        )
     return out
 
 
@@ -320,6 +346,15 @@ def llama_weights(model: GPT, bias: bool) -> dict[str, torch.Tensor]:
                 w[f"{p}.{name}.bias"] = _t(b_)
     if not model.tied:
         w["lm_head.weight"] = _t(model.lm_head.weight)
+    return w
+
+
+def qwen3_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """Qwen3ForCausalLM's state dict: Llama's (without biases) and each layer's q_norm and k_norm."""
+    w = llama_weights(model, bias=False)
+    for i, b in enumerate(model.blocks):
+        w[f"model.layers.{i}.self_attn.q_norm.weight"] = _t(b.attn.q_norm.weight)
+        w[f"model.layers.{i}.self_attn.k_norm.weight"] = _t(b.attn.k_norm.weight)
     return w
 
 
@@ -407,7 +442,8 @@ def export_hf(
     if target.arch == "gpt2":
         config, weights = gpt2_config(run.model, run.cfg, eos), gpt2_weights(run.model)
     else:
-        config, weights = llama_config(run.model, run.cfg, eos, target), llama_weights(run.model, run.cfg.model.bias)
+        config = llama_config(run.model, run.cfg, eos, target)
+        weights = qwen3_weights(run.model) if target.arch == "qwen3" else llama_weights(run.model, run.cfg.model.bias)
     files = tokenizer_files(run.dataset.tokenizer, run.cfg.model.context)
     files["config.json"] = json.dumps(config, indent=2)
     files["generation_config.json"] = json.dumps({"bos_token_id": eos, "eos_token_id": eos}, indent=2)
