@@ -148,6 +148,16 @@ def test_sinusoidal_values_match_the_formula():
     torch.testing.assert_close(SinusoidalPositionalEmbedding(8, d)(4, offset=46), table[46:50])  # beyond its cache
 
 
+def test_positions_past_the_cached_table_are_computed_exactly():
+    # a window past the table (a long generation) whose positions restart per document: only those are computed
+    pos = torch.tensor([[0, 1, 2, 0], [5, 6, 7, 8]])
+    want = sinusoidal_table(50, 16)[pos]
+    torch.testing.assert_close(SinusoidalPositionalEmbedding(8, 16)(4, offset=30, positions=pos), want)
+    cos, sin = Rotary(16, context=8)(4, offset=30, positions=pos)
+    full = Rotary(16, context=50)
+    torch.testing.assert_close((cos, sin), (full.cos[pos], full.sin[pos]))
+
+
 def test_rope_scores_depend_only_on_relative_position():
     Dh, rope = 8, Rotary(8, context=64)
     g = torch.Generator().manual_seed(0)

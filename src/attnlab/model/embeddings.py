@@ -5,7 +5,9 @@ explicit ``positions`` tensor, none of them past ``offset + T - 1``: positions
 counted from each document's start), so a KV cache can ask for positions past
 the prompt. Whether they fit the cached table is decided from ``offset + T``,
 never from the positions' values: reading those would sync the device and
-break a compiled graph at every forward. The token embedding itself is a plain ``nn.Embedding`` in the model.
+break a compiled graph at every forward. Past the table, only the positions
+asked for are computed. The token embedding itself is a plain ``nn.Embedding``
+in the model.
 """
 
 from __future__ import annotations
@@ -27,15 +29,27 @@ class LearnedPositionalEmbedding(nn.Embedding):
         return self.weight[offset : offset + T]  # a slice: no index tensor, cheaper than an embedding lookup
 
 
+def _angles(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
+    """positions.shape + [ceil(dim/2)] angles p * base^(-2i/dim), computed in float64 (on the CPU where the
+    device has no float64, as MPS)."""
+    device = positions.device if positions.device.type != "mps" else torch.device("cpu")
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    return positions.to(device, torch.float64).unsqueeze(-1) * inv_freq
+
+
+def sinusoidal_encoding(positions: torch.Tensor, d_model: int, base: float = 10000.0) -> torch.Tensor:
+    """Vaswani et al.: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d)).
+    positions.shape + [d_model], fp32, on the positions' device."""
+    angles = _angles(positions, d_model, base)
+    out = angles.new_zeros(*positions.shape, d_model)
+    out[..., 0::2] = torch.sin(angles)
+    out[..., 1::2] = torch.cos(angles[..., : d_model // 2])  # an odd d_model has one more sin than cos column
+    return out.to(positions.device, torch.float32)
+
+
 def sinusoidal_table(n_pos: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
-    """Vaswani et al.: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d)). [n_pos, d_model], fp32."""
-    pos = torch.arange(n_pos, dtype=torch.float64).unsqueeze(1)
-    inv_freq = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # ceil(d/2) frequencies
-    angles = pos * inv_freq
-    table = torch.zeros(n_pos, d_model, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])  # an odd d_model has one more sin than cos column
-    return table.float()
+    """``sinusoidal_encoding`` of positions 0 .. n_pos - 1: [n_pos, d_model]."""
+    return sinusoidal_encoding(torch.arange(n_pos), d_model, base)
 
 
 class SinusoidalPositionalEmbedding(nn.Module):
@@ -47,13 +61,11 @@ class SinusoidalPositionalEmbedding(nn.Module):
         self.register_buffer("table", sinusoidal_table(context, d_model, base), persistent=False)
 
     def forward(self, T: int, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is not None:
-            if offset + T > self.table.shape[0]:  # may be past the table: compute afresh
-                return sinusoidal_table(offset + T, self.table.shape[1], self.base).to(self.table.device)[positions]
-            return self.table[positions]
-        if offset + T > self.table.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
-            return sinusoidal_table(offset + T, self.table.shape[1], self.base)[offset:].to(self.table.device)
-        return self.table[offset : offset + T]
+        if offset + T > self.table.shape[0]:  # may be past the table (e.g. generation beyond context)
+            if positions is None:
+                positions = torch.arange(offset, offset + T, device=self.table.device)
+            return sinusoidal_encoding(positions, self.table.shape[1], self.base)
+        return self.table[positions] if positions is not None else self.table[offset : offset + T]
 
 
 class Rotary(nn.Module):
@@ -70,25 +82,25 @@ class Rotary(nn.Module):
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
         self.head_dim, self.base = head_dim, base
-        cos, sin = self._angles(torch.arange(context))
+        cos, sin = self._cos_sin(torch.arange(context))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
-        angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq.to(positions.device)
-        return torch.cos(angles).float(), torch.sin(angles).float()
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = _angles(positions, self.head_dim, self.base)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        return cos.to(positions.device, torch.float32), sin.to(positions.device, torch.float32)
 
     def forward(
         self, T: int, offset: int = 0, positions: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [T, head_dim/2] (or positions.shape + [head_dim/2]), for ``apply_rotary``."""
+        if offset + T > self.cos.shape[0]:  # may be past the cache (e.g. generation beyond context)
+            if positions is None:
+                positions = torch.arange(offset, offset + T, device=self.cos.device)
+            return self._cos_sin(positions)
         if positions is not None:
-            if offset + T > self.cos.shape[0]:  # may be past the cache: compute afresh
-                return self._angles(positions)
             return self.cos[positions], self.sin[positions]
-        if offset + T > self.cos.shape[0]:  # past the cache (e.g. generation beyond context): compute afresh
-            return self._angles(torch.arange(offset, offset + T, device=self.cos.device))
         return self.cos[offset : offset + T], self.sin[offset : offset + T]
 
 
