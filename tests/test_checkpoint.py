@@ -179,18 +179,34 @@ def test_corrupted_file_is_rejected(tmp_path, name):
 
 
 def test_missing_file_and_missing_checkpoint(tmp_path):
-    path = ck.save_checkpoint(tmp_path, 1, seeded_model(0), {})
+    ck.save_checkpoint(tmp_path, 1, seeded_model(0), {})
+    path = ck.save_checkpoint(tmp_path, 2, seeded_model(0), {})
     (path / "state.pt").unlink()
-    assert ck.latest_checkpoint(tmp_path) is None  # no longer complete
-    with pytest.raises(CheckpointError, match="is missing state.pt"):
-        ck.load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="has no complete checkpoint"):
-        ck.load_checkpoint(tmp_path)
+    assert ck.latest_checkpoint(tmp_path) == path  # damaged, still the newest: reported, never skipped silently
+    for where in (path, tmp_path):
+        with pytest.raises(CheckpointError, match="step_00000002 is missing state.pt: delete that folder to fall"):
+            ck.load_checkpoint(where)
     with pytest.raises(CheckpointError, match="not found"):
         ck.load_checkpoint(tmp_path / "nope")
     (path / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match="is incomplete"):
         ck.load_checkpoint(path)
+    assert ck.latest_checkpoint(tmp_path).name == "step_00000001"  # an unfinished save is not a checkpoint
+    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="has no complete checkpoint"):
+        ck.load_checkpoint(tmp_path / "empty-run")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "state.pt"])
+def test_a_file_cut_short_is_reported_not_passed_over(tmp_path, name):
+    ck.save_checkpoint(tmp_path, 1, seeded_model(0), state_for(1))
+    path = ck.save_checkpoint(tmp_path, 2, seeded_model(0), state_for(2))
+    size = (path / name).stat().st_size
+    os.truncate(path / name, 100)
+    assert ck.latest_checkpoint(tmp_path) == path
+    want = rf"step_00000002 is damaged \({name} has 100 bytes where COMPLETE records {size:,}\): delete that folder"
+    with pytest.raises(CheckpointError, match=want):
+        ck.load_checkpoint(tmp_path, seeded_model(0))
 
 
 def test_different_model_shape_names_the_tensor(tmp_path):

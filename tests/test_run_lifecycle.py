@@ -11,12 +11,12 @@ import time
 import pytest
 
 from attnlab import config
-from attnlab.errors import ConfigError
+from attnlab.errors import CheckpointError, ConfigError
 from attnlab.training import checkpoint as ckpt
 from attnlab.training import trainer as trainer_mod
 from attnlab.training.trainer import train
-from runkit import tiny_config, write_corpus
-from safetykit import cli, env, listing
+from runkit import crash_after_step, tiny_config, write_corpus
+from safetykit import cli, env, listing, one_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,6 +118,20 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, corpus):
     run = tmp_path / "runs" / "t"
     before = {p: (run / p).read_bytes() for p in listing(run) if (run / p).is_file()}
     assert train(resume=run) == first
+    assert {p: (run / p).read_bytes() for p in listing(run) if (run / p).is_file()} == before
+
+
+def test_a_damaged_checkpoint_is_reported_and_never_trained_over(tmp_path, corpus, capsys, monkeypatch):
+    cfg = cfg_for(tmp_path, corpus, "train.max_steps=4", "train.checkpoint_every=2")
+    crash_after_step(monkeypatch, 3, lambda: train(cfg))  # its only checkpoint is step 2
+    run = tmp_path / "runs" / "t"
+    os.truncate(ckpt.latest_checkpoint(run) / "model.safetensors", 100)  # a disk or a copy cut it short
+    before = {p: (run / p).read_bytes() for p in listing(run) if (run / p).is_file()}
+    rc, _, err = cli(capsys, "eval", run)
+    assert rc == 4
+    one_line(err, "step_00000002 is damaged (model.safetensors has 100 bytes where COMPLETE records", "delete that")
+    with pytest.raises(CheckpointError, match="step_00000002 is damaged"):
+        train(cfg, auto_resume=True)  # not a run that died before its first save: never started again over it
     assert {p: (run / p).read_bytes() for p in listing(run) if (run / p).is_file()} == before
 
 

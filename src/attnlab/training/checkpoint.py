@@ -21,7 +21,10 @@ are cleaned up by the next save. One process writes to a run directory at a time
 wait at a barrier until the checkpoint is complete).
 
 Loading never runs code: ``torch.load(weights_only=True)`` and safetensors,
-after checking both files against the sha256 in ``COMPLETE``.
+after checking both files against the size and sha256 in ``COMPLETE``. A
+checkpoint whose files later differ from it (missing, cut short, altered) is
+damaged: loading it, or its run directory, says so and how to fall back; it is
+never passed over silently.
 
 A checkpoint holds only finite weights and optimizer state (``NonFiniteState``
 otherwise, and nothing is written); a save that runs out of disk space or
@@ -198,14 +201,10 @@ def _read_marker(ckpt: Path) -> dict | None:
 
 
 def _is_complete(ckpt: Path) -> bool:
-    """COMPLETE parses and both files have the recorded size (cheap; hashes are checked on load)."""
-    marker = _read_marker(ckpt)
-    if marker is None:
-        return False
-    try:
-        return all((ckpt / n).stat().st_size == f["bytes"] for n, f in marker["files"].items())
-    except OSError:
-        return False
+    """Its save finished: COMPLETE parses. A save writes it last, before the folder gets its name, so files
+    that differ from it later (missing, cut short, altered) are damage, which loading reports (``_verify``),
+    rather than an unfinished save to pass over silently for an older checkpoint."""
+    return _read_marker(ckpt) is not None
 
 
 def _complete(run_dir) -> list[tuple[int, bool, Path]]:
@@ -535,6 +534,12 @@ def _verify(ckpt: Path) -> dict:
     for name, info in marker["files"].items():
         if not (ckpt / name).is_file():
             raise CheckpointError(f"checkpoint {ckpt} is missing {name}: {_FALLBACK}")
+        size = (ckpt / name).stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is damaged ({name} has {size:,} bytes where {MARKER} records "
+                f"{info['bytes']:,}): {_FALLBACK}"
+            )
         if file_sha256(ckpt / name) != info["sha256"]:
             raise CheckpointError(
                 f"checkpoint {ckpt} is corrupted ({name} does not match its sha256 in {MARKER}): {_FALLBACK}"
