@@ -53,6 +53,20 @@ def test_gzip_text_and_lines(tmp_path):
     assert docs_of(p, format="lines") == ["héllo", "wörld"]
 
 
+def test_a_gz_file_that_is_not_gzip_is_refused(tmp_path):
+    p = tmp_path / "titles.txt.gz"  # e.g. an error page saved by a download
+    p.write_bytes(b"<!DOCTYPE html><html>Not Found</html>")
+    with pytest.raises(DataError) as e:
+        docs_of(p, format="lines")
+    assert str(e.value) == (
+        f"{p} is named .gz but is not gzip data (it starts with b'<!DOCTYPE html><'): re-download it, "
+        "or rename it without .gz if it is plain text"
+    )
+    plain = tmp_path / "titles.txt"
+    p.rename(plain)
+    assert docs_of(plain, format="lines") == ["<!DOCTYPE html><html>Not Found</html>"]
+
+
 def test_folder_is_one_document_per_file_sorted_by_path(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.txt").write_text("B")

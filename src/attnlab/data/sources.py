@@ -126,8 +126,14 @@ def _read_raw(path: Path) -> bytes:
 
 
 def _gunzip(raw: bytes, path: Path) -> bytes:
-    """Decompress gzip data (detected by magic number, so a `.gz` suffix is optional)."""
+    """Decompress gzip data (detected by magic number, so a `.gz` suffix is optional). A `.gz` file that is not
+    gzip is refused: it is most often a download gone wrong (an error page), which must not become a dataset."""
     if raw[:2] != b"\x1f\x8b":
+        if path.name.lower().endswith(".gz"):
+            raise DataError(
+                f"{path} is named .gz but is not gzip data (it starts with {raw[:16]!r}): re-download it, "
+                "or rename it without .gz if it is plain text"
+            )
         return raw
     try:
         return gzip.decompress(raw)
